@@ -1,0 +1,111 @@
+"""Float64 ground truth: standard (full score matrix) safe-softmax attention.
+
+Everything here is written for clarity, never for speed: the whole ``(..., Lq, Lk)``
+score matrix is materialised in float64, exactly as in the "standard attention" that
+FlashAttention replaces. The tests compare every backend of cupyflash against these
+functions. They accept NumPy or CuPy arrays of any float dtype and always compute and
+return float64 NumPy arrays.
+
+Semantics shared with :func:`cupyflash.attention`:
+
+* ``scale`` defaults to ``1 / sqrt(D)``;
+* ``causal=True``: query ``i`` sees key ``j`` iff ``j <= i + (Lk - Lq)``
+  (the mask is aligned to the bottom-right corner);
+* a score of ``-inf`` gives that key weight 0; a query row that sees no key at all
+  (every score ``-inf`` or masked) returns zeros and ``lse = -inf``.
+
+>>> import numpy as np
+>>> from cupyflash import reference
+>>> q = k = v = np.eye(2)
+>>> out, lse = reference.attention(q, k, v, scale=0.0, return_lse=True)
+>>> out
+array([[0.5, 0.5],
+       [0.5, 0.5]])
+>>> np.allclose(lse, np.log(2))
+True
+"""
+
+import numpy as np
+
+__all__ = ["attention", "causal_mask", "softmax", "log_softmax", "logsumexp"]
+
+
+def _as_float64(x):
+    if hasattr(x, "get"):  # a CuPy array: bring it to the host
+        x = x.get()
+    return np.asarray(x).astype(np.float64)
+
+
+def causal_mask(Lq, Lk):
+    """Boolean ``(Lq, Lk)`` keep-mask: True where query ``i`` may see key ``j``.
+
+    The diagonal is aligned to the bottom-right corner: ``j <= i + (Lk - Lq)``.
+
+    >>> causal_mask(2, 4).astype(int)
+    array([[1, 1, 1, 0],
+           [1, 1, 1, 1]])
+    """
+    i = np.arange(Lq)[:, None]
+    j = np.arange(Lk)[None, :]
+    return j <= i + (Lk - Lq)
+
+
+def attention(q, k, v, *, causal=False, scale=None, return_lse=False):
+    """Standard attention ``softmax(q k^T * scale) v`` in float64.
+
+    Shapes ``q (..., Lq, D)``, ``k (..., Lk, D)``, ``v (..., Lk, Dv)``; leading
+    dimensions broadcast. Returns ``out (..., Lq, Dv)`` and, with ``return_lse``,
+    the natural-log logsumexp of the scaled (and masked) scores, ``(..., Lq)``.
+    """
+    q, k, v = _as_float64(q), _as_float64(k), _as_float64(v)
+    if scale is None:
+        scale = 1.0 / np.sqrt(q.shape[-1])
+    # S = Q K^T * scale: the full (..., Lq, Lk) score matrix
+    s = np.matmul(q, np.swapaxes(k, -1, -2)) * scale
+    if causal:
+        s = np.where(causal_mask(q.shape[-2], k.shape[-2]), s, -np.inf)
+    lse = logsumexp(s, axis=-1)
+    # P = softmax(S); rows with no visible key get all-zero probabilities
+    p = softmax(s, axis=-1)
+    out = np.matmul(p, v)
+    return (out, lse) if return_lse else out
+
+
+def logsumexp(x, axis=-1):
+    """``log(sum(exp(x)))`` along ``axis`` in float64, safe for huge values.
+
+    A row of only ``-inf`` gives ``-inf``; an empty row gives ``-inf``; a row with
+    ``+inf`` gives ``+inf``.
+    """
+    x = _as_float64(x)
+    m = np.max(x, axis=axis, keepdims=True, initial=-np.inf)
+    # Shift by 0 where m is not finite: an all -inf row gives exp(-inf) = 0 and
+    # log(0) = -inf; a row with +inf gives +inf; NaN propagates through x.
+    m_safe = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore", over="ignore"):
+        return np.squeeze(np.log(np.sum(np.exp(x - m_safe), axis=axis, keepdims=True)) + m_safe,
+                          axis=axis)
+
+
+def softmax(x, axis=-1):
+    """``exp(x) / sum(exp(x))`` along ``axis`` in float64 (safe softmax).
+
+    A row of only ``-inf`` gives all zeros rather than NaN; a row with ``+inf`` gives
+    NaN at the ``+inf`` entries.
+    """
+    x = _as_float64(x)
+    lse = np.expand_dims(logsumexp(x, axis=axis), axis)
+    lse_safe = np.where(np.isneginf(lse), 0.0, lse)  # such rows: exp(-inf - 0) = 0
+    with np.errstate(invalid="ignore"):
+        return np.exp(x - lse_safe)
+
+
+def log_softmax(x, axis=-1):
+    """``x - logsumexp(x)`` along ``axis`` in float64.
+
+    A row of only ``-inf`` gives all ``-inf`` (the log of the zero probabilities).
+    """
+    x = _as_float64(x)
+    lse = np.expand_dims(logsumexp(x, axis=axis), axis)
+    with np.errstate(invalid="ignore"):
+        return x - np.where(np.isneginf(lse), 0.0, lse)
