@@ -1,0 +1,88 @@
+// What every attention kernel shares: its argument struct, batch offsets, the element
+// types and the online-softmax guards.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace cupyflash {
+
+constexpr int MAX_BATCH_DIMS = 4;
+constexpr float LOG2E = 1.4426950408889634f;
+
+// Arguments of every attention forward kernel, passed by value. Every field is 8 bytes
+// wide so that the NumPy structured dtype built in _cupy_backend.py has this exact layout.
+// Strides are in elements; each row (the last dimension) is contiguous.
+struct AttentionParams {
+    const void* q;                              // (batch..., Lq, D)
+    const void* k;                              // (batch..., Lk, D)
+    const void* v;                              // (batch..., Lk, Dv)
+    void* o;                                    // (batch..., Lq, Dv)
+    void* lse;                                  // (n_batch, Lq) contiguous, float (double for fp64)
+    long long batch_size[MAX_BATCH_DIMS];       // broadcast batch shape, padded with 1s in front
+    long long q_batch_stride[MAX_BATCH_DIMS];   // 0 where q is broadcast
+    long long k_batch_stride[MAX_BATCH_DIMS];   // 0 where k is broadcast (grouped-query attention)
+    long long v_batch_stride[MAX_BATCH_DIMS];
+    long long o_batch_stride[MAX_BATCH_DIMS];
+    long long q_row_stride, k_row_stride, v_row_stride, o_row_stride;
+    long long n_batch;                          // product of batch_size
+    long long Lq, Lk;                           // sequence lengths
+    long long D, Dv;                            // head dims (the kernel's HEAD_DIM may be larger)
+    double scale;                               // softmax scale
+    double scale_log2;                          // scale * log2(e): exp(x * scale) = exp2(x * scale_log2)
+};
+
+// Element offsets of batch element b in q, k, v, o (b in [0, n_batch), row-major unravel).
+struct BatchOffsets {
+    long long q, k, v, o;
+};
+
+__device__ __forceinline__ BatchOffsets batch_offsets(const AttentionParams& p, long long b) {
+    BatchOffsets off{0, 0, 0, 0};
+#pragma unroll
+    for (int d = MAX_BATCH_DIMS - 1; d >= 0; --d) {
+        const long long i = b % p.batch_size[d];
+        b /= p.batch_size[d];
+        off.q += i * p.q_batch_stride[d];
+        off.k += i * p.k_batch_stride[d];
+        off.v += i * p.v_batch_stride[d];
+        off.o += i * p.o_batch_stride[d];
+    }
+    return off;
+}
+
+// Causal masking, aligned to the bottom-right corner: query i sees key j iff
+// j <= i + (Lk - Lq). Returns the number of keys visible to query row i (may be <= 0).
+__device__ __forceinline__ long long causal_key_end(long long i, long long Lq, long long Lk) {
+    return i + 1 + (Lk - Lq);
+}
+
+// Online-softmax guards (the same rules in every kernel and in the NumPy backend):
+// a row whose running max is -inf uses 0 as its max, so exp(-inf - 0) = 0 and no NaN
+// appears; a row whose sum is 0 (it saw no key) gets an inverse of 0: zeros out.
+template <typename T>
+__device__ __forceinline__ T safe_max(T m) {
+    return m == -INFINITY ? T(0) : m;
+}
+
+template <typename T>
+__device__ __forceinline__ T safe_inverse(T l) {
+    return l == T(0) ? T(0) : T(1) / l;
+}
+
+// Conversions between the storage types and float.
+template <typename T> __device__ __forceinline__ float to_float(T x);
+template <> __device__ __forceinline__ float to_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
+template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) {
+    return __bfloat162float(x);
+}
+
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+    return __float2bfloat16_rn(x);
+}
+
+}  // namespace cupyflash
