@@ -5,6 +5,11 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+// NVRTC compiles without the C library headers, so math.h's INFINITY is not there.
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+
 namespace cupyflash {
 
 constexpr int MAX_BATCH_DIMS = 4;

@@ -1,0 +1,386 @@
+// FlashAttention-2 forward for fp16 / bf16 on tensor cores (sm_80 and newer).
+//
+// One thread block computes O_i for one block of BLOCK_M query rows of one batch element:
+//
+//   for each key block j (BLOCK_N keys), last to first:
+//       S    = Q_i K_j^T * scale * log2(e)          (mma.sync, fp32 accumulators)
+//       m    = max(m_i, rowmax(S))                  -- update m_i and l_i
+//       P    = exp2(S - m)
+//       l_i  = l_i * exp2(m_i - m) + rowsum(P)
+//       acc  = acc * exp2(m_i - m) + P V_j          (P rounded to T, mma.sync)
+//       m_i  = m
+//   O_i = acc / l_i,   lse_i = (m_i + log2(l_i)) * ln(2)
+//
+// Each warp owns WARP_M consecutive query rows, so the softmax statistics of a row live
+// in the four lanes of one quad and need no shared memory. K_j and V_j are loaded with
+// cp.async into one buffer each: the load of V_j overlaps S = Q K_j^T and the softmax,
+// the load of K_{j-1} overlaps P V_j. Shared-memory tiles are row-major with the 16-byte
+// chunks of each row XOR-swizzled by (row % 8), so that ldmatrix and cp.async are free of
+// bank conflicts.
+#pragma once
+
+#include "attention_common.cuh"
+
+namespace cupyflash {
+
+// ---------------------------------------------------------------------------------------
+// Tile shape: template parameters in, derived sizes out.
+// ---------------------------------------------------------------------------------------
+template <typename T_, int HEAD_DIM_, int BLOCK_M_, int BLOCK_N_, int NUM_WARPS_>
+struct FwdMmaTraits {
+    using T = T_;
+    static constexpr int HEAD_DIM = HEAD_DIM_;    // padded head dim (q, k and v)
+    static constexpr int BLOCK_M = BLOCK_M_;      // query rows per thread block
+    static constexpr int BLOCK_N = BLOCK_N_;      // keys per inner-loop step
+    static constexpr int NUM_WARPS = NUM_WARPS_;
+    static constexpr int NUM_THREADS = 32 * NUM_WARPS;
+
+    static constexpr int WARP_M = BLOCK_M / NUM_WARPS;   // query rows per warp
+    static constexpr int M_TILES = WARP_M / 16;          // m16 tiles per warp
+    static constexpr int S_N_TILES = BLOCK_N / 8;        // n8 tiles of S per warp
+    static constexpr int O_N_TILES = HEAD_DIM / 8;       // n8 tiles of O per warp
+    static constexpr int QK_K_STEPS = HEAD_DIM / 16;     // k16 steps of Q K^T
+    static constexpr int PV_K_STEPS = BLOCK_N / 16;      // k16 steps of P V
+
+    static constexpr int CHUNK = 16 / sizeof(T);         // elements per 16-byte chunk
+    static constexpr int ROW_CHUNKS = HEAD_DIM / CHUNK;  // chunks of one row that hold data
+    // Shared-memory rows are a whole number of 128-byte (8-chunk) swizzle groups.
+    static constexpr int SMEM_ROW = (HEAD_DIM + 8 * CHUNK - 1) / (8 * CHUNK) * (8 * CHUNK);
+    static constexpr int SMEM_ELEMS = (BLOCK_M + 2 * BLOCK_N) * SMEM_ROW;  // Q, K, V
+    static constexpr int SMEM_BYTES = SMEM_ELEMS * sizeof(T);
+
+    static_assert(sizeof(T) == 2, "tensor-core path is for fp16 and bf16");
+    static_assert(HEAD_DIM % 16 == 0 && O_N_TILES % 2 == 0, "HEAD_DIM must be a multiple of 16");
+    static_assert(BLOCK_N % 16 == 0, "BLOCK_N must be a multiple of 16");
+    static_assert(WARP_M % 16 == 0 && WARP_M * NUM_WARPS == BLOCK_M,
+                  "each warp owns a whole number of 16-row tiles");
+};
+
+// ---------------------------------------------------------------------------------------
+// PTX wrappers
+// ---------------------------------------------------------------------------------------
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+    return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global -> shared copy; copies src_bytes (0 or 16) and zero-fills the rest.
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)),
+                 "l"(gmem), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* smem) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(smem)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void* smem) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(smem)));
+}
+
+// D = A B + D for one m16n8k16 tile: A row-major (4 regs), B column-major (2 regs).
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0,
+                                          unsigned b1);
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const unsigned (&a)[4],
+                                                  unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const unsigned (&a)[4],
+                                                         unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats -> one register of two T (the low half holds x).
+template <typename T> __device__ __forceinline__ unsigned pack2(float x, float y);
+template <> __device__ __forceinline__ unsigned pack2<__half>(float x, float y) {
+    __half2 h = __floats2half2_rn(x, y);
+    return *reinterpret_cast<unsigned*>(&h);
+}
+template <> __device__ __forceinline__ unsigned pack2<__nv_bfloat16>(float x, float y) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
+    return *reinterpret_cast<unsigned*>(&h);
+}
+
+// The lane index, read so that the compiler cannot hoist what is computed from it out of
+// the key-block loop: the swizzled ldmatrix addresses are then recomputed in each phase
+// (a few integer instructions) instead of holding ~24 registers for the whole loop.
+__device__ __forceinline__ int lane_id_volatile() {
+    int lane;
+    asm volatile("mov.u32 %0, %%laneid;\n" : "=r"(lane));
+    return lane;
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+    return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+    x += __shfl_xor_sync(0xffffffffu, x, 1);
+    return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// ---------------------------------------------------------------------------------------
+// Swizzled shared-memory tiles
+// ---------------------------------------------------------------------------------------
+// Element offset of (row, chunk) in a tile of Traits::SMEM_ROW-element rows: the low three
+// bits of the chunk index are XORed with row % 8, so the 8 rows read by one ldmatrix phase
+// (or written by 8 consecutive cp.async) fall in 8 different groups of 4 banks.
+template <typename Traits>
+__device__ __forceinline__ int swizzle(int row, int chunk) {
+    return row * Traits::SMEM_ROW + ((chunk ^ (row & 7)) * Traits::CHUNK);
+}
+
+// Copy rows [row0, row0 + ROWS) of a (rows x HEAD_DIM) global tile into shared memory.
+// Rows >= n_rows and chunks at or past `cols` (the real head dim) are zero-filled.
+template <typename Traits, int ROWS>
+__device__ __forceinline__ void load_tile(typename Traits::T* smem, const typename Traits::T* gmem,
+                                          long long row_stride, long long row0, long long n_rows,
+                                          long long cols) {
+    using T = typename Traits::T;
+#pragma unroll 1
+    for (int idx = threadIdx.x; idx < ROWS * Traits::ROW_CHUNKS; idx += Traits::NUM_THREADS) {
+        const int r = idx / Traits::ROW_CHUNKS;
+        const int c = idx % Traits::ROW_CHUNKS;
+        const bool valid = row0 + r < n_rows && c * Traits::CHUNK < cols;
+        const T* src = valid ? gmem + (row0 + r) * row_stride + c * Traits::CHUNK : gmem;
+        cp_async_16(smem + swizzle<Traits>(r, c), src, valid ? 16 : 0);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The kernel
+// ---------------------------------------------------------------------------------------
+template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int NUM_WARPS, bool IS_CAUSAL>
+__global__ void __launch_bounds__(NUM_WARPS * 32)
+flash_fwd_mma(const AttentionParams p) {
+    using Tr = FwdMmaTraits<T, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_WARPS>;
+    constexpr int M_TILES = Tr::M_TILES, S_N_TILES = Tr::S_N_TILES, O_N_TILES = Tr::O_N_TILES;
+
+    const long long b = (long long)blockIdx.z * gridDim.y + blockIdx.y;  // batch element
+    if (b >= p.n_batch) return;
+    // Causal: the longest query blocks (the last ones) start first.
+    const int m_block = IS_CAUSAL ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+    const long long m0 = (long long)m_block * BLOCK_M;
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int g = lane / 4;  // mma "group": this lane holds rows g and g + 8 of each m16 tile
+    const int t = lane % 4;  // and columns 2t, 2t + 1 of each n8 tile
+
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    T* sQ = reinterpret_cast<T*>(smem_raw);    // (BLOCK_M, SMEM_ROW) swizzled
+    T* sK = sQ + BLOCK_M * Tr::SMEM_ROW;         // (BLOCK_N, SMEM_ROW) swizzled
+    T* sV = sK + BLOCK_N * Tr::SMEM_ROW;         // (BLOCK_N, SMEM_ROW) swizzled
+
+    const BatchOffsets off = batch_offsets(p, b);
+    const T* q = static_cast<const T*>(p.q) + off.q;
+    const T* k = static_cast<const T*>(p.k) + off.k;
+    const T* v = static_cast<const T*>(p.v) + off.v;
+    T* o = static_cast<T*>(p.o) + off.o;
+    float* lse = static_cast<float*>(p.lse) + b * p.Lq;
+
+    // Key blocks to visit: causal skips the blocks wholly above the diagonal.
+    const long long diag = p.Lk - p.Lq;  // query i sees key j iff j <= i + diag
+    long long n_end = p.Lk;
+    if (IS_CAUSAL) n_end = min(n_end, m0 + BLOCK_M + diag);
+    const int n_blocks = n_end > 0 ? (int)((n_end + BLOCK_N - 1) / BLOCK_N) : 0;
+
+    // Per-thread state: rows (g, g+8) of each m16 tile.
+    float acc[M_TILES][O_N_TILES][4];  // unnormalised O_i: (WARP_M, HEAD_DIM) fp32
+    float m_i[M_TILES][2];             // running row max, in log2 units (scaled by scale*log2 e)
+    float l_i[M_TILES][2];             // running row sum (this lane's columns only)
+#pragma unroll
+    for (int mt = 0; mt < M_TILES; ++mt) {
+#pragma unroll
+        for (int nt = 0; nt < O_N_TILES; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
+        m_i[mt][0] = m_i[mt][1] = -INFINITY;
+        l_i[mt][0] = l_i[mt][1] = 0.f;
+    }
+
+    const float scale_log2 = static_cast<float>(p.scale_log2);
+    const int warp_row0 = warp * Tr::WARP_M;  // first row of this warp inside the block
+
+    if (n_blocks > 0) {
+        load_tile<Tr, BLOCK_M>(sQ, q, p.q_row_stride, m0, p.Lq, p.D);
+        load_tile<Tr, BLOCK_N>(sK, k, p.k_row_stride, (long long)(n_blocks - 1) * BLOCK_N, p.Lk, p.D);
+        cp_async_commit();
+    }
+
+    for (int n_block = n_blocks - 1; n_block >= 0; --n_block) {
+        const long long n0 = (long long)n_block * BLOCK_N;
+        cp_async_wait_all();
+        // K_j (and Q) have landed for every thread, and every warp has finished P V_{j+1},
+        // so the V buffer may be refilled.
+        __syncthreads();
+        load_tile<Tr, BLOCK_N>(sV, v, p.v_row_stride, n0, p.Lk, p.Dv);
+        cp_async_commit();
+
+        // S = Q_i K_j^T: (WARP_M, BLOCK_N) per warp, fp32
+        float s[M_TILES][S_N_TILES][4];
+#pragma unroll
+        for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < S_N_TILES; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[mt][nt][e] = 0.f;
+        const int qk_lane = lane_id_volatile();
+        // kk only moves addresses (no register array is indexed by it): unrolling by 2 rather
+        // than fully keeps the d = 96 and 128 variants under 255 registers without spills.
+#pragma unroll 2
+        for (int kk = 0; kk < Tr::QK_K_STEPS; ++kk) {
+            unsigned a[M_TILES][4];  // Q fragments: rows (lane % 16), k-chunk 2kk + lane / 16
+#pragma unroll
+            for (int mt = 0; mt < M_TILES; ++mt)
+                ldmatrix_x4(a[mt], sQ + swizzle<Tr>(warp_row0 + mt * 16 + (qk_lane & 15),
+                                                     2 * kk + (qk_lane >> 4)));
+#pragma unroll
+            for (int nt = 0; nt < S_N_TILES; nt += 2) {
+                unsigned bk[4];  // K fragments for keys 8nt..8nt+15: rows lane%8 (+8), chunk +lane/8%2
+                ldmatrix_x4(bk, sK + swizzle<Tr>(nt * 8 + (qk_lane & 7) + ((qk_lane >> 4) << 3),
+                                                  2 * kk + ((qk_lane >> 3) & 1)));
+#pragma unroll
+                for (int mt = 0; mt < M_TILES; ++mt) {
+                    mma_16816<T>(s[mt][nt], a[mt], bk[0], bk[1]);
+                    mma_16816<T>(s[mt][nt + 1], a[mt], bk[2], bk[3]);
+                }
+            }
+        }
+
+        // S *= scale * log2(e); keys past Lk or above the causal diagonal -> -inf.
+        // Only blocks that cross the Lk boundary or the diagonal need the mask; there a row
+        // sees the block's first `visible` keys (query i sees key j iff j <= i + diag).
+        const bool need_mask = n0 + BLOCK_N > p.Lk || (IS_CAUSAL && n0 + BLOCK_N - 1 > m0 + diag);
+#pragma unroll
+        for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                int visible = BLOCK_N;
+                if (need_mask) {
+                    long long end = p.Lk - n0;
+                    if (IS_CAUSAL) end = min(end, m0 + warp_row0 + mt * 16 + g + 8 * h + diag + 1 - n0);
+                    visible = (int)max(min(end, (long long)BLOCK_N), 0LL);
+                }
+#pragma unroll
+                for (int nt = 0; nt < S_N_TILES; ++nt)
+#pragma unroll
+                    for (int e = 2 * h; e < 2 * h + 2; ++e) {
+                        const int col = nt * 8 + 2 * t + (e & 1);  // key n0 + col
+                        s[mt][nt][e] = col < visible ? s[mt][nt][e] * scale_log2 : -INFINITY;
+                    }
+            }
+
+        // -- update m_i and l_i; P = exp2(S - m) overwrites S; rescale acc
+#pragma unroll
+        for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {  // h = 0: row g, h = 1: row g + 8
+                float row_max = m_i[mt][h];
+#pragma unroll
+                for (int nt = 0; nt < S_N_TILES; ++nt)
+                    row_max = fmaxf(row_max, fmaxf(s[mt][nt][2 * h], s[mt][nt][2 * h + 1]));
+                const float m_new = quad_max(row_max);
+                const float m_use = safe_max(m_new);  // -inf row: exp2(-inf - 0) = 0, no NaN
+                const float alpha = exp2f(m_i[mt][h] - m_use);
+                float row_sum = 0.f;
+#pragma unroll
+                for (int nt = 0; nt < S_N_TILES; ++nt)
+#pragma unroll
+                    for (int e = 2 * h; e < 2 * h + 2; ++e) {
+                        s[mt][nt][e] = exp2f(s[mt][nt][e] - m_use);
+                        row_sum += s[mt][nt][e];
+                    }
+                l_i[mt][h] = l_i[mt][h] * alpha + row_sum;
+                m_i[mt][h] = m_new;
+#pragma unroll
+                for (int nt = 0; nt < O_N_TILES; ++nt) {
+                    acc[mt][nt][2 * h] *= alpha;
+                    acc[mt][nt][2 * h + 1] *= alpha;
+                }
+            }
+
+        // P rounded to T, already in the A-operand layout of P V: the accumulator layout of
+        // the n8 tiles 2kk and 2kk+1 of S is the A fragment of k16 step kk.
+        unsigned p_frag[M_TILES][Tr::PV_K_STEPS][4];
+#pragma unroll
+        for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+            for (int kk = 0; kk < Tr::PV_K_STEPS; ++kk) {
+                p_frag[mt][kk][0] = pack2<T>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                p_frag[mt][kk][1] = pack2<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                p_frag[mt][kk][2] = pack2<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                p_frag[mt][kk][3] = pack2<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+            }
+
+        cp_async_wait_all();
+        // V_j has landed for every thread, and every warp has finished Q K_j^T, so the K
+        // buffer may be refilled with K_{j-1}.
+        __syncthreads();
+        if (n_block > 0) {
+            load_tile<Tr, BLOCK_N>(sK, k, p.k_row_stride, n0 - BLOCK_N, p.Lk, p.D);
+            cp_async_commit();
+        }
+
+        // acc += P V_j: (WARP_M, BLOCK_N) x (BLOCK_N, HEAD_DIM)
+        const int pv_lane = lane_id_volatile();
+#pragma unroll
+        for (int kk = 0; kk < Tr::PV_K_STEPS; ++kk)
+#pragma unroll
+            for (int nt = 0; nt < O_N_TILES; nt += 2) {
+                unsigned bv[4];  // V^T fragments: keys 16kk + lane%8 (+8), columns 8nt (+8)
+                ldmatrix_x4_trans(bv, sV + swizzle<Tr>(kk * 16 + (pv_lane & 7) + (((pv_lane >> 3) & 1) << 3),
+                                                        nt + (pv_lane >> 4)));
+#pragma unroll
+                for (int mt = 0; mt < M_TILES; ++mt) {
+                    mma_16816<T>(acc[mt][nt], p_frag[mt][kk], bv[0], bv[1]);
+                    mma_16816<T>(acc[mt][nt + 1], p_frag[mt][kk], bv[2], bv[3]);
+                }
+            }
+    }
+
+    // O_i = acc / l_i; lse_i = (m_i + log2 l_i) * ln 2. A row with l_i = 0 saw no key:
+    // zeros and lse = -inf. The warp stages its own rows in its own part of sQ.
+    T* sO = sQ;
+#pragma unroll
+    for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const float l = quad_sum(l_i[mt][h]);
+            const float inv_l = safe_inverse(l);
+            const int r = warp_row0 + mt * 16 + g + 8 * h;
+#pragma unroll
+            for (int nt = 0; nt < O_N_TILES; ++nt)
+                *reinterpret_cast<unsigned*>(sO + swizzle<Tr>(r, nt) + 2 * t) =
+                    pack2<T>(acc[mt][nt][2 * h] * inv_l, acc[mt][nt][2 * h + 1] * inv_l);
+            if (t == 0 && m0 + r < p.Lq)
+                lse[m0 + r] = l == 0.f ? -INFINITY : (m_i[mt][h] + __log2f(l)) * 0.69314718055994531f;
+        }
+    __syncwarp();  // the warp's rows of sO are written before its lanes read them back
+
+    // 16-byte stores of the warp's rows: (WARP_M, Dv) of O
+    const int o_chunks = (int)((p.Dv + Tr::CHUNK - 1) / Tr::CHUNK);
+    for (int idx = lane; idx < Tr::WARP_M * Tr::ROW_CHUNKS; idx += 32) {
+        const int r = warp_row0 + idx / Tr::ROW_CHUNKS;
+        const int c = idx % Tr::ROW_CHUNKS;
+        if (m0 + r < p.Lq && c < o_chunks)
+            *reinterpret_cast<uint4*>(o + (m0 + r) * p.o_row_stride + c * Tr::CHUNK) =
+                *reinterpret_cast<const uint4*>(sO + swizzle<Tr>(r, c));
+    }
+}
+
+}  // namespace cupyflash
