@@ -94,6 +94,23 @@ class CompiledVariant:
         self.cubin, self.lowered_name, self.log = cubin, lowered_name, log
 
 
+def _whole_elf(cubin):
+    """``cubin`` with the length its ELF header declares.
+
+    CuPy 14's ``nvrtc.getCUBIN`` returns the image one byte short (it drops a final byte
+    as if it were a string terminator): the last byte of the program-header table, which
+    is the high byte of a 64-bit alignment field and so zero. The driver loads the short
+    image, but tools such as cuobjdump reject it, so the declared length is restored.
+    """
+    import struct
+    if len(cubin) < 64 or cubin[:4] != b"\x7fELF":
+        return cubin
+    phoff, shoff = struct.unpack_from("<QQ", cubin, 0x20)
+    phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", cubin, 0x36)
+    declared = max(phoff + phentsize * phnum, shoff + shentsize * shnum)
+    return cubin + b"\0" * (declared - len(cubin)) if declared > len(cubin) else cubin
+
+
 def compile_variant(source, name_expression, arch, *, verbose=False, use_disk_cache=True):
     """Compile one template instantiation of ``cuda/<source>`` for ``arch``.
 
@@ -122,7 +139,8 @@ def compile_variant(source, name_expression, arch, *, verbose=False, use_disk_ca
             raise KernelCompileError(f"cupyflash: NVRTC failed to compile {name_expression} "
                                      f"from {source} for {arch}:\n"
                                      f"{nvrtc.getProgramLog(prog)}") from None
-        result = CompiledVariant(nvrtc.getCUBIN(prog), nvrtc.getLoweredName(prog, name_expression),
+        result = CompiledVariant(_whole_elf(nvrtc.getCUBIN(prog)),
+                                 nvrtc.getLoweredName(prog, name_expression),
                                  nvrtc.getProgramLog(prog))
     finally:
         nvrtc.destroyProgram(prog)
@@ -154,17 +172,23 @@ def resource_report(log):
 
 
 @functools.lru_cache(maxsize=None)
-def _load(device_id, source, name_expression, arch):
+def _load(device_id, source, name_expression, arch, dynamic_smem_bytes):
     import cupy
-    from cupy.cuda import function
+    from cupy.cuda import driver, function
 
     compiled = compile_variant(source, name_expression, arch)
     with cupy.cuda.Device(device_id):
         module = function.Module()
         module.load(compiled.cubin)
-        return module, module.get_function(compiled.lowered_name)  # the module stays alive
+        kernel = module.get_function(compiled.lowered_name)
+        if dynamic_smem_bytes > 48 * 1024:  # above 48 KiB a kernel must opt in, once
+            driver.funcSetAttribute(kernel.ptr,
+                                    driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                    dynamic_smem_bytes)
+        return module, kernel  # the module stays alive with the function
 
 
-def get_function(device_id, source, name_expression, arch):
-    """Load one compiled variant on one device (cached per device) and return it."""
-    return _load(device_id, source, name_expression, arch)[1]
+def get_function(device_id, source, name_expression, arch, dynamic_smem_bytes=0):
+    """Load one compiled variant on one device (cached per device) and return it, allowed
+    to launch with ``dynamic_smem_bytes`` of dynamic shared memory."""
+    return _load(device_id, source, name_expression, arch, dynamic_smem_bytes)[1]

@@ -14,6 +14,7 @@ namespace cupyflash {
 
 constexpr int MAX_BATCH_DIMS = 4;
 constexpr float LOG2E = 1.4426950408889634f;
+constexpr float LN2 = 0.69314718055994531f;
 
 // Arguments of every attention forward kernel, passed by value. Every field is 8 bytes
 // wide so that the NumPy structured dtype built in _cupy_backend.py has this exact layout.

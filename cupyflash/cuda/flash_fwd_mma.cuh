@@ -3,18 +3,19 @@
 // One thread block computes O_i for one block of BLOCK_M query rows of one batch element:
 //
 //   for each key block j (BLOCK_N keys), last to first:
-//       S    = Q_i K_j^T * scale * log2(e)          (mma.sync, fp32 accumulators)
-//       m    = max(m_i, rowmax(S))                  -- update m_i and l_i
-//       P    = exp2(S - m)
+//       S    = Q_i K_j^T                            (mma.sync, fp32 accumulators)
+//       m    = max(m_i, rowmax(S) * scale * log2 e) -- update m_i and l_i
+//       P    = exp2(S * scale * log2 e - m)         (one FFMA and one ex2 per score)
 //       l_i  = l_i * exp2(m_i - m) + rowsum(P)
 //       acc  = acc * exp2(m_i - m) + P V_j          (P rounded to T, mma.sync)
 //       m_i  = m
 //   O_i = acc / l_i,   lse_i = (m_i + log2(l_i)) * ln(2)
 //
 // Each warp owns WARP_M consecutive query rows, so the softmax statistics of a row live
-// in the four lanes of one quad and need no shared memory. K_j and V_j are loaded with
-// cp.async into one buffer each: the load of V_j overlaps S = Q K_j^T and the softmax,
-// the load of K_{j-1} overlaps P V_j. Shared-memory tiles are row-major with the 16-byte
+// in the four lanes of one quad and need no shared memory. K and V tiles are loaded with
+// cp.async into one or two buffers each (KV_BUFFERS): with one, V_j loads during
+// S = Q K_j^T and the softmax and K_{j-1} during P V_j; with two, K_{j-1} and V_{j-1} load
+// during all of block j. Shared-memory tiles are row-major with the 16-byte
 // chunks of each row XOR-swizzled by (row % 8), so that ldmatrix and cp.async are free of
 // bank conflicts.
 #pragma once
@@ -26,7 +27,7 @@ namespace cupyflash {
 // ---------------------------------------------------------------------------------------
 // Tile shape: template parameters in, derived sizes out.
 // ---------------------------------------------------------------------------------------
-template <typename T_, int HEAD_DIM_, int BLOCK_M_, int BLOCK_N_, int NUM_WARPS_>
+template <typename T_, int HEAD_DIM_, int BLOCK_M_, int BLOCK_N_, int NUM_WARPS_, int KV_BUFFERS_>
 struct FwdMmaTraits {
     using T = T_;
     static constexpr int HEAD_DIM = HEAD_DIM_;    // padded head dim (q, k and v)
@@ -46,10 +47,16 @@ struct FwdMmaTraits {
     static constexpr int ROW_CHUNKS = HEAD_DIM / CHUNK;  // chunks of one row that hold data
     // Shared-memory rows are a whole number of 128-byte (8-chunk) swizzle groups.
     static constexpr int SMEM_ROW = (HEAD_DIM + 8 * CHUNK - 1) / (8 * CHUNK) * (8 * CHUNK);
-    static constexpr int SMEM_ELEMS = (BLOCK_M + 2 * BLOCK_N) * SMEM_ROW;  // Q, K, V
+    // K and V buffers: 1 = K_{j-1} loads during P V_j and V_j during S = Q K_j^T (two
+    // barriers per key block); 2 = K_{j-1} and V_{j-1} load during all of block j (one
+    // barrier). Which is faster depends on the shape: see MMA_TILES in _cupy_backend.py.
+    static constexpr int KV_BUFFERS = KV_BUFFERS_;
+    static constexpr int KV_TILE = BLOCK_N * SMEM_ROW;   // elements of one K or V buffer
+    static constexpr int SMEM_ELEMS = BLOCK_M * SMEM_ROW + 2 * KV_BUFFERS * KV_TILE;
     static constexpr int SMEM_BYTES = SMEM_ELEMS * sizeof(T);
 
     static_assert(sizeof(T) == 2, "tensor-core path is for fp16 and bf16");
+    static_assert(KV_BUFFERS == 1 || KV_BUFFERS == 2, "one or two K/V buffers");
     static_assert(HEAD_DIM % 16 == 0 && O_N_TILES % 2 == 0, "HEAD_DIM must be a multiple of 16");
     static_assert(BLOCK_N % 16 == 0, "BLOCK_N must be a multiple of 16");
     static_assert(WARP_M % 16 == 0 && WARP_M * NUM_WARPS == BLOCK_M,
@@ -134,6 +141,89 @@ __device__ __forceinline__ float quad_sum(float x) {
     return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
+// 2^x on the special-function unit, flushing denormal results to 0. (exp2f without
+// --use_fast_math adds a compare and two multiplies per call to keep denormals.)
+__device__ __forceinline__ float exp2_ftz(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// ---------------------------------------------------------------------------------------
+// Online softmax over the rows a lane holds: rows g and g + 8 of each m16 tile.
+// ---------------------------------------------------------------------------------------
+// The scores arrive as S = Q K^T (or already multiplied by scale * log2 e, then c = 1) and
+// are turned into P = exp2(S * c - m_i) in place with one FFMA each; c > 0, so the row
+// maximum of S * c is the row maximum of S times c. As in FlashAttention-4, m_i is moved
+// (and acc rescaled) only when a block's maximum exceeds it by more than 8, which keeps
+// P <= 256 and skips most rescales. Guards: a row whose maximum is -inf
+// (no visible key yet) uses 0 as its maximum, so exp2(-inf) = 0 and no NaN appears; a row
+// whose sum is 0 at the end gets an inverse of 0, so its output is 0.
+template <int M_TILES, int S_N_TILES, int O_N_TILES>
+struct OnlineSoftmax {
+    // The running max is moved only when a block's max exceeds it by more than this many
+    // (log2 units); every exponent uses the same m_i, so the result is exact either way.
+    static constexpr float RESCALE_THRESHOLD = 8.f;
+
+    float m_i[M_TILES][2];  // running row max of S * c (log2 units); -inf: nothing seen yet
+    float l_i[M_TILES][2];  // running row sum of P over this lane's columns only
+
+    __device__ __forceinline__ OnlineSoftmax() {
+#pragma unroll
+        for (int mt = 0; mt < M_TILES; ++mt) {
+            m_i[mt][0] = m_i[mt][1] = -INFINITY;
+            l_i[mt][0] = l_i[mt][1] = 0.f;
+        }
+    }
+
+    // -- update m_i and l_i with one key block; S becomes P; acc is rescaled by alpha
+    __device__ __forceinline__ void update(float (&s)[M_TILES][S_N_TILES][4],
+                                           float (&acc)[M_TILES][O_N_TILES][4], float c) {
+        float alpha[M_TILES][2];
+        bool any_grow = false;
+#pragma unroll
+        for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {  // h = 0: row g (elements 0, 1), h = 1: row g + 8
+                float row_max = -INFINITY;
+#pragma unroll
+                for (int nt = 0; nt < S_N_TILES; ++nt)
+                    row_max = fmaxf(row_max, fmaxf(s[mt][nt][2 * h], s[mt][nt][2 * h + 1]));
+                // m_i may lag the true row max by up to RESCALE_THRESHOLD: then P <= 2^8
+                // (fine in fp16/bf16) and acc needs no rescale for this block.
+                const float m_blk = quad_max(row_max) * c;
+                const bool grow = m_blk > m_i[mt][h] + RESCALE_THRESHOLD;  // m_i = -inf: grows
+                const float m_new = grow ? m_blk : m_i[mt][h];
+                const float m_use = safe_max(m_new);
+                alpha[mt][h] = grow ? exp2_ftz(m_i[mt][h] - m_use) : 1.f;  // exp2(m_old - m_new)
+                any_grow |= grow;
+                float row_sum = 0.f;
+#pragma unroll
+                for (int nt = 0; nt < S_N_TILES; ++nt)
+#pragma unroll
+                    for (int e = 2 * h; e < 2 * h + 2; ++e) {
+                        s[mt][nt][e] = exp2_ftz(fmaf(s[mt][nt][e], c, -m_use));  // P = exp2(S c - m)
+                        row_sum += s[mt][nt][e];
+                    }
+                l_i[mt][h] = l_i[mt][h] * alpha[mt][h] + row_sum;
+                m_i[mt][h] = m_new;
+            }
+        // Rescale acc only when some row of the warp moved its max (rare after the first
+        // blocks); the branch is uniform across the warp.
+        if (__any_sync(0xffffffffu, any_grow)) {
+#pragma unroll
+            for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < O_N_TILES; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) acc[mt][nt][e] *= alpha[mt][e / 2];
+        }
+    }
+
+    // The row sum over the whole quad; 1 / l_i, or 0 for a row that saw no key.
+    __device__ __forceinline__ float row_sum(int mt, int h) const { return quad_sum(l_i[mt][h]); }
+};
+
 // ---------------------------------------------------------------------------------------
 // Swizzled shared-memory tiles
 // ---------------------------------------------------------------------------------------
@@ -147,28 +237,50 @@ __device__ __forceinline__ int swizzle(int row, int chunk) {
 
 // Copy rows [row0, row0 + ROWS) of a (rows x HEAD_DIM) global tile into shared memory.
 // Rows >= n_rows and chunks at or past `cols` (the real head dim) are zero-filled.
+// When the threads tile whole rows (NUM_THREADS a multiple of ROW_CHUNKS), each thread
+// keeps one chunk column and steps down the rows: constant shared-memory offsets and one
+// pointer increment per 16-byte copy. Otherwise a generic loop does the same copies.
 template <typename Traits, int ROWS>
 __device__ __forceinline__ void load_tile(typename Traits::T* smem, const typename Traits::T* gmem,
                                           long long row_stride, long long row0, long long n_rows,
                                           long long cols) {
     using T = typename Traits::T;
+    constexpr int CHUNKS = Traits::ROW_CHUNKS;
+    if constexpr (Traits::NUM_THREADS % CHUNKS == 0) {
+        constexpr int ROWS_PER_PASS = Traits::NUM_THREADS / CHUNKS;
+        const int r = threadIdx.x / CHUNKS;  // first row of this thread
+        const int c = threadIdx.x % CHUNKS;  // its chunk column
+        const bool col_ok = c * Traits::CHUNK < cols;
+        const T* src = gmem + (row0 + r) * row_stride + c * Traits::CHUNK;
+#pragma unroll
+        for (int i = 0; i < ROWS / ROWS_PER_PASS; ++i) {
+            const bool valid = col_ok && row0 + r + i * ROWS_PER_PASS < n_rows;
+            cp_async_16(smem + swizzle<Traits>(r + i * ROWS_PER_PASS, c),
+                        valid ? src : gmem, valid ? 16 : 0);
+            src += ROWS_PER_PASS * row_stride;
+        }
+    } else {
 #pragma unroll 1
-    for (int idx = threadIdx.x; idx < ROWS * Traits::ROW_CHUNKS; idx += Traits::NUM_THREADS) {
-        const int r = idx / Traits::ROW_CHUNKS;
-        const int c = idx % Traits::ROW_CHUNKS;
-        const bool valid = row0 + r < n_rows && c * Traits::CHUNK < cols;
-        const T* src = valid ? gmem + (row0 + r) * row_stride + c * Traits::CHUNK : gmem;
-        cp_async_16(smem + swizzle<Traits>(r, c), src, valid ? 16 : 0);
+        for (int idx = threadIdx.x; idx < ROWS * CHUNKS; idx += Traits::NUM_THREADS) {
+            const int r = idx / CHUNKS;
+            const int c = idx % CHUNKS;
+            const bool valid = row0 + r < n_rows && c * Traits::CHUNK < cols;
+            const T* src = valid ? gmem + (row0 + r) * row_stride + c * Traits::CHUNK : gmem;
+            cp_async_16(smem + swizzle<Traits>(r, c), src, valid ? 16 : 0);
+        }
     }
 }
 
 // ---------------------------------------------------------------------------------------
 // The kernel
 // ---------------------------------------------------------------------------------------
-template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int NUM_WARPS, bool IS_CAUSAL>
-__global__ void __launch_bounds__(NUM_WARPS * 32)
+// MIN_BLOCKS: thread blocks per multiprocessor that the register budget must allow
+// (__launch_bounds__); 3 at d = 64 lets three blocks hide each other's softmax.
+template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int NUM_WARPS, int KV_BUFFERS,
+          int MIN_BLOCKS, bool IS_CAUSAL>
+__global__ void __launch_bounds__(NUM_WARPS * 32, MIN_BLOCKS)
 flash_fwd_mma(const AttentionParams p) {
-    using Tr = FwdMmaTraits<T, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_WARPS>;
+    using Tr = FwdMmaTraits<T, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_WARPS, KV_BUFFERS>;
     constexpr int M_TILES = Tr::M_TILES, S_N_TILES = Tr::S_N_TILES, O_N_TILES = Tr::O_N_TILES;
 
     const long long b = (long long)blockIdx.z * gridDim.y + blockIdx.y;  // batch element
@@ -183,8 +295,8 @@ flash_fwd_mma(const AttentionParams p) {
 
     extern __shared__ __align__(128) unsigned char smem_raw[];
     T* sQ = reinterpret_cast<T*>(smem_raw);    // (BLOCK_M, SMEM_ROW) swizzled
-    T* sK = sQ + BLOCK_M * Tr::SMEM_ROW;         // (BLOCK_N, SMEM_ROW) swizzled
-    T* sV = sK + BLOCK_N * Tr::SMEM_ROW;         // (BLOCK_N, SMEM_ROW) swizzled
+    T* sK0 = sQ + BLOCK_M * Tr::SMEM_ROW;        // KV_BUFFERS x (BLOCK_N, SMEM_ROW) swizzled
+    T* sV0 = sK0 + KV_BUFFERS * Tr::KV_TILE;     // KV_BUFFERS x (BLOCK_N, SMEM_ROW) swizzled
 
     const BatchOffsets off = batch_offsets(p, b);
     const T* q = static_cast<const T*>(p.q) + off.q;
@@ -201,34 +313,46 @@ flash_fwd_mma(const AttentionParams p) {
 
     // Per-thread state: rows (g, g+8) of each m16 tile.
     float acc[M_TILES][O_N_TILES][4];  // unnormalised O_i: (WARP_M, HEAD_DIM) fp32
-    float m_i[M_TILES][2];             // running row max, in log2 units (scaled by scale*log2 e)
-    float l_i[M_TILES][2];             // running row sum (this lane's columns only)
 #pragma unroll
-    for (int mt = 0; mt < M_TILES; ++mt) {
+    for (int mt = 0; mt < M_TILES; ++mt)
 #pragma unroll
         for (int nt = 0; nt < O_N_TILES; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
-        m_i[mt][0] = m_i[mt][1] = -INFINITY;
-        l_i[mt][0] = l_i[mt][1] = 0.f;
-    }
+    OnlineSoftmax<M_TILES, S_N_TILES, O_N_TILES> softmax;
 
+    // exp(S * scale) = exp2(S * scale_log2). For scale > 0 the factor is folded into the
+    // exponent's FFMA (c = scale_log2); otherwise S is multiplied first and c = 1.
     const float scale_log2 = static_cast<float>(p.scale_log2);
+    const bool prescale = !(scale_log2 > 0.f);
+    const float c = prescale ? 1.f : scale_log2;
     const int warp_row0 = warp * Tr::WARP_M;  // first row of this warp inside the block
 
-    if (n_blocks > 0) {
+    // Key block j lives in buffer j % KV_BUFFERS of K and of V.
+    auto load_kv = [&](long long n_start, bool with_k, bool with_v) {
+        const int buf = (int)(n_start / BLOCK_N) % KV_BUFFERS;
+        if (with_k) load_tile<Tr, BLOCK_N>(sK0 + buf * Tr::KV_TILE, k, p.k_row_stride, n_start, p.Lk, p.D);
+        if (with_v) load_tile<Tr, BLOCK_N>(sV0 + buf * Tr::KV_TILE, v, p.v_row_stride, n_start, p.Lk, p.Dv);
+    };
+    if (n_blocks > 0) {  // Q and the first key block (with one buffer, V follows in the loop)
         load_tile<Tr, BLOCK_M>(sQ, q, p.q_row_stride, m0, p.Lq, p.D);
-        load_tile<Tr, BLOCK_N>(sK, k, p.k_row_stride, (long long)(n_blocks - 1) * BLOCK_N, p.Lk, p.D);
+        load_kv((long long)(n_blocks - 1) * BLOCK_N, /*with_k=*/true, /*with_v=*/KV_BUFFERS == 2);
         cp_async_commit();
     }
 
     for (int n_block = n_blocks - 1; n_block >= 0; --n_block) {
         const long long n0 = (long long)n_block * BLOCK_N;
+        const T* sK = sK0 + (n_block % KV_BUFFERS) * Tr::KV_TILE;
+        const T* sV = sV0 + (n_block % KV_BUFFERS) * Tr::KV_TILE;
         cp_async_wait_all();
-        // K_j (and Q) have landed for every thread, and every warp has finished P V_{j+1},
-        // so the V buffer may be refilled.
+        // K_j (and Q; with two buffers V_j too) has landed for every thread, and every warp
+        // has finished block j+1, whose buffers may now be refilled.
         __syncthreads();
-        load_tile<Tr, BLOCK_N>(sV, v, p.v_row_stride, n0, p.Lk, p.Dv);
+        if (KV_BUFFERS == 2) {
+            if (n_block > 0) load_kv(n0 - BLOCK_N, /*with_k=*/true, /*with_v=*/true);
+        } else {
+            load_kv(n0, /*with_k=*/false, /*with_v=*/true);
+        }
         cp_async_commit();
 
         // S = Q_i K_j^T: (WARP_M, BLOCK_N) per warp, fp32
@@ -262,57 +386,34 @@ flash_fwd_mma(const AttentionParams p) {
             }
         }
 
-        // S *= scale * log2(e); keys past Lk or above the causal diagonal -> -inf.
-        // Only blocks that cross the Lk boundary or the diagonal need the mask; there a row
-        // sees the block's first `visible` keys (query i sees key j iff j <= i + diag).
-        const bool need_mask = n0 + BLOCK_N > p.Lk || (IS_CAUSAL && n0 + BLOCK_N - 1 > m0 + diag);
+        if (prescale) {  // scale <= 0: S *= scale * log2(e) before the mask and the max
 #pragma unroll
-        for (int mt = 0; mt < M_TILES; ++mt)
+            for (int mt = 0; mt < M_TILES; ++mt)
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                int visible = BLOCK_N;
-                if (need_mask) {
+                for (int nt = 0; nt < S_N_TILES; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) s[mt][nt][e] *= scale_log2;
+        }
+        // Keys past Lk or above the causal diagonal -> -inf. Only blocks that cross the Lk
+        // boundary or the diagonal need it; there row r sees the block's first `visible`
+        // keys (query i sees key j iff j <= i + diag).
+        if (n0 + BLOCK_N > p.Lk || (IS_CAUSAL && n0 + BLOCK_N - 1 > m0 + diag)) {
+#pragma unroll
+            for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
                     long long end = p.Lk - n0;
                     if (IS_CAUSAL) end = min(end, m0 + warp_row0 + mt * 16 + g + 8 * h + diag + 1 - n0);
-                    visible = (int)max(min(end, (long long)BLOCK_N), 0LL);
+                    const int visible = (int)max(min(end, (long long)BLOCK_N), 0LL);
+#pragma unroll
+                    for (int nt = 0; nt < S_N_TILES; ++nt)
+#pragma unroll
+                        for (int e = 2 * h; e < 2 * h + 2; ++e)
+                            if (nt * 8 + 2 * t + (e & 1) >= visible) s[mt][nt][e] = -INFINITY;
                 }
-#pragma unroll
-                for (int nt = 0; nt < S_N_TILES; ++nt)
-#pragma unroll
-                    for (int e = 2 * h; e < 2 * h + 2; ++e) {
-                        const int col = nt * 8 + 2 * t + (e & 1);  // key n0 + col
-                        s[mt][nt][e] = col < visible ? s[mt][nt][e] * scale_log2 : -INFINITY;
-                    }
-            }
+        }
 
-        // -- update m_i and l_i; P = exp2(S - m) overwrites S; rescale acc
-#pragma unroll
-        for (int mt = 0; mt < M_TILES; ++mt)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {  // h = 0: row g, h = 1: row g + 8
-                float row_max = m_i[mt][h];
-#pragma unroll
-                for (int nt = 0; nt < S_N_TILES; ++nt)
-                    row_max = fmaxf(row_max, fmaxf(s[mt][nt][2 * h], s[mt][nt][2 * h + 1]));
-                const float m_new = quad_max(row_max);
-                const float m_use = safe_max(m_new);  // -inf row: exp2(-inf - 0) = 0, no NaN
-                const float alpha = exp2f(m_i[mt][h] - m_use);
-                float row_sum = 0.f;
-#pragma unroll
-                for (int nt = 0; nt < S_N_TILES; ++nt)
-#pragma unroll
-                    for (int e = 2 * h; e < 2 * h + 2; ++e) {
-                        s[mt][nt][e] = exp2f(s[mt][nt][e] - m_use);
-                        row_sum += s[mt][nt][e];
-                    }
-                l_i[mt][h] = l_i[mt][h] * alpha + row_sum;
-                m_i[mt][h] = m_new;
-#pragma unroll
-                for (int nt = 0; nt < O_N_TILES; ++nt) {
-                    acc[mt][nt][2 * h] *= alpha;
-                    acc[mt][nt][2 * h + 1] *= alpha;
-                }
-            }
+        softmax.update(s, acc, c);  // S becomes P; acc rescaled
 
         // P rounded to T, already in the A-operand layout of P V: the accumulator layout of
         // the n8 tiles 2kk and 2kk+1 of S is the A fragment of k16 step kk.
@@ -327,12 +428,12 @@ flash_fwd_mma(const AttentionParams p) {
                 p_frag[mt][kk][3] = pack2<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
             }
 
-        cp_async_wait_all();
-        // V_j has landed for every thread, and every warp has finished Q K_j^T, so the K
-        // buffer may be refilled with K_{j-1}.
-        __syncthreads();
-        if (n_block > 0) {
-            load_tile<Tr, BLOCK_N>(sK, k, p.k_row_stride, n0 - BLOCK_N, p.Lk, p.D);
+        if (KV_BUFFERS == 1) {
+            cp_async_wait_all();
+            // V_j has landed for every thread, and every warp has finished Q K_j^T, so the
+            // K buffer may be refilled with K_{j-1}.
+            __syncthreads();
+            if (n_block > 0) load_kv(n0 - BLOCK_N, /*with_k=*/true, /*with_v=*/false);
             cp_async_commit();
         }
 
@@ -360,15 +461,16 @@ flash_fwd_mma(const AttentionParams p) {
     for (int mt = 0; mt < M_TILES; ++mt)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            const float l = quad_sum(l_i[mt][h]);
+            const float l = softmax.row_sum(mt, h);
             const float inv_l = safe_inverse(l);
             const int r = warp_row0 + mt * 16 + g + 8 * h;
 #pragma unroll
             for (int nt = 0; nt < O_N_TILES; ++nt)
                 *reinterpret_cast<unsigned*>(sO + swizzle<Tr>(r, nt) + 2 * t) =
                     pack2<T>(acc[mt][nt][2 * h] * inv_l, acc[mt][nt][2 * h + 1] * inv_l);
+            // lse = ln 2 * m_i + ln l_i (m_i is in log2 units): one FMA, an accurate log.
             if (t == 0 && m0 + r < p.Lq)
-                lse[m0 + r] = l == 0.f ? -INFINITY : (m_i[mt][h] + __log2f(l)) * 0.69314718055994531f;
+                lse[m0 + r] = l == 0.f ? -INFINITY : fmaf(softmax.m_i[mt][h], LN2, logf(l));
         }
     __syncwarp();  // the warp's rows of sO are written before its lanes read them back
 

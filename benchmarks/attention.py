@@ -1,0 +1,190 @@
+"""Attention forward on the GPU: cupyflash against standard attention and torch SDPA.
+
+FlashAttention's benchmark grid: 16k tokens in total and model dim 2048, so
+``batch = 16384 // s`` and ``heads = 2048 // d``. FLOPs: ``4 * b * h * s^2 * d``, halved
+when causal. Every provider is timed in the same run with ``triton.testing.do_bench``
+(median; CUDA events; it clears the L2 cache between runs) when Triton is importable,
+else with CUDA events around each call (median). Ratios are against torch SDPA's flash
+(FlashAttention-2) and cuDNN backends measured here, now.
+
+    python benchmarks/attention.py                     # the whole grid
+    python benchmarks/attention.py --quick             # s = 1k, 4k; d = 64, 128
+    python benchmarks/attention.py --d 128 --s 4096 --dtype bfloat16 --causal 0
+
+Results are appended as JSON records to ``benchmarks/results/attention_<gpu>.json``:
+keys gpu, provider, op, dtype, d, causal, s, b, h, ms, tflops, peak_extra_bytes.
+"""
+
+import argparse
+import json
+import math
+import pathlib
+import platform
+import statistics
+import sys
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import cupyflash  # noqa: E402
+from cupyflash import _measure  # noqa: E402
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def _dtype(name):
+    if name == "bfloat16":
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def make_timer():
+    """``timer(fn) -> ms``: Triton's do_bench (median) if present, else CUDA events."""
+    try:
+        from triton.testing import do_bench
+
+        def timer(fn):
+            return do_bench(fn, warmup=25, rep=100, return_mode="median")
+        return timer, "triton.testing.do_bench (median, L2 cleared between runs)"
+    except Exception:
+        import cupy
+
+        def timer(fn):
+            for _ in range(3):
+                fn()
+            start, end = cupy.cuda.Event(), cupy.cuda.Event()
+            times = []
+            for _ in range(20):
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(cupy.cuda.get_elapsed_time(start, end))
+            return statistics.median(times)
+        return timer, "CUDA events (median of 20 after 3 warm-ups)"
+
+
+def torch_providers():
+    """{name: fn(q, k, v, causal)} for torch SDPA's flash and cuDNN backends, if present."""
+    try:
+        import torch
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        import torch.nn.functional as F
+    except Exception:
+        return {}, None
+
+    def backend(kind):
+        def run(q, k, v, causal):
+            with sdpa_kernel([kind]):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return run
+    return ({"torch_flash": backend(SDPBackend.FLASH_ATTENTION),
+             "torch_cudnn": backend(SDPBackend.CUDNN_ATTENTION)}, torch)
+
+
+def peak_extra(fn, out_bytes):
+    """Peak bytes the call allocates beyond its output (CuPy memory pool hook)."""
+    import cupy
+    with _measure.peak_memory(cupy) as peak:
+        r = fn()
+        cupy.cuda.get_current_stream().synchronize()
+    del r
+    return max(peak.peak - out_bytes, 0)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--d", type=int, nargs="*", default=None)
+    ap.add_argument("--s", type=int, nargs="*", default=None)
+    ap.add_argument("--dtype", nargs="*", default=["float16", "bfloat16"])
+    ap.add_argument("--causal", type=int, nargs="*", default=[0, 1])
+    ap.add_argument("--providers", nargs="*",
+                    default=["cupyflash", "standard", "torch_flash", "torch_cudnn"])
+    ap.add_argument("--standard-max-s", type=int, default=16384,
+                    help="skip standard attention above this length")
+    ap.add_argument("--out", default=None, help="JSON file to append records to")
+    args = ap.parse_args(argv)
+
+    import cupy
+    ds = args.d or ([64, 128] if args.quick else [64, 128, 256])
+    ss = args.s or ([1024, 4096] if args.quick else [512, 1024, 2048, 4096, 8192, 16384])
+    timer, timer_desc = make_timer()
+    tprov, torch = torch_providers()
+    gpu = _measure.gpu_name()
+    print(f"GPU: {gpu}; CuPy {cupy.__version__}; NumPy {np.__version__}; "
+          f"torch {torch.__version__ if torch else 'absent'}; cupyflash {cupyflash.__version__}; "
+          f"Python {platform.python_version()}")
+    print(f"timer: {timer_desc}. FLOPs = 4*b*h*s^2*d (halved when causal); "
+          f"grid: b = 16384 // s, h = 2048 // d")
+
+    records = []
+    rng = np.random.default_rng(0)
+    header = (f"{'dtype':9s} {'d':>4s} {'causal':>6s} {'s':>6s} | "
+              + " ".join(f"{p:>12s}" for p in args.providers)
+              + " | vs flash  vs cudnn | extra MiB (cf / std)")
+    print(header)
+    for dtype_name in args.dtype:
+        dt = _dtype(dtype_name)
+        for d in ds:
+            for causal in map(bool, args.causal):
+                for s in ss:
+                    b, h = 16384 // s, 2048 // d
+                    shape = (b, h, s, d)
+                    q, k, v = (cupy.asarray(rng.standard_normal(shape, dtype=np.float32).astype(dt))
+                               for _ in range(3))
+                    flops = _measure.attention_flops(b, h, s, d, causal)
+                    out_bytes = q.nbytes
+                    row = {}
+                    extra = {}
+                    for prov in args.providers:
+                        if prov == "cupyflash":
+                            fn = lambda: cupyflash.attention(q, k, v, causal=causal)  # noqa: E731
+                        elif prov == "standard":
+                            if s > args.standard_max_s:
+                                continue
+                            fn = lambda: _measure.standard_attention(q, k, v, causal=causal)  # noqa: E731
+                        elif prov in tprov:
+                            tq, tk, tv = (torch.as_tensor(x, device="cuda") for x in (q, k, v)) \
+                                if dtype_name != "bfloat16" else \
+                                (torch.from_dlpack(x.view(np.uint16)).view(torch.bfloat16)
+                                 for x in (q, k, v))
+                            f = tprov[prov]
+                            fn = lambda f=f, tq=tq, tk=tk, tv=tv: f(tq, tk, tv, causal)  # noqa: E731
+                        else:
+                            continue
+                        try:
+                            ms = timer(fn)
+                        except Exception as e:  # e.g. a backend that rejects this shape
+                            print(f"  {prov}: {type(e).__name__}: {str(e)[:120]}")
+                            continue
+                        peak = peak_extra(fn, out_bytes) if prov in ("cupyflash", "standard") else None
+                        extra[prov] = peak
+                        row[prov] = flops / ms / 1e9
+                        records.append(dict(gpu=gpu, provider=prov, op="fwd", dtype=dtype_name,
+                                            d=d, causal=causal, s=s, b=b, h=h, ms=ms,
+                                            tflops=row[prov], peak_extra_bytes=peak))
+                    cf = row.get("cupyflash")
+                    rf = f"{cf / row['torch_flash']:8.2f}" if cf and "torch_flash" in row else " " * 8
+                    rc = f"{cf / row['torch_cudnn']:8.2f}" if cf and "torch_cudnn" in row else " " * 8
+                    mem = " / ".join(f"{extra[p] / 2**20:.1f}" if extra.get(p) is not None else "-"
+                                     for p in ("cupyflash", "standard"))
+                    print(f"{dtype_name:9s} {d:4d} {str(causal):>6s} {s:6d} | "
+                          + " ".join(f"{row[p]:12.1f}" if p in row else f"{'-':>12s}"
+                                     for p in args.providers)
+                          + f" | {rf}  {rc} | {mem}", flush=True)
+                    del q, k, v
+                    cupy.get_default_memory_pool().free_all_blocks()
+
+    out = pathlib.Path(args.out) if args.out else RESULTS / (
+        "attention_" + "".join(c if c.isalnum() else "_" for c in gpu) + ".json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(out.read_text()) if out.exists() else []
+    out.write_text(json.dumps(old + records, indent=1))
+    print(f"wrote {len(records)} records to {out}")
+
+
+if __name__ == "__main__":
+    main()

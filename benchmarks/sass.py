@@ -1,0 +1,71 @@
+"""Read the machine code of kernel variants: which instructions did the compiler emit?
+
+Compiles each variant with the library's own NVRTC path, writes the cubin, runs
+``cuobjdump --dump-sass`` on it (on the GPU image, or anywhere CUDA's binutils are) and
+prints a histogram of the instructions that matter for attention: tensor-core ops
+(HMMA, HGMMA), shared-memory matrix loads (LDSM), asynchronous copies (LDGSTS, UTMALDG),
+16-byte global stores (STG.E.128), MUFU.EX2, and any local-memory traffic (LDL/STL).
+
+    python benchmarks/sass.py                         # the d=64 and d=128 fp16 variants
+    python benchmarks/sass.py --filter "__nv_bfloat16, 256" --arch sm_90a
+"""
+
+import argparse
+import collections
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from cupyflash import _cupy_backend, _kernels  # noqa: E402
+
+WATCH = ("HMMA", "HGMMA", "LDSM", "LDGSTS", "UTMALDG", "LDS", "STS", "LDG", "STG", "MUFU.EX2",
+         "BAR.SYNC", "SHFL", "LDL", "STL")
+
+
+def histogram(sass):
+    counts = collections.Counter()
+    for line in sass.splitlines():
+        m = re.search(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
+        if m:
+            op = m.group(1)
+            for w in WATCH:
+                if op == w or op.startswith(w + "."):
+                    counts[op] += 1
+    return counts
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--filter", default="__half, ", help="substring of the name expression")
+    ap.add_argument("--arch", default="sm_90a")
+    ap.add_argument("--dump", default=None, help="folder to write the full SASS into")
+    ap.add_argument("--cuobjdump", default="cuobjdump")
+    args = ap.parse_args()
+    variants = [v for v in _cupy_backend.all_attention_variants() if args.filter in v[1]]
+    for source, name in variants:
+        c = _kernels.compile_variant(source, name, args.arch, verbose=True)
+        rep = _kernels.resource_report(c.log)
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(c.cubin)
+            f.flush()
+            run = subprocess.run([args.cuobjdump, "--dump-sass", f.name], capture_output=True,
+                                 text=True)
+            if run.returncode:
+                sys.exit(f"cuobjdump failed ({run.returncode}): {run.stderr}")
+            sass = run.stdout
+        if args.dump:
+            out = pathlib.Path(args.dump)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / (re.sub(r"\W+", "_", name) + ".sass")).write_text(sass)
+        h = histogram(sass)
+        print(f"{name} [{args.arch}] regs={rep['registers']} stack={rep['stack']} "
+              f"spills={rep['spill_stores']}/{rep['spill_loads']}")
+        print("   " + "  ".join(f"{k}={v}" for k, v in sorted(h.items())))
+
+
+if __name__ == "__main__":
+    main()
