@@ -24,8 +24,21 @@ def accumulator_dtype(dtype):
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
+def _supported_dtype_objects():
+    found = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)}
+    try:
+        import ml_dtypes
+        found.add(np.dtype(ml_dtypes.bfloat16))
+    except ImportError:  # without ml_dtypes no bfloat16 array can exist either
+        pass
+    return frozenset(found)
+
+
+_SUPPORTED = _supported_dtype_objects()  # a set lookup: dtype.name is slow on a hot path
+
+
 def _check_dtype(fn, name, x):
-    if x.dtype.name not in SUPPORTED_DTYPES:
+    if x.dtype not in _SUPPORTED:
         raise TypeError(f"{fn}: {name} has unsupported dtype {x.dtype.name}; "
                         f"expected one of {', '.join(SUPPORTED_DTYPES)}")
 
@@ -41,6 +54,12 @@ def _is_cupy_array(x):
 
 def _as_arrays(fn, names, arrays):
     """Return ``(xp_name, arrays)``: all NumPy (array-likes converted) or all CuPy."""
+    first = type(arrays[0])
+    if all(type(a) is first for a in arrays):  # the common case, decided without imports
+        if first is np.ndarray:
+            return "numpy", list(arrays)
+        if _is_cupy_array(arrays[0]):
+            return "cupy", list(arrays)
     on_gpu = [_is_cupy_array(a) for a in arrays]
     if any(on_gpu) and not all(on_gpu):
         kinds = ", ".join(f"{n} {'cupy' if g else type(a).__module__.split('.')[0]}"
@@ -99,7 +118,9 @@ def validate_attention(fn, q, k, v, causal, scale):
         raise ValueError(f"{fn}: k.shape[-2] ({k.shape[-2]}) must equal "
                          f"v.shape[-2] ({v.shape[-2]})")
     try:
-        batch_shape = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+        batch_shape = q.shape[:-2]
+        if not (k.shape[:-2] == batch_shape == v.shape[:-2]):
+            batch_shape = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     except ValueError:
         raise ValueError(f"{fn}: the batch dimensions of q {tuple(q.shape[:-2])}, "
                          f"k {tuple(k.shape[:-2])} and v {tuple(v.shape[:-2])} "

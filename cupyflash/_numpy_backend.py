@@ -68,7 +68,7 @@ def attention_forward(q, k, v, problem, out=None, block_m=BLOCK_M, block_n=BLOCK
                 if p.causal and j1 - 1 > i0 + offset:  # the block crosses the diagonal
                     hidden = (np.arange(j0, j1)[None, :]
                               > np.arange(i0, i1)[:, None] + offset)
-                    s[:, hidden] = -np.inf
+                    np.copyto(s, -np.inf, where=hidden)  # broadcast over the chunk
                 # -- update m_i and l_i
                 m_new = np.maximum(m_i, s.max(axis=-1))
                 # A row with no visible key so far has m = -inf: use 0 so exp gives 0.
@@ -98,12 +98,13 @@ def softmax_family(x, axes, kind):
     # +inf rows give a sum of +inf, and NaN still propagates through x.
     m_safe = np.where(np.isfinite(m), m, 0)
     with np.errstate(divide="ignore", over="ignore"):
-        lse = np.log(np.sum(np.exp(xf - m_safe), axis=axes, keepdims=True)) + m_safe
+        log_l = np.log(np.sum(np.exp(xf - m_safe), axis=axes, keepdims=True))
     if kind == "logsumexp":
-        return np.squeeze(lse, axis=axes).astype(x.dtype)
-    lse_safe = np.where(np.isneginf(lse), 0, lse)  # all -inf slice: exp(-inf) = 0, log = -inf
-    with np.errstate(invalid="ignore"):
-        r = xf - lse_safe
+        return np.squeeze(log_l + m_safe, axis=axes).astype(x.dtype)
+    # (x - m) - log(l), not x - lse: lse = m + log(l) rounds log(l) to the spacing of m.
+    log_l_safe = np.where(np.isneginf(log_l), 0, log_l)  # all -inf slice: -inf - 0 = -inf
+    with np.errstate(invalid="ignore", over="ignore"):
+        r = (xf - m_safe) - log_l_safe
     if kind == "softmax":
         r = np.exp(r)
     return r.astype(x.dtype)

@@ -68,7 +68,20 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False):
     # P = softmax(S); rows with no visible key get all-zero probabilities
     p = softmax(s, axis=-1)
     out = np.matmul(p, v)
+    # v may bring batch dimensions that q and k lack: lse has the batch shape of out
+    lse = np.broadcast_to(lse, out.shape[:-1]).copy()
     return (out, lse) if return_lse else out
+
+
+def _shift_and_log_sum(x, axis):
+    """``(m, log_l)``, keepdims: the shift ``m`` (the max, or 0 where the max is not
+    finite) and ``log_l = log(sum(exp(x - m)))``, so that ``logsumexp = m + log_l``."""
+    m = np.max(x, axis=axis, keepdims=True, initial=-np.inf)
+    # Shift by 0 where m is not finite: an all -inf row gives exp(-inf) = 0 and
+    # log(0) = -inf; a row with +inf gives +inf; NaN propagates through x.
+    m_safe = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore", over="ignore"):
+        return m_safe, np.log(np.sum(np.exp(x - m_safe), axis=axis, keepdims=True))
 
 
 def logsumexp(x, axis=-1):
@@ -78,13 +91,8 @@ def logsumexp(x, axis=-1):
     ``+inf`` gives ``+inf``.
     """
     x = _as_float64(x)
-    m = np.max(x, axis=axis, keepdims=True, initial=-np.inf)
-    # Shift by 0 where m is not finite: an all -inf row gives exp(-inf) = 0 and
-    # log(0) = -inf; a row with +inf gives +inf; NaN propagates through x.
-    m_safe = np.where(np.isfinite(m), m, 0.0)
-    with np.errstate(divide="ignore", over="ignore"):
-        return np.squeeze(np.log(np.sum(np.exp(x - m_safe), axis=axis, keepdims=True)) + m_safe,
-                          axis=axis)
+    m, log_l = _shift_and_log_sum(x, axis)
+    return np.squeeze(log_l + m, axis=axis)
 
 
 def softmax(x, axis=-1):
@@ -93,19 +101,18 @@ def softmax(x, axis=-1):
     A row of only ``-inf`` gives all zeros rather than NaN; a row with ``+inf`` gives
     NaN at the ``+inf`` entries.
     """
-    x = _as_float64(x)
-    lse = np.expand_dims(logsumexp(x, axis=axis), axis)
-    lse_safe = np.where(np.isneginf(lse), 0.0, lse)  # such rows: exp(-inf - 0) = 0
-    with np.errstate(invalid="ignore"):
-        return np.exp(x - lse_safe)
+    return np.exp(log_softmax(x, axis=axis))
 
 
 def log_softmax(x, axis=-1):
-    """``x - logsumexp(x)`` along ``axis`` in float64.
+    """``x - logsumexp(x)`` along ``axis`` in float64, as ``(x - m) - log(l)``.
 
+    The shift comes first: ``x - (m + log(l))`` would round ``log(l)`` to the spacing of
+    ``m``, an error of order ``|m| * 2^-53`` that is all of ``log(2)`` at ``m = 1e300``.
     A row of only ``-inf`` gives all ``-inf`` (the log of the zero probabilities).
     """
     x = _as_float64(x)
-    lse = np.expand_dims(logsumexp(x, axis=axis), axis)
-    with np.errstate(invalid="ignore"):
-        return x - np.where(np.isneginf(lse), 0.0, lse)
+    m, log_l = _shift_and_log_sum(x, axis)
+    log_l = np.where(np.isneginf(log_l), 0.0, log_l)  # all -inf row: -inf - 0 = -inf
+    with np.errstate(invalid="ignore", over="ignore"):
+        return (x - m) - log_l

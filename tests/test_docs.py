@@ -1,0 +1,15 @@
+"""The examples in the docstrings run and print what they say."""
+
+import doctest
+
+import pytest
+
+import cupyflash._api
+import cupyflash.reference
+
+
+@pytest.mark.parametrize("module", [cupyflash._api, cupyflash.reference],
+                         ids=lambda m: m.__name__)
+def test_docstring_examples(module):
+    result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE, verbose=False)
+    assert result.attempted > 0 and result.failed == 0
