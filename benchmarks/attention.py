@@ -90,7 +90,8 @@ def torch_providers():
                 return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         return run
     return ({"torch_flash": backend(SDPBackend.FLASH_ATTENTION),
-             "torch_cudnn": backend(SDPBackend.CUDNN_ATTENTION)}, torch)
+             "torch_cudnn": backend(SDPBackend.CUDNN_ATTENTION),
+             "torch_efficient": backend(SDPBackend.EFFICIENT_ATTENTION)}, torch)
 
 
 def peak_extra(fn, out_bytes):

@@ -6,7 +6,11 @@ cannot read in place), chooses a kernel variant in one plain function of
 on the arrays' device. No host synchronisation happens in a call.
 """
 
+import contextlib
+import functools
 import math
+import os
+import struct
 
 import numpy as np
 
@@ -36,13 +40,22 @@ _DTYPE_TO_CUDA = {"float16": "__half", "bfloat16": "__nv_bfloat16",
 
 def _device_of(fn, arrays):
     """The one device all arrays live on, else ValueError naming the arrays."""
-    ids = {name: a.device.id for name, a in arrays}
-    if len(set(ids.values())) > 1:
-        where = ", ".join(f"{n} on device {d}" for n, d in ids.items())
+    ids = [a.data.device_id for _, a in arrays]
+    if ids.count(ids[0]) != len(ids):
+        where = ", ".join(f"{n} on device {d}" for (n, _), d in zip(arrays, ids))
         raise ValueError(f"{fn}: arrays must be on one device; got {where}")
-    return next(iter(ids.values()))
+    return ids[0]
 
 
+def _on_device(device_id):
+    """A context making ``device_id`` current; free when it already is (the usual case)."""
+    import cupy
+    if cupy.cuda.runtime.getDevice() == device_id:
+        return contextlib.nullcontext()
+    return cupy.cuda.Device(device_id)
+
+
+@functools.lru_cache(maxsize=None)
 def _compute_capability(device_id):
     import cupy
     return int(cupy.cuda.Device(device_id).compute_capability)
@@ -77,32 +90,35 @@ def _kernel_ready(x, align_elems, pad_last_to):
 def _collapse_batch(batch_shape, strides_per_tensor):
     """Merge batch dimensions that are contiguous in every tensor; drop size-1 ones.
 
-    ``strides_per_tensor`` is a list of stride tuples (elements, 0 where broadcast).
+    ``strides_per_tensor`` is a list of stride lists (elements, 0 where broadcast).
     Returns ``(sizes, [strides...])`` with at most as many dims as the input.
     """
-    dims = [(s, [st[i] for st in strides_per_tensor])
-            for i, s in enumerate(batch_shape) if s != 1]
-    merged = []
-    for size, strides in dims:
-        if merged:
-            prev_size, prev_strides = merged[-1]
-            if all(ps == s * size for ps, s in zip(prev_strides, strides)):
-                merged[-1] = (prev_size * size, strides)
-                continue
-        merged.append((size, strides))
-    sizes = [m[0] for m in merged]
-    return sizes, [[m[1][t] for m in merged] for t in range(len(strides_per_tensor))]
+    sizes, merged = [], [[] for _ in strides_per_tensor]
+    for i, size in enumerate(batch_shape):
+        if size == 1:
+            continue
+        if sizes and all(m[-1] == st[i] * size for m, st in zip(merged, strides_per_tensor)):
+            sizes[-1] *= size
+            for m, st in zip(merged, strides_per_tensor):
+                m[-1] = st[i]
+            continue
+        sizes.append(size)
+        for m, st in zip(merged, strides_per_tensor):
+            m.append(st[i])
+    return sizes, merged
 
 
 def _batch_strides(x, batch_shape):
     """Element strides of x's batch dimensions, broadcast to ``batch_shape`` (0 = broadcast)."""
-    nb = len(batch_shape)
-    own = x.shape[:-2]
-    pad = nb - len(own)
-    strides = [0] * nb
-    for i, (size, stride) in enumerate(zip(own, x.strides[:-2])):
-        strides[pad + i] = 0 if size == 1 else stride // x.itemsize
-    return strides
+    own, item = x.shape[:-2], x.itemsize
+    return [0] * (len(batch_shape) - len(own)) + [
+        0 if n == 1 else st // item for n, st in zip(own, x.strides[:-2])]
+
+
+# struct AttentionParams as bytes: 5 pointers, 5 x MAX_BATCH_DIMS batch sizes and strides,
+# 9 scalars, 2 doubles (little-endian, no padding: every field is 8 bytes).
+_PARAMS_STRUCT = struct.Struct(f"<5Q{5 * MAX_BATCH_DIMS}q9q2d")
+assert _PARAMS_STRUCT.size == ATTENTION_PARAMS_DTYPE.itemsize
 
 
 def _pack_params(problem, q, k, v, o, lse):
@@ -116,19 +132,19 @@ def _pack_params(problem, q, k, v, o, lse):
                                      [_batch_strides(t, problem.batch_shape) for t in tensors])
     if len(sizes) > MAX_BATCH_DIMS:
         return None
-    pad = MAX_BATCH_DIMS - len(sizes)
-    p = np.zeros((), dtype=ATTENTION_PARAMS_DTYPE)
-    p["q"], p["k"], p["v"], p["o"], p["lse"] = (t.data.ptr for t in (q, k, v, o, lse))
-    p["batch_size"] = [1] * pad + sizes
-    for name, st in zip(("q", "k", "v", "o"), strides):
-        p[f"{name}_batch_stride"] = [0] * pad + st
-    for name, t in zip(("q", "k", "v", "o"), tensors):
-        p[f"{name}_row_stride"] = t.strides[-2] // t.itemsize
-    p["n_batch"] = math.prod(problem.batch_shape)
-    p["Lq"], p["Lk"], p["D"], p["Dv"] = problem.Lq, problem.Lk, problem.D, problem.Dv
-    p["scale"] = problem.scale
-    p["scale_log2"] = problem.scale * math.log2(math.e)
-    return p[()]
+    pad = [0] * (MAX_BATCH_DIMS - len(sizes))
+    fields = [q.data.ptr, k.data.ptr, v.data.ptr, o.data.ptr, lse.data.ptr]
+    fields += [1] * len(pad) + sizes
+    for st in strides:
+        fields += pad + st
+    fields += [t.strides[-2] // t.itemsize for t in tensors]
+    fields += [math.prod(problem.batch_shape), problem.Lq, problem.Lk, problem.D, problem.Dv,
+               problem.scale, problem.scale * _LOG2_E]
+    # CuPy passes a structured NumPy scalar to the kernel by value, as the C struct.
+    return np.frombuffer(_PARAMS_STRUCT.pack(*fields), dtype=ATTENTION_PARAMS_DTYPE)[0]
+
+
+_LOG2_E = math.log2(math.e)
 
 
 # ----------------------------------------------------------------------------------------
@@ -150,22 +166,122 @@ class KernelConfig:
 
 def attention_config(D, Dv, dtype_name, compute_capability, causal):
     """Choose the kernel variant for one problem: the one place tile sizes are chosen."""
+    return _attention_config(D, Dv, dtype_name, compute_capability, causal,
+                             os.environ.get("CUPYFLASH_MMA_TILES", ""))
+
+
+@functools.lru_cache(maxsize=512)
+def _attention_config(D, Dv, dtype_name, compute_capability, causal, _tiles_knob):
     if dtype_name in ("float16", "bfloat16"):
         return _mma_config(D, Dv, dtype_name, compute_capability, causal)
     return _simt_config(D, Dv, dtype_name, compute_capability, causal)
 
 
+# Tensor-core tiles per padded head dim and mask:
+# (BLOCK_M, BLOCK_N, NUM_WARPS, KV_BUFFERS, MIN_BLOCKS). Each warp owns BLOCK_M / NUM_WARPS
+# query rows: 32 while the fp32 accumulators fit in registers (HEAD_DIM <= 128), 16 above.
+# Measured on an H200 (benchmarks/NOTES.md): one K/V buffer is 3-8% faster than two at
+# d = 64 and 128 (two spill at d = 128 with BLOCK_N = 64); at d = 64, BLOCK_N = 128 with two
+# blocks per multiprocessor is 3-5% faster than BLOCK_N = 64 with three (MIN_BLOCKS = 3
+# caps registers at 168), and BLOCK_N = 32 is 10% slower than 64 at d = 128.
+MMA_HEAD_DIMS = (32, 64, 96, 128, 192, 256)
+MMA_TILES = {
+    # head_dim: {causal: tiles}
+    32: {False: (128, 128, 4, 1, 1), True: (128, 128, 4, 1, 1)},
+    64: {False: (128, 128, 4, 1, 2), True: (128, 128, 4, 1, 2)},
+    96: {False: (128, 64, 4, 1, 1), True: (128, 64, 4, 1, 1)},
+    128: {False: (128, 64, 4, 1, 1), True: (128, 64, 4, 1, 1)},
+    192: {False: (64, 64, 4, 1, 1), True: (64, 64, 4, 1, 1)},
+    256: {False: (64, 64, 4, 1, 1), True: (64, 64, 4, 1, 1)},
+}
+
+
+def _mma_smem_bytes(head_dim, block_m, block_n, kv_buffers):
+    """As FwdMmaTraits::SMEM_BYTES: a Q tile and kv_buffers K and V tiles, rows padded to 64
+    elements."""
+    smem_row = -(-head_dim // 64) * 64
+    return (block_m + 2 * kv_buffers * block_n) * smem_row * 2
+
+
+@functools.lru_cache(maxsize=8)
+def _tile_overrides(spec):
+    """Parse ``CUPYFLASH_MMA_TILES`` ("64:128,128,4,1,1;128:64,64,4,2,1"), a knob for
+    benchmarking other tile shapes without editing MMA_TILES (it applies to both masks)."""
+    tiles = {}
+    for item in filter(None, spec.split(";")):
+        head_dim, shape = item.split(":")
+        tiles[int(head_dim)] = tuple(int(x) for x in shape.split(","))
+    return tiles
+
+
 def _mma_config(D, Dv, dtype_name, compute_capability, causal):
-    raise NotImplementedError("attention: the fp16/bf16 tensor-core kernel is not built yet")
+    head_dim = next((h for h in MMA_HEAD_DIMS if h >= D), None)
+    if head_dim is None:
+        raise ValueError(f"attention: head dims up to {MMA_HEAD_DIMS[-1]} are supported on the "
+                         f"GPU, got {D}")
+    tiles = _tile_overrides(os.environ.get("CUPYFLASH_MMA_TILES", ""))
+    block_m, block_n, num_warps, kv_buffers, min_blocks = tiles.get(
+        head_dim, MMA_TILES[head_dim][causal])
+    name = (f"cupyflash::flash_fwd_mma<{_DTYPE_TO_CUDA[dtype_name]}, {head_dim}, {block_m}, "
+            f"{block_n}, {num_warps}, {kv_buffers}, {min_blocks}, "
+            f"{'true' if causal else 'false'}>")
+    return KernelConfig("flash_fwd_mma.cuh", name, block_m, 32 * num_warps,
+                        _mma_smem_bytes(head_dim, block_m, block_n, kv_buffers),
+                        align_elems=8, pad_d_to=8)
+
+
+def mma_attention_variants():
+    """The (source, name_expression) of every tensor-core forward variant."""
+    return [(c.source, c.name_expression)
+            for c in (_mma_config(h, h, dt, 90, causal)
+                      for h in MMA_HEAD_DIMS for dt in ("float16", "bfloat16")
+                      for causal in (False, True))]
 
 
 def _simt_config(D, Dv, dtype_name, compute_capability, causal):
-    raise NotImplementedError("attention: the fp32/fp64 kernel is not built yet")
+    """The float32/float64 FMA kernel of cuda/flash_fwd_simt.cuh for one problem.
+
+    ``D`` is padded up to the next ``HEAD_DIM`` in (32, 64, 128, 256). The tile table
+    repeats ``SimtTiles`` of the .cuh (tests/test_kernel_compile.py checks that the two
+    agree) and the shared memory is ``SimtTraits::SMEM_BYTES``: Q and K tiles with rows
+    padded by 16 bytes, an unpadded V tile, and the ``BLOCK_M x (BLOCK_N + 4)`` tile of
+    probabilities. Every entry fits in 99 KiB, the smallest opt-in limit of a GPU from
+    sm_80 on, so ``compute_capability`` does not change the choice. K and V arrive in
+    16-byte copies: rows must be 16-byte aligned, with a length that is a multiple of
+    16 bytes (``align_elems = pad_d_to = 16 // itemsize``).
+    """
+    tiles = {  # (BLOCK_M, BLOCK_N) per HEAD_DIM; 128 threads in every block
+        "float32": {32: (64, 64), 64: (64, 64), 128: (64, 32), 256: (32, 24)},
+        "float64": {32: (64, 32), 64: (64, 32), 128: (32, 24), 256: (16, 16)},
+    }[dtype_name]
+    D = max(D, Dv)
+    head_dim = next((h for h in sorted(tiles) if h >= D), None)
+    if head_dim is None:
+        raise ValueError(f"attention: head dims up to {max(tiles)} are supported on the GPU, "
+                         f"got {D}")
+    block_m, block_n = tiles[head_dim]
+    itemsize = np.dtype(dtype_name).itemsize
+    vec = 16 // itemsize
+    smem_bytes = itemsize * ((block_m + block_n) * (head_dim + vec)  # Q, K (padded rows)
+                             + block_n * head_dim                    # V
+                             + block_m * (block_n + 4))              # P~
+    name = (f"cupyflash::flash_fwd_simt<{_DTYPE_TO_CUDA[dtype_name]}, {head_dim}, "
+            f"{'true' if causal else 'false'}>")
+    return KernelConfig("flash_fwd_simt.cuh", name, block_m, 128, smem_bytes,
+                        align_elems=vec, pad_d_to=vec)
+
+
+def simt_attention_variants():
+    """The (source, name_expression) of every float32/float64 forward variant."""
+    return [(c.source, c.name_expression)
+            for c in (_simt_config(h, h, dt, 90, causal)
+                      for dt in ("float32", "float64") for h in (32, 64, 128, 256)
+                      for causal in (False, True))]
 
 
 def all_attention_variants():
     """Every (source, name_expression) the library can request, for the CI compile check."""
-    return []
+    return mma_attention_variants()
 
 
 def launch_grid(num_m_blocks, n_batch):
@@ -182,11 +298,11 @@ def attention_forward(q, k, v, problem, out=None):
     fn = "attention"
     arrays = [("q", q), ("k", k), ("v", v)] + ([("out", out)] if out is not None else [])
     device_id = _device_of(fn, arrays)
-    with cupy.cuda.Device(device_id):
+    with _on_device(device_id):
         lse_dtype = np.float64 if problem.dtype == np.float64 else np.float32
         result = out if out is not None else cupy.empty(problem.out_shape, dtype=problem.dtype)
         lse = cupy.empty(problem.lse_shape, dtype=lse_dtype)
-        if result.size == 0:
+        if lse.size == 0:  # no query row at all (Dv = 0 alone still needs lse)
             return result, lse
         if problem.Lk == 0:  # no key at all: zeros, lse = -inf (no kernel needed)
             result.fill(0)
@@ -204,9 +320,8 @@ def attention_forward(q, k, v, problem, out=None):
             params = _pack_params(problem, *qk, o, lse)
 
         kernel = _kernels.get_function(device_id, cfg.source, cfg.name_expression,
-                                       _kernels.arch_for(_compute_capability(device_id)))
-        if cfg.smem_bytes > 48 * 1024:
-            kernel.max_dynamic_shared_size_bytes = cfg.smem_bytes
+                                       _kernels.arch_for(_compute_capability(device_id)),
+                                       cfg.smem_bytes)
         grid = launch_grid(-(-problem.Lq // cfg.block_m), math.prod(problem.batch_shape))
         kernel(grid, (cfg.num_threads, 1, 1), (params,), shared_mem=cfg.smem_bytes)
         if o is not result:
@@ -219,9 +334,106 @@ def attention_forward(q, k, v, problem, out=None):
 # ----------------------------------------------------------------------------------------
 
 def softmax_family(x, axes, kind):
-    raise NotImplementedError(f"{kind}: the CuPy kernels are not built yet")
+    """softmax, log_softmax or logsumexp of a CuPy array over ``axes`` (cuda/online_softmax.cuh).
+
+    ``axes`` is a sorted tuple of axes (``_api.normalize_axis``); ``kind`` is "softmax",
+    "log_softmax" or "logsumexp". The result has x's dtype, computed in float32 (float64
+    for float64) with the semantics of ``_numpy_backend.softmax_family``.
+
+    Layout: the reduced axes are moved to the end, in order, and the array is read as
+    ``n_rows`` rows of ``row_len = prod(reduced sizes)`` elements. x is read in place when
+    that view is C-contiguous and 16-byte aligned (a reduction over the trailing axes of a
+    C-contiguous array); otherwise it is first copied to a contiguous array, one extra read
+    and write of x. softmax and log_softmax are written in that row layout and returned
+    with x's axis order: a transposed view when the reduced axes were not the trailing ones.
+
+    Kernels: a row of up to 512 * 16 vectors of 16 bytes (32k float32, 32k float16/bfloat16,
+    16k float64 elements) is read once into the registers of one group of threads
+    (``softmax_rows``). Longer rows, and a few long rows that would leave most SMs idle,
+    are cut into segments of ``seg_vecs`` vectors: ``softmax_partials`` writes each
+    segment's running (max, sum) and ``softmax_finish`` merges them and writes the output,
+    reading x a second time. Everything runs on CuPy's current stream; nothing waits for
+    the device.
+    """
+    import cupy
+
+    kind_id = {"softmax": 0, "log_softmax": 1, "logsumexp": 2}[kind]  # SoftmaxKind in the .cuh
+    kept = [a for a in range(x.ndim) if a not in axes]
+    perm = kept + list(axes)
+    kept_shape = tuple(x.shape[a] for a in kept)
+    row_len = math.prod(x.shape[a] for a in axes)
+    n_rows = math.prod(kept_shape)
+    out_shape = kept_shape if kind == "logsumexp" else x.shape
+    device_id = x.data.device_id
+    with _on_device(device_id):
+        if n_rows == 0 or (kind != "logsumexp" and row_len == 0):
+            return cupy.empty(out_shape, dtype=x.dtype)  # nothing to compute
+        # An empty row (row_len == 0) of logsumexp goes to the kernel: it reads nothing
+        # and writes -inf.
+
+        # -- rows of row_len contiguous elements, 16-byte aligned
+        xt = x.transpose(perm) if perm != list(range(x.ndim)) else x
+        if not (xt.flags.c_contiguous and xt.data.ptr % 16 == 0):
+            bits = {2: np.uint16, 4: np.uint32, 8: np.uint64}[x.dtype.itemsize]  # any dtype copies
+            xt = cupy.array(xt.view(bits), copy=True, order="C").view(x.dtype)
+
+        ctype = _DTYPE_TO_CUDA[x.dtype.name]
+        arch = _kernels.arch_for(_compute_capability(device_id))
+        vec = 16 // x.dtype.itemsize           # elements per 16-byte vector
+        row_vecs = 8 if vec == 8 else 16       # SoftmaxRowVecs<T> in the .cuh
+        max_threads = 512                      # SOFTMAX_ROW_MAX_THREADS
+        split_threads = 256                    # SOFTMAX_SPLIT_THREADS
+        n_vec = row_len // vec                 # at least the vectors of any row
+        # threads per row: about 8 vectors each, at least one per head/tail element
+        tpr = max(8, 1 << max(0, math.ceil(math.log2(max(1, -(-n_vec // 8))))))
+        tpr = min(tpr, max_threads)
+        fits = tpr * row_vecs >= n_vec
+        block = max(256, tpr)
+        n_blocks = -(-n_rows // (block // tpr))
+        n_sm = cupy.cuda.runtime.deviceGetAttribute(
+            cupy.cuda.runtime.cudaDevAttrMultiProcessorCount, device_id)
+        seg_vecs = 8 * split_threads           # 32 KiB segments
+        few_long_rows = n_blocks < n_sm and n_vec >= 2 * seg_vecs
+        y = cupy.empty(out_shape if kind == "logsumexp" else xt.shape, dtype=x.dtype)
+
+        if fits and not few_long_rows:
+            kind_name = ("cupyflash::KIND_SOFTMAX", "cupyflash::KIND_LOG_SOFTMAX",
+                         "cupyflash::KIND_LOGSUMEXP")[kind_id]
+            rows = _kernels.get_function(device_id, "online_softmax.cuh",
+                                         f"cupyflash::softmax_rows<{ctype}, {kind_name}>", arch)
+            rows((min(n_blocks, 2**31 - 1),), (block,),
+                 (xt, y, np.int64(n_rows), np.int64(row_len), np.int32(tpr.bit_length() - 1)))
+        else:
+            # enough blocks to fill the GPU twice over, and at most 1024 segments per row
+            if n_rows * -(-n_vec // seg_vecs) < 2 * n_sm:
+                seg_vecs = max(split_threads, -(-n_rows * n_vec // (2 * n_sm)))
+            seg_vecs = max(seg_vecs, -(-n_vec // 1024))
+            seg_vecs = -(-seg_vecs // split_threads) * split_threads
+            n_seg = max(1, -(-n_vec // seg_vecs))
+            grid_rows = min(n_rows, 65535)
+            partial = cupy.empty((n_rows, n_seg, 2),
+                                 dtype=np.float64 if x.dtype == np.float64 else np.float32)
+            partials = _kernels.get_function(device_id, "online_softmax.cuh",
+                                             f"cupyflash::softmax_partials<{ctype}>", arch)
+            finish = _kernels.get_function(device_id, "online_softmax.cuh",
+                                           f"cupyflash::softmax_finish<{ctype}>", arch)
+            sizes = (np.int64(n_rows), np.int64(row_len), np.int64(n_seg), np.int64(seg_vecs))
+            partials((n_seg, grid_rows), (split_threads,), (xt, partial) + sizes)
+            finish((1 if kind == "logsumexp" else n_seg, grid_rows), (split_threads,),
+                   (xt, y, partial) + sizes + (np.int32(kind_id),))
+
+        if kind == "logsumexp" or perm == list(range(x.ndim)):
+            return y
+        return y.transpose(tuple(int(a) for a in np.argsort(perm)))  # x's axis order
 
 
 def all_softmax_variants():
     """Every (source, name_expression) of the softmax kernels, for the CI compile check."""
-    return []
+    variants = []
+    for ctype in ("float", "double", "__half", "__nv_bfloat16"):
+        for kind_name in ("KIND_SOFTMAX", "KIND_LOG_SOFTMAX", "KIND_LOGSUMEXP"):
+            variants.append(("online_softmax.cuh",
+                             f"cupyflash::softmax_rows<{ctype}, cupyflash::{kind_name}>"))
+        variants.append(("online_softmax.cuh", f"cupyflash::softmax_partials<{ctype}>"))
+        variants.append(("online_softmax.cuh", f"cupyflash::softmax_finish<{ctype}>"))
+    return variants

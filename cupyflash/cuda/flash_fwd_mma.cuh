@@ -78,6 +78,7 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int sr
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
 
+
 __device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* smem) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -89,27 +90,38 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void* 
                  : "r"(smem_addr(smem)));
 }
 
-// D = A B + D for one m16n8k16 tile: A row-major (4 regs), B column-major (2 regs).
-template <typename T>
+template <bool B>
+struct BoolConst {
+    static constexpr bool value = B;
+};
+
+template <typename T> struct IsBf16 { static constexpr bool value = false; };
+template <> struct IsBf16<__nv_bfloat16> { static constexpr bool value = true; };
+
+// D = A B + D for one m16n8k16 tile (D = A B when ZERO_C): A row-major (4 regs), B
+// column-major (2 regs). With ZERO_C the accumulator input is the constant 0, which ptxas
+// feeds from the zero register instead of clearing D first.
+template <typename T, bool ZERO_C = false>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0,
-                                          unsigned b1);
-template <>
-__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const unsigned (&a)[4],
-                                                  unsigned b0, unsigned b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <>
-__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const unsigned (&a)[4],
-                                                         unsigned b0, unsigned b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+                                          unsigned b1) {
+    static_assert(sizeof(T) == 2, "fp16 or bf16 operands");
+    const float c0 = ZERO_C ? 0.f : d[0], c1 = ZERO_C ? 0.f : d[1];
+    const float c2 = ZERO_C ? 0.f : d[2], c3 = ZERO_C ? 0.f : d[3];
+    if constexpr (IsBf16<T>::value) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%10,%11,%12,%13};\n"
+            : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1),
+              "f"(c0), "f"(c1), "f"(c2), "f"(c3));
+    } else {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%10,%11,%12,%13};\n"
+            : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1),
+              "f"(c0), "f"(c1), "f"(c2), "f"(c3));
+    }
 }
 
 // Two floats -> one register of two T (the low half holds x).
@@ -357,17 +369,8 @@ flash_fwd_mma(const AttentionParams p) {
 
         // S = Q_i K_j^T: (WARP_M, BLOCK_N) per warp, fp32
         float s[M_TILES][S_N_TILES][4];
-#pragma unroll
-        for (int mt = 0; mt < M_TILES; ++mt)
-#pragma unroll
-            for (int nt = 0; nt < S_N_TILES; ++nt)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) s[mt][nt][e] = 0.f;
         const int qk_lane = lane_id_volatile();
-        // kk only moves addresses (no register array is indexed by it): unrolling by 2 rather
-        // than fully keeps the d = 96 and 128 variants under 255 registers without spills.
-#pragma unroll 2
-        for (int kk = 0; kk < Tr::QK_K_STEPS; ++kk) {
+        auto qk_step = [&](int kk, auto first) {  // one k16 step; the first starts from S = 0
             unsigned a[M_TILES][4];  // Q fragments: rows (lane % 16), k-chunk 2kk + lane / 16
 #pragma unroll
             for (int mt = 0; mt < M_TILES; ++mt)
@@ -380,11 +383,16 @@ flash_fwd_mma(const AttentionParams p) {
                                                   2 * kk + ((qk_lane >> 3) & 1)));
 #pragma unroll
                 for (int mt = 0; mt < M_TILES; ++mt) {
-                    mma_16816<T>(s[mt][nt], a[mt], bk[0], bk[1]);
-                    mma_16816<T>(s[mt][nt + 1], a[mt], bk[2], bk[3]);
+                    mma_16816<T, decltype(first)::value>(s[mt][nt], a[mt], bk[0], bk[1]);
+                    mma_16816<T, decltype(first)::value>(s[mt][nt + 1], a[mt], bk[2], bk[3]);
                 }
             }
-        }
+        };
+        qk_step(0, /*first=*/BoolConst<true>{});
+        // kk only moves addresses (no register array is indexed by it): unrolling by 2 rather
+        // than fully keeps the d = 96 and 128 variants under 255 registers without spills.
+#pragma unroll 2
+        for (int kk = 1; kk < Tr::QK_K_STEPS; ++kk) qk_step(kk, /*first=*/BoolConst<false>{});
 
         if (prescale) {  // scale <= 0: S *= scale * log2(e) before the mask and the max
 #pragma unroll

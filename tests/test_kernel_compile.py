@@ -1,0 +1,151 @@
+"""Every kernel variant compiles through NVRTC, for sm_80 and sm_90a, without spills.
+
+No GPU is needed (NVRTC and ptxas run on the CPU), so this runs in CI. Each
+(variant, architecture) is one test: it compiles with ptxas's resource report
+(``-Xptxas=-v``) and fails on any spill store, spill load or stack frame, which would
+put a kernel's registers in local memory. ``pytest -s`` prints one line per variant; a
+table of all of them, with the total compile time, is written when the module ends.
+
+Two more tests compile small programs of ``static_assert``s that hold the Python side
+to the kernels' own constants: the shared memory, block size and tile rows that
+``_cupy_backend._simt_config`` launches with, and the limits ``softmax_family`` assumes.
+"""
+
+import re
+import time
+
+import pytest
+
+pytest.importorskip("cupy", reason="needs CuPy's NVRTC bindings")
+from cupy.cuda import nvrtc  # noqa: E402
+
+from cupyflash import _cupy_backend, _kernels  # noqa: E402
+
+try:
+    _kernels.cuda_include_dirs()
+except _kernels.KernelCompileError as e:  # no cuda_fp16.h anywhere: nothing can compile
+    pytest.skip(str(e), allow_module_level=True)
+
+ARCHS = ("sm_80", "sm_90a")
+
+
+def _variants():
+    """(source, name_expression) of every kernel, each once (the lead's list may already
+    hold the SIMT variants)."""
+    attention = list(dict.fromkeys(_cupy_backend.all_attention_variants()
+                                   + _cupy_backend.simt_attention_variants()))
+    return attention + list(_cupy_backend.all_softmax_variants())
+
+
+def _short(name):
+    """A test id without spaces: ``flash_fwd_simt<float,64,true>``."""
+    return name.replace("cupyflash::", "").replace(" ", "")
+
+
+VARIANTS = _variants()
+
+# Every "N bytes stack frame, N bytes spill stores, N bytes spill loads" line of the log
+# (one per function ptxas compiled), so a called function's spills count too.
+_FRAMES = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+@pytest.fixture(scope="module")
+def resource_table(request):
+    """Rows of the report, written as one table when the module's last test is done."""
+    rows = []
+    start = time.perf_counter()
+    yield rows
+    total = time.perf_counter() - start
+    width = max((len(r[0]) for r in rows), default=10)
+    lines = [f"{'variant':{width}s} {'arch':7s} {'regs':>5s} {'smem':>6s} {'stack':>6s} "
+             f"{'spill st/ld':>12s} {'compile':>8s}"]
+    for name, arch, rep, seconds in rows:
+        lines.append(f"{name:{width}s} {arch:7s} {rep['registers']:5d} {rep['smem']:6d} "
+                     f"{rep['stack']:6d} {rep['spill_stores']:5d}/{rep['spill_loads']:<6d} "
+                     f"{seconds:7.2f}s")
+    lines.append(f"{len(rows)} compiles in {total:.1f} s "
+                 f"(NVRTC {'.'.join(map(str, nvrtc.getVersion()))})")
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None or capture is None:
+        print("\n".join(lines))
+        return
+    with capture.global_and_fixture_disabled():  # past pytest's output capture
+        reporter.ensure_newline()
+        reporter.write_sep("-", "kernel resources (ptxas -v)")
+        for line in lines:
+            reporter.write_line(line)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("source, name", VARIANTS, ids=[_short(n) for _, n in VARIANTS])
+def test_compiles_without_spills(source, name, arch, resource_table):
+    start = time.perf_counter()
+    compiled = _kernels.compile_variant(source, name, arch, verbose=True)
+    seconds = time.perf_counter() - start
+    report = _kernels.resource_report(compiled.log)
+    resource_table.append((_short(name), arch, report, seconds))
+    print(f"{_short(name)} {arch}: {report['registers']} registers, {report['smem']} bytes "
+          f"static smem, {report['stack']} bytes stack, {report['spill_stores']}/"
+          f"{report['spill_loads']} bytes spilled (stores/loads), {seconds:.2f} s")
+    frames = [tuple(map(int, m)) for m in _FRAMES.findall(compiled.log)]
+    assert frames, f"no ptxas resource report for {name} on {arch}:\n{compiled.log}"
+    assert all(f == (0, 0, 0) for f in frames), (
+        f"{name} on {arch} uses local memory (stack, spill stores, spill loads per "
+        f"function: {frames}):\n{compiled.log}")
+
+
+def _compile_asserts(source, asserts):
+    """Compile ``#include "<source>"`` followed by ``asserts``; fail with NVRTC's log."""
+    code = f'#include "{source}"\n' + "\n".join(asserts) + "\n"
+    prog = nvrtc.createProgram(code, "asserts.cu", [], [])
+    try:
+        try:
+            nvrtc.compileProgram(prog, _kernels.nvrtc_options("sm_80"))
+        except nvrtc.NVRTCError:
+            pytest.fail(f"the kernel constants disagree with the Python side:\n"
+                        f"{nvrtc.getProgramLog(prog)}")
+    finally:
+        nvrtc.destroyProgram(prog)
+
+
+def test_simt_configs_match_the_kernel_traits():
+    """_simt_config's block rows, threads, shared memory and alignment are SimtTraits'."""
+    asserts = []
+    for dtype, ctype in (("float32", "float"), ("float64", "double")):
+        for head_dim in (32, 64, 128, 256):
+            for causal in (False, True):
+                cfg = _cupy_backend._simt_config(head_dim, head_dim, dtype, 90, causal)
+                assert cfg.source == "flash_fwd_simt.cuh"
+                assert cfg.name_expression == (f"cupyflash::flash_fwd_simt<{ctype}, {head_dim}, "
+                                               f"{'true' if causal else 'false'}>")
+                traits = f"cupyflash::SimtTraits<{ctype}, {head_dim}>"
+                for what, value in (("BLOCK_M", cfg.block_m), ("NUM_THREADS", cfg.num_threads),
+                                    ("SMEM_BYTES", cfg.smem_bytes), ("VEC", cfg.align_elems),
+                                    ("VEC", cfg.pad_d_to)):
+                    asserts.append(f'static_assert({traits}::{what} == {value}, '
+                                   f'"{dtype} HEAD_DIM {head_dim}: {what} != {value}");')
+    _compile_asserts("flash_fwd_simt.cuh", asserts)
+
+
+def test_simt_config_pads_the_head_dim_and_rejects_what_no_kernel_has():
+    assert _cupy_backend._simt_config(59, 40, "float32", 90, False).name_expression == (
+        "cupyflash::flash_fwd_simt<float, 64, false>")
+    assert _cupy_backend._simt_config(64, 65, "float64", 80, True).name_expression == (
+        "cupyflash::flash_fwd_simt<double, 128, true>")
+    with pytest.raises(ValueError, match="^attention: head dims up to 256"):
+        _cupy_backend._simt_config(257, 64, "float32", 90, False)
+
+
+def test_softmax_limits_match_the_kernel_constants():
+    """The numbers softmax_family chooses its kernel by (see its body) are the .cuh's."""
+    asserts = [
+        'static_assert(cupyflash::SOFTMAX_ROW_MAX_THREADS == 512, "max threads per row");',
+        'static_assert(cupyflash::SOFTMAX_SPLIT_THREADS == 256, "threads of the split kernels");',
+        'static_assert(cupyflash::KIND_SOFTMAX == 0 && cupyflash::KIND_LOG_SOFTMAX == 1 '
+        '&& cupyflash::KIND_LOGSUMEXP == 2, "kind numbers");',
+    ]
+    for ctype, vecs in (("float", 16), ("double", 16), ("__half", 8), ("__nv_bfloat16", 8)):
+        asserts.append(f'static_assert(cupyflash::SoftmaxRowVecs<{ctype}>::value == {vecs}, '
+                       f'"{ctype}: vectors per thread");')
+    _compile_asserts("online_softmax.cuh", asserts)
