@@ -20,7 +20,6 @@ import json
 import math
 import pathlib
 import platform
-import statistics
 import sys
 
 import numpy as np
@@ -61,17 +60,7 @@ def make_timer():
         import cupy
 
         def timer(fn):
-            for _ in range(3):
-                fn()
-            start, end = cupy.cuda.Event(), cupy.cuda.Event()
-            times = []
-            for _ in range(20):
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(cupy.cuda.get_elapsed_time(start, end))
-            return statistics.median(times)
+            return _measure.time_ms(fn, cupy, repeats=20, warmup=3)
         return timer, "CUDA events (median of 20 after 3 warm-ups)"
 
 
