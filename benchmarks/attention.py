@@ -17,7 +17,6 @@ keys gpu, provider, op, dtype, d, causal, s, b, h, ms, tflops, peak_extra_bytes.
 
 import argparse
 import json
-import math
 import pathlib
 import platform
 import sys
