@@ -347,13 +347,13 @@ def softmax_family(x, axes, kind):
     and write of x. softmax and log_softmax are written in that row layout and returned
     with x's axis order: a transposed view when the reduced axes were not the trailing ones.
 
-    Kernels: a row of up to 512 * 16 vectors of 16 bytes (32k float32, 32k float16/bfloat16,
-    16k float64 elements) is read once into the registers of one group of threads
-    (``softmax_rows``). Longer rows, and a few long rows that would leave most SMs idle,
-    are cut into segments of ``seg_vecs`` vectors: ``softmax_partials`` writes each
-    segment's running (max, sum) and ``softmax_finish`` merges them and writes the output,
-    reading x a second time. Everything runs on CuPy's current stream; nothing waits for
-    the device.
+    Kernels: a row of up to 512 threads x 16 vectors of 16 bytes (8 for 16-bit types: 32k
+    float32, float16 or bfloat16 elements, 16k float64) is read once into the registers of
+    one group of threads (``softmax_rows``). Longer rows, and a few long rows that would
+    leave most SMs idle, are cut into segments of ``seg_vecs`` vectors:
+    ``softmax_partials`` writes each segment's running (max, sum) and ``softmax_finish``
+    merges them and writes the output, reading x a second time. Everything runs on CuPy's
+    current stream; nothing waits for the device.
     """
     import cupy
 
@@ -372,7 +372,7 @@ def softmax_family(x, axes, kind):
         # and writes -inf.
 
         # -- rows of row_len contiguous elements, 16-byte aligned
-        xt = x.transpose(perm) if perm != list(range(x.ndim)) else x
+        xt = x.transpose(tuple(perm)) if perm != list(range(x.ndim)) else x
         if not (xt.flags.c_contiguous and xt.data.ptr % 16 == 0):
             bits = {2: np.uint16, 4: np.uint32, 8: np.uint64}[x.dtype.itemsize]  # any dtype copies
             xt = cupy.array(xt.view(bits), copy=True, order="C").view(x.dtype)

@@ -30,14 +30,21 @@ namespace cupyflash {
 
 // ----------------------------------------------------------------------------------------
 // Tile sizes per element type and padded head dim. Every configuration fits in 99 KiB of
-// shared memory (the opt-in limit of sm_86/sm_89/sm_120; two blocks per SM on an H100,
-// one on an A100), so one set of variants serves every GPU from sm_80 on.
-// _cupy_backend.SIMT_TILES repeats this table; tests/test_kernel_compile.py checks both
-// agree. Reasons (not yet measured on a GPU; estimates from the instruction mix):
-// - TM x TN and TM x TD are chosen so that a 16-byte shared load feeds at least 4 FMAs in
-//   both products while acc + S stay below ~100 registers (no spills, >= 2 blocks/SM).
-// - HEAD_DIM 256 and all of float64 are limited by shared memory (Q, K, V tiles of
-//   HEAD_DIM columns), hence their small BLOCK_M / BLOCK_N.
+// shared memory (the opt-in limit of sm_86/sm_89/sm_120), so one set of variants serves
+// every GPU from sm_80 on. _cupy_backend._simt_config repeats this table;
+// tests/test_kernel_compile.py checks that the two agree.
+//
+// Measured on an H200 (benchmarks/NOTES.md): float32 21-30 TFLOP/s at d = 64 and 128, 0.53-0.86x
+// torch's memory-efficient attention; the tiles were not tuned on a GPU yet.
+// Why these (from ptxas and the SASS instruction mix):
+// - a thread's TM x TN block of S and TM x TD block of acc make each 16-byte shared load
+//   feed 8-16 FMAs; the loop over key tiles is ~80% FFMA for float (SASS, d = 64, 128);
+// - ptxas settles at <= 168 registers for float, so 3 blocks of 128 threads fit an SM by
+//   registers; shared memory then allows 3 blocks per H100 SM for HEAD_DIM <= 128
+//   (43, 67, 74.5 KiB; it needs the driver's largest carveout) and 2 for 256 (84 KiB);
+// - float64 and HEAD_DIM 256 are bound by shared memory (Q, K, V tiles of HEAD_DIM
+//   columns), hence their smaller BLOCK_M and BLOCK_N (2 blocks per H100 SM, 3 for
+//   float64 at 32).
 // ----------------------------------------------------------------------------------------
 template <typename T, int HEAD_DIM> struct SimtTiles;
 template <> struct SimtTiles<float, 32>   { static constexpr int BLOCK_M = 64,  BLOCK_N = 64; };
@@ -163,7 +170,8 @@ __device__ __forceinline__ void load_tile_async(T* tile, const T* src, long long
         for (int k = 0; k < Tr::BLOCK_N / Tr::COPY_ROWS; ++k) {
             const int r = row0 + k * Tr::COPY_ROWS;
             const bool in_range = n0 + r < L;
-            const T* g = src + (in_range ? n0 + r : 0) * row_stride + vec * Tr::VEC;  // row 0 always exists
+            // out of range: a zero-filled copy whose source is row 0 (always there)
+            const T* g = src + (in_range ? n0 + r : 0) * row_stride + vec * Tr::VEC;
             cp_async_16(tile + r * STRIDE + vec * Tr::VEC, g, in_range);
         }
     }
@@ -369,7 +377,8 @@ flash_fwd_simt(const AttentionParams p) {
         for (int n = 0; n < BLOCK_N; n += VEC) {
             Vec16<T> pf[TM];  // P~[r_i, n : n + VEC]
 #pragma unroll
-            for (int i = 0; i < TM; ++i) pf[i] = load_vec16(Ps + (tr + i * THREAD_ROWS) * P_STRIDE + n);
+            for (int i = 0; i < TM; ++i)
+                pf[i] = load_vec16(Ps + (tr + i * THREAD_ROWS) * P_STRIDE + n);
 #pragma unroll
             for (int u = 0; u < VEC; ++u) {
                 Vec16<T> vf[TD_VECS];  // V_j[n + u, this thread's columns]

@@ -41,7 +41,8 @@
 
 namespace cupyflash {
 
-enum SoftmaxKind : int { KIND_SOFTMAX = 0, KIND_LOG_SOFTMAX = 1, KIND_LOGSUMEXP = 2 };  // as in _cupy_backend
+// the numbers _cupy_backend.softmax_family passes
+enum SoftmaxKind : int { KIND_SOFTMAX = 0, KIND_LOG_SOFTMAX = 1, KIND_LOGSUMEXP = 2 };
 
 constexpr int SOFTMAX_ROW_MAX_THREADS = 512;
 constexpr int SOFTMAX_SPLIT_THREADS = 256;  // threads of softmax_partials / softmax_finish
@@ -219,7 +220,8 @@ __device__ __forceinline__ void normalise(int kind, typename SoftmaxElem<T>::Acc
                                           const Packed16<T>& x, Packed16<T>& y) {
     using E = SoftmaxElem<T>;
 #pragma unroll
-    for (int k = 0; k < N; ++k) y.v[k] = E::from_acc(normalised<T>(kind, E::to_acc(x.v[k]), shift_m, log_d));
+    for (int k = 0; k < N; ++k)
+        y.v[k] = E::from_acc(normalised<T>(kind, E::to_acc(x.v[k]), shift_m, log_d));
 }
 
 // ----------------------------------------------------------------------------------------
@@ -410,7 +412,8 @@ softmax_finish(const T* __restrict__ x, T* __restrict__ y,
         const T* xr = x + span.start;
         T* yr = y + span.start;
         if (seg == 0 && threadIdx.x < span.head)
-            yr[threadIdx.x] = E::from_acc(normalised<T>(kind, E::to_acc(xr[threadIdx.x]), shift_m, log_d));
+            yr[threadIdx.x] =
+                E::from_acc(normalised<T>(kind, E::to_acc(xr[threadIdx.x]), shift_m, log_d));
         const long long tail_at = span.head + span.n_vec * VEC;
         if (seg == n_seg - 1 && threadIdx.x < span.tail)
             yr[tail_at + threadIdx.x] =
