@@ -13,7 +13,6 @@
 namespace cupyflash {
 
 constexpr int MAX_BATCH_DIMS = 4;
-constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.69314718055994531f;
 
 // Arguments of every attention forward kernel, passed by value. Every field is 8 bytes
@@ -57,10 +56,24 @@ __device__ __forceinline__ BatchOffsets batch_offsets(const AttentionParams& p, 
     return off;
 }
 
-// Causal masking, aligned to the bottom-right corner: query i sees key j iff
-// j <= i + (Lk - Lq). Returns the number of keys visible to query row i (may be <= 0).
-__device__ __forceinline__ long long causal_key_end(long long i, long long Lq, long long Lk) {
-    return i + 1 + (Lk - Lq);
+// The tensors of batch element b: q, k, v, o at their batch offsets, and b's row of lse
+// (LseT: float, or double for fp64).
+template <typename T, typename LseT>
+struct BatchPointers {
+    const T* q;
+    const T* k;
+    const T* v;
+    T* o;
+    LseT* lse;
+};
+
+template <typename T, typename LseT>
+__device__ __forceinline__ BatchPointers<T, LseT> batch_pointers(const AttentionParams& p,
+                                                                 long long b) {
+    const BatchOffsets off = batch_offsets(p, b);
+    return {static_cast<const T*>(p.q) + off.q, static_cast<const T*>(p.k) + off.k,
+            static_cast<const T*>(p.v) + off.v, static_cast<T*>(p.o) + off.o,
+            static_cast<LseT*>(p.lse) + b * p.Lq};
 }
 
 // Online-softmax guards (the same rules in every kernel and in the NumPy backend):
@@ -74,21 +87,6 @@ __device__ __forceinline__ T safe_max(T m) {
 template <typename T>
 __device__ __forceinline__ T safe_inverse(T l) {
     return l == T(0) ? T(0) : T(1) / l;
-}
-
-// Conversions between the storage types and float.
-template <typename T> __device__ __forceinline__ float to_float(T x);
-template <> __device__ __forceinline__ float to_float<float>(float x) { return x; }
-template <> __device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
-template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) {
-    return __bfloat162float(x);
-}
-
-template <typename T> __device__ __forceinline__ T from_float(float x);
-template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-    return __float2bfloat16_rn(x);
 }
 
 }  // namespace cupyflash

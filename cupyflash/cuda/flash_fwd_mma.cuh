@@ -310,12 +310,12 @@ flash_fwd_mma(const AttentionParams p) {
     T* sK0 = sQ + BLOCK_M * Tr::SMEM_ROW;        // KV_BUFFERS x (BLOCK_N, SMEM_ROW) swizzled
     T* sV0 = sK0 + KV_BUFFERS * Tr::KV_TILE;     // KV_BUFFERS x (BLOCK_N, SMEM_ROW) swizzled
 
-    const BatchOffsets off = batch_offsets(p, b);
-    const T* q = static_cast<const T*>(p.q) + off.q;
-    const T* k = static_cast<const T*>(p.k) + off.k;
-    const T* v = static_cast<const T*>(p.v) + off.v;
-    T* o = static_cast<T*>(p.o) + off.o;
-    float* lse = static_cast<float*>(p.lse) + b * p.Lq;
+    const BatchPointers<T, float> ptr = batch_pointers<T, float>(p, b);
+    const T* q = ptr.q;
+    const T* k = ptr.k;
+    const T* v = ptr.v;
+    T* o = ptr.o;
+    float* lse = ptr.lse;
 
     // Key blocks to visit: causal skips the blocks wholly above the diagonal.
     const long long diag = p.Lk - p.Lq;  // query i sees key j iff j <= i + diag

@@ -205,12 +205,12 @@ flash_fwd_simt(const AttentionParams p) {
     // Causal blocks further down have more keys to visit: start those first.
     const long long m_block = IS_CAUSAL ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
     const long long m0 = m_block * BLOCK_M;
-    const BatchOffsets off = batch_offsets(p, b);
-    const T* q = static_cast<const T*>(p.q) + off.q;
-    const T* k = static_cast<const T*>(p.k) + off.k;
-    const T* v = static_cast<const T*>(p.v) + off.v;
-    T* o = static_cast<T*>(p.o) + off.o;
-    T* lse = static_cast<T*>(p.lse) + b * p.Lq;
+    const BatchPointers<T, T> ptr = batch_pointers<T, T>(p, b);
+    const T* q = ptr.q;
+    const T* k = ptr.k;
+    const T* v = ptr.v;
+    T* o = ptr.o;
+    T* lse = ptr.lse;
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T* Qs = reinterpret_cast<T*>(smem_raw) + Tr::Q_OFFSET;  // (BLOCK_M, QK_STRIDE), pre-scaled
