@@ -157,13 +157,16 @@ def check_out(fn, out, xp_name, shape, dtype, inputs, name="out"):
                         f"got {out.dtype.name}")
     if xp_name == "numpy" and not out.flags.writeable:
         raise ValueError(f"{fn}: {name} is read-only")
-    shares = np.shares_memory if xp_name == "numpy" else _cupy_shares_memory
     for input_name, x in inputs:
-        if out.size and x.size and shares(out, x):
+        if _overlap(xp_name, out, x):
             raise ValueError(f"{fn}: {name} must not overlap the input {input_name}")
 
 
-def _cupy_shares_memory(a, b):
+def _overlap(xp_name, a, b):
+    if not (a.size and b.size):
+        return False
+    if xp_name == "numpy":
+        return np.shares_memory(a, b)
     import cupy
     return cupy.shares_memory(a, b, max_work="MAY_SHARE_BOUNDS")
 
@@ -288,17 +291,234 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False, out=None):
     fn = "attention"
     xp_name, (q, k, v) = _as_arrays(fn, ("q", "k", "v"), (q, k, v))
     problem = validate_attention(fn, q, k, v, causal, scale)
-    if not isinstance(return_lse, (bool, np.bool_)):
-        raise TypeError(f"{fn}: return_lse must be a bool, got {type(return_lse).__name__}")
+    _check_bool(fn, "return_lse", return_lse)
     if out is not None:
         check_out(fn, out, xp_name, problem.out_shape, problem.dtype,
                   (("q", q), ("k", k), ("v", v)))
+    result, lse = _forward(xp_name, q, k, v, problem, out)
+    return (result, lse) if return_lse else result
+
+
+def _check_bool(fn, name, x):
+    if not isinstance(x, (bool, np.bool_)):
+        raise TypeError(f"{fn}: {name} must be a bool, got {type(x).__name__}")
+
+
+def _forward(xp_name, q, k, v, problem, out):
     if xp_name == "cupy":
         from . import _cupy_backend
-        result, lse = _cupy_backend.attention_forward(q, k, v, problem, out)
-    else:
-        result, lse = _numpy_backend.attention_forward(q, k, v, problem, out)
-    return (result, lse) if return_lse else result
+        return _cupy_backend.attention_forward(q, k, v, problem, out)
+    return _numpy_backend.attention_forward(q, k, v, problem, out)
+
+
+# ----------------------------------------------------------------------------------------
+# the backward pass
+# ----------------------------------------------------------------------------------------
+
+def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None,
+                       deterministic=False, dq=None, dk=None, dv=None):
+    r"""Gradients of :func:`attention` with respect to q, k and v (FlashAttention-2's
+    backward pass, which recomputes the probabilities from ``lse``).
+
+    For ``out, lse = attention(q, k, v, causal=causal, scale=scale, return_lse=True)``
+    and the gradient ``dout`` of a loss with respect to ``out``, returns the gradients
+    of that loss with respect to q, k and v.
+
+    Parameters
+    ----------
+    dout : array, shape ``(broadcast batch..., Lq, Dv)``
+        The upstream gradient, with out's shape and the inputs' dtype.
+    q, k, v : array
+        The forward pass's inputs, as for :func:`attention`.
+    out : array, shape ``(broadcast batch..., Lq, Dv)``
+        The forward pass's output for these q, k, v and options.
+    lse : array, shape ``(broadcast batch..., Lq)``
+        The forward pass's lse (``return_lse=True``): float32 or float64. Each
+        probability is recomputed from it, so an lse less precise than the forward's
+        (float32 for float64 inputs) limits the gradients to its precision.
+    causal, scale :
+        The forward pass's options, as for :func:`attention`.
+    deterministic : bool, optional
+        On CuPy arrays, True makes runs on the same inputs and device give bitwise
+        identical gradients, possibly at some cost in speed; False lets the GPU add
+        partial sums in an order that may change from run to run (every run meets the
+        same accuracy). On NumPy arrays it has no effect: the CPU backend is always
+        deterministic.
+    dq, dk, dv : array, optional
+        Preallocated outputs with the shapes of q, k and v and the inputs' dtype and
+        array type. None of them may overlap an input or another of them.
+
+    Returns
+    -------
+    dq, dk, dv : arrays of the shapes of q, k, v, the inputs' dtype
+        A gradient is summed over the batch dimensions its input was broadcast along
+        (grouped-query attention: dk and dv sum over the query heads of a group).
+
+    Raises
+    ------
+    TypeError
+        Mixed NumPy and CuPy arrays, unsupported or mixed dtypes (dout and out must
+        have the dtype of q, k and v; lse float32 or float64), a non-real ``scale``, a
+        non-bool ``causal`` or ``deterministic``, or a ``dq``, ``dk``, ``dv`` of the
+        wrong type or dtype.
+    ValueError
+        Any shape error of :func:`attention`, a dout, out or lse of the wrong shape, a
+        non-finite ``scale``, or a ``dq``, ``dk``, ``dv`` of the wrong shape or that
+        overlaps an input or another output.
+
+    Notes
+    -----
+    With ``S = q k^T \cdot scale`` (``-inf`` where the causal mask hides a key),
+    ``P = softmax(S)`` and ``O = P v``:
+
+    .. math::
+
+        dV = P^T dO, \quad dP = dO\, V^T, \quad
+        \Delta_i = \sum_c dO_{ic} O_{ic}, \quad
+        dS = P \circ (dP - \Delta), \quad
+        dQ = dS\, K \cdot scale, \quad dK = dS^T Q \cdot scale
+
+    ``P`` is never stored: each block is recomputed as ``P_ij = exp(S_ij - lse_i)``
+    from q, k and the forward's lse, so extra memory stays ``O(Lq * D)`` per batch
+    element (the float32 accumulator of dQ, float64 for float64 inputs) plus a few
+    blocks of scores. The loop is FlashAttention-2's: over key blocks outside, each
+    owning its ``dK_j`` and ``dV_j``, and over query blocks inside. Sums are
+    accumulated in float32 (float64 for float64 inputs); the NumPy backend computes
+    every block in that dtype and rounds each gradient to the inputs' dtype once.
+
+    A query that sees no key (``lse = -inf``) contributes nothing and gets a zero row
+    of dq, never NaN. An infinite entry of q or k (the forward's way to hide a key
+    without ``causal``) gives NaN in dq or dk: its gradient is ``0 * inf``.
+
+    References
+    ----------
+    T. Dao, "FlashAttention-2: Faster Attention with Better Parallelism and Work
+    Partitioning", ICLR 2024 (Algorithm 2).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import cupyflash
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (rng.standard_normal((2, 4, 64, 32)) for _ in range(3))  # float64
+    >>> out, lse = cupyflash.attention(q, k, v, causal=True, return_lse=True)
+    >>> dout = rng.standard_normal(out.shape)  # the gradient of a loss w.r.t. out
+    >>> dq, dk, dv = cupyflash.attention_backward(dout, q, k, v, out, lse, causal=True)
+    >>> expected = cupyflash.reference.attention_backward(dout, q, k, v, causal=True)
+    >>> all(bool(np.abs(g - e).max() < 1e-12) for g, e in zip((dq, dk, dv), expected))
+    True
+
+    Grouped-query attention: dk and dv have the shapes of k and v, summed over the
+    query heads that share them.
+
+    >>> q = rng.standard_normal((1, 2, 4, 16, 8), dtype=np.float32)  # (B, Hkv, G, L, D)
+    >>> k = rng.standard_normal((1, 2, 1, 16, 8), dtype=np.float32)
+    >>> v = rng.standard_normal((1, 2, 1, 16, 8), dtype=np.float32)
+    >>> out, lse = cupyflash.attention(q, k, v, return_lse=True)
+    >>> dq, dk, dv = cupyflash.attention_backward(np.ones_like(out), q, k, v, out, lse)
+    >>> dq.shape, dk.shape, dv.shape
+    ((1, 2, 4, 16, 8), (1, 2, 1, 16, 8), (1, 2, 1, 16, 8))
+    """
+    fn = "attention_backward"
+    xp_name, arrays = _as_arrays(fn, ("dout", "q", "k", "v", "out", "lse"),
+                                 (dout, q, k, v, out, lse))
+    dout, q, k, v, out, lse = arrays
+    problem = validate_attention(fn, q, k, v, causal, scale)
+    _check_backward_arrays(fn, xp_name, problem, dout, q, k, v, out, lse, deterministic,
+                           dq, dk, dv)
+    return _backward(xp_name, dout, q, k, v, out, lse, problem, deterministic, dq, dk, dv)
+
+
+def _check_backward_arrays(fn, xp_name, problem, dout, q, k, v, out, lse, deterministic,
+                           dq, dk, dv):
+    """Check what attention_backward takes beyond attention's q, k, v and options."""
+    for name, x in (("dout", dout), ("out", out)):
+        if tuple(x.shape) != problem.out_shape:
+            raise ValueError(f"{fn}: {name} must have shape {problem.out_shape} "
+                             f"(broadcast batch..., Lq, Dv), got {tuple(x.shape)}")
+        if x.dtype != problem.dtype:
+            raise TypeError(f"{fn}: {name} must have dtype {problem.dtype.name} like q, k "
+                            f"and v, got {x.dtype.name}")
+    if tuple(lse.shape) != problem.lse_shape:
+        raise ValueError(f"{fn}: lse must have shape {problem.lse_shape} "
+                         f"(broadcast batch..., Lq), got {tuple(lse.shape)}")
+    if lse.dtype not in (np.float32, np.float64):
+        raise TypeError(f"{fn}: lse must have dtype float32 or float64, got {lse.dtype.name}")
+    _check_bool(fn, "deterministic", deterministic)
+    inputs = (("dout", dout), ("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse))
+    checked = []
+    for name, g, x in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
+        if g is None:
+            continue
+        check_out(fn, g, xp_name, x.shape, problem.dtype, inputs, name=name)
+        for other_name, other in checked:
+            if _overlap(xp_name, g, other):
+                raise ValueError(f"{fn}: {name} must not overlap {other_name}")
+        checked.append((name, g))
+
+
+def _backward(xp_name, dout, q, k, v, out, lse, problem, deterministic, dq, dk, dv):
+    if xp_name == "cupy":
+        from . import _cupy_backward
+        return _cupy_backward.attention_backward(dout, q, k, v, out, lse, problem,
+                                                 deterministic, dq, dk, dv)
+    return _numpy_backend.attention_backward(dout, q, k, v, out, lse, problem, dq, dk, dv)
+
+
+def attention_vjp(q, k, v, *, causal=False, scale=None, deterministic=False):
+    r"""Run :func:`attention` and return its output with a function that computes the
+    gradients, in the style of ``jax.vjp``.
+
+    Parameters
+    ----------
+    q, k, v, causal, scale :
+        As for :func:`attention`.
+    deterministic : bool, optional
+        As for :func:`attention_backward`.
+
+    Returns
+    -------
+    out : array, shape ``(broadcast batch..., Lq, Dv)``
+        ``attention(q, k, v, causal=causal, scale=scale)``.
+    vjp : callable
+        ``vjp(dout) -> (dq, dk, dv)``: :func:`attention_backward` with the saved out
+        and lse, for a ``dout`` of out's shape and dtype. It may be called any number
+        of times. It keeps references to q, k, v (not copies): changing them in
+        place between the two calls changes the gradients.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`attention` for q, k, v and the options (and for ``deterministic``
+        a TypeError if it is not a bool); ``vjp`` raises as :func:`attention_backward`
+        for a bad ``dout``. Every message names ``attention_vjp``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import cupyflash
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (rng.standard_normal((8, 32, 16), dtype=np.float32) for _ in range(3))
+    >>> out, vjp = cupyflash.attention_vjp(q, k, v, causal=True)
+    >>> dq, dk, dv = vjp(np.ones_like(out))  # gradients of out.sum()
+    >>> dq.shape, dk.dtype
+    ((8, 32, 16), dtype('float32'))
+    """
+    fn = "attention_vjp"
+    xp_name, (q, k, v) = _as_arrays(fn, ("q", "k", "v"), (q, k, v))
+    problem = validate_attention(fn, q, k, v, causal, scale)
+    _check_bool(fn, "deterministic", deterministic)
+    out, lse = _forward(xp_name, q, k, v, problem, None)
+
+    def vjp(dout):
+        """``(dq, dk, dv)``: the gradients of the loss whose gradient w.r.t. out is dout."""
+        _, (d, _) = _as_arrays(fn, ("dout", "q"), (dout, q))  # dout of q's array type
+        _check_backward_arrays(fn, xp_name, problem, d, q, k, v, out, lse, deterministic,
+                               None, None, None)
+        return _backward(xp_name, d, q, k, v, out, lse, problem, deterministic,
+                         None, None, None)
+
+    return out, vjp
 
 
 # ----------------------------------------------------------------------------------------

@@ -11,6 +11,12 @@ plus the ``Lq x Dv`` accumulator.
 Batch elements are processed ``chunk`` at a time (vectorised through ``np.matmul``), so
 that many small heads cost few Python iterations while a single long sequence keeps
 to one block of scores.
+
+The backward pass is FlashAttention-2's too: an outer loop over key blocks, which own
+their ``dK_j`` and ``dV_j`` accumulators, and an inner loop over query blocks, which
+recompute ``P_ij = exp(S_ij - lse_i)`` from q, k and the forward's ``lse`` and add their
+share to ``dQ_i``. Extra memory is the ``Lq x D`` accumulator of dQ and ``Delta`` per
+batch element in flight, plus a few ``BLOCK_M x BLOCK_N`` blocks; never ``Lq x Lk``.
 """
 
 import numpy as np
@@ -88,6 +94,119 @@ def attention_forward(q, k, v, problem, out=None, block_m=BLOCK_M, block_n=BLOCK
             out_all[idx + (rows,)] = o_i
             lse_all[idx + (rows,)] = lse_i
     return out, lse
+
+
+class _Gradient:
+    """The gradient ``result`` of one input (q, k or v), filled block by block.
+
+    Blocks arrive per batch element of the full (broadcast) batch. An input that was not
+    broadcast takes each block once, written straight into ``result`` in its dtype; a
+    broadcast one sums the blocks of every batch element it served in an ``acc_t``
+    buffer of its own shape, cast into ``result`` once at the end.
+    """
+
+    def __init__(self, result, batch, acc_t):
+        self.result = result
+        # The input's batch dimensions, padded on the left with 1s to the full batch's.
+        pad = len(batch) - (result.ndim - 2)
+        self.view = result[(np.newaxis,) * pad]
+        own = self.view.shape[:-2]
+        self.reduced = own != batch
+        self.keep = tuple(n != 1 for n in own)  # dimensions the input really has
+        self.acc = np.zeros(self.view.shape, dtype=acc_t) if self.reduced else None
+
+    def add(self, idx, rows, g):
+        """Add ``g`` (n, rows, cols) for the batch elements ``idx`` (unravelled indices)."""
+        if not self.reduced:
+            self.view[idx + (rows,)] = g
+            return
+        own_idx = tuple(i if keep else np.zeros_like(i) for i, keep in zip(idx, self.keep))
+        np.add.at(self.acc, own_idx + (rows,), g)  # repeated indices add up
+
+    def finish(self):
+        if self.reduced:
+            self.view[...] = self.acc
+        return self.result
+
+
+def attention_backward(dout, q, k, v, out, lse, problem, dq=None, dk=None, dv=None,
+                       block_m=BLOCK_M, block_n=BLOCK_N):
+    """Return ``(dq, dk, dv)`` for a validated problem, from the forward's out and lse."""
+    p = problem
+    acc_t = _acc_dtype(p.dtype)
+    dq = np.empty(q.shape, dtype=p.dtype) if dq is None else dq
+    dk = np.empty(k.shape, dtype=p.dtype) if dk is None else dk
+    dv = np.empty(v.shape, dtype=p.dtype) if dv is None else dv
+    batch = p.batch_shape or (1,)
+    grad_q, grad_k, grad_v = (_Gradient(g, batch, acc_t) for g in (dq, dk, dv))
+    n_batch = int(np.prod(batch, dtype=np.int64))
+    if n_batch == 0 or p.Lq == 0 or p.Lk == 0:  # no score at all: every gradient is 0
+        for g in (dq, dk, dv):
+            g[...] = 0
+        return dq, dk, dv
+
+    # Views of the full broadcast batch, as in the forward.
+    q_all = np.broadcast_to(q, batch + q.shape[-2:])
+    k_all = np.broadcast_to(k, batch + k.shape[-2:])
+    v_all = np.broadcast_to(v, batch + v.shape[-2:])
+    do_all = dout.reshape(batch + dout.shape[-2:]) if not p.batch_shape else dout
+    o_all = out.reshape(batch + out.shape[-2:]) if not p.batch_shape else out
+    lse_all = lse.reshape(batch + lse.shape[-1:])
+
+    # Per batch element in flight: the blocks S, P, dP, dS and the dQ accumulator.
+    per_element = 4 * block_m * block_n + p.Lq * (p.D + 2)
+    chunk = max(1, CHUNK_BYTES // (per_element * np.dtype(acc_t).itemsize))
+    offset = p.Lk - p.Lq  # causal: query i sees key j iff j <= i + offset
+    scale = acc_t(p.scale)
+    for c0 in range(0, n_batch, chunk):
+        idx = np.unravel_index(np.arange(c0, min(c0 + chunk, n_batch)), batch)
+        n = len(idx[0])
+        # Delta = rowsum(dO * O), one query block at a time: (n, Lq)
+        delta = np.empty((n, p.Lq), dtype=acc_t)
+        for i0 in range(0, p.Lq, block_m):
+            rows = slice(i0, min(i0 + block_m, p.Lq))
+            delta[:, rows] = np.sum(do_all[idx + (rows,)].astype(acc_t)
+                                    * o_all[idx + (rows,)].astype(acc_t), axis=-1)
+        # A row that saw no key has lse = -inf: subtract +inf instead, so P = exp(-inf) = 0.
+        lse_c = lse_all[idx].astype(acc_t)
+        lse_safe = np.where(np.isneginf(lse_c), np.inf, lse_c)
+        dq_acc = np.zeros((n, p.Lq, p.D), dtype=acc_t)               # dQ / scale
+        for j0 in range(0, p.Lk, block_n):
+            j1 = min(j0 + block_n, p.Lk)
+            cols = slice(j0, j1)
+            k_j = k_all[idx + (cols,)].astype(acc_t)                 # (n, BLOCK_N, D)
+            v_j = v_all[idx + (cols,)].astype(acc_t)                 # (n, BLOCK_N, Dv)
+            dk_j = np.zeros((n, j1 - j0, p.D), dtype=acc_t)
+            dv_j = np.zeros((n, j1 - j0, p.Dv), dtype=acc_t)
+            # Causal: query blocks that end before the first query to see key j0 are skipped.
+            m_start = (max(0, j0 - offset) // block_m) * block_m if p.causal else 0
+            for i0 in range(m_start, p.Lq, block_m):
+                i1 = min(i0 + block_m, p.Lq)
+                rows = slice(i0, i1)
+                # Q_i pre-multiplied by the scale, as in the forward: (n, BLOCK_M, D)
+                q_i = q_all[idx + (rows,)].astype(acc_t) * scale
+                do_i = do_all[idx + (rows,)].astype(acc_t)            # (n, BLOCK_M, Dv)
+                # S = Q_i K_j^T * scale: (n, BLOCK_M, BLOCK_N)
+                s = np.matmul(q_i, np.swapaxes(k_j, -1, -2))
+                if p.causal and j1 - 1 > i0 + offset:  # the block crosses the diagonal
+                    hidden = (np.arange(j0, j1)[None, :]
+                              > np.arange(i0, i1)[:, None] + offset)
+                    np.copyto(s, -np.inf, where=hidden)  # broadcast over the chunk
+                # P = exp(S - lse), recomputed from the forward's lse
+                p_ij = np.exp(s - lse_safe[:, rows, None])
+                # dV_j += P^T dO_i
+                dv_j += np.matmul(np.swapaxes(p_ij, -1, -2), do_i)
+                # dP = dO_i V_j^T; dS = P * (dP - Delta_i)
+                dp = np.matmul(do_i, np.swapaxes(v_j, -1, -2))
+                ds = p_ij * (dp - delta[:, rows, None])
+                # dQ_i += dS K_j (times scale at the end); dK_j += dS^T (Q_i * scale)
+                dq_acc[:, rows] += np.matmul(ds, k_j)
+                dk_j += np.matmul(np.swapaxes(ds, -1, -2), q_i)
+            grad_k.add(idx, cols, dk_j)
+            grad_v.add(idx, cols, dv_j)
+        dq_acc *= scale
+        grad_q.add(idx, slice(None), dq_acc)
+    return grad_q.finish(), grad_k.finish(), grad_v.finish()
 
 
 def softmax_family(x, axes, kind):

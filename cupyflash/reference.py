@@ -27,7 +27,8 @@ True
 
 import numpy as np
 
-__all__ = ["attention", "causal_mask", "softmax", "log_softmax", "logsumexp"]
+__all__ = ["attention", "attention_backward", "causal_mask", "softmax", "log_softmax",
+           "logsumexp"]
 
 
 def _as_float64(x):
@@ -71,6 +72,66 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False):
     # v may bring batch dimensions that q and k lack: lse has the batch shape of out
     lse = np.broadcast_to(lse, out.shape[:-1]).copy()
     return (out, lse) if return_lse else out
+
+
+def attention_backward(dout, q, k, v, *, causal=False, scale=None):
+    """Gradients ``(dq, dk, dv)`` of standard attention in float64, from the full matrices.
+
+    For ``out = attention(q, k, v)`` and an upstream gradient ``dout`` of out's shape,
+    returns the gradients of ``sum(dout * out)`` with respect to q, k and v, each with
+    exactly the shape of its input: a gradient is summed over the batch dimensions its
+    input was broadcast along (the leading dimensions it lacks, and those where it has
+    size 1 and the batch more). The formulas, with every matrix materialised::
+
+        S     = q k^T * scale          (-inf where causal hides a key)
+        P     = softmax(S)             (a row that sees no key: P = 0)
+        O     = P v
+        dP    = dout v^T
+        Delta = rowsum(dout * O)
+        dS    = P * (dP - Delta)
+        dq    = dS k * scale
+        dk    = dS^T q * scale
+        dv    = P^T dout
+
+    A row that sees no key gets zero gradients, never NaN.
+
+    >>> import numpy as np
+    >>> from cupyflash import reference
+    >>> q = k = v = np.eye(2)
+    >>> dq, dk, dv = reference.attention_backward(np.ones((2, 2)), q, k, v, scale=1.0)
+    >>> dv  # dv[j] = sum_i P[i, j] * dout[i]: the two weights of each key sum to 1 here
+    array([[1., 1.],
+           [1., 1.]])
+    >>> # sum(out) is 1 per row for v = I, whatever the weights: no score matters
+    >>> bool(np.abs(dq).max() < 1e-15 and np.abs(dk).max() < 1e-15)
+    True
+    """
+    dout, q, k, v = _as_float64(dout), _as_float64(q), _as_float64(k), _as_float64(v)
+    if scale is None:
+        scale = 1.0 / np.sqrt(q.shape[-1])
+    # S = Q K^T * scale, masked; P = softmax(S), zero for a row that sees no key
+    s = np.matmul(q, np.swapaxes(k, -1, -2)) * scale
+    if causal:
+        s = np.where(causal_mask(q.shape[-2], k.shape[-2]), s, -np.inf)
+    p = softmax(s, axis=-1)
+    out = np.matmul(p, v)
+    # dP = dO V^T; Delta = rowsum(dO * O) = rowsum(P * dP); dS = P * (dP - Delta)
+    dp = np.matmul(dout, np.swapaxes(v, -1, -2))
+    delta = np.sum(dout * out, axis=-1, keepdims=True)
+    ds = p * (dp - delta)
+    # dQ = dS K * scale, dK = dS^T Q * scale, dV = P^T dO
+    dq = np.matmul(ds, k) * scale
+    dk = np.matmul(np.swapaxes(ds, -1, -2), q) * scale
+    dv = np.matmul(np.swapaxes(p, -1, -2), dout)
+    return _sum_to_shape(dq, q.shape), _sum_to_shape(dk, k.shape), _sum_to_shape(dv, v.shape)
+
+
+def _sum_to_shape(g, shape):
+    """Sum ``g`` over the dimensions along which an input of ``shape`` was broadcast."""
+    lead = g.ndim - len(shape)
+    g = np.sum(g, axis=tuple(range(lead))) if lead else g
+    ones = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
+    return np.sum(g, axis=ones, keepdims=True) if ones else g
 
 
 def _shift_and_log_sum(x, axis):

@@ -13,7 +13,8 @@ import scipy.special
 from hypothesis import given
 from hypothesis import strategies as st
 
-from accuracy import DTYPES, WIDE, true_attention, true_softmax_family
+from accuracy import (DTYPES, WIDE, true_attention, true_attention_backward,
+                      true_softmax_family)
 from backends import to_xp
 from cupyflash import reference
 
@@ -182,6 +183,104 @@ def test_attention_reads_cupy_arrays(xp):
     out = reference.attention(*to_xp(xp, q, k, v), causal=True)
     assert type(out) is np.ndarray
     np.testing.assert_array_equal(out, reference.attention(q, k, v, causal=True))
+
+
+# ----------------------------------------------------------------------------------------
+# attention_backward
+# ----------------------------------------------------------------------------------------
+
+def loss_gradients_by_finite_differences(dout, q, k, v, *, causal, scale, h=1e-6):
+    """Central differences of ``sum(dout * reference.attention(q, k, v))``, entry by entry:
+    nothing shared with attention_backward but the forward."""
+    def loss():
+        return math.fsum((dout * reference.attention(q, k, v, causal=causal,
+                                                     scale=scale)).ravel())
+    grads = []
+    for x in (q, k, v):
+        g = np.empty_like(x)
+        for i in np.ndindex(x.shape):
+            saved = x[i]
+            x[i] = saved + h
+            up = loss()
+            x[i] = saved - h
+            down = loss()
+            x[i] = saved
+            g[i] = (up - down) / (2 * h)
+        grads.append(g)
+    return grads
+
+
+@given(Lq=st.integers(0, 5), Lk=st.integers(0, 5), D=st.integers(1, 3), Dv=st.integers(0, 3),
+       causal=st.booleans(), scale=st.one_of(st.none(), st.floats(-2, 2)),
+       broadcast=st.sampled_from(["none", "k", "q", "v_extra"]),
+       seed=st.integers(0, 2**32 - 1))
+def test_attention_backward_matches_finite_differences(Lq, Lk, D, Dv, causal, scale,
+                                                       broadcast, seed):
+    rng = np.random.default_rng(seed)
+    q_batch, k_batch, v_batch = {"none": ((2,), (2,), (2,)), "k": ((2,), (1,), (2,)),
+                                 "q": ((1,), (2,), (2,)), "v_extra": ((), (), (2,))}[broadcast]
+    q, k, v = (rng.standard_normal(b + s)
+               for b, s in ((q_batch, (Lq, D)), (k_batch, (Lk, D)), (v_batch, (Lk, Dv))))
+    out = reference.attention(q, k, v, causal=causal, scale=scale)
+    dout = rng.standard_normal(out.shape)
+    dq, dk, dv = reference.attention_backward(dout, q, k, v, causal=causal, scale=scale)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    assert all(g.dtype == np.float64 for g in (dq, dk, dv))
+    for name, got, fd in zip(("dq", "dk", "dv"), (dq, dk, dv),
+                             loss_gradients_by_finite_differences(dout, q, k, v,
+                                                                  causal=causal, scale=scale)):
+        np.testing.assert_allclose(got, fd, rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+def test_attention_backward_sums_over_broadcast_dimensions():
+    """The gradient of a broadcast input is the sum of the gradients of its copies."""
+    rng = np.random.default_rng(4)
+    q = rng.standard_normal((2, 1, 4, 5, 3))
+    k = rng.standard_normal((1, 3, 1, 6, 3))
+    v = rng.standard_normal((3, 1, 6, 2))
+    dout = rng.standard_normal((2, 3, 4, 5, 2))
+    dq, dk, dv = reference.attention_backward(dout, q, k, v, causal=True)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    qb, kb, vb = (np.broadcast_to(x, (2, 3, 4) + x.shape[-2:]) for x in (q, k, v))
+    dq_b, dk_b, dv_b = reference.attention_backward(dout, qb, kb, vb, causal=True)
+    np.testing.assert_allclose(dq, dq_b.sum(axis=1, keepdims=True), rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(dk, dk_b.sum(axis=(0, 2), keepdims=True), rtol=1e-13,
+                               atol=1e-15)
+    np.testing.assert_allclose(dv, dv_b.sum(axis=0).sum(axis=1, keepdims=True), rtol=1e-13,
+                               atol=1e-15)
+
+
+def test_attention_backward_rows_that_see_nothing_and_known_values():
+    # causal, Lq > Lk: queries 0-2 see nothing: zero dq rows, no NaN
+    rng = np.random.default_rng(5)
+    q, k, v, dout = (rng.standard_normal(s) for s in ((5, 2), (2, 2), (2, 3), (5, 3)))
+    dq, dk, dv = reference.attention_backward(dout, q, k, v, causal=True)
+    assert np.all(dq[:3] == 0) and not any(np.isnan(g).any() for g in (dq, dk, dv))
+    # query 3 sees only key 0 (weight 1): dv[0] = dout[3] + P[4, 0] dout[4]
+    _, lse = reference.attention(q, k, v, causal=True, return_lse=True)
+    p40 = np.exp(q[4] @ k[0] / np.sqrt(2) - lse[4])
+    np.testing.assert_allclose(dv[0], dout[3] + p40 * dout[4], rtol=1e-14)
+    np.testing.assert_allclose(dv[1], (1 - p40) * dout[4], rtol=1e-14)
+    # Lk = 0 and Lq = 0: zero gradients of the right shapes
+    grads = reference.attention_backward(np.ones((3, 4)), np.ones((3, 2)), np.ones((0, 2)),
+                                         np.ones((0, 4)))
+    assert [g.shape for g in grads] == [(3, 2), (0, 2), (0, 4)] and np.all(grads[0] == 0)
+    grads = reference.attention_backward(np.ones((0, 4)), np.ones((0, 2)), np.ones((3, 2)),
+                                         np.ones((3, 4)))
+    assert [g.shape for g in grads] == [(0, 2), (3, 2), (3, 4)]
+    assert np.all(grads[1] == 0) and np.all(grads[2] == 0)
+
+
+@given(Lq=st.integers(0, 30), Lk=st.integers(0, 30), D=st.integers(1, 8),
+       causal=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_wide_backward_truth_agrees_with_reference(Lq, Lk, D, causal, seed):
+    rng = np.random.default_rng(seed)
+    q, k, v, dout = (rng.standard_normal(s)
+                     for s in ((2, Lq, D), (1, Lk, D), (2, Lk, 3), (2, Lq, 3)))
+    for wide, ref in zip(true_attention_backward(dout, q, k, v, causal=causal),
+                         reference.attention_backward(dout, q, k, v, causal=causal)):
+        assert wide.dtype == WIDE and wide.shape == ref.shape
+        np.testing.assert_allclose(wide.astype(np.float64), ref, rtol=1e-12, atol=1e-13)
 
 
 # ----------------------------------------------------------------------------------------

@@ -292,3 +292,229 @@ def test_inputs_are_never_modified(xp, options, valid):
         with pytest.raises((TypeError, ValueError)):
             cupyflash.attention(q, k, v, **options)
     assert snapshot(q, k, v) == before
+
+
+# ----------------------------------------------------------------------------------------
+# attention_backward and attention_vjp
+# ----------------------------------------------------------------------------------------
+
+def backward_args(xp, dtype=np.float32, Lq=4, Lk=5, D=8, Dv=6):
+    """A valid ``attention_backward`` call's arguments: dout, q, k, v, out, lse."""
+    q, k, v, dout = arrays(xp, (2, Lq, D), (2, Lk, D), (2, Lk, Dv), (2, Lq, Dv), dtype=dtype)
+    out, lse = cupyflash.attention(q, k, v, return_lse=True)
+    return dict(dout=dout, q=q, k=k, v=v, out=out, lse=lse)
+
+
+def call_backward(args, **options):
+    return cupyflash.attention_backward(args["dout"], args["q"], args["k"], args["v"],
+                                        args["out"], args["lse"], **options)
+
+
+def test_backward_checks_q_k_v_like_attention(xp):
+    args = backward_args(xp)
+    args["k"], = arrays(xp, (2, 5, 7))
+    with raises(ValueError, "attention_backward: q.shape[-1] (8) must equal k.shape[-1] (7)"):
+        call_backward(args)
+    args = backward_args(xp)
+    args["v"], = arrays(xp, (2, 5, 6), dtype=np.float16)
+    with raises(TypeError, "attention_backward: q, k, v must share one dtype; "
+                           "got q float32, k float32, v float16"):
+        call_backward(args)
+    with raises(TypeError, "attention_backward: causal must be a bool, got int"):
+        call_backward(backward_args(xp), causal=1)
+    with raises(ValueError, "attention_backward: scale must be finite, got nan"):
+        call_backward(backward_args(xp), scale=float("nan"))
+
+
+@pytest.mark.parametrize("name", ["dout", "out"])
+@pytest.mark.parametrize("shape", [(2, 4, 5), (2, 5, 6), (4, 6), (1, 2, 4, 6)])
+def test_backward_dout_and_out_shape(xp, name, shape):
+    args = backward_args(xp)
+    args[name], = arrays(xp, shape)
+    with raises(ValueError, f"attention_backward: {name} must have shape (2, 4, 6) "
+                            f"(broadcast batch..., Lq, Dv), got {shape}"):
+        call_backward(args)
+
+
+@pytest.mark.parametrize("name", ["dout", "out"])
+@pytest.mark.parametrize("dtype", [np.float16, np.float64, ml_dtypes.bfloat16, np.int32])
+def test_backward_dout_and_out_dtype(xp, name, dtype):
+    args = backward_args(xp)
+    args[name] = to_xp(xp, to_numpy(args[name]).astype(dtype))
+    with raises(TypeError, f"attention_backward: {name} must have dtype float32 like q, k "
+                           f"and v, got {np.dtype(dtype).name}"):
+        call_backward(args)
+
+
+@pytest.mark.parametrize("shape", [(2, 5), (4,), (2, 4, 1), (1, 4)])
+def test_backward_lse_shape(xp, shape):
+    args = backward_args(xp)
+    args["lse"], = arrays(xp, shape)
+    with raises(ValueError, f"attention_backward: lse must have shape (2, 4) "
+                            f"(broadcast batch..., Lq), got {shape}"):
+        call_backward(args)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.int32, np.complex64])
+def test_backward_lse_dtype(xp, dtype):
+    args = backward_args(xp)
+    args["lse"] = to_xp(xp, to_numpy(args["lse"]).astype(dtype))
+    with raises(TypeError, f"attention_backward: lse must have dtype float32 or float64, "
+                           f"got {np.dtype(dtype).name}"):
+        call_backward(args)
+
+
+@pytest.mark.parametrize("deterministic", [1, 0, "yes", None, np.int64(1)])
+def test_backward_deterministic_must_be_a_bool(xp, deterministic):
+    with raises(TypeError, f"attention_backward: deterministic must be a bool, "
+                           f"got {type(deterministic).__name__}"):
+        call_backward(backward_args(xp), deterministic=deterministic)
+    q, k, v = arrays(xp, (4, 8), (5, 8), (5, 8))
+    with raises(TypeError, f"attention_vjp: deterministic must be a bool, "
+                           f"got {type(deterministic).__name__}"):
+        cupyflash.attention_vjp(q, k, v, deterministic=deterministic)
+
+
+def test_backward_options_are_keyword_only(xp):
+    args = backward_args(xp)
+    with pytest.raises(TypeError):
+        cupyflash.attention_backward(*args.values(), True)
+    with pytest.raises(TypeError):
+        cupyflash.attention_vjp(args["q"], args["k"], args["v"], True)
+
+
+@pytest.mark.parametrize("name, shape, expected", [
+    ("dq", (2, 4, 6), (2, 4, 8)),
+    ("dk", (2, 4, 8), (2, 5, 8)),
+    ("dv", (1, 5, 6), (2, 5, 6)),   # the gradient of v has v's shape, not a broadcast one
+    ("dv", (5, 6), (2, 5, 6)),
+])
+def test_backward_gradient_shapes(xp, name, shape, expected):
+    out = xp.zeros(shape, dtype=np.float32)
+    with raises(ValueError, f"attention_backward: {name} must have shape {expected}, "
+                            f"got {shape}"):
+        call_backward(backward_args(xp), **{name: out})
+
+
+def test_backward_gradients_of_broadcast_inputs_have_the_inputs_shapes(xp):
+    """k, v of batch 1 against q of batch 2: dk and dv are (1, 5, ...), and a dk of the
+    broadcast shape is refused."""
+    q, k, v, dout = arrays(xp, (2, 4, 8), (1, 5, 8), (1, 5, 6), (2, 4, 6))
+    out, lse = cupyflash.attention(q, k, v, return_lse=True)
+    dq, dk, dv = cupyflash.attention_backward(dout, q, k, v, out, lse)
+    assert dq.shape == (2, 4, 8) and dk.shape == (1, 5, 8) and dv.shape == (1, 5, 6)
+    with raises(ValueError, "attention_backward: dk must have shape (1, 5, 8), got (2, 5, 8)"):
+        cupyflash.attention_backward(dout, q, k, v, out, lse,
+                                     dk=xp.zeros((2, 5, 8), dtype=np.float32))
+
+
+@pytest.mark.parametrize("name", ["dq", "dk", "dv"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float16, ml_dtypes.bfloat16, np.int32])
+def test_backward_gradient_dtypes(xp, name, dtype):
+    args = backward_args(xp)
+    shape = to_numpy(args[name[1]]).shape
+    with raises(TypeError, f"attention_backward: {name} must have dtype float32, "
+                           f"got {np.dtype(dtype).name}"):
+        call_backward(args, **{name: to_xp(xp, np.zeros(shape, dtype=dtype))})
+
+
+@pytest.mark.parametrize("name", ["dq", "dk", "dv"])
+def test_backward_gradient_types_and_read_only(name):
+    args = backward_args(np)
+    shape = args[name[1]].shape
+    with raises(TypeError, f"attention_backward: {name} must be a numpy.ndarray like the "
+                           f"inputs, got list"):
+        call_backward(args, **{name: np.zeros(shape, np.float32).tolist()})
+    frozen = np.zeros(shape, np.float32)
+    frozen.flags.writeable = False
+    with raises(ValueError, f"attention_backward: {name} is read-only"):
+        call_backward(args, **{name: frozen})
+
+
+def _one_buffer_args(xp):
+    """dout, q, k, v, out, lse all views of one float32 buffer (Lq = Lk = 4, D = Dv = 8,
+    so that any gradient has the shape of each), with valid values."""
+    rng = np.random.default_rng(4)
+    buf = to_xp(xp, rng.standard_normal((6, 4, 8)).astype(np.float32))
+    q, k, v, dout = buf[0], buf[1], buf[2], buf[3]
+    out, lse = cupyflash.attention(q, k, v, return_lse=True)
+    buf[4] = out
+    buf[5, 0, :4] = lse
+    return buf, dict(dout=dout, q=q, k=k, v=v, out=buf[4], lse=buf[5, 0, :4])
+
+
+@pytest.mark.parametrize("grad", ["dq", "dk", "dv"])
+@pytest.mark.parametrize("which", ["dout", "q", "k", "v", "out", "lse"])
+def test_backward_gradients_must_not_overlap_an_input(xp, grad, which):
+    buf, args = _one_buffer_args(xp)
+    index = ["q", "k", "v", "dout", "out", "lse"].index(which)
+    before = snapshot(buf)
+    with raises(ValueError, f"attention_backward: {grad} must not overlap the input {which}"):
+        call_backward(args, **{grad: buf[index]})
+    assert snapshot(buf) == before
+
+
+@pytest.mark.parametrize("first, second", [("dq", "dk"), ("dq", "dv"), ("dk", "dv")])
+def test_backward_gradients_must_not_overlap_each_other(xp, first, second):
+    _, args = _one_buffer_args(xp)
+    grads = xp.zeros((2, 4, 8), dtype=np.float32)
+    shifted = grads.reshape(64)[4:36].reshape(4, 8)  # overlaps grads[0] in part
+    with raises(ValueError, f"attention_backward: {second} must not overlap {first}"):
+        call_backward(args, **{first: grads[0], second: shifted})
+    result = call_backward(args, **{first: grads[0], second: grads[1]})  # adjacent is fine
+    assert result[["dq", "dk", "dv"].index(first)] is not None
+
+
+def test_vjp_errors_name_attention_vjp(xp):
+    q, k, v = arrays(xp, (2, 4, 8), (2, 5, 7), (2, 5, 6))
+    with raises(ValueError, "attention_vjp: q.shape[-1] (8) must equal k.shape[-1] (7)"):
+        cupyflash.attention_vjp(q, k, v)
+    q, k, v = arrays(xp, (2, 4, 8), (2, 5, 8), (2, 5, 6))
+    out, vjp = cupyflash.attention_vjp(q, k, v, causal=True)
+    with raises(ValueError, "attention_vjp: dout must have shape (2, 4, 6) "
+                            "(broadcast batch..., Lq, Dv), got (2, 4, 5)"):
+        vjp(xp.zeros((2, 4, 5), dtype=np.float32))
+    with raises(TypeError, "attention_vjp: dout must have dtype float32 like q, k and v, "
+                           "got float64"):
+        vjp(to_numpy(out).astype(np.float64).tolist() if xp is np
+            else xp.zeros((2, 4, 6), dtype=np.float64))
+
+
+@pytest.mark.parametrize("options", [
+    dict(causal="yes"), dict(scale=float("inf")), dict(deterministic=None),
+    dict(dq="wrong"), dict(dk=np.zeros((2, 5, 8), np.float64)),
+])
+def test_backward_inputs_are_never_modified(xp, options):
+    args = backward_args(xp, dtype=np.float16)
+    before = snapshot(*args.values())
+    with pytest.raises((TypeError, ValueError)):
+        call_backward(args, **options)
+    call_backward(args, causal=False)  # and a valid call neither
+    assert snapshot(*args.values()) == before
+
+
+@pytest.mark.parametrize("gpu_arg", ["dout", "q", "k", "v", "out", "lse"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
+def test_backward_numpy_and_cupy_arrays_do_not_mix(gpu_arg):
+    import cupy
+    args = backward_args(np)
+    args[gpu_arg] = cupy.asarray(args[gpu_arg])
+    with raises(TypeError, "attention_backward: arrays must be all NumPy or all CuPy arrays"):
+        call_backward(args)
+    if gpu_arg == "dout":  # and through attention_vjp: a CuPy dout for NumPy inputs
+        _, vjp = cupyflash.attention_vjp(args["q"], args["k"], args["v"])
+        with raises(TypeError, "attention_vjp: arrays must be all NumPy or all CuPy arrays"):
+            vjp(args["dout"])
+
+
+@pytest.mark.parametrize("name", ["dq", "dk", "dv"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
+def test_backward_numpy_gradient_for_cupy_inputs_is_rejected(name):
+    import cupy
+    args = backward_args(cupy)
+    shape = args[name[1]].shape
+    with raises(TypeError, f"attention_backward: {name} must be a cupy.ndarray like the "
+                           f"inputs, got ndarray"):
+        call_backward(args, **{name: np.zeros(shape, np.float32)})
