@@ -1,8 +1,9 @@
-"""Attention forward on the GPU: cupyflash against standard attention and torch SDPA.
+"""Attention on the GPU: cupyflash against standard attention and torch SDPA.
 
 FlashAttention's benchmark grid: 16k tokens in total and model dim 2048, so
-``batch = 16384 // s`` and ``heads = 2048 // d``. FLOPs: ``4 * b * h * s^2 * d``, halved
-when causal. Every provider is timed in the same run with ``triton.testing.do_bench``
+``batch = 16384 // s`` and ``heads = 2048 // d``. FLOPs: forward ``4 * b * h * s^2 * d``,
+halved when causal; backward 2.5 times the forward (``--op bwd``: the gradients from a
+saved forward; ``--op fwdbwd``: both, 3.5 times). Every provider is timed in the same run with ``triton.testing.do_bench``
 (median; CUDA events; it clears the L2 cache between runs) when Triton is importable,
 else with CUDA events around each call (median). Ratios are against torch SDPA's flash
 (FlashAttention-2) and cuDNN backends measured here, now.
@@ -10,9 +11,11 @@ else with CUDA events around each call (median). Ratios are against torch SDPA's
     python benchmarks/attention.py                     # the whole grid
     python benchmarks/attention.py --quick             # s = 1k, 4k; d = 64, 128
     python benchmarks/attention.py --d 128 --s 4096 --dtype bfloat16 --causal 0
+    python benchmarks/attention.py --op bwd --providers cupyflash torch_flash torch_cudnn
 
 Results are appended as JSON records to ``benchmarks/results/attention_<gpu>.json``:
-keys gpu, provider, op, dtype, d, causal, s, b, h, ms, tflops, peak_extra_bytes.
+keys gpu, provider, op, dtype, d, causal, s, b, h, ms, tflops, peak_extra_bytes, and run
+(the run's start time: ratios are only meaningful between records of one run).
 """
 
 import argparse
@@ -20,6 +23,7 @@ import json
 import pathlib
 import platform
 import sys
+import time
 
 import numpy as np
 
@@ -82,6 +86,38 @@ def torch_providers():
              "torch_efficient": backend(SDPBackend.EFFICIENT_ATTENTION)}, torch)
 
 
+OP_FLOPS = {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5}  # times the forward's FLOPs
+
+
+def _cupyflash_fn(cupy, op, q, k, v, causal, deterministic):
+    """The timed call: the forward, the backward from a saved forward, or both."""
+    if op == "fwd":
+        return lambda: cupyflash.attention(q, k, v, causal=causal)
+    out, lse = cupyflash.attention(q, k, v, causal=causal, return_lse=True)
+    dout = _random(cupy, out.shape, out.dtype)
+    if op == "bwd":
+        return lambda: cupyflash.attention_backward(dout, q, k, v, out, lse, causal=causal,
+                                                    deterministic=deterministic)
+
+    def fwdbwd():
+        o, m = cupyflash.attention(q, k, v, causal=causal, return_lse=True)
+        return cupyflash.attention_backward(dout, q, k, v, o, m, causal=causal,
+                                            deterministic=deterministic)
+    return fwdbwd
+
+
+def _torch_fn(torch, sdpa, op, tq, tk, tv, causal):
+    """torch SDPA's forward, its backward (autograd from a saved graph) or both."""
+    if op == "fwd":
+        return lambda: sdpa(tq, tk, tv, causal)
+    tq, tk, tv = (t.detach().requires_grad_() for t in (tq, tk, tv))
+    out = sdpa(tq, tk, tv, causal)
+    dout = torch.randn_like(out)
+    if op == "bwd":
+        return lambda: torch.autograd.grad(out, (tq, tk, tv), dout, retain_graph=True)
+    return lambda: torch.autograd.grad(sdpa(tq, tk, tv, causal), (tq, tk, tv), dout)
+
+
 def peak_extra(fn, out_bytes):
     """Peak bytes the call allocates beyond its output (CuPy memory pool hook)."""
     import cupy
@@ -104,6 +140,9 @@ def main(argv=None):
     ap.add_argument("--standard-max-s", type=int, default=16384,
                     help="skip standard attention above this length")
     ap.add_argument("--out", default=None, help="JSON file to append records to")
+    ap.add_argument("--op", choices=sorted(OP_FLOPS), default="fwd")
+    ap.add_argument("--deterministic", action="store_true",
+                    help="cupyflash's backward with deterministic=True")
     args = ap.parse_args(argv)
 
     import cupy
@@ -115,10 +154,12 @@ def main(argv=None):
     print(f"GPU: {gpu}; CuPy {cupy.__version__}; NumPy {np.__version__}; "
           f"torch {torch.__version__ if torch else 'absent'}; cupyflash {cupyflash.__version__}; "
           f"Python {platform.python_version()}")
-    print(f"timer: {timer_desc}. FLOPs = 4*b*h*s^2*d (halved when causal); "
+    print(f"op {args.op}{' (deterministic)' if args.deterministic else ''}; timer: "
+          f"{timer_desc}. FLOPs = {OP_FLOPS[args.op]} * 4*b*h*s^2*d (halved when causal); "
           f"grid: b = 16384 // s, h = 2048 // d")
 
     records = []
+    run = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     header = (f"{'dtype':9s} {'d':>4s} {'causal':>6s} {'s':>6s} | "
               + " ".join(f"{p:>12s}" for p in args.providers)
               + " | vs flash  vs cudnn | extra MiB (cf / std)")
@@ -131,13 +172,16 @@ def main(argv=None):
                     b, h = 16384 // s, 2048 // d
                     shape = (b, h, s, d)
                     q, k, v = (_random(cupy, shape, dt) for _ in range(3))
-                    flops = _measure.attention_flops(b, h, s, d, causal)
-                    out_bytes = q.nbytes
+                    flops = _measure.attention_flops(b, h, s, d, causal) * OP_FLOPS[args.op]
+                    out_bytes = q.nbytes * (1 if args.op == "fwd" else 3)  # out, or dq dk dv
                     row = {}
                     extra = {}
                     for prov in args.providers:
                         if prov == "cupyflash":
-                            fn = lambda: cupyflash.attention(q, k, v, causal=causal)  # noqa: E731
+                            fn = _cupyflash_fn(cupy, args.op, q, k, v, causal,
+                                               args.deterministic)
+                        elif args.op != "fwd" and prov == "standard":
+                            continue
                         elif prov == "standard":
                             # CuPy has no bfloat16 matmul, so there is no bf16 baseline.
                             if s > args.standard_max_s or dtype_name == "bfloat16":
@@ -148,8 +192,7 @@ def main(argv=None):
                                 if dtype_name != "bfloat16" else \
                                 (torch.from_dlpack(x.view(np.uint16)).view(torch.bfloat16)
                                  for x in (q, k, v))
-                            f = tprov[prov]
-                            fn = lambda f=f, tq=tq, tk=tk, tv=tv: f(tq, tk, tv, causal)  # noqa: E731
+                            fn = _torch_fn(torch, tprov[prov], args.op, tq, tk, tv, causal)
                         else:
                             continue
                         try:
@@ -160,7 +203,9 @@ def main(argv=None):
                         peak = peak_extra(fn, out_bytes) if prov in ("cupyflash", "standard") else None
                         extra[prov] = peak
                         row[prov] = flops / ms / 1e9
-                        records.append(dict(gpu=gpu, provider=prov, op="fwd", dtype=dtype_name,
+                        name = ("cupyflash_deterministic" if prov == "cupyflash"
+                                and args.deterministic and args.op != "fwd" else prov)
+                        records.append(dict(gpu=gpu, run=run, provider=name, op=args.op, dtype=dtype_name,
                                             d=d, causal=causal, s=s, b=b, h=h, ms=ms,
                                             tflops=row[prov], peak_extra_bytes=peak))
                     cf = row.get("cupyflash")

@@ -5,8 +5,9 @@
     done
 
 Covers: the tensor-core forward (fp16, bf16; every head-dim bucket; causal and not;
-lengths off the tile sizes, Lq != Lk, a row that sees no key), the fp32/fp64 forward, and
-the softmax kernels (a short row, a row longer than one block). Each result is also checked
+lengths off the tile sizes, Lq != Lk, a row that sees no key), the fp32/fp64 forward, the
+softmax kernels (a short row, a row longer than one block), and the backward ("bwd": the
+same attention cases, atomic and deterministic dQ, grouped-query k and v). Each result is also checked
 against the float64 reference, so a sanitizer-clean but wrong kernel still fails.
 """
 
@@ -48,6 +49,31 @@ def main(families=("mma", "simt", "softmax")):
         tol = 1e-2 if np.dtype(dt).itemsize == 2 else 1e-5
         assert err < tol, (dt, d, causal, err)
         worst = max(worst, err)
+    if "bwd" in families:
+        # one head dim per tile class of the tensor-core backward (BLOCK_M 128 / 64 /
+        # two warps per 16 keys), bf16 once, and the SIMT kernels
+        kinds = [(np.float16, 64), (np.float16, 128), (np.float16, 256),
+                 (ml_dtypes.bfloat16, 128), (np.float32, 64), (np.float64, 64)]
+        bwd_cases = [(dt, d, causal, lq, lk) for dt, d in kinds for causal in (False, True)
+                     for lq, lk in ((77, 130), (130, 77))]
+        for dt, d, causal, lq, lk in bwd_cases:
+            q = rng.standard_normal((2, 2, lq, d)).astype(dt)
+            k = rng.standard_normal((2, 1, lk, d)).astype(dt)  # shared by 2 query heads
+            v = rng.standard_normal((2, 1, lk, d)).astype(dt)
+            do = rng.standard_normal((2, 2, lq, d)).astype(dt)
+            gq, gk, gv, gdo = (cupy.asarray(x) for x in (q, k, v, do))
+            out, lse = cupyflash.attention(gq, gk, gv, causal=causal, return_lse=True)
+            ref = reference.attention_backward(do, q, k, v, causal=causal)
+            for det in (False, True):
+                got = cupyflash.attention_backward(gdo, gq, gk, gv, out, lse, causal=causal,
+                                                   deterministic=det)
+                for g, r in zip(got, ref):
+                    err = float(np.abs(g.get().astype(np.float64) - r).max())
+                    err /= max(1.0, float(np.abs(r).max()))
+                    tol = 3e-2 if np.dtype(dt).itemsize == 2 else 1e-4
+                    assert err < tol, ("bwd", dt, d, causal, lq, lk, det, err)
+                    worst = max(worst, err)
+        cases += bwd_cases
     if "softmax" in families:
         for n in (1000, 300_000):
             x = rng.standard_normal((3, n)).astype(np.float32)
@@ -60,4 +86,4 @@ def main(families=("mma", "simt", "softmax")):
 
 
 if __name__ == "__main__":
-    main(tuple(sys.argv[1:]) or ("mma", "simt", "softmax"))
+    main(tuple(sys.argv[1:]) or ("mma", "simt", "softmax", "bwd"))

@@ -1,9 +1,10 @@
 """Render benchmark records (benchmarks/results/attention_*.json) as markdown tables.
 
-    python benchmarks/table.py benchmarks/results/attention_NVIDIA_H200.json
+    python benchmarks/table.py benchmarks/results/attention_NVIDIA_H100_80GB_HBM3.json [op]
 
-One table per dtype: rows (d, causal), columns s; each cell is cupyflash's TFLOP/s and,
-in parentheses, its ratio to torch SDPA's flash backend measured in the same run.
+One table per dtype for one op (fwd, bwd or fwdbwd; default fwd): rows (d, causal),
+columns s; each cell is cupyflash's TFLOP/s and, in parentheses, its ratios to torch SDPA's
+flash and cuDNN backends measured in the same run.
 """
 
 import collections
@@ -11,16 +12,23 @@ import json
 import sys
 
 
-def main(path):
-    records = json.load(open(path))
-    by = collections.defaultdict(dict)
+def main(path, op="fwd"):
+    records = [r for r in json.load(open(path)) if r.get("op", "fwd") == op]
+    # Ratios pair records of one run: per cell, the last run that measured cupyflash and
+    # both torch backends (else the last that measured cupyflash).
+    runs = collections.defaultdict(lambda: collections.defaultdict(dict))
     for r in records:
-        by[(r["dtype"], r["d"], r["causal"], r["s"])][r["provider"]] = r
+        runs[(r["dtype"], r["d"], r["causal"], r["s"])][r.get("run")][r["provider"]] = r
+    by = {}
+    for key, per_run in runs.items():
+        with_cf = [run for run, prov in per_run.items() if "cupyflash" in prov]
+        full = [run for run in with_cf if {"torch_flash", "torch_cudnn"} <= per_run[run].keys()]
+        by[key] = per_run[(full or with_cf)[-1]] if with_cf else {}
     dtypes = sorted({k[0] for k in by})
     ss = sorted({k[3] for k in by})
     gpu = records[0]["gpu"]
     for dt in dtypes:
-        print(f"\n{gpu}, {dt}, forward: cupyflash TFLOP/s (x torch SDPA flash, x cuDNN)\n")
+        print(f"\n{gpu}, {dt}, {op}: cupyflash TFLOP/s (x torch SDPA flash, x cuDNN)\n")
         print("| d | causal | " + " | ".join(f"s={s}" for s in ss) + " |")
         print("|---|---|" + "---|" * len(ss))
         for d in sorted({k[1] for k in by if k[0] == dt}):
@@ -40,4 +48,4 @@ def main(path):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])

@@ -279,6 +279,90 @@ def simt_attention_variants():
                       for causal in (False, True))]
 
 
+class SimtBackwardConfig:
+    """The two float32/float64 backward kernels of cuda/flash_bwd_simt.cuh for one problem.
+
+    ``flash_bwd_simt`` (``dkdv_name``, or ``dkdv_atomic_name`` to also add dQ into a zeroed
+    ``dq_accum`` by atomics) runs one block per ``block_n`` keys: grid
+    ``launch_grid(ceil(Lk / block_n), n_batch)``, ``dkdv_smem_bytes`` of shared memory.
+    ``flash_bwd_dq_simt`` (``dq_name``, the deterministic dQ, plain stores) runs one block
+    per ``block_m`` queries: grid ``launch_grid(ceil(Lq / block_m), n_batch)``,
+    ``dq_smem_bytes``. Both take ``num_threads`` threads. ``dkdv_block_m`` and
+    ``dq_block_n`` are the tiles each kernel streams through (for information).
+    """
+
+    __slots__ = ("source", "dkdv_name", "dkdv_atomic_name", "dq_name", "head_dim", "block_n",
+                 "block_m", "dkdv_block_m", "dq_block_n", "num_threads", "dkdv_smem_bytes",
+                 "dq_smem_bytes", "align_elems", "pad_d_to")
+
+    def __init__(self, **fields):
+        for name in self.__slots__:
+            setattr(self, name, fields.pop(name))
+        assert not fields, fields
+
+    def __repr__(self):
+        return "SimtBackwardConfig(" + ", ".join(
+            f"{n}={getattr(self, n)!r}" for n in self.__slots__) + ")"
+
+
+# (BLOCK_M, BLOCK_N) of flash_bwd_simt and (DQ_BLOCK_M, DQ_BLOCK_N) of flash_bwd_dq_simt per
+# HEAD_DIM: SimtBwdTiles of cuda/flash_bwd_simt.cuh, whose comment says why.
+SIMT_BACKWARD_TILES = {
+    "float32": {32: (32, 64, 64, 64), 64: (32, 64, 64, 32), 128: (32, 32, 32, 32),
+                256: (16, 16, 16, 16)},
+    "float64": {32: (32, 32, 64, 32), 64: (16, 32, 32, 32), 128: (16, 16, 16, 16),
+                256: (8, 16, 16, 8)},
+}
+
+
+def _simt_backward_config(D, Dv, dtype_name, causal):
+    """The float32/float64 FMA backward kernels of cuda/flash_bwd_simt.cuh for one problem.
+
+    ``max(D, Dv)`` is padded up to the next ``HEAD_DIM`` in (32, 64, 128, 256). The shared
+    memory is ``SimtBwdLayout``'s: Q, dO, K and V tiles with rows of ``HEAD_DIM + VEC``
+    elements, and ``BLOCK_M x (BLOCK_N + VEC)`` tiles of dS and (flash_bwd_simt only) P.
+    Every entry fits in 99 KiB, so the choice does not depend on the GPU. q, k, v and dout
+    are read with 16-byte copies, as in the forward (``align_elems = pad_d_to = VEC``);
+    dk, dv and dq_accum are written element by element, any ``grad_row``.
+    """
+    tiles = SIMT_BACKWARD_TILES[dtype_name]
+    width = max(D, Dv)
+    head_dim = next((h for h in sorted(tiles) if h >= width), None)
+    if head_dim is None:
+        raise ValueError(f"attention backward: head dims up to {max(tiles)} are supported on "
+                         f"the GPU, got {width}")
+    block_m, block_n, dq_block_m, dq_block_n = tiles[head_dim]
+    itemsize = np.dtype(dtype_name).itemsize
+    vec = 16 // itemsize
+    stride = head_dim + vec  # padded rows of Q, dO, K, V
+    ctype = _DTYPE_TO_CUDA[dtype_name]
+    mask = "true" if causal else "false"
+    return SimtBackwardConfig(
+        source="flash_bwd_simt.cuh",
+        dkdv_name=f"cupyflash::flash_bwd_simt<{ctype}, {head_dim}, {mask}, false>",
+        dkdv_atomic_name=f"cupyflash::flash_bwd_simt<{ctype}, {head_dim}, {mask}, true>",
+        dq_name=f"cupyflash::flash_bwd_dq_simt<{ctype}, {head_dim}, {mask}>",
+        head_dim=head_dim, block_n=block_n, block_m=dq_block_m, dkdv_block_m=block_m,
+        dq_block_n=dq_block_n, num_threads=128,
+        dkdv_smem_bytes=itemsize * (2 * (block_m + block_n) * stride     # Q, dO, K, V
+                                    + 2 * block_m * (block_n + vec)),    # dS, P
+        dq_smem_bytes=itemsize * (2 * (dq_block_m + dq_block_n) * stride
+                                  + dq_block_m * (dq_block_n + vec)),    # dS
+        align_elems=vec, pad_d_to=vec)
+
+
+def simt_backward_variants():
+    """The (source, name_expression) of every float32/float64 backward kernel variant."""
+    variants = []
+    for dtype_name in ("float32", "float64"):
+        for head_dim in (32, 64, 128, 256):
+            for causal in (False, True):
+                c = _simt_backward_config(head_dim, head_dim, dtype_name, causal)
+                variants += [(c.source, c.dkdv_name), (c.source, c.dkdv_atomic_name),
+                             (c.source, c.dq_name)]
+    return variants
+
+
 def all_attention_variants():
     """Every (source, name_expression) the library can request, for the CI compile check."""
     return mma_attention_variants()

@@ -6,9 +6,10 @@ No GPU is needed (NVRTC and ptxas run on the CPU), so this runs in CI. Each
 put a kernel's registers in local memory. ``pytest -s`` prints one line per variant; a
 table of all of them, with the total compile time, is written when the module ends.
 
-Two more tests compile small programs of ``static_assert``s that hold the Python side
-to the kernels' own constants: the shared memory, block size and tile rows that
-``_cupy_backend._simt_config`` launches with, and the limits ``softmax_family`` assumes.
+More tests compile small programs of ``static_assert``s that hold the Python side to
+the kernels' own constants: the shared memory, block size and tile rows that
+``_cupy_backend._simt_config`` and ``_cupy_backward.backward_config`` launch with, and
+the limits ``softmax_family`` assumes.
 """
 
 import re
@@ -19,7 +20,7 @@ import pytest
 pytest.importorskip("cupy", reason="needs CuPy's NVRTC bindings")
 from cupy.cuda import nvrtc  # noqa: E402
 
-from cupyflash import _cupy_backend, _kernels  # noqa: E402
+from cupyflash import _cupy_backend, _cupy_backward, _kernels  # noqa: E402
 
 try:
     _kernels.cuda_include_dirs()
@@ -30,11 +31,15 @@ ARCHS = ("sm_80", "sm_90a")
 
 
 def _variants():
-    """(source, name_expression) of every kernel, each once (the lead's list may already
-    hold the SIMT variants)."""
-    attention = list(dict.fromkeys(_cupy_backend.all_attention_variants()
-                                   + _cupy_backend.simt_attention_variants()))
-    return attention + list(_cupy_backend.all_softmax_variants())
+    """(source, name_expression, arch) of every kernel, each once: the forward, softmax
+    and SIMT backward kernels for both architectures, and the tensor-core backward
+    variants that a GPU of each architecture requests (their tiles depend on it)."""
+    every_arch = list(dict.fromkeys(_cupy_backend.all_attention_variants()
+                                    + _cupy_backend.simt_attention_variants()
+                                    + _cupy_backend.all_softmax_variants()
+                                    + _cupy_backend.simt_backward_variants()))
+    return [(source, name, arch) for arch in ARCHS
+            for source, name in every_arch + _cupy_backward.mma_backward_variants(arch)]
 
 
 def _short(name):
@@ -77,8 +82,8 @@ def resource_table(request):
             reporter.write_line(line)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("source, name", VARIANTS, ids=[_short(n) for _, n in VARIANTS])
+@pytest.mark.parametrize("source, name, arch", VARIANTS,
+                         ids=[f"{_short(n)}-{a}" for _, n, a in VARIANTS])
 def test_compiles_without_spills(source, name, arch, resource_table):
     start = time.perf_counter()
     compiled = _kernels.compile_variant(source, name, arch, verbose=True)
@@ -149,3 +154,48 @@ def test_softmax_limits_match_the_kernel_constants():
         asserts.append(f'static_assert(cupyflash::SoftmaxRowVecs<{ctype}>::value == {vecs}, '
                        f'"{ctype}: vectors per thread");')
     _compile_asserts("online_softmax.cuh", asserts)
+
+
+def test_mma_backward_configs_match_the_kernel_traits():
+    """backward_config's keys per block, threads and shared memory are BwdMmaTraits' and
+    BwdDqTraits' (plus the fp32 dQ staging tile on sm_90)."""
+    asserts = []
+    for cc in (90, 80, 86):
+        for head_dim in _cupy_backward.BWD_HEAD_DIMS:
+            for det in (False, True):
+                cfg = _cupy_backward.backward_config(head_dim, "float16", cc, False, det)
+                bm, warps, split, qbuf, _ = _cupy_backward.BWD_MMA_TILES[
+                    _cupy_backward._smem_class(cc)][head_dim]
+                tr = f"cupyflash::BwdMmaTraits<__half, {head_dim}, {bm}, {warps}, {split}, {qbuf}>"
+                stage = f" + {tr}::DQ_STAGE_BYTES" if cc == 90 and not det else ""
+                asserts.append(f'static_assert({tr}::SMEM_BYTES{stage} == {cfg.main_smem} && '
+                               f'{tr}::BLOCK_N == {cfg.block_n} && '
+                               f'{tr}::NUM_THREADS == {cfg.main_threads}, "cc {cc} d {head_dim}");')
+                dm, dn, dw = _cupy_backward.BWD_DQ_MMA_TILES[
+                    _cupy_backward._smem_class(cc)][head_dim]
+                dtr = f"cupyflash::BwdDqTraits<__half, {head_dim}, {dm}, {dn}, {dw}>"
+                asserts.append(f'static_assert({dtr}::SMEM_BYTES == {cfg.dq_smem} && '
+                               f'{dtr}::NUM_THREADS == {cfg.dq_threads} && '
+                               f'{dtr}::BLOCK_M == {cfg.block_m_dq}, "dq cc {cc} d {head_dim}");')
+    _compile_asserts("flash_bwd_mma.cuh", asserts)
+
+
+def test_simt_backward_configs_match_the_kernel_traits():
+    """_simt_backward_config's tiles, threads, shared memory and alignment are
+    SimtBwdTraits'."""
+    asserts = []
+    for dtype, ctype in (("float32", "float"), ("float64", "double")):
+        for head_dim in (32, 64, 128, 256):
+            for causal in (False, True):
+                c = _cupy_backend._simt_backward_config(head_dim, head_dim, dtype, causal)
+                tr = f"cupyflash::SimtBwdTraits<{ctype}, {head_dim}>"
+                for what, value in (("DkDv::BLOCK_N", c.block_n),
+                                    ("DkDv::BLOCK_M", c.dkdv_block_m),
+                                    ("Dq::BLOCK_M", c.block_m), ("Dq::BLOCK_N", c.dq_block_n),
+                                    ("NUM_THREADS", c.num_threads),
+                                    ("DKDV_SMEM_BYTES", c.dkdv_smem_bytes),
+                                    ("DQ_SMEM_BYTES", c.dq_smem_bytes),
+                                    ("VEC", c.align_elems), ("VEC", c.pad_d_to)):
+                    asserts.append(f'static_assert({tr}::{what} == {value}, '
+                                   f'"{dtype} HEAD_DIM {head_dim}: {what} != {value}");')
+    _compile_asserts("flash_bwd_simt.cuh", asserts)

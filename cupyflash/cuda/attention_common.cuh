@@ -37,6 +37,24 @@ struct AttentionParams {
     double scale_log2;                          // scale * log2(e): exp(x * scale) = exp2(x * scale_log2)
 };
 
+// Extra arguments of the backward kernels, passed by value after AttentionParams (whose
+// lse is then an input). dout has o's strides. delta, dq_accum, dk and dv are contiguous
+// per batch element b of the broadcast batch (b in [0, n_batch)); the launcher sums dk and
+// dv (and dq) over broadcast dimensions afterwards. With S = q k^T, P = exp(S * scale - lse)
+// and dS = P * (dP - delta), dP = dO v^T:
+//   delta[b, i]       = sum_d dO[i, d] * O[i, d]
+//   dq_accum[b, i, :] = sum_j dS[i, j] * k[j, :]       (no scale: the launcher multiplies)
+//   dk[b, j, :]       = scale * sum_i dS[i, j] * q[i, :]
+//   dv[b, j, :]       = sum_i P[i, j] * dO[i, :]
+struct BackwardParams {
+    const void* dout;     // (batch..., Lq, Dv) with o's strides
+    void* delta;          // (n_batch, Lq) float (double for fp64)
+    void* dq_accum;       // (n_batch, Lq, grad_row) float (double for fp64)
+    void* dk;             // (n_batch, Lk, grad_row) T
+    void* dv;             // (n_batch, Lk, grad_row) T
+    long long grad_row;   // row length of dq_accum, dk and dv (>= D and >= Dv)
+};
+
 // Element offsets of batch element b in q, k, v, o (b in [0, n_batch), row-major unravel).
 struct BatchOffsets {
     long long q, k, v, o;

@@ -260,6 +260,7 @@ __device__ __forceinline__ void load_tile(typename Traits::T* smem, const typena
     constexpr int CHUNKS = Traits::ROW_CHUNKS;
     if constexpr (Traits::NUM_THREADS % CHUNKS == 0) {
         constexpr int ROWS_PER_PASS = Traits::NUM_THREADS / CHUNKS;
+        static_assert(ROWS % ROWS_PER_PASS == 0, "the threads tile whole passes of rows");
         const int r = threadIdx.x / CHUNKS;  // first row of this thread
         const int c = threadIdx.x % CHUNKS;  // its chunk column
         const bool col_ok = c * Traits::CHUNK < cols;

@@ -1,0 +1,296 @@
+"""The backward pass on CuPy arrays: launching the kernels of ``cuda/flash_bwd_*.cuh``.
+
+``attention_backward`` runs, on CuPy's current stream and the arrays' device:
+
+1. ``flash_bwd_preprocess``: ``delta = rowsum(dout * out)`` per query row;
+2. the main kernel, one thread block per key block: dK and dV, and by default dQ added
+   in float32 atomics to a zeroed ``dq_accum``;
+3. with ``deterministic=True``, the dQ kernel instead, one thread block per query block,
+   summing over key blocks in a fixed order (no atomics: bitwise reproducible);
+4. ``scale_convert``: ``dq = dq_accum * scale`` in the inputs' dtype, and the sums of
+   the gradients over broadcast batch dimensions (grouped-query attention) in float32.
+
+The gradients of each batch element are written contiguously, in rows of the kernel's
+padded head dim, and then copied (or summed) into arrays of q's, k's and v's shapes.
+Nothing waits for the device.
+"""
+
+import functools
+import math
+import os
+
+import numpy as np
+
+from . import _kernels
+from ._cupy_backend import (_DTYPE_TO_CUDA, _compute_capability, _device_of, _kernel_ready,
+                            _on_device, _pack_params, launch_grid)
+
+# struct BackwardParams of cuda/attention_common.cuh: 5 pointers and one int64.
+BACKWARD_PARAMS_DTYPE = np.dtype(
+    [(name, np.uint64) for name in ("dout", "delta", "dq_accum", "dk", "dv")]
+    + [("grad_row", np.int64)])
+
+# ----------------------------------------------------------------------------------------
+# tile choice
+# ----------------------------------------------------------------------------------------
+
+BWD_HEAD_DIMS = (32, 64, 96, 128, 192, 256)
+
+# flash_bwd_mma: (BLOCK_M, NUM_WARPS, D_SPLIT, Q_BUFFERS, MIN_BLOCKS); keys per block =
+# 16 NUM_WARPS / D_SPLIT. flash_bwd_dq_mma: (BLOCK_M, BLOCK_N, NUM_WARPS). Tables for sm_90
+# ('hopper': 227 KiB of shared memory per block, bulk reduce-adds of dQ), for GPUs with at
+# least 163 KiB (sm_80, sm_87, sm_100) and for 99 KiB (sm_86, sm_89, sm_120). Measured on an H100 (benchmarks/NOTES.md): 64 queries per step at d = 128 are
+# 11-28% faster than 32 and 128 at d = 64 are 26% faster than 64 (both fit sm_90a's 255
+# registers without spills, not sm_80's at d = 128); two blocks of 4 warps per SM are
+# slower than one of 8. d = 256 spills with BLOCK_M = 64, not with 32.
+BWD_MMA_TILES = {
+    "hopper": {32: (128, 8, 1, 2, 1), 64: (128, 8, 1, 2, 1), 96: (64, 8, 1, 2, 1), 128: (64, 8, 1, 2, 1),
+               192: (32, 8, 2, 2, 1), 256: (32, 8, 2, 2, 1)},
+    "large": {32: (64, 8, 1, 2, 1), 64: (64, 8, 1, 2, 1), 96: (64, 8, 1, 2, 1), 128: (32, 8, 1, 2, 1),
+              192: (32, 8, 2, 2, 1), 256: (32, 8, 2, 2, 1)},
+    "small": {32: (64, 8, 1, 2, 1), 64: (64, 8, 1, 2, 1), 96: (64, 4, 1, 1, 1), 128: (64, 4, 1, 1, 1),
+              192: (32, 4, 2, 1, 1), 256: (32, 4, 2, 1, 1)},
+}
+BWD_DQ_MMA_TILES = {
+    "hopper": {32: (64, 64, 4), 64: (64, 64, 4), 96: (64, 64, 4), 128: (64, 64, 4),
+               192: (64, 32, 4), 256: (64, 32, 4)},
+    "large": {32: (64, 64, 4), 64: (64, 64, 4), 96: (64, 64, 4), 128: (64, 64, 4),
+              192: (64, 32, 4), 256: (64, 32, 4)},
+    "small": {32: (64, 64, 4), 64: (64, 64, 4), 96: (64, 64, 4), 128: (64, 64, 4),
+              192: (32, 32, 2), 256: (32, 32, 2)},
+}
+
+
+def _smem_class(compute_capability):
+    """'hopper' for sm_90 (227 KiB of shared memory per block, bulk reduce-adds of dQ),
+    'large' where a block may use >= 163 KiB (sm_80, sm_87, sm_100), else 'small'
+    (99 KiB: sm_86, sm_89, sm_120)."""
+    cc = int(compute_capability)
+    return "hopper" if cc == 90 else "large" if cc in (80, 87, 100, 103) else "small"
+
+
+class BackwardConfig:
+    """The kernels of one backward problem and how to launch them."""
+
+    __slots__ = ("head_dim", "main_source", "main_name", "main_threads", "main_smem",
+                 "block_n", "dq_source", "dq_name", "dq_threads", "dq_smem", "block_m_dq",
+                 "align_elems", "pad_d_to")
+
+    def __init__(self, **kw):
+        for name in self.__slots__:
+            setattr(self, name, kw[name])
+
+
+def _tile_knob(name):
+    """``CUPYFLASH_BWD_TILES="128:32,8,1,2,1"``: other flash_bwd_mma tiles for benchmarking."""
+    tiles = {}
+    for item in filter(None, os.environ.get(name, "").split(";")):
+        head_dim, shape = item.split(":")
+        tiles[int(head_dim)] = tuple(int(x) for x in shape.split(","))
+    return tiles
+
+
+@functools.lru_cache(maxsize=256)
+def _mma_backward_config(D, dtype_name, compute_capability, causal, deterministic, knob):
+    head_dim = next((h for h in BWD_HEAD_DIMS if h >= D), None)
+    if head_dim is None:
+        raise ValueError(f"attention_backward: head dims up to {BWD_HEAD_DIMS[-1]} are "
+                         f"supported on the GPU, got {D}")
+    size = _smem_class(compute_capability)
+    block_m, num_warps, d_split, q_buffers, min_blocks = _tile_knob("CUPYFLASH_BWD_TILES").get(
+        head_dim, BWD_MMA_TILES[size][head_dim])
+    dq_m, dq_n, dq_warps = BWD_DQ_MMA_TILES[size][head_dim]
+    ctype = _DTYPE_TO_CUDA[dtype_name]
+    c = "true" if causal else "false"
+    smem_row = -(-head_dim // 64) * 64
+    ds_row = -(-block_m // 64) * 64
+    block_n = 16 * num_warps // d_split
+    main_smem = (2 * block_n * smem_row + 2 * q_buffers * block_m * smem_row
+                 + 2 * block_n * ds_row) * 2 + 2 * q_buffers * block_m * 4
+    if size == "hopper" and not deterministic:  # BwdMmaTraits::DQ_STAGE_BYTES
+        main_smem += block_m * (head_dim + 8) * 4
+    return BackwardConfig(
+        head_dim=head_dim, main_source="flash_bwd_mma.cuh",
+        main_name=(f"cupyflash::flash_bwd_mma<{ctype}, {head_dim}, {block_m}, {num_warps}, "
+                   f"{d_split}, {q_buffers}, {min_blocks}, {c}, {'false' if deterministic else 'true'}>"),
+        main_threads=32 * num_warps, main_smem=main_smem, block_n=block_n,
+        dq_source="flash_bwd_mma.cuh",
+        dq_name=(f"cupyflash::flash_bwd_dq_mma<{ctype}, {head_dim}, {dq_m}, {dq_n}, "
+                 f"{dq_warps}, {c}>"),
+        dq_threads=32 * dq_warps, dq_smem=(2 * dq_m + 4 * dq_n) * smem_row * 2,
+        block_m_dq=dq_m, align_elems=8, pad_d_to=8)
+
+
+def backward_config(D, dtype_name, compute_capability, causal, deterministic):
+    """Choose the backward kernels for one problem: the one place their tiles are chosen."""
+    if dtype_name in ("float16", "bfloat16"):
+        return _mma_backward_config(D, dtype_name, compute_capability, causal, deterministic,
+                                    os.environ.get("CUPYFLASH_BWD_TILES", ""))
+    from ._cupy_backend import _simt_backward_config
+    s = _simt_backward_config(D, D, dtype_name, causal)
+    return BackwardConfig(
+        head_dim=s.head_dim, main_source="flash_bwd_simt.cuh",
+        main_name=s.dkdv_name if deterministic else s.dkdv_atomic_name,
+        main_threads=s.num_threads, main_smem=s.dkdv_smem_bytes, block_n=s.block_n,
+        dq_source="flash_bwd_simt.cuh", dq_name=s.dq_name, dq_threads=s.num_threads,
+        dq_smem=s.dq_smem_bytes, block_m_dq=s.block_m, align_elems=s.align_elems,
+        pad_d_to=s.pad_d_to)
+
+
+def mma_backward_variants(arch):
+    """Every (source, name_expression) of the fp16/bf16 backward that a GPU compiled for
+    ``arch`` ("sm_80": the 'large' and 'small' tables; "sm_90a": 'hopper') can request,
+    both dQ modes, and the preprocessing kernels of every dtype: the CI compile check."""
+    out = []
+    for cc in ((90,) if arch == "sm_90a" else (80, 86)):
+        for h in BWD_HEAD_DIMS:
+            for dt in ("float16", "bfloat16"):
+                for causal in (False, True):
+                    for det in (False, True):
+                        c = _mma_backward_config(h, dt, cc, causal, det, "")
+                        out += [(c.main_source, c.main_name), (c.dq_source, c.dq_name)]
+    for ctype in ("__half", "__nv_bfloat16", "float", "double"):
+        acc = "double" if ctype == "double" else "float"
+        out.append(("flash_bwd_preprocess.cuh",
+                    f"cupyflash::flash_bwd_preprocess<{ctype}, {acc}>"))
+        out.append(("flash_bwd_preprocess.cuh",
+                    f"cupyflash::scale_convert<{acc}, {ctype}, {acc}>"))
+        out.append(("flash_bwd_preprocess.cuh",
+                    f"cupyflash::scale_convert<{ctype}, {acc}, {acc}>"))
+    return list(dict.fromkeys(out))
+
+
+# ----------------------------------------------------------------------------------------
+# launching
+# ----------------------------------------------------------------------------------------
+
+def _scale_convert(device_id, x, x_row, y, n_rows, cols, scale):
+    """y (contiguous, n_rows x cols) = x[:, :cols] * scale, converting the element type."""
+    acc = "double" if np.float64 in (x.dtype, y.dtype) else "float"
+    name = (f"cupyflash::scale_convert<{_DTYPE_TO_CUDA[x.dtype.name]}, "
+            f"{_DTYPE_TO_CUDA[y.dtype.name]}, {acc}>")
+    kernel = _kernels.get_function(device_id, "flash_bwd_preprocess.cuh", name,
+                                   _kernels.arch_for(_compute_capability(device_id)))
+    n = n_rows * cols
+    if n == 0:
+        return
+    kernel((min(-(-n // 256), 65535 * 16),), (256,),
+           (x, np.int64(x_row), y, np.int64(n_rows), np.int64(cols), np.float64(scale)))
+
+
+def _broadcast_axes(full_shape, shape):
+    """Axes of ``full_shape`` to sum so that the result has ``shape``."""
+    lead = len(full_shape) - len(shape)
+    return tuple(range(lead)) + tuple(
+        lead + i for i, (n, m) in enumerate(zip(shape, full_shape[lead:])) if n == 1 and m != 1)
+
+
+def _finish(device_id, buf, row, full_shape, cols, scale, target, result):
+    """Write the gradient ``buf`` (n_batch x L x row, float or T) times ``scale`` into
+    ``result`` (target's shape, T), summing over broadcast dimensions in float32/64."""
+    import cupy
+
+    T = result.dtype
+    acc = np.float64 if T == np.float64 else np.float32
+    n_rows = math.prod(full_shape[:-1])
+    axes = _broadcast_axes(full_shape, target.shape)
+    if not axes:
+        if buf.dtype == T and scale == 1.0 and result.flags.c_contiguous and row == cols:
+            result[...] = buf.reshape(full_shape)
+            return
+        if buf.dtype == T and scale == 1.0:
+            result[...] = buf[..., :cols].reshape(full_shape)
+            return
+        tmp = result if result.flags.c_contiguous else cupy.empty(full_shape, dtype=T)
+        _scale_convert(device_id, buf, row, tmp, n_rows, cols, scale)
+        if tmp is not result:
+            result[...] = tmp
+        return
+    full = cupy.empty(full_shape, dtype=acc)
+    _scale_convert(device_id, buf, row, full, n_rows, cols, scale)
+    summed = cupy.ascontiguousarray(full.sum(axis=axes).reshape(target.shape))
+    tmp = result if result.flags.c_contiguous else cupy.empty(target.shape, dtype=T)
+    _scale_convert(device_id, summed, cols, tmp, summed.size // max(cols, 1), cols, 1.0)
+    if tmp is not result:
+        result[...] = tmp
+
+
+def _params_buffer(bp):
+    return np.frombuffer(np.array(bp, dtype=BACKWARD_PARAMS_DTYPE).tobytes(),
+                         dtype=BACKWARD_PARAMS_DTYPE)[0]
+
+
+def attention_backward(dout, q, k, v, out, lse, problem, deterministic=False,
+                       dq=None, dk=None, dv=None):
+    """Return ``(dq, dk, dv)`` computed on the GPU for a validated problem."""
+    import cupy
+
+    fn = "attention_backward"
+    arrays = [("dout", dout), ("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse)]
+    arrays += [(n, a) for n, a in (("dq", dq), ("dk", dk), ("dv", dv)) if a is not None]
+    device_id = _device_of(fn, arrays)
+    T = problem.dtype
+    with _on_device(device_id):
+        dq = dq if dq is not None else cupy.empty(q.shape, dtype=T)
+        dk = dk if dk is not None else cupy.empty(k.shape, dtype=T)
+        dv = dv if dv is not None else cupy.empty(v.shape, dtype=T)
+        p = problem
+        n_batch = math.prod(p.batch_shape)
+        if n_batch == 0 or (p.Lq == 0 and p.Lk == 0):
+            for g in (dq, dk, dv):
+                g.fill(0)
+            return dq, dk, dv
+        if p.Lq == 0 or p.Lk == 0:  # no query or no key: every gradient is 0
+            for g in (dq, dk, dv):
+                g.fill(0)
+            return dq, dk, dv
+
+        cc = _compute_capability(device_id)
+        cfg = backward_config(max(p.D, p.Dv), T.name, cc, p.causal, bool(deterministic))
+        qkv = [_kernel_ready(t, cfg.align_elems, cfg.pad_d_to) for t in (q, k, v)]
+        o = _kernel_ready(out, cfg.align_elems, cfg.pad_d_to)
+        do = _kernel_ready(dout, cfg.align_elems, cfg.pad_d_to)
+        if o.strides != do.strides:  # the kernels read dout with out's strides
+            o, do = (cupy.ascontiguousarray(x) for x in (o, do))
+        acc = np.float64 if T == np.float64 else np.float32
+        lse_c = cupy.ascontiguousarray(lse, dtype=acc)
+        params = _pack_params(p, *qkv, o, lse_c)
+        if params is None:  # too many batch dims even after collapsing: copy to contiguous
+            qkv = [cupy.ascontiguousarray(cupy.broadcast_to(t, p.batch_shape + t.shape[-2:]))
+                   for t in qkv]
+            o, do = (cupy.ascontiguousarray(x) for x in (o, do))
+            params = _pack_params(p, *qkv, o, lse_c)
+
+        row = cfg.head_dim
+        delta = cupy.empty((n_batch, p.Lq), dtype=acc)
+        dq_accum = (cupy.empty if deterministic else cupy.zeros)((n_batch, p.Lq, row), dtype=acc)
+        batch = p.batch_shape
+        # dk and dv go straight into the result where it has the kernel's layout (not
+        # broadcast, contiguous, head dim = the kernel's); else into a buffer, copied or
+        # summed below.
+        dk_buf, dv_buf = (
+            g if (tuple(g.shape) == batch + (p.Lk, row) and g.flags.c_contiguous)
+            else cupy.empty((n_batch, p.Lk, row), dtype=T) for g in (dk, dv))
+        bparams = _params_buffer((do.data.ptr, delta.data.ptr, dq_accum.data.ptr,
+                                  dk_buf.data.ptr, dv_buf.data.ptr, row))
+
+        arch = _kernels.arch_for(cc)
+        get = functools.partial(_kernels.get_function, device_id)
+        acc_name = "double" if T == np.float64 else "float"
+        pre = get("flash_bwd_preprocess.cuh",
+                  f"cupyflash::flash_bwd_preprocess<{_DTYPE_TO_CUDA[T.name]}, {acc_name}>", arch)
+        pre(launch_grid(-(-p.Lq // 8), n_batch), (256, 1, 1), (params, bparams))
+        main = get(cfg.main_source, cfg.main_name, arch, cfg.main_smem)
+        main(launch_grid(-(-p.Lk // cfg.block_n), n_batch), (cfg.main_threads, 1, 1),
+             (params, bparams), shared_mem=cfg.main_smem)
+        if deterministic:
+            dq_kernel = get(cfg.dq_source, cfg.dq_name, arch, cfg.dq_smem)
+            dq_kernel(launch_grid(-(-p.Lq // cfg.block_m_dq), n_batch), (cfg.dq_threads, 1, 1),
+                      (params, bparams), shared_mem=cfg.dq_smem)
+
+        _finish(device_id, dq_accum, row, batch + (p.Lq, p.D), p.D, p.scale, q, dq)
+        if dk_buf is not dk:
+            _finish(device_id, dk_buf, row, batch + (p.Lk, p.D), p.D, 1.0, k, dk)
+        if dv_buf is not dv:
+            _finish(device_id, dv_buf, row, batch + (p.Lk, p.Dv), p.Dv, 1.0, v, dv)
+        return dq, dk, dv
