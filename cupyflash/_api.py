@@ -81,13 +81,21 @@ def _as_arrays(fn, names, arrays):
 # ----------------------------------------------------------------------------------------
 
 class AttentionProblem:
-    """The validated shape of one attention call (no arrays, only sizes and options)."""
+    """The validated shape of one attention call (no arrays, only sizes and options).
 
-    __slots__ = ("batch_shape", "Lq", "Lk", "D", "Dv", "dtype", "causal", "scale")
+    ``window`` is None or a pair ``(left, right)`` of ints or None (unbounded), never
+    ``(None, None)``; ``softcap`` is None or a positive float. The arrays of the other
+    variants (bias, mask, alibi_slopes) travel beside the problem.
+    """
 
-    def __init__(self, batch_shape, Lq, Lk, D, Dv, dtype, causal, scale):
+    __slots__ = ("batch_shape", "Lq", "Lk", "D", "Dv", "dtype", "causal", "scale",
+                 "window", "softcap")
+
+    def __init__(self, batch_shape, Lq, Lk, D, Dv, dtype, causal, scale, window=None,
+                 softcap=None):
         self.batch_shape, self.Lq, self.Lk, self.D, self.Dv = batch_shape, Lq, Lk, D, Dv
         self.dtype, self.causal, self.scale = dtype, causal, scale
+        self.window, self.softcap = window, softcap
 
     @property
     def out_shape(self):
@@ -141,6 +149,76 @@ def validate_attention(fn, q, k, v, causal, scale):
                             q.dtype, bool(causal), scale)
 
 
+def _broadcasts_to(shape, target):
+    try:
+        return np.broadcast_shapes(tuple(shape), target) == target
+    except ValueError:
+        return False
+
+
+def _check_float(fn, name, x):
+    if x.dtype not in _SUPPORTED:
+        raise TypeError(f"{fn}: {name} must have a float dtype ({', '.join(SUPPORTED_DTYPES)}), "
+                        f"got {x.dtype.name}")
+
+
+def _check_window(fn, window):
+    """Return the window as ``(left, right)``, or None for no window (None or (None, None))."""
+    if window is None:
+        return None
+    if not isinstance(window, (tuple, list)):
+        raise TypeError(f"{fn}: window must be None or a pair (left, right) of ints >= 0 "
+                        f"or None, got {type(window).__name__}")
+    if len(window) != 2:
+        raise ValueError(f"{fn}: window must be a pair (left, right), got {len(window)} "
+                         f"elements")
+    for side, w in zip(("left", "right"), window):
+        if w is None:
+            continue
+        if isinstance(w, (bool, np.bool_)) or not isinstance(w, numbers.Integral):
+            raise TypeError(f"{fn}: window {side} must be an int >= 0 or None, "
+                            f"got {type(w).__name__}")
+        if w < 0:
+            raise ValueError(f"{fn}: window {side} must be >= 0, or None for unbounded, "
+                             f"got {int(w)}")
+    left, right = (None if w is None else int(w) for w in window)
+    return None if left is None and right is None else (left, right)
+
+
+def validate_variants(fn, problem, bias, mask, window, alibi_slopes, softcap):
+    """Check the variant options of :func:`attention` against a validated problem; set
+    ``problem.window`` and ``problem.softcap``."""
+    full = problem.batch_shape + (problem.Lq, problem.Lk)
+    if bias is not None:
+        _check_float(fn, "bias", bias)
+        if not _broadcasts_to(bias.shape, full):
+            raise ValueError(f"{fn}: bias of shape {tuple(bias.shape)} must broadcast to "
+                             f"(batch..., Lq, Lk) = {full}")
+    if mask is not None:
+        if mask.dtype != np.bool_:
+            raise TypeError(f"{fn}: mask must have dtype bool (True: keep), "
+                            f"got {mask.dtype.name}")
+        if not _broadcasts_to(mask.shape, full):
+            raise ValueError(f"{fn}: mask of shape {tuple(mask.shape)} must broadcast to "
+                             f"(batch..., Lq, Lk) = {full}")
+    problem.window = _check_window(fn, window)
+    if alibi_slopes is not None:
+        _check_float(fn, "alibi_slopes", alibi_slopes)
+        if not _broadcasts_to(alibi_slopes.shape, problem.batch_shape):
+            raise ValueError(f"{fn}: alibi_slopes of shape {tuple(alibi_slopes.shape)} must "
+                             f"broadcast to the batch shape {problem.batch_shape} "
+                             f"(one slope per batch element)")
+    if softcap is not None:
+        if isinstance(softcap, (bool, np.bool_)) or not isinstance(softcap, numbers.Real):
+            raise TypeError(f"{fn}: softcap must be a real number or None, "
+                            f"got {type(softcap).__name__}")
+        softcap = float(softcap)
+        if not (math.isfinite(softcap) and softcap > 0):
+            raise ValueError(f"{fn}: softcap must be positive and finite, got {softcap}")
+    problem.softcap = softcap
+    return problem
+
+
 def check_out(fn, out, xp_name, shape, dtype, inputs, name="out"):
     """Check a caller-supplied output array; it must not overlap any input."""
     if xp_name == "cupy":
@@ -171,12 +249,16 @@ def _overlap(xp_name, a, b):
     return cupy.shares_memory(a, b, max_work="MAY_SHARE_BOUNDS")
 
 
-def attention(q, k, v, *, causal=False, scale=None, return_lse=False, out=None):
+def attention(q, k, v, *, causal=False, scale=None, bias=None, mask=None, window=None,
+              alibi_slopes=None, softcap=None, return_lse=False, out=None):
     r"""Exact softmax attention, computed tile by tile without the ``L x L`` matrix.
 
     .. math::
 
         \mathrm{out} = \mathrm{softmax}\!\left(q k^T \cdot \mathrm{scale}\right) v
+
+    with optional variants of the scores (``bias``, ``mask``, ``window``,
+    ``alibi_slopes``, ``softcap``; see Notes for their order).
 
     NumPy arrays run the tiled NumPy backend (FlashAttention's algorithm on the CPU,
     with BLAS products on blocks); CuPy arrays run fused CUDA kernels on the arrays'
@@ -218,11 +300,38 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False, out=None):
 
     scale : float, optional
         Multiplies the scores before the softmax. Default ``1 / sqrt(D)``.
+    bias : array, optional
+        An additive score bias of any float dtype whose shape broadcasts to
+        ``(batch..., Lq, Lk)`` (it may not add batch dimensions). It is read one block
+        at a time through its own strides: a padding bias of shape ``(B, 1, 1, Lk)``
+        or a shared ``(Lq, Lk)`` one is never expanded. ``-inf`` hides a key.
+    mask : array of bool, optional
+        A keep-mask broadcastable to ``(batch..., Lq, Lk)`` like ``bias``: query ``i``
+        sees key ``j`` only where ``mask`` is True. A row that keeps no key gives
+        zeros and ``lse = -inf``. Key blocks that a mask hides for every row are
+        skipped.
+    window : (int or None, int or None), optional
+        Sliding-window (local) attention: query ``i`` sees key ``j`` iff
+        ``i + (Lk - Lq) - left <= j <= i + (Lk - Lq) + right``, a band around the
+        bottom-right aligned diagonal of ``causal``. ``None`` on a side leaves that
+        side unbounded; ``(None, None)`` is no window; ``(None, 0)`` is ``causal``.
+        With ``causal=True`` a query sees the intersection, ``(left, 0)``. Key blocks
+        outside the band are skipped, so the cost grows with the window, not ``Lk``.
+    alibi_slopes : array, optional
+        ALiBi: adds ``-slope * |i + (Lk - Lq) - j|`` to score ``(i, j)``, computed
+        block by block (never an ``Lq x Lk`` array). One slope per batch element: a
+        float array whose shape broadcasts to the batch shape, such as ``(H,)`` or
+        ``(B, H)`` for q of shape ``(B, H, Lq, D)`` (FlashAttention's two shapes),
+        or ``()`` for one slope.
+    softcap : float, optional
+        Soft-capping (Gemma 2, Grok): each scaled score ``s`` becomes
+        ``softcap * tanh(s / softcap)``, in ``(-softcap, softcap)``. Positive.
     return_lse : bool, optional
-        Also return the natural-log logsumexp of each row of scaled scores.
+        Also return the natural-log logsumexp of each row of final scores (after
+        scale, softcap, bias and masking).
     out : array, optional
         Preallocated output of shape ``(..., Lq, Dv)`` and the inputs' dtype and
-        array type. It must not overlap q, k or v.
+        array type. It must not overlap q, k, v, bias, mask or alibi_slopes.
 
     Returns
     -------
@@ -233,12 +342,20 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False, out=None):
     Raises
     ------
     TypeError
-        Mixed NumPy and CuPy arrays, unsupported or mixed dtypes, a non-real ``scale``,
-        or an ``out`` of the wrong type or dtype.
+        Mixed NumPy and CuPy arrays, unsupported or mixed dtypes, a non-real ``scale``
+        or ``softcap``, a ``bias`` or ``alibi_slopes`` that is not float, a ``mask``
+        that is not bool, a ``window`` that is not a pair of ints or None, or an
+        ``out`` of the wrong type or dtype.
     ValueError
         Arrays with fewer than 2 dimensions, ``D`` of q and k that differ, ``Lk`` of k
         and v that differ, batch dimensions that do not broadcast, a non-finite
-        ``scale``, or an ``out`` of the wrong shape or that overlaps an input.
+        ``scale``, a ``softcap`` that is not positive and finite, a negative
+        ``window`` side, a ``bias`` or ``mask`` that does not broadcast to
+        ``(batch..., Lq, Lk)``, ``alibi_slopes`` that do not broadcast to the batch
+        shape, or an ``out`` of the wrong shape or that overlaps an input.
+    NotImplementedError
+        CuPy arrays with any of ``bias``, ``mask``, ``window``, ``alibi_slopes`` or
+        ``softcap``: the GPU kernels do not have the variants yet.
 
     Notes
     -----
@@ -249,11 +366,28 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False, out=None):
     grows and divided by ``l_i`` once at the end. Extra memory is ``O(Lq * Dv)`` per
     batch element plus one block of scores, never ``O(Lq * Lk)``.
 
+    The variants change the scores in FlashAttention's order, block by block in the
+    accumulator dtype::
+
+        S = q k^T * scale
+        S = softcap * tanh(S / softcap)               (softcap)
+        S = S - slope * |i + (Lk - Lq) - j| + bias    (alibi_slopes, bias)
+        S = -inf where mask, causal or window hides key j from query i
+        out = softmax(S) v,  lse = logsumexp(S)
+
+    So the cap acts on the scaled scores only, never on the bias or ALiBi, and the
+    slopes are in units of the final scores (not multiplied by ``scale``).
+    ``cupyflash.reference.attention`` takes the same options in float64.
+
     A score of ``-inf`` gives its key zero weight, so a row of only ``-inf`` scores
-    gives zeros and ``lse = -inf``, never NaN. NaN or ``+inf`` scores give NaN.
+    gives zeros and ``lse = -inf``, never NaN. NaN or ``+inf`` scores give NaN
+    (where a mask, causal or window hides a key, its score is ``-inf`` whatever it
+    was). With ``softcap``, a raw score of ``-inf`` (an infinite q or k) becomes
+    ``-softcap``, a finite score: hide keys with ``mask`` or ``bias`` instead.
 
     Copies: the NumPy backend gathers one block of q, k, v at a time (in float32 for
-    half-precision inputs). The CuPy backend reads any strides whose last dimension is
+    half-precision inputs), and one block of bias and mask, without their broadcast
+    dimensions. The CuPy backend reads any strides whose last dimension is
     contiguous (stride-0 broadcast dimensions included) in place; an input whose last
     dimension is not contiguous is copied once.
 
@@ -287,15 +421,46 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False, out=None):
     >>> out, lse = cupyflash.attention(q, k, v, return_lse=True)
     >>> out.shape, lse.shape
     ((1, 2, 4, 16, 32), (1, 2, 4, 16))
+
+    Variants: a padding mask of shape ``(B, 1, 1, Lk)`` (never expanded), a sliding
+    window of 32 keys back with ALiBi slopes per head, and soft-capped scores.
+
+    >>> q, k, v = (rng.standard_normal((2, 4, 96, 16)) for _ in range(3))  # float64
+    >>> lengths = np.array([96, 50])                   # batch 1 has 46 padding keys
+    >>> keep = np.arange(96) < lengths[:, None, None, None]
+    >>> keep.shape
+    (2, 1, 1, 96)
+    >>> slopes = 2.0 ** -np.arange(1, 5)               # (H,): one slope per head
+    >>> out = cupyflash.attention(q, k, v, mask=keep, window=(32, 0), alibi_slopes=slopes,
+    ...                           softcap=30.0)
+    >>> expected = cupyflash.reference.attention(q, k, v, mask=keep, window=(32, 0),
+    ...                                          alibi_slopes=slopes, softcap=30.0)
+    >>> bool(np.abs(out - expected).max() < 1e-12)
+    True
     """
     fn = "attention"
-    xp_name, (q, k, v) = _as_arrays(fn, ("q", "k", "v"), (q, k, v))
+    names, arrays = ["q", "k", "v"], [q, k, v]
+    for name, x in (("bias", bias), ("mask", mask), ("alibi_slopes", alibi_slopes)):
+        if x is not None:
+            names.append(name)
+            arrays.append(x)
+    xp_name, arrays = _as_arrays(fn, names, arrays)
+    given = dict(zip(names, arrays))
+    q, k, v = given["q"], given["k"], given["v"]
+    bias, mask, alibi_slopes = given.get("bias"), given.get("mask"), given.get("alibi_slopes")
     problem = validate_attention(fn, q, k, v, causal, scale)
+    validate_variants(fn, problem, bias, mask, window, alibi_slopes, softcap)
     _check_bool(fn, "return_lse", return_lse)
     if out is not None:
-        check_out(fn, out, xp_name, problem.out_shape, problem.dtype,
-                  (("q", q), ("k", k), ("v", v)))
-    result, lse = _forward(xp_name, q, k, v, problem, out)
+        check_out(fn, out, xp_name, problem.out_shape, problem.dtype, list(given.items()))
+    variants = dict(bias=bias, mask=mask, alibi_slopes=alibi_slopes)
+    if xp_name == "cupy":
+        for name, value in (("bias", bias), ("mask", mask), ("window", problem.window),
+                            ("alibi_slopes", alibi_slopes), ("softcap", problem.softcap)):
+            if value is not None:
+                raise NotImplementedError(f"{fn}: {name} is not implemented on the GPU yet; "
+                                          f"the NumPy backend has it")
+    result, lse = _forward(xp_name, q, k, v, problem, out, **variants)
     return (result, lse) if return_lse else result
 
 
@@ -304,11 +469,12 @@ def _check_bool(fn, name, x):
         raise TypeError(f"{fn}: {name} must be a bool, got {type(x).__name__}")
 
 
-def _forward(xp_name, q, k, v, problem, out):
-    if xp_name == "cupy":
+def _forward(xp_name, q, k, v, problem, out, bias=None, mask=None, alibi_slopes=None):
+    if xp_name == "cupy":  # attention raised NotImplementedError for any variant
         from . import _cupy_backend
         return _cupy_backend.attention_forward(q, k, v, problem, out)
-    return _numpy_backend.attention_forward(q, k, v, problem, out)
+    return _numpy_backend.attention_forward(q, k, v, problem, out, bias=bias, mask=mask,
+                                            alibi_slopes=alibi_slopes)
 
 
 # ----------------------------------------------------------------------------------------
@@ -519,6 +685,152 @@ def attention_vjp(q, k, v, *, causal=False, scale=None, deterministic=False):
                          None, None, None)
 
     return out, vjp
+
+
+# ----------------------------------------------------------------------------------------
+# merging partial results
+# ----------------------------------------------------------------------------------------
+
+def _parts(fn, name, x):
+    """``(names, parts)`` of a sequence of arrays, or of an array stacked along axis 0."""
+    if isinstance(x, (list, tuple)):
+        return [f"{name}[{i}]" for i in range(len(x))], list(x)
+    if not (isinstance(x, np.ndarray) or _is_cupy_array(x)):
+        try:
+            x = np.asarray(x)
+        except Exception as e:
+            raise TypeError(f"{fn}: {name} could not be converted to an array ({e})") from None
+    if x.ndim == 0:
+        raise ValueError(f"{fn}: {name} must be a sequence of arrays or an array stacked "
+                         f"along a leading axis, got a 0-dimensional array")
+    return [f"{name}[{i}]" for i in range(x.shape[0])], [x[i] for i in range(x.shape[0])]
+
+
+def merge_attention(outs, lses):
+    r"""Merge the results of attention over disjoint sets of keys into the attention over
+    all of them, exactly: the lse-weighted sum of chunked or distributed attention.
+
+    Parameters
+    ----------
+    outs : array ``(K, ..., Lq, Dv)``, or a sequence of ``K`` arrays ``(..., Lq, Dv)``
+        The partial outputs, e.g. ``attention(q, k_part, v_part)`` for ``K`` parts of
+        the keys. They share one dtype: float16, bfloat16, float32 or float64.
+    lses : array ``(K, ..., Lq)``, or a sequence of ``K`` arrays ``(..., Lq)``
+        Their lse (``return_lse=True``): float32 or float64, ``lses[k].shape ==
+        outs[k].shape[:-1]``. Stacked arrays and sequences may be mixed.
+
+    Returns
+    -------
+    out : array of shape ``(..., Lq, Dv)``, the dtype of ``outs``
+    lse : array of shape ``(..., Lq)``, float32 (float64 for float64 ``outs``)
+
+    Raises
+    ------
+    TypeError
+        Mixed NumPy and CuPy arrays, an unsupported or mixed dtype of ``outs``, or a
+        dtype of ``lses`` other than float32 and float64.
+    ValueError
+        No parts, different numbers of parts in ``outs`` and ``lses``, parts of
+        different shapes, or an lse whose shape is not its out's without the last
+        dimension.
+
+    Notes
+    -----
+    .. math::
+
+        \mathrm{lse} = \log \sum_k e^{\mathrm{lse}_k}, \qquad
+        \mathrm{out} = \sum_k e^{\mathrm{lse}_k - \mathrm{lse}}\, \mathrm{out}_k
+
+    computed with the maximum ``m`` of the ``lse_k`` as the shift (``l = sum_k
+    exp(lse_k - m)``, ``lse = m + log(l)``, ``out = sum_k exp(lse_k - m) out_k / l``),
+    so huge lse values do not overflow. A part with ``lse_k = -inf`` (it saw no key)
+    contributes nothing, whatever its out; if every part is ``-inf``, out is zeros and
+    lse ``-inf``, never NaN. NaN in an lse gives NaN. Sums are in float32 (float64 for
+    float64 ``outs``); the merge is exact up to rounding, and the order of the parts
+    changes only rounding.
+
+    Works on NumPy and CuPy arrays alike, with the array module's own operations
+    (no kernel of cupyflash); CuPy in, CuPy out.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import cupyflash
+    >>> rng = np.random.default_rng(0)
+    >>> q = rng.standard_normal((4, 64, 32), dtype=np.float32)
+    >>> k = rng.standard_normal((4, 300, 32), dtype=np.float32)
+    >>> v = rng.standard_normal((4, 300, 32), dtype=np.float32)
+    >>> parts = [cupyflash.attention(q, k[:, j:j + 100], v[:, j:j + 100], return_lse=True)
+    ...          for j in range(0, 300, 100)]          # three chunks of the keys
+    >>> out, lse = cupyflash.merge_attention(*zip(*parts))
+    >>> expected, expected_lse = cupyflash.attention(q, k, v, return_lse=True)
+    >>> bool(np.abs(out - expected).max() < 1e-5), bool(np.abs(lse - expected_lse).max() < 1e-5)
+    (True, True)
+    """
+    fn = "merge_attention"
+    out_names, out_parts = _parts(fn, "outs", outs)
+    lse_names, lse_parts = _parts(fn, "lses", lses)
+    if not out_parts or not lse_parts:
+        raise ValueError(f"{fn}: outs and lses must hold at least one part each, got "
+                         f"{len(out_parts)} and {len(lse_parts)}")
+    if len(out_parts) != len(lse_parts):
+        raise ValueError(f"{fn}: outs has {len(out_parts)} parts but lses has "
+                         f"{len(lse_parts)}")
+    K = len(out_parts)
+    xp_name, arrays = _as_arrays(fn, out_names + lse_names, out_parts + lse_parts)
+    out_parts, lse_parts = arrays[:K], arrays[K:]
+    for name, o in zip(out_names, out_parts):
+        _check_dtype(fn, name, o)
+    dtype = out_parts[0].dtype
+    if any(o.dtype != dtype for o in out_parts):
+        kinds = ", ".join(f"{n} {o.dtype.name}" for n, o in zip(out_names, out_parts))
+        raise TypeError(f"{fn}: outs must share one dtype; got {kinds}")
+    for name, x in zip(lse_names, lse_parts):
+        if x.dtype not in (np.float32, np.float64):
+            raise TypeError(f"{fn}: {name} must have dtype float32 or float64, "
+                            f"got {x.dtype.name}")
+    shape = tuple(out_parts[0].shape)
+    if not shape:
+        raise ValueError(f"{fn}: {out_names[0]} must have at least 1 dimension "
+                         f"(..., Lq, Dv), got shape ()")
+    for name, o in zip(out_names, out_parts):
+        if tuple(o.shape) != shape:
+            raise ValueError(f"{fn}: {name} has shape {tuple(o.shape)} but {out_names[0]} "
+                             f"has {shape}; every part must have one shape")
+    for name, x in zip(lse_names, lse_parts):
+        if tuple(x.shape) != shape[:-1]:
+            raise ValueError(f"{fn}: {name} must have shape {shape[:-1]} "
+                             f"(the parts of outs without their last dimension), "
+                             f"got {tuple(x.shape)}")
+    if xp_name == "cupy":
+        import cupy as xp
+    else:
+        xp = np
+    return _merge(xp, out_parts, lse_parts, dtype)
+
+
+def _merge(xp, out_parts, lse_parts, dtype):
+    """The merge of validated parts with ``xp``'s own operations, in the accumulator dtype."""
+    acc_t = accumulator_dtype(dtype)
+    neg_inf, zero = acc_t.type(-np.inf), acc_t.type(0)
+    lse_k = [x.astype(acc_t) for x in lse_parts]
+    # m = max_k lse_k (NaN propagates); shift by 0 where m is not finite, so that a row
+    # of only -inf parts gives exp(-inf) = 0 everywhere.
+    m = lse_k[0]
+    for x in lse_k[1:]:
+        m = xp.maximum(m, x)
+    m_safe = xp.where(xp.isfinite(m), m, zero)
+    l = xp.zeros(m.shape, dtype=acc_t)                            # sum_k exp(lse_k - m)
+    acc = xp.zeros(out_parts[0].shape, dtype=acc_t)               # sum_k exp(lse_k - m) out_k
+    for o, x in zip(out_parts, lse_k):
+        w = xp.exp(x - m_safe)
+        l += w
+        # a part that saw no key (lse_k = -inf) adds nothing, not 0 * its out
+        acc += xp.where(xp.isneginf(x)[..., None], zero, w[..., None] * o.astype(acc_t))
+    empty = l == 0
+    out = (acc / xp.where(empty, acc_t.type(1), l)[..., None]).astype(dtype)
+    lse = xp.where(empty, neg_inf, m_safe + xp.log(xp.where(empty, acc_t.type(1), l)))
+    return out, lse
 
 
 # ----------------------------------------------------------------------------------------

@@ -12,6 +12,13 @@ Batch elements are processed ``chunk`` at a time (vectorised through ``np.matmul
 that many small heads cost few Python iterations while a single long sequence keeps
 to one block of scores.
 
+The variants of the forward change each block of scores where it is made: softcap,
+ALiBi (from the block's row and column indices), a bias block and a mask block read
+through the caller's own strides (a broadcast dimension stays broadcast, so a
+``(B, 1, 1, Lk)`` padding mask is read as ``(n, 1, BLOCK_N)`` blocks), then the causal
+and window band. Key blocks outside the band are never visited, and a key block that
+the mask hides for every row of the query block is skipped before its product.
+
 The backward pass is FlashAttention-2's too: an outer loop over key blocks, which own
 their ``dK_j`` and ``dV_j`` accumulators, and an inner loop over query blocks, which
 recompute ``P_ij = exp(S_ij - lse_i)`` from q, k and the forward's ``lse`` and add their
@@ -30,8 +37,40 @@ def _acc_dtype(dtype):
     return np.float64 if dtype == np.float64 else np.float32
 
 
-def attention_forward(q, k, v, problem, out=None, block_m=BLOCK_M, block_n=BLOCK_N):
-    """Return ``(out, lse)`` for a validated problem (see ``_api.validate_attention``)."""
+class _Blocks:
+    """Blocks of a bias or mask that broadcasts to ``(batch..., Lq, Lk)``, read in place.
+
+    ``block(idx, rows, cols)`` returns the block of the batch elements ``idx``
+    (unravelled indices into the full batch) as an array that broadcasts against the
+    ``(n, rows, cols)`` block of scores: dimensions where the array has size 1 keep
+    size 1 (``(n, 1, cols)`` for a padding mask ``(B, 1, 1, Lk)``; ``(rows, cols)``
+    for a mask shared by the whole batch), so nothing is expanded beyond one block.
+    A stride-0 dimension (an ``np.broadcast_to`` view) counts as the size-1 dimension
+    it repeats.
+    """
+
+    def __init__(self, x, batch):
+        view = x[(np.newaxis,) * (len(batch) + 2 - x.ndim)]      # left-pad with 1s
+        self.view = view[tuple(slice(0, 1) if stride == 0 else slice(None)
+                               for stride in view.strides)]
+        self.keep = tuple(n != 1 for n in self.view.shape[:-2])   # dimensions it really has
+        self.full_rows = self.view.shape[-2] != 1
+        self.full_cols = self.view.shape[-1] != 1
+
+    def block(self, idx, rows, cols):
+        r = rows if self.full_rows else slice(None)
+        c = cols if self.full_cols else slice(None)
+        if not any(self.keep):
+            return self.view[(0,) * len(self.keep) + (r, c)]      # (rows, cols), shared
+        own_idx = tuple(i if keep else 0 for i, keep in zip(idx, self.keep))
+        return self.view[own_idx + (r, c)]                        # (n, rows, cols)
+
+
+def attention_forward(q, k, v, problem, out=None, block_m=BLOCK_M, block_n=BLOCK_N, *,
+                      bias=None, mask=None, alibi_slopes=None):
+    """Return ``(out, lse)`` for a validated problem (see ``_api.validate_attention``),
+    with the variants of ``_api.validate_variants``: ``problem.window`` and
+    ``problem.softcap``, and the arrays ``bias``, ``mask`` and ``alibi_slopes``."""
     p = problem
     acc_t = _acc_dtype(p.dtype)
     if out is None:
@@ -49,11 +88,23 @@ def attention_forward(q, k, v, problem, out=None, block_m=BLOCK_M, block_n=BLOCK
     n_batch = int(np.prod(batch, dtype=np.int64))
     if n_batch == 0 or p.Lq == 0:
         return out, lse
+    bias_blocks = None if bias is None else _Blocks(bias, batch)
+    mask_blocks = None if mask is None else _Blocks(mask, batch)
+    slopes_all = None if alibi_slopes is None else np.broadcast_to(alibi_slopes, batch)
+    softcap = None if p.softcap is None else acc_t(p.softcap)
+
+    # The band of keys query i sees: i + offset - left <= j <= i + offset + right, None
+    # for unbounded; causal is the band's right side at 0.
+    offset = p.Lk - p.Lq
+    left, right = p.window or (None, None)
+    if p.causal:
+        right = 0 if right is None else min(right, 0)
 
     chunk = max(1, CHUNK_BYTES // (block_m * block_n * np.dtype(acc_t).itemsize))
-    offset = p.Lk - p.Lq  # causal: query i sees key j iff j <= i + offset
     for c0 in range(0, n_batch, chunk):
         idx = np.unravel_index(np.arange(c0, min(c0 + chunk, n_batch)), batch)
+        if slopes_all is not None:
+            slopes = slopes_all[idx].astype(acc_t)[:, None, None]    # (n, 1, 1)
         for i0 in range(0, p.Lq, block_m):
             i1 = min(i0 + block_m, p.Lq)
             rows = slice(i0, i1)
@@ -62,19 +113,48 @@ def attention_forward(q, k, v, problem, out=None, block_m=BLOCK_M, block_n=BLOCK
             m_i = np.full(q_i.shape[:2], -np.inf, dtype=acc_t)       # running row max
             l_i = np.zeros(q_i.shape[:2], dtype=acc_t)               # running row sum
             acc = np.zeros(q_i.shape[:2] + (p.Dv,), dtype=acc_t)     # unnormalised O_i
-            # Causal: key blocks that start after the last visible key are skipped.
-            n_end = min(p.Lk, i1 + offset) if p.causal else p.Lk
-            for j0 in range(0, max(n_end, 0), block_n):
+            # Causal and window: only the key blocks of the band [n_start, n_end) that
+            # the rows i0 .. i1 - 1 see are visited; the others are skipped.
+            n_start = 0 if left is None else max(0, i0 + offset - left)
+            n_end = p.Lk if right is None else min(p.Lk, i1 + offset + right)
+            for j0 in range(n_start, n_end, block_n):
                 j1 = min(j0 + block_n, n_end)
                 cols = slice(j0, j1)
+                keep = None
+                if mask_blocks is not None:
+                    keep = mask_blocks.block(idx, rows, cols)
+                    if not keep.any():  # the mask hides the block from every row
+                        continue
                 k_j = k_all[idx + (cols,)].astype(acc_t)             # (n, BLOCK_N, D)
                 v_j = v_all[idx + (cols,)].astype(acc_t)             # (n, BLOCK_N, Dv)
                 # S = Q_i K_j^T * scale: (n, BLOCK_M, BLOCK_N)
                 s = np.matmul(q_i, np.swapaxes(k_j, -1, -2))
-                if p.causal and j1 - 1 > i0 + offset:  # the block crosses the diagonal
-                    hidden = (np.arange(j0, j1)[None, :]
-                              > np.arange(i0, i1)[:, None] + offset)
+                if softcap is not None:
+                    # S = softcap * tanh(S / softcap), before any bias
+                    np.divide(s, softcap, out=s)
+                    np.tanh(s, out=s)
+                    s *= softcap
+                if slopes_all is not None:
+                    # S -= slope * |i + offset - j|: ALiBi from the block's indices
+                    distance = np.abs(np.arange(i0, i1)[:, None] + offset
+                                      - np.arange(j0, j1)[None, :]).astype(acc_t)
+                    s -= slopes * distance
+                if bias_blocks is not None:
+                    s += bias_blocks.block(idx, rows, cols).astype(acc_t)
+                # The block reaches past an edge of the band: hide the keys beyond it.
+                past_left = left is not None and j0 < i1 - 1 + offset - left
+                past_right = right is not None and j1 - 1 > i0 + offset + right
+                if past_left or past_right:
+                    diag = np.arange(i0, i1)[:, None] + offset       # (BLOCK_M, 1)
+                    j = np.arange(j0, j1)[None, :]                   # (1, BLOCK_N)
+                    hidden = np.zeros((i1 - i0, j1 - j0), dtype=bool)
+                    if past_left:
+                        hidden |= j < diag - left
+                    if past_right:
+                        hidden |= j > diag + right
                     np.copyto(s, -np.inf, where=hidden)  # broadcast over the chunk
+                if keep is not None:
+                    np.copyto(s, -np.inf, where=~keep)
                 # -- update m_i and l_i
                 m_new = np.maximum(m_i, s.max(axis=-1))
                 # A row with no visible key so far has m = -inf: use 0 so exp gives 0.

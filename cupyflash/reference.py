@@ -11,6 +11,11 @@ Semantics shared with :func:`cupyflash.attention`:
 * ``scale`` defaults to ``1 / sqrt(D)``;
 * ``causal=True``: query ``i`` sees key ``j`` iff ``j <= i + (Lk - Lq)``
   (the mask is aligned to the bottom-right corner);
+* ``window=(left, right)``: query ``i`` sees key ``j`` iff
+  ``i + (Lk - Lq) - left <= j <= i + (Lk - Lq) + right`` (``None``: unbounded on that side);
+* the order of operations: ``S = q k^T * scale``; ``S = softcap * tanh(S / softcap)``;
+  ``S = S + alibi + bias`` with ``alibi_ij = -slope * |i + (Lk - Lq) - j|``; then
+  ``S = -inf`` wherever ``mask``, ``causal`` or ``window`` hides a key;
 * a score of ``-inf`` gives that key weight 0; a query row that sees no key at all
   (every score ``-inf`` or masked) returns zeros and ``lse = -inf``.
 
@@ -27,14 +32,20 @@ True
 
 import numpy as np
 
-__all__ = ["attention", "attention_backward", "causal_mask", "softmax", "log_softmax",
-           "logsumexp"]
+__all__ = ["attention", "attention_backward", "causal_mask", "window_mask", "alibi_bias",
+           "merge_attention", "softmax", "log_softmax", "logsumexp"]
 
 
 def _as_float64(x):
     if hasattr(x, "get"):  # a CuPy array: bring it to the host
         x = x.get()
     return np.asarray(x).astype(np.float64)
+
+
+def _as_bool(x):
+    if hasattr(x, "get"):
+        x = x.get()
+    return np.asarray(x, dtype=bool)
 
 
 def causal_mask(Lq, Lk):
@@ -51,20 +62,96 @@ def causal_mask(Lq, Lk):
     return j <= i + (Lk - Lq)
 
 
-def attention(q, k, v, *, causal=False, scale=None, return_lse=False):
-    """Standard attention ``softmax(q k^T * scale) v`` in float64.
+def window_mask(Lq, Lk, window):
+    """Boolean ``(Lq, Lk)`` keep-mask of a sliding window ``(left, right)``.
+
+    Query ``i`` sees key ``j`` iff ``i + (Lk - Lq) - left <= j <= i + (Lk - Lq) + right``:
+    the window is centred on the causal diagonal, aligned to the bottom-right corner.
+    ``None`` on either side means unbounded on that side.
+
+    >>> window_mask(3, 5, (1, 0)).astype(int)  # a key and the one before it
+    array([[0, 1, 1, 0, 0],
+           [0, 0, 1, 1, 0],
+           [0, 0, 0, 1, 1]])
+    >>> window_mask(2, 4, (None, 1)).astype(int)
+    array([[1, 1, 1, 1],
+           [1, 1, 1, 1]])
+    """
+    left, right = window
+    diag = np.arange(Lq)[:, None] + (Lk - Lq)  # the causal diagonal of row i
+    j = np.arange(Lk)[None, :]
+    keep = np.ones((Lq, Lk), dtype=bool)
+    if left is not None:
+        keep &= j >= diag - left
+    if right is not None:
+        keep &= j <= diag + right
+    return keep
+
+
+def alibi_bias(alibi_slopes, Lq, Lk):
+    """The ALiBi bias ``-slope * |i + (Lk - Lq) - j|`` in float64, ``(..., Lq, Lk)``.
+
+    ``alibi_slopes`` has the batch shape (one slope per batch element, broadcasting as
+    the batch does, e.g. ``(H,)`` for q of shape ``(B, H, Lq, D)``); the result has that
+    shape followed by ``(Lq, Lk)``.
+
+    >>> alibi_bias(np.array([0.5]), 2, 3)
+    array([[[-0.5, -0. , -0.5],
+            [-1. , -0.5, -0. ]]])
+    """
+    slopes = _as_float64(alibi_slopes)
+    distance = np.abs(np.arange(Lq)[:, None] + (Lk - Lq) - np.arange(Lk)[None, :])
+    return -slopes[..., None, None] * distance
+
+
+def attention(q, k, v, *, causal=False, scale=None, return_lse=False, bias=None,
+              mask=None, window=None, alibi_slopes=None, softcap=None):
+    """Standard attention ``softmax(q k^T * scale) v`` in float64, with its variants.
 
     Shapes ``q (..., Lq, D)``, ``k (..., Lk, D)``, ``v (..., Lk, Dv)``; leading
     dimensions broadcast. Returns ``out (..., Lq, Dv)`` and, with ``return_lse``,
-    the natural-log logsumexp of the scaled (and masked) scores, ``(..., Lq)``.
+    the natural-log logsumexp of the final scores (scaled, capped, biased and
+    masked), ``(..., Lq)``.
+
+    The options are those of :func:`cupyflash.attention`, applied in this order to the
+    full score matrix::
+
+        S = q k^T * scale
+        S = softcap * tanh(S / softcap)                       if softcap
+        S = S + alibi_bias(alibi_slopes, Lq, Lk)              if alibi_slopes
+        S = S + bias                                          if bias
+        S = -inf where not (mask & causal_mask & window_mask)
+        out = softmax(S) v
+
+    >>> q = k = np.zeros((3, 2))
+    >>> v = np.arange(3.0)[:, None]
+    >>> attention(q, k, v, window=(1, 0))[:, 0]  # the mean of a key and the one before
+    array([0. , 0.5, 1.5])
+    >>> attention(q, k, v, mask=np.array([True, False, True]))[:, 0]
+    array([1., 1., 1.])
     """
     q, k, v = _as_float64(q), _as_float64(k), _as_float64(v)
+    Lq, Lk = q.shape[-2], k.shape[-2]
     if scale is None:
         scale = 1.0 / np.sqrt(q.shape[-1])
     # S = Q K^T * scale: the full (..., Lq, Lk) score matrix
     s = np.matmul(q, np.swapaxes(k, -1, -2)) * scale
+    if softcap is not None:
+        s = softcap * np.tanh(s / softcap)
+    if alibi_slopes is not None:
+        s = s + alibi_bias(alibi_slopes, Lq, Lk)
+    if bias is not None:
+        s = s + _as_float64(bias)
+    keep = None
     if causal:
-        s = np.where(causal_mask(q.shape[-2], k.shape[-2]), s, -np.inf)
+        keep = causal_mask(Lq, Lk)
+    if window is not None:
+        keep = window_mask(Lq, Lk, window) if keep is None else keep & window_mask(Lq, Lk, window)
+    if mask is not None:
+        mask = _as_bool(mask)
+        keep = mask if keep is None else keep & mask
+    if keep is not None:
+        s = np.where(keep, s, -np.inf)
     lse = logsumexp(s, axis=-1)
     # P = softmax(S); rows with no visible key get all-zero probabilities
     p = softmax(s, axis=-1)
@@ -72,6 +159,40 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False):
     # v may bring batch dimensions that q and k lack: lse has the batch shape of out
     lse = np.broadcast_to(lse, out.shape[:-1]).copy()
     return (out, lse) if return_lse else out
+
+
+def merge_attention(outs, lses):
+    """Merge partial attention results in float64: ``(out, lse)``.
+
+    ``outs`` (``K`` parts of shape ``(..., Lq, Dv)``) and ``lses`` (``K`` parts of shape
+    ``(..., Lq)``) are arrays stacked along a leading axis or sequences of arrays, e.g.
+    the attention of one query block against ``K`` disjoint sets of keys. Then::
+
+        lse = logsumexp_k lse_k
+        out = sum_k exp(lse_k - lse) * out_k
+
+    is the attention against all the keys. A part with ``lse_k = -inf`` contributes
+    nothing (whatever its out); if every part is ``-inf``, out is zeros and lse ``-inf``.
+
+    >>> out, lse = merge_attention([np.ones((1, 2)), np.zeros((1, 2))],
+    ...                            [np.log([3.0]), np.log([1.0])])
+    >>> out, np.exp(lse)
+    (array([[0.75, 0.75]]), array([4.]))
+    """
+    if hasattr(outs, "shape"):
+        outs = _as_float64(outs)
+    else:
+        outs = np.stack([_as_float64(o) for o in outs])
+    if hasattr(lses, "shape"):
+        lses = _as_float64(lses)
+    else:
+        lses = np.stack([_as_float64(x) for x in lses])
+    lse = logsumexp(lses, axis=0)
+    # exp(lse_k - lse), with lse = -inf only where every lse_k is -inf: there exp(-inf) = 0
+    with np.errstate(invalid="ignore"):
+        weights = np.exp(lses - np.where(np.isneginf(lse), 0.0, lse))
+    parts = np.where(np.isneginf(lses)[..., None], 0.0, weights[..., None] * outs)
+    return np.sum(parts, axis=0), lse
 
 
 def attention_backward(dout, q, k, v, *, causal=False, scale=None):

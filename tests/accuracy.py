@@ -20,12 +20,21 @@ happens beyond float64's own:
 
 1. ``qs = round_T(q * scale)``                  scale the queries, in T
 2. ``S  = round_T(qs @ k^T)``                   products accumulated in acc, rounded to T
-3. ``S  = -inf`` where the causal mask hides a key
+   a. ``S = round_T(c * tanh(S / c))``          with ``softcap=c``, in acc
+   b. ``S = round_T(S + alibi + bias)``         with ``alibi_slopes`` or ``bias``, in acc
+      (``alibi_ij = -slope * |i + Lk - Lq - j|``; slopes and bias converted to acc)
+3. ``S  = -inf`` where the causal mask, the window or ``mask`` hides a key
 4. ``P  = round_T(exp(S - m) / l)``             safe softmax in acc: m = row max, l = row sum
 5. ``O  = round_T(P @ v)``                      products accumulated in acc, rounded to T
 
 ``lse`` is returned in acc (float32, or float64 for float64), so its naive counterpart
-keeps everything in acc: ``logsumexp_acc((q * scale) @ k^T)`` from the rounded inputs.
+keeps everything in acc: ``logsumexp_acc((q * scale) @ k^T)`` from the rounded inputs,
+with steps 2a, 2b and 3 in acc and nothing rounded to T.
+
+The variants (``bias``, ``mask``, ``window``, ``alibi_slopes``, ``softcap``) are keyword
+options of :func:`true_attention`, :func:`naive_attention`, :func:`score_rounding_slack`
+and :func:`check_attention`, with the meaning of :func:`cupyflash.attention`; the truth
+applies them in the same order, in float64 (WIDE for float64 inputs).
 
 The floor covers results that the naive path gets exactly right by luck while a tiled
 algorithm does a few more roundings (the final rounding of the output to T, the running
@@ -42,6 +51,10 @@ all. So each row also gets the first-order effect of perturbing every score by
 ``eps_i = FLOOR_ULPS * u_acc * |scale| * |q_i| max_j |k_j|`` (:func:`score_rounding_slack`):
 ``4 eps_i max|v|`` for out and ``eps_i`` for lse. It is negligible against real bugs (a
 mask off by one, a missed rescale), which move weights by factors, not by ulps.
+With the variants, each score is also rounded once more at the size of what is added to
+it and of the cap, so ``eps_i`` gains ``FLOOR_ULPS * u_acc * (max_j |bias_ij + alibi_ij|
++ softcap)`` (over the finite entries; ``c tanh(x / c)`` has slope at most 1, so the
+scores' own rounding passes through the cap unamplified).
 
 The backward pass (:func:`check_attention_backward`) follows the same rule, gradient by
 gradient: ``max|got - truth| <= 2 * max|naive - truth| + floor + slack`` for each of dq,
@@ -195,17 +208,58 @@ def true_softmax_family(x, axis, kind):
     return np.exp(r) if kind == "softmax" else r
 
 
-def true_attention(q, k, v, *, causal=False, scale=None):
+def _keep_mask(Lq, Lk, *, causal, mask=None, window=None):
+    """The keys each query sees (causal & window & mask), or None where all are seen."""
+    keep = None
+    for part in (reference.causal_mask(Lq, Lk) if causal else None,
+                 None if window is None else reference.window_mask(Lq, Lk, window),
+                 None if mask is None else np.asarray(mask, dtype=bool)):
+        if part is not None:
+            keep = part if keep is None else keep & part
+    return keep
+
+
+def apply_variants(s, Lq, Lk, *, causal, bias=None, mask=None, window=None,
+                   alibi_slopes=None, softcap=None, round_to=None):
+    """Steps 2a, 2b and 3 on the scores ``s`` (..., Lq, Lk), computed in s's dtype; with
+    ``round_to`` (the dtype T), each arithmetic step is rounded to T, as in the naive
+    computation. Returns the new scores in s's dtype (batch dimensions of bias and mask
+    broadcast in)."""
+    t = s.dtype.type
+
+    def rounded(x):
+        return x.astype(round_to).astype(s.dtype) if round_to is not None else x
+
+    with np.errstate(invalid="ignore", over="ignore"):
+        if softcap is not None:
+            s = rounded(t(softcap) * np.tanh(s / t(softcap)))
+        added = None
+        if alibi_slopes is not None:
+            distance = np.abs(np.arange(Lq)[:, None] + (Lk - Lq) - np.arange(Lk)[None, :])
+            slopes = np.asarray(alibi_slopes).astype(s.dtype)[..., None, None]
+            added = -(slopes * distance.astype(s.dtype))
+        if bias is not None:
+            b = np.asarray(bias).astype(s.dtype)
+            added = b if added is None else added + b
+        if added is not None:
+            s = rounded(s + added)
+    keep = _keep_mask(Lq, Lk, causal=causal, mask=mask, window=window)
+    if keep is not None:
+        s = np.where(keep, s, -np.inf).astype(s.dtype)
+    return s
+
+
+def true_attention(q, k, v, *, causal=False, scale=None, **variants):
     """``cupyflash.reference.attention(..., return_lse=True)``; for float64 inputs the
-    same formulas in WIDE: ``S = q k^T * scale``, masked, ``P = exp(log_softmax(S))``,
-    ``out = P v``."""
+    same formulas in WIDE: ``S = q k^T * scale``, the variants, masked,
+    ``P = exp(log_softmax(S))``, ``out = P v``."""
     if not _wide(q.dtype):
-        return reference.attention(q, k, v, causal=causal, scale=scale, return_lse=True)
+        return reference.attention(q, k, v, causal=causal, scale=scale, return_lse=True,
+                                   **variants)
     q, k, v = q.astype(WIDE), k.astype(WIDE), v.astype(WIDE)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     s = np.matmul(q, np.swapaxes(k, -1, -2)) * WIDE.type(scale)
-    if causal:
-        s = np.where(reference.causal_mask(q.shape[-2], k.shape[-2]), s, -np.inf).astype(WIDE)
+    s = apply_variants(s, q.shape[-2], k.shape[-2], causal=causal, **variants)
     m, log_l = _shift_and_log_sum(s, -1)
     out = np.matmul(np.exp(_wide_log_softmax(s, -1)), v)
     lse = np.squeeze(log_l + m, axis=-1)
@@ -216,16 +270,16 @@ def true_attention(q, k, v, *, causal=False, scale=None):
 # naive same-dtype computations
 # ----------------------------------------------------------------------------------------
 
-def naive_attention(q, k, v, *, causal=False, scale=None):
+def naive_attention(q, k, v, *, causal=False, scale=None, **variants):
     """Full-matrix attention in the inputs' dtype (steps 1-5 of the module docstring).
 
     Returns ``(out, lse)``: out in the inputs' dtype, lse in the accumulator dtype.
     """
-    _, out, lse = _naive_forward(q, k, v, causal=causal, scale=scale)
+    _, out, lse = _naive_forward(q, k, v, causal=causal, scale=scale, **variants)
     return out, lse
 
 
-def _naive_forward(q, k, v, *, causal, scale):
+def _naive_forward(q, k, v, *, causal, scale, **variants):
     """Steps 1-5: ``(P, out, lse)``, P and out in the inputs' dtype, lse in acc."""
     dtype = q.dtype
     acc = accumulator_dtype(dtype).type
@@ -239,11 +293,10 @@ def _naive_forward(q, k, v, *, causal, scale):
         s = np.matmul(qs.astype(acc), k_t).astype(dtype).astype(acc)
         # lse: like S, but nothing rounded to T
         s_lse = np.matmul(q.astype(acc) * acc(scale), k_t)
-    if causal:
-        # 3. hide the keys the causal mask hides
-        keep = reference.causal_mask(q.shape[-2], k.shape[-2])
-        s = np.where(keep, s, -np.inf).astype(acc)
-        s_lse = np.where(keep, s_lse, -np.inf).astype(acc)
+    # 2a, 2b. softcap, alibi and bias; 3. hide the keys the causal mask, window, mask hide
+    Lq, Lk = q.shape[-2], k.shape[-2]
+    s = apply_variants(s, Lq, Lk, causal=causal, round_to=dtype, **variants)
+    s_lse = apply_variants(s_lse, Lq, Lk, causal=causal, **variants)
     # 4. P = round_T(exp(S - m) / l): a row of only -inf gets P = 0
     m = np.max(s, axis=-1, keepdims=True, initial=-np.inf)
     with np.errstate(invalid="ignore", over="ignore"):
@@ -333,7 +386,8 @@ def assert_within_budget(name, got, ref, naive, floor, slack=0.0):
             f"{float(diff.max()):.3e})")
 
 
-def score_rounding_slack(q, k, v, *, scale):
+def score_rounding_slack(q, k, v, *, scale, bias=None, mask=None, window=None,
+                         alibi_slopes=None, softcap=None):
     """``(out_slack, lse_slack)``, per query row: the effect on out and lse of an error of
     at most ``eps_i`` in every score of row i (see the module docstring).
 
@@ -342,13 +396,26 @@ def score_rounding_slack(q, k, v, *, scale):
     <= 4 eps max|v|`` (to first order) and lse by at most ``eps``. Here
     ``eps_i = FLOOR_ULPS * u_acc * |scale| * |q_i| * max_j |k_j|`` (Euclidean norms, over
     the keys with a finite score), which bounds ``sum_d |q_id k_jd|`` by Cauchy-Schwarz.
+    With the variants, ``eps_i`` also gets ``FLOOR_ULPS * u_acc * (max_j |bias_ij| +
+    max_j |alibi_ij| + softcap)`` (finite entries only). ``mask`` and ``window`` only
+    hide keys: they add nothing.
     """
     u = unit_roundoff(accumulator_dtype(q.dtype))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     q_norm = np.linalg.norm(q.astype(np.float64), axis=-1)              # (..., Lq)
     k_norm = np.linalg.norm(k.astype(np.float64), axis=-1)              # (..., Lk)
     k_norm = np.where(np.isfinite(k_norm), k_norm, 0.0).max(axis=-1, initial=0.0)
-    eps = FLOOR_ULPS * u * abs(scale) * q_norm * k_norm[..., None]
+    magnitude = abs(scale) * q_norm * k_norm[..., None]
+    Lq, Lk = q.shape[-2], k.shape[-2]
+    if bias is not None:
+        b = np.abs(np.asarray(bias, dtype=np.float64))
+        magnitude = magnitude + np.where(np.isfinite(b), b, 0.0).max(axis=-1, initial=0.0)
+    if alibi_slopes is not None:
+        a = np.abs(reference.alibi_bias(alibi_slopes, Lq, Lk))
+        magnitude = magnitude + np.where(np.isfinite(a), a, 0.0).max(axis=-1, initial=0.0)
+    if softcap is not None:
+        magnitude = magnitude + softcap
+    eps = FLOOR_ULPS * u * magnitude
     eps = np.where(np.isfinite(eps), eps, 0.0)  # NaN rows are checked as special values
     batch = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     eps = np.broadcast_to(eps, batch + (q.shape[-2],))
@@ -356,23 +423,25 @@ def score_rounding_slack(q, k, v, *, scale):
     return out_slack, eps
 
 
-def check_attention(out, lse, q, k, v, *, causal, scale, ref_out=None, ref_lse=None):
+def check_attention(out, lse, q, k, v, *, causal, scale, ref_out=None, ref_lse=None,
+                    **variants):
     """Assert that ``out`` and ``lse`` computed from the (rounded, NumPy) inputs q, k, v
-    meet the accuracy rule, with the documented dtypes and shapes.
+    (and the variants' NumPy arrays and options) meet the accuracy rule, with the
+    documented dtypes and shapes.
 
     ``ref_out`` / ``ref_lse`` replace the truth of ``(q, k, v)`` by one that must be
     mathematically equal (for invariance tests: the truth of the untransformed problem,
     from :func:`true_attention`).
     """
     dtype = q.dtype
-    r_out, r_lse = true_attention(q, k, v, causal=causal, scale=scale)
+    r_out, r_lse = true_attention(q, k, v, causal=causal, scale=scale, **variants)
     ref_out = r_out if ref_out is None else ref_out
     ref_lse = r_lse if ref_lse is None else ref_lse
-    naive_out, naive_lse = naive_attention(q, k, v, causal=causal, scale=scale)
+    naive_out, naive_lse = naive_attention(q, k, v, causal=causal, scale=scale, **variants)
     assert out.dtype == dtype, f"out has dtype {out.dtype}, expected {dtype}"
     assert lse.dtype == accumulator_dtype(dtype), \
         f"lse has dtype {lse.dtype}, expected {accumulator_dtype(dtype)}"
-    out_slack, lse_slack = score_rounding_slack(q, k, v, scale=scale)
+    out_slack, lse_slack = score_rounding_slack(q, k, v, scale=scale, **variants)
     assert_within_budget("out", out, ref_out, naive_out, out_floor(dtype, v), out_slack)
     assert_within_budget("lse", lse, ref_lse, naive_lse, lse_floor(dtype, ref_lse), lse_slack)
     # A row that sees no key is exactly zero (documented), not merely small.

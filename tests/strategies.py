@@ -242,3 +242,130 @@ def softmax_cases(draw, dtypes=DTYPE_NAMES, specials=st.sampled_from(SOFTMAX_SPE
                        magnitude=draw(st.sampled_from(SOFTMAX_MAGNITUDES[dtype])),
                        offset=draw(st.sampled_from(SOFTMAX_OFFSETS[dtype])),
                        special=draw(specials), seed=draw(st.integers(0, 2**32 - 1)))
+
+
+# ----------------------------------------------------------------------------------------
+# attention variants: bias, mask, window, alibi_slopes, softcap
+# ----------------------------------------------------------------------------------------
+
+# Where a mask keeps keys (a bias is finite there and -inf elsewhere), per kind:
+#   dense:   everywhere
+#   random:  each entry with probability 0.7
+#   blocky:  8 x 8 tiles, each kept with probability 0.5 (whole key blocks of the
+#            small-block backend tests are hidden, so they are skipped)
+#   rows:    random, and about a third of the rows hide every key (rows that see nothing)
+#   padding: the first n keys of each row, n drawn in [0, Lk] per row of the operand's
+#            own shape: (B, 1, 1, Lk) is a padding mask per batch element, n = 0 hides all
+OPERAND_KINDS = ("dense", "random", "blocky", "rows", "padding")
+
+VARIANT_OPTIONS = ("bias", "mask", "window", "alibi_slopes", "softcap")
+
+SOFTCAPS = (0.5, 5.0, 30.0, 50.0)
+
+
+def _keep(rng, shape, kind):
+    """A boolean keep-pattern of ``shape`` (the operand's own) of the given kind."""
+    if kind == "dense" or not shape:
+        return np.ones(shape, dtype=bool)
+    if kind == "random":
+        return rng.random(shape) < 0.7
+    if kind == "blocky":
+        coarse = rng.random(tuple(-(-n // 8) for n in shape)) < 0.5
+        for axis in range(len(shape)):
+            coarse = np.repeat(coarse, 8, axis=axis)
+        return coarse[tuple(slice(0, n) for n in shape)]
+    if kind == "rows":
+        return (rng.random(shape) < 0.7) & (rng.random(shape[:-1] + (1,)) < 0.7)
+    if kind == "padding":
+        lengths = rng.integers(0, shape[-1] + 1, shape[:-1])
+        return np.arange(shape[-1]) < lengths[..., None]
+    raise ValueError(kind)
+
+
+@dataclasses.dataclass(frozen=True)
+class VariantCase:
+    """An :class:`AttentionCase` with the variants of ``cupyflash.attention``.
+
+    ``bias_kind`` / ``mask_kind`` (one of :data:`OPERAND_KINDS`, or None for no bias /
+    mask) with the operand's own shape (broadcastable to ``(batch..., Lq, Lk)``); a bias
+    is ``bias_scale * N(0, 1)`` where its pattern keeps a key, ``-inf`` elsewhere, in
+    ``bias_dtype``. ``slopes_shape`` (None: no ALiBi) broadcasts to the batch shape; the
+    slopes are uniform in ``[-slopes_max / 4, slopes_max]`` (mostly positive, as ALiBi's).
+    """
+
+    case: AttentionCase
+    bias_kind: str = None
+    bias_shape: tuple = ()
+    bias_dtype: str = "float32"
+    bias_scale: float = 1.0
+    mask_kind: str = None
+    mask_shape: tuple = ()
+    window: tuple = None
+    slopes_shape: tuple = None
+    slopes_max: float = 1.0
+    softcap: float = None
+    seed: int = 0
+
+    def inputs(self):
+        """``(q, k, v, scale, options)``: the case's inputs and a dict of the variants
+        to pass to ``attention`` (NumPy arrays; options that are off are left out)."""
+        q, k, v, scale = self.case.inputs()
+        rng = np.random.default_rng(self.seed)
+        options = {}
+        if self.bias_kind is not None:
+            keep = _keep(rng, self.bias_shape, self.bias_kind)
+            bias = np.where(keep, rng.standard_normal(self.bias_shape) * self.bias_scale,
+                            -np.inf)
+            options["bias"] = np.asarray(bias).astype(DTYPES[self.bias_dtype])
+        if self.mask_kind is not None:
+            options["mask"] = _keep(rng, self.mask_shape, self.mask_kind)
+        if self.window is not None:
+            options["window"] = self.window
+        if self.slopes_shape is not None:
+            options["alibi_slopes"] = rng.uniform(-self.slopes_max / 4, self.slopes_max,
+                                                  self.slopes_shape)
+        if self.softcap is not None:
+            options["softcap"] = self.softcap
+        return q, k, v, scale, options
+
+
+@st.composite
+def _operand_shapes(draw, full):
+    """A shape that broadcasts to ``full``: some leading dimensions dropped, some others 1."""
+    drop = draw(st.integers(0, len(full)))
+    return tuple(n if draw(st.booleans()) else 1 for n in full[drop:])
+
+
+@st.composite
+def window_sides(draw, Lq, Lk):
+    """None (unbounded) or an int >= 0: mostly small (a side of a few keys), sometimes
+    near the lengths or past them."""
+    return draw(st.one_of(st.none(), st.integers(0, 3), st.integers(0, max(Lq, Lk) + 2)))
+
+
+@st.composite
+def variant_cases(draw, options=VARIANT_OPTIONS, required=(), **case_options):
+    """A :class:`VariantCase`: each option in ``options`` is on with probability 1/2, each
+    in ``required`` always; ``case_options`` go to :func:`attention_cases`."""
+    case = draw(attention_cases(**case_options))
+    on = {name: name in required or (name in options and draw(st.booleans()))
+          for name in VARIANT_OPTIONS}
+    full = case.batch_shape + (case.Lq, case.Lk)
+    fields = {}
+    if on["bias"]:
+        fields.update(bias_kind=draw(st.sampled_from(OPERAND_KINDS)),
+                      bias_shape=draw(_operand_shapes(full)),
+                      bias_dtype=draw(st.sampled_from(DTYPE_NAMES)),
+                      bias_scale=draw(st.sampled_from([1.0, 10.0])))
+    if on["mask"]:
+        fields.update(mask_kind=draw(st.sampled_from(OPERAND_KINDS)),
+                      mask_shape=draw(_operand_shapes(full)))
+    if on["window"]:
+        fields.update(window=(draw(window_sides(case.Lq, case.Lk)),
+                              draw(window_sides(case.Lq, case.Lk))))
+    if on["alibi_slopes"]:
+        fields.update(slopes_shape=draw(_operand_shapes(case.batch_shape)),
+                      slopes_max=draw(st.sampled_from([0.05, 1.0])))
+    if on["softcap"]:
+        fields.update(softcap=draw(st.sampled_from(SOFTCAPS)))
+    return VariantCase(case=case, seed=draw(st.integers(0, 2**32 - 1)), **fields)
