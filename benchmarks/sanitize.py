@@ -6,7 +6,7 @@
 
 Covers: the tensor-core forward (fp16, bf16; every head-dim bucket; causal and not;
 lengths off the tile sizes, Lq != Lk, a row that sees no key), the fp32/fp64 forward, the
-softmax kernels (a short row, a row longer than one block), and the backward ("bwd": the
+softmax kernels (a short row, rows for the cluster kernel, a row longer than that), and the backward ("bwd": the
 same attention cases, atomic and deterministic dQ, grouped-query k and v). Each result is also checked
 against the float64 reference, so a sanitizer-clean but wrong kernel still fails.
 """
@@ -75,8 +75,10 @@ def main(families=("mma", "simt", "softmax")):
                     worst = max(worst, err)
         cases += bwd_cases
     if "softmax" in families:
-        for n in (1000, 300_000):
-            x = rng.standard_normal((3, n)).astype(np.float32)
+        # one block per row; the cluster kernel (sm_90: 17 rows fill an H100's 132 SMs);
+        # the split-row kernels
+        for rows, n in ((3, 1000), (17, 262_144), (3, 300_000)):
+            x = rng.standard_normal((rows, n)).astype(np.float32)
             for fn in (cupyflash.softmax, cupyflash.log_softmax, cupyflash.logsumexp):
                 got = fn(cupy.asarray(x)).get()
                 ref = getattr(reference, fn.__name__)(x)

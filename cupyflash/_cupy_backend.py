@@ -17,6 +17,7 @@ import numpy as np
 from . import _kernels
 
 MAX_BATCH_DIMS = 4  # as in cuda/attention_common.cuh
+SOFTMAX_CLUSTER = 8  # blocks per row of softmax_cluster (cuda/online_softmax.cuh)
 
 # The layout of ``struct AttentionParams`` in cuda/attention_common.cuh: every field is
 # 8 bytes wide, so NumPy's packed layout is the C layout. CuPy passes a structured NumPy
@@ -436,8 +437,12 @@ def softmax_family(x, axes, kind):
     one group of threads (``softmax_rows``). Longer rows, and a few long rows that would
     leave most SMs idle, are cut into segments of ``seg_vecs`` vectors:
     ``softmax_partials`` writes each segment's running (max, sum) and ``softmax_finish``
-    merges them and writes the output, reading x a second time. Everything runs on CuPy's
-    current stream; nothing waits for the device.
+    merges them and writes the output, reading x a second time. On sm_90, rows up to 8
+    times the one-group limit (256k float32 elements) instead go to ``softmax_cluster``:
+    one cluster of 8 blocks per row, each holding a segment in registers, the blocks'
+    (max, sum) merged through distributed shared memory, x read once (when rows are
+    16-byte multiples and enough to fill the GPU). Everything runs on CuPy's current
+    stream; nothing waits for the device.
     """
     import cupy
 
@@ -480,7 +485,24 @@ def softmax_family(x, axes, kind):
         few_long_rows = n_blocks < n_sm and n_vec >= 2 * seg_vecs
         y = cupy.empty(out_shape if kind == "logsumexp" else xt.shape, dtype=x.dtype)
 
-        if fits and not few_long_rows:
+        # sm_90: a row that one block cannot hold in registers but 8 can (one cluster per
+        # row, softmax_cluster) is still read once; with rows enough to fill the GPU. Not
+        # for logsumexp, which reads only: on an H100 the split-row kernels read 256k rows
+        # at 0.93 of the copy's bandwidth, the cluster kernel at 0.60.
+        cluster = SOFTMAX_CLUSTER
+        use_cluster = (not fits and kind != "logsumexp" and _compute_capability(device_id) == 90
+                       and row_len % vec == 0
+                       and -(-n_vec // cluster) <= max_threads * row_vecs
+                       and n_rows * cluster >= n_sm)
+        if use_cluster:
+            kind_name = ("cupyflash::KIND_SOFTMAX", "cupyflash::KIND_LOG_SOFTMAX",
+                         "cupyflash::KIND_LOGSUMEXP")[kind_id]
+            rows = _kernels.get_function(device_id, "online_softmax.cuh",
+                                         f"cupyflash::softmax_cluster<{ctype}, {kind_name}>",
+                                         arch)
+            rows((cluster * min(n_rows, 1 << 16),), (max_threads,),
+                 (xt, y, np.int64(n_rows), np.int64(row_len)))
+        elif fits and not few_long_rows:
             kind_name = ("cupyflash::KIND_SOFTMAX", "cupyflash::KIND_LOG_SOFTMAX",
                          "cupyflash::KIND_LOGSUMEXP")[kind_id]
             rows = _kernels.get_function(device_id, "online_softmax.cuh",
@@ -518,6 +540,8 @@ def all_softmax_variants():
         for kind_name in ("KIND_SOFTMAX", "KIND_LOG_SOFTMAX", "KIND_LOGSUMEXP"):
             variants.append(("online_softmax.cuh",
                              f"cupyflash::softmax_rows<{ctype}, cupyflash::{kind_name}>"))
+            variants.append(("online_softmax.cuh",
+                             f"cupyflash::softmax_cluster<{ctype}, cupyflash::{kind_name}>"))
         variants.append(("online_softmax.cuh", f"cupyflash::softmax_partials<{ctype}>"))
         variants.append(("online_softmax.cuh", f"cupyflash::softmax_finish<{ctype}>"))
     return variants

@@ -147,6 +147,7 @@ def test_softmax_limits_match_the_kernel_constants():
     asserts = [
         'static_assert(cupyflash::SOFTMAX_ROW_MAX_THREADS == 512, "max threads per row");',
         'static_assert(cupyflash::SOFTMAX_SPLIT_THREADS == 256, "threads of the split kernels");',
+        'static_assert(cupyflash::SOFTMAX_CLUSTER == 8, "blocks per row of softmax_cluster");',
         'static_assert(cupyflash::KIND_SOFTMAX == 0 && cupyflash::KIND_LOG_SOFTMAX == 1 '
         '&& cupyflash::KIND_LOGSUMEXP == 2, "kind numbers");',
     ]

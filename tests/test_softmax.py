@@ -53,6 +53,13 @@ def reduced_shape(shape, axis):
 @example(case=SoftmaxCase("float32", shape=(3, 4), axis=()))
 @example(case=SoftmaxCase("float32", shape=(4, 64), axis=-1, offset=1e30))  # near-ties
 @example(case=SoftmaxCase("float16", shape=(4, 64), axis=-1, offset=1e4))   # exact ties
+# Rows past one block: on an H100 the cluster kernel (one cluster of 8 blocks per row) for
+# 16-byte multiples up to 256k float32 / 128k float64 elements, else the split-row kernels.
+@example(case=SoftmaxCase("float32", shape=(17, 262144), axis=-1))
+@example(case=SoftmaxCase("bfloat16", shape=(20, 70000), axis=-1, magnitude=30.0))
+@example(case=SoftmaxCase("float64", shape=(18, 40000), axis=-1, special="neg_inf_slices"))
+@example(case=SoftmaxCase("float32", shape=(2, 100003), axis=-1))
+@example(case=SoftmaxCase("float32", shape=(1, 300000), axis=-1))
 def test_matches_reference(xp, kind, case):
     x = case.x()
     got = run(xp, kind, x, axis=case.axis)

@@ -24,6 +24,10 @@
 //   are cut into segments of seg_vecs vectors; softmax_partials writes each segment's
 //   (m, d), softmax_finish merges a row's partials in a fixed order and writes its segment
 //   (the input is read twice).
+// - softmax_cluster (sm_90): rows of up to SOFTMAX_CLUSTER times what softmax_rows holds,
+//   split over the SOFTMAX_CLUSTER blocks of one thread-block cluster, each holding its
+//   segment in registers; the blocks merge their (m, d) through distributed shared
+//   memory, so the input is still read once.
 // Every merge happens in a fixed order, so results are bitwise reproducible.
 //
 // Layout: x and y are 16-byte aligned and rows follow each other (row r starts at element
@@ -436,6 +440,136 @@ softmax_finish(const T* __restrict__ x, T* __restrict__ y,
                     normalise<T, VEC>(kind, shift_m, log_d, in[u], out);
                     *reinterpret_cast<Packed16<T>*>(yr + span.head + v * VEC) = out;
                 }
+            }
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------------------
+// Rows too long for one block, on sm_90: one cluster of SOFTMAX_CLUSTER blocks of 512
+// threads per row. Block `rank` of the cluster holds vectors [rank * seg, (rank + 1) * seg)
+// of the row in registers (seg = ceil(n_vec / SOFTMAX_CLUSTER) <= 512 * SoftmaxRowVecs),
+// merges its (m, d), publishes it in its shared memory, and every block merges the
+// cluster's SOFTMAX_CLUSTER normalisers in rank order from distributed shared memory. The
+// launcher guarantees row_len % VEC == 0 (every row 16-byte aligned: no head or tail) and
+// the segment bound. Grid: x = SOFTMAX_CLUSTER * (rows in flight); cluster c handles rows
+// c, c + gridDim.x / SOFTMAX_CLUSTER, ... Built as a stub that traps below sm_90.
+// ----------------------------------------------------------------------------------------
+constexpr int SOFTMAX_CLUSTER = 8;  // the portable maximum cluster size
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define CUPYFLASH_SOFTMAX_CLUSTER_DIMS __cluster_dims__(SOFTMAX_CLUSTER, 1, 1)
+#else
+#define CUPYFLASH_SOFTMAX_CLUSTER_DIMS
+#endif
+
+__device__ __forceinline__ unsigned cluster_rank() {
+    unsigned r = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+#endif
+    return r;
+}
+
+// Every thread of every block of the cluster arrives; shared-memory writes before it are
+// visible to the whole cluster after it.
+__device__ __forceinline__ void cluster_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.release.aligned;\n"
+                 "barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#endif
+}
+
+// A value in block `rank`'s shared memory at the address of `local` in this block's.
+template <typename A>
+__device__ __forceinline__ A load_from_rank(const A* local, unsigned rank) {
+    A v = A(0);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    unsigned remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n"
+                 : "=r"(remote) : "r"(static_cast<unsigned>(__cvta_generic_to_shared(local))), "r"(rank));
+    if constexpr (sizeof(A) == 8)
+        asm volatile("ld.shared::cluster.f64 %0, [%1];\n" : "=d"(v) : "r"(remote) : "memory");
+    else
+        asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(remote) : "memory");
+#endif
+    return v;
+}
+
+template <typename T, SoftmaxKind KIND>
+__global__ void CUPYFLASH_SOFTMAX_CLUSTER_DIMS __launch_bounds__(SOFTMAX_ROW_MAX_THREADS, 1)
+softmax_cluster(const T* __restrict__ x, T* __restrict__ y, long long n_rows, long long row_len) {
+    using E = SoftmaxElem<T>;
+    using Acc = typename E::Acc;
+    using Norm = OnlineNormaliser<T>;
+    constexpr int VEC = Packed16<T>::N;
+    constexpr int VECS = SoftmaxRowVecs<T>::value;
+    constexpr int THREADS = SOFTMAX_ROW_MAX_THREADS;
+    __shared__ Acc warp_m[THREADS / 32];
+    __shared__ Acc warp_d[THREADS / 32];
+    __shared__ Acc block_norm[2];  // this block's (m, d), read by the whole cluster
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ < 900
+    __trap();  // clusters need sm_90; the launcher never picks this kernel below it
+#endif
+    const long long n_vec = row_len / VEC;
+    const long long seg = (n_vec + SOFTMAX_CLUSTER - 1) / SOFTMAX_CLUSTER;
+    // The launcher's promises; trap (a launch error) rather than read past a row.
+    if (blockDim.x != THREADS || row_len % VEC != 0 || seg > static_cast<long long>(THREADS) * VECS)
+        __trap();
+    const unsigned rank = cluster_rank();
+    const long long v_begin = rank * seg;
+    const long long v_end = v_begin + seg < n_vec ? v_begin + seg : n_vec;
+    // vectors v_begin + threadIdx.x + i * THREADS, i < mine (the same for every row)
+    const long long my_first = v_begin + threadIdx.x;
+    const int mine = my_first < v_end ? static_cast<int>((v_end - my_first + THREADS - 1) / THREADS) : 0;
+
+    for (long long row = blockIdx.x / SOFTMAX_CLUSTER; row < n_rows;
+         row += gridDim.x / SOFTMAX_CLUSTER) {
+        const T* x_vec = x + row * row_len + my_first * VEC;
+        Packed16<T> cache[VECS];
+#pragma unroll
+        for (int i = 0; i < VECS; ++i)
+            if (i < mine) cache[i] = *reinterpret_cast<const Packed16<T>*>(x_vec + i * THREADS * VEC);
+
+        // -- pass 1: this thread's (m, d), the block's, then the cluster's in rank order
+        Acc m = Acc(-INFINITY);
+#pragma unroll
+        for (int i = 0; i < VECS; ++i)
+            if (i < mine)
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) m = acc_max(m, E::to_acc(cache[i].v[k]));
+        const Acc s = Norm::shift(m);
+        Acc d = Acc(0);
+#pragma unroll
+        for (int i = 0; i < VECS; ++i)
+            if (i < mine)
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) d += E::exp(E::to_acc(cache[i].v[k]) - s);
+        Norm block = merge_warps(merge_lanes(Norm{m, d}, 32), THREADS, warp_m, warp_d);
+        if (threadIdx.x == 0) {
+            block_norm[0] = block.m;
+            block_norm[1] = block.d;
+        }
+        cluster_sync();  // every block's (m, d) is published
+        Norm row_norm = Norm::empty();
+        for (unsigned r = 0; r < SOFTMAX_CLUSTER; ++r)
+            row_norm.merge({load_from_rank(&block_norm[0], r), load_from_rank(&block_norm[1], r)});
+        cluster_sync();  // every block has read them: block_norm may be rewritten, or freed
+
+        // -- pass 2, from registers
+        if (KIND == KIND_LOGSUMEXP) {
+            if (rank == 0 && threadIdx.x == 0) y[row] = E::from_acc(row_norm.lse());
+            continue;
+        }
+        const Acc shift_m = Norm::shift(row_norm.m);
+        const Acc log_d = row_norm.log_d_safe();
+        T* y_vec = y + row * row_len + my_first * VEC;
+#pragma unroll
+        for (int i = 0; i < VECS; ++i) {
+            if (i < mine) {
+                Packed16<T> out;
+                normalise<T, VEC>(KIND, shift_m, log_d, cache[i], out);
+                *reinterpret_cast<Packed16<T>*>(y_vec + i * THREADS * VEC) = out;
             }
         }
     }
