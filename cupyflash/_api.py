@@ -439,13 +439,8 @@ def attention(q, k, v, *, causal=False, scale=None, bias=None, mask=None, window
     True
     """
     fn = "attention"
-    names, arrays = ["q", "k", "v"], [q, k, v]
-    for name, x in (("bias", bias), ("mask", mask), ("alibi_slopes", alibi_slopes)):
-        if x is not None:
-            names.append(name)
-            arrays.append(x)
-    xp_name, arrays = _as_arrays(fn, names, arrays)
-    given = dict(zip(names, arrays))
+    xp_name, given = _as_arrays_with_variants(fn, ("q", "k", "v"), (q, k, v), bias, mask,
+                                              alibi_slopes)
     q, k, v = given["q"], given["k"], given["v"]
     bias, mask, alibi_slopes = given.get("bias"), given.get("mask"), given.get("alibi_slopes")
     problem = validate_attention(fn, q, k, v, causal, scale)
@@ -454,14 +449,32 @@ def attention(q, k, v, *, causal=False, scale=None, bias=None, mask=None, window
     if out is not None:
         check_out(fn, out, xp_name, problem.out_shape, problem.dtype, list(given.items()))
     variants = dict(bias=bias, mask=mask, alibi_slopes=alibi_slopes)
-    if xp_name == "cupy":
-        for name, value in (("bias", bias), ("mask", mask), ("window", problem.window),
-                            ("alibi_slopes", alibi_slopes), ("softcap", problem.softcap)):
-            if value is not None:
-                raise NotImplementedError(f"{fn}: {name} is not implemented on the GPU yet; "
-                                          f"the NumPy backend has it")
+    _refuse_variants_on_gpu(fn, xp_name, problem, **variants)
     result, lse = _forward(xp_name, q, k, v, problem, out, **variants)
     return (result, lse) if return_lse else result
+
+
+def _as_arrays_with_variants(fn, names, arrays, bias, mask, alibi_slopes):
+    """:func:`_as_arrays` of ``arrays`` and the variant arrays that are given: ``(xp_name,
+    {name: array})``, the variants left out where they are None."""
+    names, arrays = list(names), list(arrays)
+    for name, x in (("bias", bias), ("mask", mask), ("alibi_slopes", alibi_slopes)):
+        if x is not None:
+            names.append(name)
+            arrays.append(x)
+    xp_name, arrays = _as_arrays(fn, names, arrays)
+    return xp_name, dict(zip(names, arrays))
+
+
+def _refuse_variants_on_gpu(fn, xp_name, problem, bias, mask, alibi_slopes):
+    """NotImplementedError for CuPy arrays with any variant: the kernels lack them yet."""
+    if xp_name != "cupy":
+        return
+    for name, value in (("bias", bias), ("mask", mask), ("window", problem.window),
+                        ("alibi_slopes", alibi_slopes), ("softcap", problem.softcap)):
+        if value is not None:
+            raise NotImplementedError(f"{fn}: {name} is not implemented on the GPU yet; "
+                                      f"the NumPy backend has it")
 
 
 def _check_bool(fn, name, x):
@@ -481,14 +494,15 @@ def _forward(xp_name, q, k, v, problem, out, bias=None, mask=None, alibi_slopes=
 # the backward pass
 # ----------------------------------------------------------------------------------------
 
-def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None,
-                       deterministic=False, dq=None, dk=None, dv=None):
-    r"""Gradients of :func:`attention` with respect to q, k and v (FlashAttention-2's
-    backward pass, which recomputes the probabilities from ``lse``).
+def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, bias=None,
+                       mask=None, window=None, alibi_slopes=None, softcap=None,
+                       return_dbias=False, deterministic=False, dq=None, dk=None, dv=None):
+    r"""Gradients of :func:`attention` with respect to q, k and v, and optionally ``bias``
+    (FlashAttention-2's backward pass, which recomputes the probabilities from ``lse``).
 
-    For ``out, lse = attention(q, k, v, causal=causal, scale=scale, return_lse=True)``
-    and the gradient ``dout`` of a loss with respect to ``out``, returns the gradients
-    of that loss with respect to q, k and v.
+    For ``out, lse = attention(q, k, v, causal=causal, scale=scale, return_lse=True,
+    **variants)`` and the gradient ``dout`` of a loss with respect to ``out``, returns
+    the gradients of that loss with respect to q, k and v (and ``bias``).
 
     Parameters
     ----------
@@ -502,8 +516,14 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None,
         The forward pass's lse (``return_lse=True``): float32 or float64. Each
         probability is recomputed from it, so an lse less precise than the forward's
         (float32 for float64 inputs) limits the gradients to its precision.
-    causal, scale :
-        The forward pass's options, as for :func:`attention`.
+    causal, scale, bias, mask, window, alibi_slopes, softcap :
+        The forward pass's options, as for :func:`attention`, validated the same way.
+        They must be the forward's own: the probabilities are recomputed from them.
+        The variants run on NumPy arrays only, as in the forward.
+    return_dbias : bool, optional
+        Also return the gradient of ``bias`` (which must then be given): an array of
+        bias's shape and dtype, ``dS`` summed over the dimensions along which bias was
+        broadcast. Its memory is bias's size.
     deterministic : bool, optional
         On CuPy arrays, True makes runs on the same inputs and device give bitwise
         identical gradients, possibly at some cost in speed; False lets the GPU add
@@ -519,30 +539,47 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None,
     dq, dk, dv : arrays of the shapes of q, k, v, the inputs' dtype
         A gradient is summed over the batch dimensions its input was broadcast along
         (grouped-query attention: dk and dv sum over the query heads of a group).
+    dbias : array of bias's shape and dtype, only if ``return_dbias``
 
     Raises
     ------
     TypeError
         Mixed NumPy and CuPy arrays, unsupported or mixed dtypes (dout and out must
         have the dtype of q, k and v; lse float32 or float64), a non-real ``scale``, a
-        non-bool ``causal`` or ``deterministic``, or a ``dq``, ``dk``, ``dv`` of the
-        wrong type or dtype.
+        non-bool ``causal``, ``deterministic`` or ``return_dbias``, a ``dq``, ``dk``,
+        ``dv`` of the wrong type or dtype, or any type error of the variants as in
+        :func:`attention`.
     ValueError
-        Any shape error of :func:`attention`, a dout, out or lse of the wrong shape, a
-        non-finite ``scale``, or a ``dq``, ``dk``, ``dv`` of the wrong shape or that
-        overlaps an input or another output.
+        Any shape error of :func:`attention` (the variants' included), a dout, out or
+        lse of the wrong shape, a non-finite ``scale``, ``return_dbias=True`` without a
+        ``bias``, or a ``dq``, ``dk``, ``dv`` of the wrong shape or that overlaps an
+        input or another output.
+    NotImplementedError
+        CuPy arrays with any of ``bias``, ``mask``, ``window``, ``alibi_slopes`` or
+        ``softcap``, as in :func:`attention`.
 
     Notes
     -----
-    With ``S = q k^T \cdot scale`` (``-inf`` where the causal mask hides a key),
-    ``P = softmax(S)`` and ``O = P v``:
+    With the raw scores ``S0 = q k^T \cdot scale``, the final scores ``S`` of
+    :func:`attention` (capped, plus ALiBi and bias, ``-inf`` where mask, causal or
+    window hide a key), ``P = softmax(S)`` and ``O = P v``:
 
     .. math::
 
         dV = P^T dO, \quad dP = dO\, V^T, \quad
         \Delta_i = \sum_c dO_{ic} O_{ic}, \quad
-        dS = P \circ (dP - \Delta), \quad
-        dQ = dS\, K \cdot scale, \quad dK = dS^T Q \cdot scale
+        dS = P \circ (dP - \Delta),
+
+        dS_0 = dS \circ \left(1 - \tanh^2(S_0 / \mathrm{softcap})\right)
+        \ (\text{softcap; else } dS_0 = dS), \quad
+        dQ = dS_0\, K \cdot scale, \quad dK = dS_0^T Q \cdot scale
+
+    and ``dbias = dS``, summed over the dimensions along which ``bias`` broadcasts to
+    ``(batch..., Lq, Lk)`` (a ``(B, 1, 1, Lk)`` bias gets the sum over heads and
+    query rows). A hidden key has ``P = 0`` and so ``dS = 0``: ``mask``, ``window``
+    and a ``-inf`` bias pass no gradient, and ``alibi_slopes`` and ``mask`` get none.
+    The NumPy backend skips the blocks outside the causal and window band and those the
+    mask hides entirely, as the forward does.
 
     ``P`` is never stored: each block is recomputed as ``P_ij = exp(S_ij - lse_i)``
     from q, k and the forward's lse, so extra memory stays ``O(Lq * D)`` per batch
@@ -584,19 +621,51 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None,
     >>> dq, dk, dv = cupyflash.attention_backward(np.ones_like(out), q, k, v, out, lse)
     >>> dq.shape, dk.shape, dv.shape
     ((1, 2, 4, 16, 8), (1, 2, 1, 16, 8), (1, 2, 1, 16, 8))
+
+    Variants, and the gradient of a padding bias of shape ``(B, 1, 1, Lk)``: summed
+    over the heads and the query rows it was broadcast along.
+
+    >>> q, k, v = (rng.standard_normal((2, 4, 64, 16)) for _ in range(3))  # float64
+    >>> bias = rng.standard_normal((2, 1, 1, 64))
+    >>> options = dict(bias=bias, window=(16, 0), alibi_slopes=2.0 ** -np.arange(1, 5),
+    ...                softcap=30.0)
+    >>> out, lse = cupyflash.attention(q, k, v, return_lse=True, **options)
+    >>> dout = rng.standard_normal(out.shape)
+    >>> dq, dk, dv, dbias = cupyflash.attention_backward(dout, q, k, v, out, lse,
+    ...                                                  return_dbias=True, **options)
+    >>> dbias.shape
+    (2, 1, 1, 64)
+    >>> expected = cupyflash.reference.attention_backward(dout, q, k, v, return_dbias=True,
+    ...                                                   **options)
+    >>> all(bool(np.abs(g - e).max() < 1e-12) for g, e in zip((dq, dk, dv, dbias), expected))
+    True
     """
     fn = "attention_backward"
-    xp_name, arrays = _as_arrays(fn, ("dout", "q", "k", "v", "out", "lse"),
-                                 (dout, q, k, v, out, lse))
-    dout, q, k, v, out, lse = arrays
+    xp_name, given = _as_arrays_with_variants(fn, ("dout", "q", "k", "v", "out", "lse"),
+                                              (dout, q, k, v, out, lse), bias, mask,
+                                              alibi_slopes)
+    dout, q, k, v, out, lse = (given[n] for n in ("dout", "q", "k", "v", "out", "lse"))
+    variants = dict(bias=given.get("bias"), mask=given.get("mask"),
+                    alibi_slopes=given.get("alibi_slopes"))
     problem = validate_attention(fn, q, k, v, causal, scale)
+    validate_variants(fn, problem, variants["bias"], variants["mask"], window,
+                      variants["alibi_slopes"], softcap)
+    _check_return_dbias(fn, return_dbias, variants["bias"])
     _check_backward_arrays(fn, xp_name, problem, dout, q, k, v, out, lse, deterministic,
-                           dq, dk, dv)
-    return _backward(xp_name, dout, q, k, v, out, lse, problem, deterministic, dq, dk, dv)
+                           dq, dk, dv, variants)
+    _refuse_variants_on_gpu(fn, xp_name, problem, **variants)
+    return _backward(xp_name, dout, q, k, v, out, lse, problem, deterministic, dq, dk, dv,
+                     variants, return_dbias)
+
+
+def _check_return_dbias(fn, return_dbias, bias):
+    _check_bool(fn, "return_dbias", return_dbias)
+    if return_dbias and bias is None:
+        raise ValueError(f"{fn}: return_dbias=True needs a bias; got bias=None")
 
 
 def _check_backward_arrays(fn, xp_name, problem, dout, q, k, v, out, lse, deterministic,
-                           dq, dk, dv):
+                           dq, dk, dv, variants=None):
     """Check what attention_backward takes beyond attention's q, k, v and options."""
     for name, x in (("dout", dout), ("out", out)):
         if tuple(x.shape) != problem.out_shape:
@@ -612,6 +681,7 @@ def _check_backward_arrays(fn, xp_name, problem, dout, q, k, v, out, lse, determ
         raise TypeError(f"{fn}: lse must have dtype float32 or float64, got {lse.dtype.name}")
     _check_bool(fn, "deterministic", deterministic)
     inputs = (("dout", dout), ("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse))
+    inputs += tuple((name, x) for name, x in (variants or {}).items() if x is not None)
     checked = []
     for name, g, x in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
         if g is None:
@@ -623,41 +693,49 @@ def _check_backward_arrays(fn, xp_name, problem, dout, q, k, v, out, lse, determ
         checked.append((name, g))
 
 
-def _backward(xp_name, dout, q, k, v, out, lse, problem, deterministic, dq, dk, dv):
-    if xp_name == "cupy":
+def _backward(xp_name, dout, q, k, v, out, lse, problem, deterministic, dq, dk, dv,
+              variants=None, return_dbias=False):
+    if xp_name == "cupy":  # _refuse_variants_on_gpu raised for any variant
         from . import _cupy_backward
         return _cupy_backward.attention_backward(dout, q, k, v, out, lse, problem,
                                                  deterministic, dq, dk, dv)
-    return _numpy_backend.attention_backward(dout, q, k, v, out, lse, problem, dq, dk, dv)
+    return _numpy_backend.attention_backward(dout, q, k, v, out, lse, problem, dq, dk, dv,
+                                             return_dbias=return_dbias, **(variants or {}))
 
 
-def attention_vjp(q, k, v, *, causal=False, scale=None, deterministic=False):
+def attention_vjp(q, k, v, *, causal=False, scale=None, bias=None, mask=None, window=None,
+                  alibi_slopes=None, softcap=None, return_dbias=False, deterministic=False):
     r"""Run :func:`attention` and return its output with a function that computes the
     gradients, in the style of ``jax.vjp``.
 
     Parameters
     ----------
-    q, k, v, causal, scale :
+    q, k, v, causal, scale, bias, mask, window, alibi_slopes, softcap :
         As for :func:`attention`.
-    deterministic : bool, optional
+    return_dbias, deterministic : bool, optional
         As for :func:`attention_backward`.
 
     Returns
     -------
     out : array, shape ``(broadcast batch..., Lq, Dv)``
-        ``attention(q, k, v, causal=causal, scale=scale)``.
+        ``attention(q, k, v, causal=causal, scale=scale, **variants)``.
     vjp : callable
-        ``vjp(dout) -> (dq, dk, dv)``: :func:`attention_backward` with the saved out
-        and lse, for a ``dout`` of out's shape and dtype. It may be called any number
-        of times. It keeps references to q, k, v (not copies): changing them in
-        place between the two calls changes the gradients.
+        ``vjp(dout) -> (dq, dk, dv)``, or ``(dq, dk, dv, dbias)`` with
+        ``return_dbias=True``: :func:`attention_backward` with the saved out and lse
+        and the same options, for a ``dout`` of out's shape and dtype. It may be
+        called any number of times. It keeps references to q, k, v and the variant
+        arrays (not copies): changing them in place between the two calls changes the
+        gradients.
 
     Raises
     ------
     TypeError, ValueError
         As :func:`attention` for q, k, v and the options (and for ``deterministic``
-        a TypeError if it is not a bool); ``vjp`` raises as :func:`attention_backward`
+        or ``return_dbias`` a TypeError if it is not a bool; ``return_dbias=True``
+        without a bias, a ValueError); ``vjp`` raises as :func:`attention_backward`
         for a bad ``dout``. Every message names ``attention_vjp``.
+    NotImplementedError
+        CuPy arrays with any variant, as in :func:`attention`.
 
     Examples
     --------
@@ -669,20 +747,34 @@ def attention_vjp(q, k, v, *, causal=False, scale=None, deterministic=False):
     >>> dq, dk, dv = vjp(np.ones_like(out))  # gradients of out.sum()
     >>> dq.shape, dk.dtype
     ((8, 32, 16), dtype('float32'))
+    >>> bias = np.zeros((32, 32), dtype=np.float32)   # one bias shared by the batch
+    >>> out, vjp = cupyflash.attention_vjp(q, k, v, bias=bias, softcap=5.0, return_dbias=True)
+    >>> dq, dk, dv, dbias = vjp(np.ones_like(out))
+    >>> dbias.shape, dbias.dtype
+    ((32, 32), dtype('float32'))
     """
     fn = "attention_vjp"
-    xp_name, (q, k, v) = _as_arrays(fn, ("q", "k", "v"), (q, k, v))
+    xp_name, given = _as_arrays_with_variants(fn, ("q", "k", "v"), (q, k, v), bias, mask,
+                                              alibi_slopes)
+    q, k, v = given["q"], given["k"], given["v"]
+    variants = dict(bias=given.get("bias"), mask=given.get("mask"),
+                    alibi_slopes=given.get("alibi_slopes"))
     problem = validate_attention(fn, q, k, v, causal, scale)
+    validate_variants(fn, problem, variants["bias"], variants["mask"], window,
+                      variants["alibi_slopes"], softcap)
+    _check_return_dbias(fn, return_dbias, variants["bias"])
     _check_bool(fn, "deterministic", deterministic)
-    out, lse = _forward(xp_name, q, k, v, problem, None)
+    _refuse_variants_on_gpu(fn, xp_name, problem, **variants)
+    out, lse = _forward(xp_name, q, k, v, problem, None, **variants)
 
     def vjp(dout):
-        """``(dq, dk, dv)``: the gradients of the loss whose gradient w.r.t. out is dout."""
+        """``(dq, dk, dv)`` (and ``dbias``): the gradients of the loss whose gradient
+        w.r.t. out is dout."""
         _, (d, _) = _as_arrays(fn, ("dout", "q"), (dout, q))  # dout of q's array type
         _check_backward_arrays(fn, xp_name, problem, d, q, k, v, out, lse, deterministic,
                                None, None, None)
         return _backward(xp_name, d, q, k, v, out, lse, problem, deterministic,
-                         None, None, None)
+                         None, None, None, variants, return_dbias)
 
     return out, vjp
 

@@ -24,6 +24,11 @@ their ``dK_j`` and ``dV_j`` accumulators, and an inner loop over query blocks, w
 recompute ``P_ij = exp(S_ij - lse_i)`` from q, k and the forward's ``lse`` and add their
 share to ``dQ_i``. Extra memory is the ``Lq x D`` accumulator of dQ and ``Delta`` per
 batch element in flight, plus a few ``BLOCK_M x BLOCK_N`` blocks; never ``Lq x Lk``.
+Each block of scores goes through the forward's own variants (``_score_variants``), the
+query blocks outside the band of a key block are skipped, and so are blocks the mask
+hides entirely. With softcap, ``dS`` is multiplied by ``1 - tanh^2`` of the raw scores
+before dQ and dK; the gradient of a bias, when asked for, is ``dS`` itself, summed block
+by block into a buffer of the bias's shape.
 """
 
 import numpy as np
@@ -66,6 +71,55 @@ class _Blocks:
         return self.view[own_idx + (r, c)]                        # (n, rows, cols)
 
 
+def _band(problem):
+    """``(offset, left, right)``: query i sees key j iff ``i + offset - left <= j <=
+    i + offset + right``, None for an unbounded side; causal is the right side at 0."""
+    left, right = problem.window or (None, None)
+    if problem.causal:
+        right = 0 if right is None else min(right, 0)
+    return problem.Lk - problem.Lq, left, right
+
+
+def _score_variants(s, i0, i1, j0, j1, band, *, softcap=None, slopes=None, bias=None,
+                    keep=None, want_tanh=False):
+    """Turn the block ``s = Q_i K_j^T * scale`` (n, BLOCK_M, BLOCK_N) of rows ``i0 .. i1 - 1``
+    and keys ``j0 .. j1 - 1`` into the final scores, in place and in FlashAttention's
+    order: softcap, ALiBi (``slopes`` (n, 1, 1)), the ``bias`` block, then ``-inf`` where
+    the band or the ``keep`` block hides a key. Returns ``tanh(S / softcap)`` of the raw
+    block when ``want_tanh`` (the backward's chain rule), else None."""
+    offset, left, right = band
+    tanh_s = None
+    if softcap is not None:
+        # S = softcap * tanh(S / softcap), before any bias
+        np.divide(s, softcap, out=s)
+        np.tanh(s, out=s)
+        if want_tanh:
+            tanh_s = s.copy()
+        s *= softcap
+    if slopes is not None:
+        # S -= slope * |i + offset - j|: ALiBi from the block's indices
+        distance = np.abs(np.arange(i0, i1)[:, None] + offset
+                          - np.arange(j0, j1)[None, :]).astype(s.dtype)
+        s -= slopes * distance
+    if bias is not None:
+        s += bias.astype(s.dtype)
+    # The block reaches past an edge of the band: hide the keys beyond it.
+    past_left = left is not None and j0 < i1 - 1 + offset - left
+    past_right = right is not None and j1 - 1 > i0 + offset + right
+    if past_left or past_right:
+        diag = np.arange(i0, i1)[:, None] + offset                   # (BLOCK_M, 1)
+        j = np.arange(j0, j1)[None, :]                               # (1, BLOCK_N)
+        hidden = np.zeros((i1 - i0, j1 - j0), dtype=bool)
+        if past_left:
+            hidden |= j < diag - left
+        if past_right:
+            hidden |= j > diag + right
+        np.copyto(s, -np.inf, where=hidden)  # broadcast over the chunk
+    if keep is not None:
+        np.copyto(s, -np.inf, where=~keep)
+    return tanh_s
+
+
 def attention_forward(q, k, v, problem, out=None, block_m=BLOCK_M, block_n=BLOCK_N, *,
                       bias=None, mask=None, alibi_slopes=None):
     """Return ``(out, lse)`` for a validated problem (see ``_api.validate_attention``),
@@ -93,12 +147,8 @@ def attention_forward(q, k, v, problem, out=None, block_m=BLOCK_M, block_n=BLOCK
     slopes_all = None if alibi_slopes is None else np.broadcast_to(alibi_slopes, batch)
     softcap = None if p.softcap is None else acc_t(p.softcap)
 
-    # The band of keys query i sees: i + offset - left <= j <= i + offset + right, None
-    # for unbounded; causal is the band's right side at 0.
-    offset = p.Lk - p.Lq
-    left, right = p.window or (None, None)
-    if p.causal:
-        right = 0 if right is None else min(right, 0)
+    # The band of keys query i sees: i + offset - left <= j <= i + offset + right
+    band = offset, left, right = _band(p)
 
     chunk = max(1, CHUNK_BYTES // (block_m * block_n * np.dtype(acc_t).itemsize))
     for c0 in range(0, n_batch, chunk):
@@ -129,32 +179,12 @@ def attention_forward(q, k, v, problem, out=None, block_m=BLOCK_M, block_n=BLOCK
                 v_j = v_all[idx + (cols,)].astype(acc_t)             # (n, BLOCK_N, Dv)
                 # S = Q_i K_j^T * scale: (n, BLOCK_M, BLOCK_N)
                 s = np.matmul(q_i, np.swapaxes(k_j, -1, -2))
-                if softcap is not None:
-                    # S = softcap * tanh(S / softcap), before any bias
-                    np.divide(s, softcap, out=s)
-                    np.tanh(s, out=s)
-                    s *= softcap
-                if slopes_all is not None:
-                    # S -= slope * |i + offset - j|: ALiBi from the block's indices
-                    distance = np.abs(np.arange(i0, i1)[:, None] + offset
-                                      - np.arange(j0, j1)[None, :]).astype(acc_t)
-                    s -= slopes * distance
-                if bias_blocks is not None:
-                    s += bias_blocks.block(idx, rows, cols).astype(acc_t)
-                # The block reaches past an edge of the band: hide the keys beyond it.
-                past_left = left is not None and j0 < i1 - 1 + offset - left
-                past_right = right is not None and j1 - 1 > i0 + offset + right
-                if past_left or past_right:
-                    diag = np.arange(i0, i1)[:, None] + offset       # (BLOCK_M, 1)
-                    j = np.arange(j0, j1)[None, :]                   # (1, BLOCK_N)
-                    hidden = np.zeros((i1 - i0, j1 - j0), dtype=bool)
-                    if past_left:
-                        hidden |= j < diag - left
-                    if past_right:
-                        hidden |= j > diag + right
-                    np.copyto(s, -np.inf, where=hidden)  # broadcast over the chunk
-                if keep is not None:
-                    np.copyto(s, -np.inf, where=~keep)
+                # softcap, ALiBi, bias, then -inf where the band or the mask hides a key
+                _score_variants(s, i0, i1, j0, j1, band, softcap=softcap,
+                                slopes=None if slopes_all is None else slopes,
+                                bias=None if bias_blocks is None
+                                else bias_blocks.block(idx, rows, cols),
+                                keep=keep)
                 # -- update m_i and l_i
                 m_new = np.maximum(m_i, s.max(axis=-1))
                 # A row with no visible key so far has m = -inf: use 0 so exp gives 0.
@@ -209,9 +239,45 @@ class _Gradient:
         return self.result
 
 
+class _BiasGradient:
+    """The gradient of a bias that broadcasts to ``(batch..., Lq, Lk)``: an ``acc_t``
+    buffer of the bias's own shape, to which each block of ``dS`` adds its share.
+
+    A block ``dS`` (n, rows, cols) is summed over the rows or the columns where the bias
+    has size 1 there, and over the batch elements that share one element of the bias
+    (repeated indices add up). Memory is the bias's size, never ``Lq x Lk`` per batch
+    element unless the bias is that large itself.
+    """
+
+    def __init__(self, bias, batch, acc_t):
+        self.shape, self.dtype = bias.shape, bias.dtype
+        pad = len(batch) + 2 - bias.ndim
+        self.acc = np.zeros((1,) * pad + tuple(bias.shape), dtype=acc_t)
+        self.keep = tuple(n != 1 for n in self.acc.shape[:-2])  # dimensions it really has
+        self.full_rows = self.acc.shape[-2] != 1
+        self.full_cols = self.acc.shape[-1] != 1
+
+    def add(self, idx, rows, cols, ds):
+        """Add the block ``ds`` (n, rows, cols) of the batch elements ``idx``."""
+        if not self.full_rows:
+            ds, rows = ds.sum(axis=-2, keepdims=True), slice(None)
+        if not self.full_cols:
+            ds, cols = ds.sum(axis=-1, keepdims=True), slice(None)
+        own_idx = tuple(i if keep else np.zeros_like(i) for i, keep in zip(idx, self.keep))
+        np.add.at(self.acc, own_idx + (rows, cols), ds)
+
+    def finish(self):
+        with np.errstate(over="ignore"):  # beyond a float16 bias's range: +-inf, rounded
+            return self.acc.reshape(self.shape).astype(self.dtype)
+
+
 def attention_backward(dout, q, k, v, out, lse, problem, dq=None, dk=None, dv=None,
-                       block_m=BLOCK_M, block_n=BLOCK_N):
-    """Return ``(dq, dk, dv)`` for a validated problem, from the forward's out and lse."""
+                       block_m=BLOCK_M, block_n=BLOCK_N, *, bias=None, mask=None,
+                       alibi_slopes=None, return_dbias=False):
+    """Return ``(dq, dk, dv)`` for a validated problem, from the forward's out and lse,
+    with the forward's variants (``problem.window``, ``problem.softcap`` and the arrays
+    ``bias``, ``mask``, ``alibi_slopes``); with ``return_dbias``, also the gradient of
+    ``bias``, of bias's shape and dtype, as a fourth element."""
     p = problem
     acc_t = _acc_dtype(p.dtype)
     dq = np.empty(q.shape, dtype=p.dtype) if dq is None else dq
@@ -219,11 +285,17 @@ def attention_backward(dout, q, k, v, out, lse, problem, dq=None, dk=None, dv=No
     dv = np.empty(v.shape, dtype=p.dtype) if dv is None else dv
     batch = p.batch_shape or (1,)
     grad_q, grad_k, grad_v = (_Gradient(g, batch, acc_t) for g in (dq, dk, dv))
+    grad_bias = _BiasGradient(bias, batch, acc_t) if return_dbias else None
+
+    def result():
+        grads = (grad_q.finish(), grad_k.finish(), grad_v.finish())
+        return grads + (grad_bias.finish(),) if return_dbias else grads
+
     n_batch = int(np.prod(batch, dtype=np.int64))
     if n_batch == 0 or p.Lq == 0 or p.Lk == 0:  # no score at all: every gradient is 0
         for g in (dq, dk, dv):
             g[...] = 0
-        return dq, dk, dv
+        return result()
 
     # Views of the full broadcast batch, as in the forward.
     q_all = np.broadcast_to(q, batch + q.shape[-2:])
@@ -232,15 +304,22 @@ def attention_backward(dout, q, k, v, out, lse, problem, dq=None, dk=None, dv=No
     do_all = dout.reshape(batch + dout.shape[-2:]) if not p.batch_shape else dout
     o_all = out.reshape(batch + out.shape[-2:]) if not p.batch_shape else out
     lse_all = lse.reshape(batch + lse.shape[-1:])
+    bias_blocks = None if bias is None else _Blocks(bias, batch)
+    mask_blocks = None if mask is None else _Blocks(mask, batch)
+    slopes_all = None if alibi_slopes is None else np.broadcast_to(alibi_slopes, batch)
+    softcap = None if p.softcap is None else acc_t(p.softcap)
 
-    # Per batch element in flight: the blocks S, P, dP, dS and the dQ accumulator.
-    per_element = 4 * block_m * block_n + p.Lq * (p.D + 2)
+    # Per batch element in flight: the blocks S, P, dP, dS (and tanh) and the dQ accumulator.
+    per_element = 5 * block_m * block_n + p.Lq * (p.D + 2)
     chunk = max(1, CHUNK_BYTES // (per_element * np.dtype(acc_t).itemsize))
-    offset = p.Lk - p.Lq  # causal: query i sees key j iff j <= i + offset
+    # The band, as in the forward: key j is seen by the queries
+    # j - offset - right <= i <= j - offset + left.
+    band = offset, left, right = _band(p)
     scale = acc_t(p.scale)
     for c0 in range(0, n_batch, chunk):
         idx = np.unravel_index(np.arange(c0, min(c0 + chunk, n_batch)), batch)
         n = len(idx[0])
+        slopes = None if slopes_all is None else slopes_all[idx].astype(acc_t)[:, None, None]
         # Delta = rowsum(dO * O), one query block at a time: (n, Lq)
         delta = np.empty((n, p.Lq), dtype=acc_t)
         for i0 in range(0, p.Lq, block_m):
@@ -258,27 +337,41 @@ def attention_backward(dout, q, k, v, out, lse, problem, dq=None, dk=None, dv=No
             v_j = v_all[idx + (cols,)].astype(acc_t)                 # (n, BLOCK_N, Dv)
             dk_j = np.zeros((n, j1 - j0, p.D), dtype=acc_t)
             dv_j = np.zeros((n, j1 - j0, p.Dv), dtype=acc_t)
-            # Causal: query blocks that end before the first query to see key j0 are skipped.
-            m_start = (max(0, j0 - offset) // block_m) * block_m if p.causal else 0
-            for i0 in range(m_start, p.Lq, block_m):
+            # Causal and window: only the query blocks that meet the band of keys
+            # j0 .. j1 - 1 are visited (aligned to BLOCK_M, as the forward's blocks).
+            m_start = 0 if right is None else (max(0, j0 - offset - right) // block_m) * block_m
+            m_end = p.Lq if left is None else max(0, min(p.Lq, j1 - offset + left))
+            for i0 in range(m_start, m_end, block_m):
                 i1 = min(i0 + block_m, p.Lq)
                 rows = slice(i0, i1)
+                keep = None
+                if mask_blocks is not None:
+                    keep = mask_blocks.block(idx, rows, cols)
+                    if not keep.any():  # the mask hides the block from every row: P = 0
+                        continue
                 # Q_i pre-multiplied by the scale, as in the forward: (n, BLOCK_M, D)
                 q_i = q_all[idx + (rows,)].astype(acc_t) * scale
                 do_i = do_all[idx + (rows,)].astype(acc_t)            # (n, BLOCK_M, Dv)
-                # S = Q_i K_j^T * scale: (n, BLOCK_M, BLOCK_N)
+                # S = Q_i K_j^T * scale: (n, BLOCK_M, BLOCK_N), then the forward's variants
                 s = np.matmul(q_i, np.swapaxes(k_j, -1, -2))
-                if p.causal and j1 - 1 > i0 + offset:  # the block crosses the diagonal
-                    hidden = (np.arange(j0, j1)[None, :]
-                              > np.arange(i0, i1)[:, None] + offset)
-                    np.copyto(s, -np.inf, where=hidden)  # broadcast over the chunk
+                tanh_s = _score_variants(
+                    s, i0, i1, j0, j1, band, softcap=softcap, slopes=slopes,
+                    bias=None if bias_blocks is None else bias_blocks.block(idx, rows, cols),
+                    keep=keep, want_tanh=softcap is not None)
                 # P = exp(S - lse), recomputed from the forward's lse
                 p_ij = np.exp(s - lse_safe[:, rows, None])
                 # dV_j += P^T dO_i
                 dv_j += np.matmul(np.swapaxes(p_ij, -1, -2), do_i)
-                # dP = dO_i V_j^T; dS = P * (dP - Delta_i)
+                # dP = dO_i V_j^T; dS = P * (dP - Delta): the gradient w.r.t. the final S
                 dp = np.matmul(do_i, np.swapaxes(v_j, -1, -2))
                 ds = p_ij * (dp - delta[:, rows, None])
+                if grad_bias is not None:  # dbias = dS, summed where bias broadcasts
+                    grad_bias.add(idx, rows, cols, ds)
+                if tanh_s is not None:
+                    # softcap: dS0 = dS * (1 - tanh^2(S0 / softcap)), S0 the raw score
+                    np.multiply(tanh_s, tanh_s, out=tanh_s)
+                    np.subtract(1, tanh_s, out=tanh_s)
+                    ds *= tanh_s
                 # dQ_i += dS K_j (times scale at the end); dK_j += dS^T (Q_i * scale)
                 dq_acc[:, rows] += np.matmul(ds, k_j)
                 dk_j += np.matmul(np.swapaxes(ds, -1, -2), q_i)
@@ -286,7 +379,7 @@ def attention_backward(dout, q, k, v, out, lse, problem, dq=None, dk=None, dv=No
             grad_v.add(idx, cols, dv_j)
         dq_acc *= scale
         grad_q.add(idx, slice(None), dq_acc)
-    return grad_q.finish(), grad_k.finish(), grad_v.finish()
+    return result()
 
 
 def softmax_family(x, axes, kind):

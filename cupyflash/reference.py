@@ -195,26 +195,35 @@ def merge_attention(outs, lses):
     return np.sum(parts, axis=0), lse
 
 
-def attention_backward(dout, q, k, v, *, causal=False, scale=None):
+def attention_backward(dout, q, k, v, *, causal=False, scale=None, bias=None, mask=None,
+                       window=None, alibi_slopes=None, softcap=None, return_dbias=False):
     """Gradients ``(dq, dk, dv)`` of standard attention in float64, from the full matrices.
 
-    For ``out = attention(q, k, v)`` and an upstream gradient ``dout`` of out's shape,
-    returns the gradients of ``sum(dout * out)`` with respect to q, k and v, each with
-    exactly the shape of its input: a gradient is summed over the batch dimensions its
-    input was broadcast along (the leading dimensions it lacks, and those where it has
-    size 1 and the batch more). The formulas, with every matrix materialised::
+    For ``out = attention(q, k, v, **options)`` and an upstream gradient ``dout`` of
+    out's shape, returns the gradients of ``sum(dout * out)`` with respect to q, k and v,
+    each with exactly the shape of its input: a gradient is summed over the batch
+    dimensions its input was broadcast along (the leading dimensions it lacks, and those
+    where it has size 1 and the batch more). The options are :func:`attention`'s, in its
+    order of operations; with ``return_dbias=True`` (and a ``bias``) the gradient with
+    respect to ``bias`` comes fourth, of bias's shape. The formulas, with every matrix
+    materialised::
 
-        S     = q k^T * scale          (-inf where causal hides a key)
-        P     = softmax(S)             (a row that sees no key: P = 0)
+        S0    = q k^T * scale
+        T     = tanh(S0 / softcap)                 (softcap; S0 = softcap * T)
+        S     = softcap * T + alibi + bias         (-inf where mask, causal, window hide)
+        P     = softmax(S)                         (a row that sees no key: P = 0)
         O     = P v
         dP    = dout v^T
         Delta = rowsum(dout * O)
-        dS    = P * (dP - Delta)
-        dq    = dS k * scale
-        dk    = dS^T q * scale
+        dS    = P * (dP - Delta)                   (the gradient w.r.t. S)
+        dbias = dS summed over bias's broadcast dimensions
+        dS0   = dS * (1 - T^2)                     (softcap; dS0 = dS without it)
+        dq    = dS0 k * scale
+        dk    = dS0^T q * scale
         dv    = P^T dout
 
-    A row that sees no key gets zero gradients, never NaN.
+    ``mask``, ``window`` and ``alibi_slopes`` have no gradient. A row that sees no key
+    gets zero gradients, never NaN.
 
     >>> import numpy as np
     >>> from cupyflash import reference
@@ -226,25 +235,52 @@ def attention_backward(dout, q, k, v, *, causal=False, scale=None):
     >>> # sum(out) is 1 per row for v = I, whatever the weights: no score matters
     >>> bool(np.abs(dq).max() < 1e-15 and np.abs(dk).max() < 1e-15)
     True
+    >>> # a bias shared by the rows: its gradient sums dS over them; each row of dS sums to 0
+    >>> *_, dbias = reference.attention_backward(np.array([[1.0, 0.0], [0.0, 0.0]]), q, k, v,
+    ...                                          bias=np.zeros(2), return_dbias=True)
+    >>> dbias.shape, bool(abs(dbias.sum()) < 1e-15)
+    ((2,), True)
     """
     dout, q, k, v = _as_float64(dout), _as_float64(q), _as_float64(k), _as_float64(v)
+    if return_dbias and bias is None:
+        raise ValueError("attention_backward: return_dbias=True needs a bias")
+    Lq, Lk = q.shape[-2], k.shape[-2]
     if scale is None:
         scale = 1.0 / np.sqrt(q.shape[-1])
-    # S = Q K^T * scale, masked; P = softmax(S), zero for a row that sees no key
+    # S = Q K^T * scale, capped, biased and masked; P = softmax(S), zero for a row that
+    # sees no key
     s = np.matmul(q, np.swapaxes(k, -1, -2)) * scale
+    if softcap is not None:
+        t = np.tanh(s / softcap)
+        s = softcap * t
+    if alibi_slopes is not None:
+        s = s + alibi_bias(alibi_slopes, Lq, Lk)
+    if bias is not None:
+        s = s + _as_float64(bias)
+    keep = None
     if causal:
-        s = np.where(causal_mask(q.shape[-2], k.shape[-2]), s, -np.inf)
+        keep = causal_mask(Lq, Lk)
+    if window is not None:
+        keep = window_mask(Lq, Lk, window) if keep is None else keep & window_mask(Lq, Lk, window)
+    if mask is not None:
+        keep = _as_bool(mask) if keep is None else keep & _as_bool(mask)
+    if keep is not None:
+        s = np.where(keep, s, -np.inf)
     p = softmax(s, axis=-1)
     out = np.matmul(p, v)
     # dP = dO V^T; Delta = rowsum(dO * O) = rowsum(P * dP); dS = P * (dP - Delta)
     dp = np.matmul(dout, np.swapaxes(v, -1, -2))
     delta = np.sum(dout * out, axis=-1, keepdims=True)
     ds = p * (dp - delta)
-    # dQ = dS K * scale, dK = dS^T Q * scale, dV = P^T dO
-    dq = np.matmul(ds, k) * scale
-    dk = np.matmul(np.swapaxes(ds, -1, -2), q) * scale
+    dbias = _sum_to_shape(ds, np.shape(bias)) if return_dbias else None
+    # softcap: d(softcap * tanh(S0 / softcap)) / dS0 = 1 - tanh^2
+    ds0 = ds * (1 - t * t) if softcap is not None else ds
+    # dQ = dS0 K * scale, dK = dS0^T Q * scale, dV = P^T dO
+    dq = np.matmul(ds0, k) * scale
+    dk = np.matmul(np.swapaxes(ds0, -1, -2), q) * scale
     dv = np.matmul(np.swapaxes(p, -1, -2), dout)
-    return _sum_to_shape(dq, q.shape), _sum_to_shape(dk, k.shape), _sum_to_shape(dv, v.shape)
+    grads = (_sum_to_shape(dq, q.shape), _sum_to_shape(dk, k.shape), _sum_to_shape(dv, v.shape))
+    return grads + (dbias,) if return_dbias else grads
 
 
 def _sum_to_shape(g, shape):
@@ -298,3 +334,8 @@ def log_softmax(x, axis=-1):
     log_l = np.where(np.isneginf(log_l), 0.0, log_l)  # all -inf row: -inf - 0 = -inf
     with np.errstate(invalid="ignore", over="ignore"):
         return (x - m) - log_l
+
+
+from ._reference_sequences import attention_decode, attention_varlen  # noqa: E402
+
+__all__ += ["attention_varlen", "attention_decode"]

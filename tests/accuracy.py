@@ -74,7 +74,11 @@ and rounded to T, from the naive forward's own P and O (steps 1-5, both rounded 
 10. ``dQ    = round_T(dS @ k * scale)``
 11. ``dK    = round_T(dS^T @ q * scale)``
 
-(each summed over the broadcast dimensions in acc, before the rounding to T).
+(each summed over the broadcast dimensions in acc, before the rounding to T). With the
+variants the naive forward applies them (steps 2a, 2b, 3); with ``softcap``, step 9 is
+followed by ``dS0 = round_T(dS * (1 - T^2))`` (``T = tanh(S0 / softcap)`` of the naive
+raw scores), which steps 10 and 11 use; ``dbias`` is dS summed to bias's shape in acc and
+rounded to bias's dtype, judged like the other gradients.
 
 Floor: every entry of a gradient is a sum of products, and a rounding error is relative
 to the sum of the absolute values of its terms, not to the (possibly cancelled) result:
@@ -477,47 +481,58 @@ def sum_to_shape(g, shape):
     return np.sum(g, axis=ones, keepdims=True) if ones else g
 
 
-def _backward_matrices(dout, q, k, v, *, causal, scale, dtype):
-    """``(P, dP, Delta, O, lse)`` of the backward's formulas, every step in ``dtype``
-    (lse with keepdims, broadcast to the batch of P)."""
+def _backward_matrices(dout, q, k, v, *, causal, scale, dtype, **variants):
+    """``(P, dP, Delta, O, lse, T)`` of the backward's formulas, every step in ``dtype``
+    (lse with keepdims, broadcast to the batch of P; ``T = tanh(S0 / softcap)`` of the
+    raw scores with ``softcap``, else None)."""
     q, k, v, dout = (x.astype(dtype) for x in (q, k, v, dout))
     s = np.matmul(q, np.swapaxes(k, -1, -2)) * dtype.type(scale)
-    if causal:
-        s = np.where(reference.causal_mask(q.shape[-2], k.shape[-2]), s, -np.inf).astype(dtype)
+    softcap = variants.get("softcap")
+    t = None if softcap is None else np.tanh(s / dtype.type(softcap))
+    s = apply_variants(s, q.shape[-2], k.shape[-2], causal=causal, **variants)
     p = np.exp(_wide_log_softmax(s, -1))
     m, log_l = _shift_and_log_sum(s, -1)
     out = np.matmul(p, v)
     dp = np.matmul(dout, np.swapaxes(v, -1, -2))
     delta = np.sum(dout * out, axis=-1, keepdims=True)
-    return p, dp, delta, out, np.broadcast_to(m + log_l, delta.shape)
+    return p, dp, delta, out, np.broadcast_to(m + log_l, delta.shape), t
 
 
-def true_attention_backward(dout, q, k, v, *, causal=False, scale=None):
+def true_attention_backward(dout, q, k, v, *, causal=False, scale=None, return_dbias=False,
+                            **variants):
     """``cupyflash.reference.attention_backward``; for float64 inputs the same formulas
-    in WIDE (``dq = dS k * scale``, ``dk = dS^T q * scale``, ``dv = P^T dout`` with
-    ``dS = P * (dP - Delta)``, summed to the inputs' shapes)."""
+    in WIDE (``dq = dS0 k * scale``, ``dk = dS0^T q * scale``, ``dv = P^T dout`` with
+    ``dS = P * (dP - Delta)`` and ``dS0 = dS * (1 - T^2)`` with softcap, summed to the
+    inputs' shapes; ``dbias = dS`` summed to bias's shape)."""
     if not _wide(q.dtype):
-        return reference.attention_backward(dout, q, k, v, causal=causal, scale=scale)
+        return reference.attention_backward(dout, q, k, v, causal=causal, scale=scale,
+                                            return_dbias=return_dbias, **variants)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    p, dp, delta, _, _ = _backward_matrices(dout, q, k, v, causal=causal, scale=scale,
-                                            dtype=WIDE)
+    p, dp, delta, _, _, t = _backward_matrices(dout, q, k, v, causal=causal, scale=scale,
+                                               dtype=WIDE, **variants)
     ds = p * (dp - delta)
+    ds0 = ds if t is None else ds * (1 - t * t)
     w = WIDE.type(scale)
-    dq = np.matmul(ds, k.astype(WIDE)) * w
-    dk = np.matmul(np.swapaxes(ds, -1, -2), q.astype(WIDE)) * w
+    dq = np.matmul(ds0, k.astype(WIDE)) * w
+    dk = np.matmul(np.swapaxes(ds0, -1, -2), q.astype(WIDE)) * w
     dv = np.matmul(np.swapaxes(p, -1, -2), dout.astype(WIDE))
-    return sum_to_shape(dq, q.shape), sum_to_shape(dk, k.shape), sum_to_shape(dv, v.shape)
+    grads = (sum_to_shape(dq, q.shape), sum_to_shape(dk, k.shape), sum_to_shape(dv, v.shape))
+    return grads + (sum_to_shape(ds, variants["bias"].shape),) if return_dbias else grads
 
 
-def naive_attention_backward(dout, q, k, v, *, causal=False, scale=None):
+def naive_attention_backward(dout, q, k, v, *, causal=False, scale=None, return_dbias=False,
+                             **variants):
     """Full-matrix backward in the inputs' dtype (steps 6-11 of the module docstring),
-    from the naive forward's own P and O (steps 1-5). Returns ``(dq, dk, dv)`` in the
-    inputs' dtype."""
+    from the naive forward's own P and O (steps 1-5, with the variants). With softcap,
+    step 9 is followed by ``dS0 = round_T(dS * (1 - T^2))`` (``T = tanh(S0 / softcap)``
+    of the naive raw scores, in acc), which steps 10 and 11 use; ``dbias`` is dS summed
+    to bias's shape in acc, rounded to bias's dtype. Returns ``(dq, dk, dv)`` (and
+    ``dbias``) in the inputs' (bias's) dtype."""
     dtype = q.dtype
     acc = accumulator_dtype(dtype).type
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    p, out, _ = _naive_forward(q, k, v, causal=causal, scale=scale)
+    p, out, _ = _naive_forward(q, k, v, causal=causal, scale=scale, **variants)
     p, out, do = p.astype(acc), out.astype(acc), dout.astype(acc)
     with np.errstate(invalid="ignore", over="ignore"):
         # 6. dV = round_T(P^T @ dO)
@@ -528,41 +543,60 @@ def naive_attention_backward(dout, q, k, v, *, causal=False, scale=None):
         delta = np.sum(do * out, axis=-1, keepdims=True)
         # 9. dS = round_T(P * (dP - Delta))
         ds = (p * (dp - delta)).astype(dtype).astype(acc)
-        # 10., 11. dQ = round_T(dS @ k * scale), dK = round_T(dS^T @ q * scale)
-        dq = np.matmul(ds, k.astype(acc)) * acc(scale)
-        dk = np.matmul(np.swapaxes(ds, -1, -2), q.astype(acc)) * acc(scale)
+        ds0 = ds
+        if variants.get("softcap") is not None:
+            # 9a. dS0 = round_T(dS * (1 - T^2)), T from the naive raw scores (steps 1, 2)
+            qs = (q.astype(acc) * acc(scale)).astype(dtype).astype(acc)
+            s0 = np.matmul(qs, np.swapaxes(k.astype(acc), -1, -2)).astype(dtype).astype(acc)
+            t = np.tanh(s0 / acc(variants["softcap"]))
+            ds0 = (ds * (1 - t * t)).astype(dtype).astype(acc)
+        # 10., 11. dQ = round_T(dS0 @ k * scale), dK = round_T(dS0^T @ q * scale)
+        dq = np.matmul(ds0, k.astype(acc)) * acc(scale)
+        dk = np.matmul(np.swapaxes(ds0, -1, -2), q.astype(acc)) * acc(scale)
     # (sums over broadcast dimensions in acc, before the rounding to T)
-    return tuple(sum_to_shape(g, x.shape).astype(dtype) for g, x in ((dq, q), (dk, k), (dv, v)))
+    grads = tuple(sum_to_shape(g, x.shape).astype(dtype) for g, x in ((dq, q), (dk, k), (dv, v)))
+    if not return_dbias:
+        return grads
+    bias = variants["bias"]
+    return grads + (sum_to_shape(ds, bias.shape).astype(bias.dtype),)
 
 
-def backward_floors_and_slacks(dout, q, k, v, *, causal, scale):
-    """``(floors, slacks)``, each a tuple for (dq, dk, dv): the floor, a number, and the
-    score-rounding slack, an array of the gradient's shape (see the module docstring).
+def backward_floors_and_slacks(dout, q, k, v, *, causal, scale, return_dbias=False,
+                               **variants):
+    """``(floors, slacks)``, each a tuple for (dq, dk, dv) (and dbias): the floor, a
+    number, and the score-rounding slack, an array of the gradient's shape (see the
+    module docstring).
 
     With ``P``, ``dP``, ``Delta``, ``O`` of the float64 formulas:
 
     * natural magnitudes, the sums of the absolute values of every term:
       ``|dS|_ij = P_ij * (sum_c |dO_ic| |v_jc| + sum_c |dO_ic| |O_ic|)``,
-      ``|dq| = |scale| |dS| |k|``, ``|dk| = |scale| |dS|^T |q|``, ``|dv| = P^T |dO|``;
-      floor = FLOOR_ULPS * u_T * max of each;
-    * slack: every score of row i off by ``eps_i`` (:func:`score_rounding_slack`), and
-      the lse by as much, moves ``P_ij = exp(S_ij - lse_i)`` by a factor within
-      ``exp(+-2 eps_i)``; the rounding of lse_i itself, of ``S_ij - lse_i`` and of the exp
-      add ``FLOOR_ULPS * u_acc * (1 + |lse_i| + |S_ij - lse_i|)``. So ``|dP_ij| <= r_ij =
-      P_ij (2 eps_i + FLOOR_ULPS u_acc (1 + |lse_i| + |log P_ij|))``. The forward's
-      out row moves by ``sum_j dP_ij (v_j - O_i)`` with ``|dP_ij| <= r_ij``, so
-      ``Delta_i = dO_i . O_i`` by at most ``dDelta_i = sum_j r_ij |dP_ij - Delta_i|``
-      (``dO_i . v_j = dP_ij``). To first order
+      ``|dq| = |scale| |dS| |k|``, ``|dk| = |scale| |dS|^T |q|``, ``|dv| = P^T |dO|``,
+      ``|dbias| = |dS|`` summed to bias's shape; floor = FLOOR_ULPS * u_T * max of each
+      (u of bias's dtype too for dbias, where it is coarser). With softcap the factor
+      ``1 - T^2 <= 1`` is left out of the naturals of dq and dk: ``1 - T^2`` itself
+      rounds at the size of 1, not at its own;
+    * slack: every score of row i off by ``eps_i`` (:func:`score_rounding_slack`, with
+      the variants), and the lse by as much, moves ``P_ij = exp(S_ij - lse_i)`` by a
+      factor within ``exp(+-2 eps_i)``; the rounding of lse_i itself, of ``S_ij - lse_i``
+      and of the exp add ``FLOOR_ULPS * u_acc * (1 + |lse_i| + |S_ij - lse_i|)``. So
+      ``|dP_ij| <= r_ij = P_ij (2 eps_i + FLOOR_ULPS u_acc (1 + |lse_i| + |log P_ij|))``.
+      The forward's out row moves by ``sum_j dP_ij (v_j - O_i)`` with
+      ``|dP_ij| <= r_ij``, so ``Delta_i = dO_i . O_i`` by at most
+      ``dDelta_i = sum_j r_ij |dP_ij - Delta_i|`` (``dO_i . v_j = dP_ij``). To first order
       ``|d dS_ij| <= r_ij |dP_ij - Delta_i| + P_ij dDelta_i``, and
-      slack(dq) = ``|scale| |d dS| |k|``, slack(dk) = ``|scale| |d dS|^T |q|``,
-      slack(dv) = ``r^T |dO|``.
+      slack(dq) = ``|scale| |d dS0| |k|``, slack(dk) = ``|scale| |d dS0|^T |q|``,
+      slack(dv) = ``r^T |dO|``, slack(dbias) = ``|d dS|`` summed to bias's shape. With
+      softcap, ``|d dS0| = |d dS| (1 - T^2) + |dS| (2 |T| (1 - T^2) e_i / softcap +
+      FLOOR_ULPS u_acc)``: the raw score's rounding ``e_i = FLOOR_ULPS u_acc |scale|
+      |q_i| max_j |k_j|`` moves ``T``, and ``1 - T^2`` rounds; else ``d dS0 = d dS``.
 
     Every product is summed over the broadcast dimensions, as the gradients are.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     f64 = np.dtype(np.float64)
-    p, dp, delta, out, lse = _backward_matrices(dout, q, k, v, causal=causal, scale=scale,
-                                                dtype=f64)
+    p, dp, delta, out, lse, t = _backward_matrices(dout, q, k, v, causal=causal, scale=scale,
+                                                   dtype=f64, **variants)
     abs_do = np.abs(dout.astype(f64))
     abs_q, abs_k, abs_v = (np.abs(x.astype(f64)) for x in (q, k, v))
     p_t = np.swapaxes(p, -1, -2)
@@ -573,7 +607,7 @@ def backward_floors_and_slacks(dout, q, k, v, *, causal, scale):
                 abs(scale) * np.matmul(np.swapaxes(ds_nat, -1, -2), abs_q),
                 np.matmul(p_t, abs_do))
     # first-order effect of the score rounding
-    _, eps = score_rounding_slack(q, k, v, scale=scale)                 # (batch..., Lq)
+    _, eps = score_rounding_slack(q, k, v, scale=scale, **variants)      # (batch..., Lq)
     with np.errstate(divide="ignore"):
         s_minus_lse = np.where(p > 0, np.abs(np.log(p)), 0.0)           # |S_ij - lse_i|
     abs_lse = np.where(np.isfinite(lse), np.abs(lse), 0.0)              # (..., Lq, 1)
@@ -583,29 +617,64 @@ def backward_floors_and_slacks(dout, q, k, v, *, causal, scale):
     r_ds = r * np.abs(dp - delta)
     d_delta = np.sum(r_ds, axis=-1, keepdims=True)                      # bound on |d Delta_i|
     d_ds = r_ds + p * d_delta
-    slacks = (abs(scale) * np.matmul(d_ds, abs_k),
-              abs(scale) * np.matmul(np.swapaxes(d_ds, -1, -2), abs_q),
+    d_ds0 = d_ds
+    if t is not None:
+        _, raw_eps = score_rounding_slack(q, k, v, scale=scale)        # the raw scores' own
+        g = 1 - t * t
+        d_ds0 = d_ds * g + np.abs(p * (dp - delta)) * (
+            2 * np.abs(t) * g * raw_eps[..., None] / variants["softcap"] + FLOOR_ULPS * u_acc)
+    slacks = (abs(scale) * np.matmul(d_ds0, abs_k),
+              abs(scale) * np.matmul(np.swapaxes(d_ds0, -1, -2), abs_q),
               np.matmul(np.swapaxes(r, -1, -2), abs_do))
     u = unit_roundoff(q.dtype)
     shapes = (q.shape, k.shape, v.shape)
     floors = tuple(FLOOR_ULPS * u * _finite_abs_max(sum_to_shape(n, shape))
                    for n, shape in zip(naturals, shapes))
-    return floors, tuple(sum_to_shape(sl, shape) for sl, shape in zip(slacks, shapes))
+    slacks = tuple(sum_to_shape(sl, shape) for sl, shape in zip(slacks, shapes))
+    if return_dbias:
+        bias = variants["bias"]
+        u_bias = max(u, unit_roundoff(bias.dtype))
+        floors += (FLOOR_ULPS * u_bias * _finite_abs_max(sum_to_shape(ds_nat, bias.shape)),)
+        slacks += (sum_to_shape(d_ds, bias.shape),)
+    return floors, slacks
 
 
-def check_attention_backward(dq, dk, dv, dout, q, k, v, *, causal, scale):
-    """Assert that ``dq, dk, dv`` computed from the (rounded, NumPy) inputs dout, q, k, v
-    meet the accuracy rule, with the shapes and dtype of q, k, v; and that a query row
-    that sees no key (causal with ``Lq > Lk``) has a dq row of exact zeros."""
-    truth = true_attention_backward(dout, q, k, v, causal=causal, scale=scale)
-    naive = naive_attention_backward(dout, q, k, v, causal=causal, scale=scale)
-    floors, slacks = backward_floors_and_slacks(dout, q, k, v, causal=causal, scale=scale)
-    for name, got, x, ref, nv, floor, slack in zip(("dq", "dk", "dv"), (dq, dk, dv),
-                                                   (q, k, v), truth, naive, floors, slacks):
+def check_attention_backward(dq, dk, dv, dout, q, k, v, *, causal, scale, dbias=None,
+                             **variants):
+    """Assert that ``dq, dk, dv`` (and ``dbias``, if given) computed from the (rounded,
+    NumPy) inputs dout, q, k, v and the variants meet the accuracy rule, with the shapes
+    and dtypes of q, k, v (and bias); and that a query row that sees no key has a dq row
+    of exact zeros."""
+    with_dbias = dbias is not None
+    truth = true_attention_backward(dout, q, k, v, causal=causal, scale=scale,
+                                    return_dbias=with_dbias, **variants)
+    naive = naive_attention_backward(dout, q, k, v, causal=causal, scale=scale,
+                                     return_dbias=with_dbias, **variants)
+    floors, slacks = backward_floors_and_slacks(dout, q, k, v, causal=causal, scale=scale,
+                                                return_dbias=with_dbias, **variants)
+    names, grads, inputs = ["dq", "dk", "dv"], [dq, dk, dv], [q, k, v]
+    if with_dbias:
+        names.append("dbias")
+        grads.append(dbias)
+        inputs.append(variants["bias"])
+    for name, got, x, ref, nv, floor, slack in zip(names, grads, inputs, truth, naive,
+                                                   floors, slacks):
         assert got.dtype == x.dtype, f"{name} has dtype {got.dtype}, expected {x.dtype}"
         assert got.shape == x.shape, f"{name} has shape {got.shape}, expected {x.shape}"
         assert_within_budget(name, got, ref, nv, floor, slack)
+    # rows 0 .. blind - 1 see no key (causal with Lq > Lk, or Lk = 0), and with the
+    # variants every row whose final scores are all -inf
     Lq, Lk = q.shape[-2], k.shape[-2]
-    blind = Lq - Lk if causal else (Lq if Lk == 0 else 0)  # rows 0 .. blind - 1 see no key
+    blind = Lq - Lk if causal else (Lq if Lk == 0 else 0)
     assert np.all(np.asarray(dq[..., :max(blind, 0), :], dtype=np.float64) == 0), \
         "a query row that sees no key must have a dq row of exact zeros"
+    if variants and Lq and Lk:
+        _, _, _, _, lse, _ = _backward_matrices(dout, q, k, v, causal=causal,
+                                                scale=1.0 if scale is None else scale,
+                                                dtype=np.dtype(np.float64), **variants)
+        empty = np.isneginf(lse[..., 0])                                # (batch..., Lq)
+        dq_full = np.broadcast_to(np.asarray(dq, dtype=np.float64),
+                                  empty.shape + (q.shape[-1],))
+        if q.shape == dq_full.shape:  # dq of a broadcast q sums rows of other elements
+            assert np.all(dq_full[empty] == 0), \
+                "a query row that sees no key must have a dq row of exact zeros"

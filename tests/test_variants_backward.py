@@ -1,0 +1,420 @@
+"""Gradients through the variants of attention (bias, mask, window, alibi_slopes, softcap)
+on the NumPy backend, against the float64 reference.
+
+The backward under test is given the forward's own out and lse, computed by
+cupyflash.attention with the same options; the truth and the naive same-dtype computation
+start again from dout, q, k, v and the options. The accuracy rule is
+:func:`accuracy.check_attention_backward`, with the variants applied to the truth and the
+naive computation, and ``dbias`` judged like the other gradients. The variants run on the
+NumPy backend only: CuPy inputs with any of them raise NotImplementedError (checked under
+the ``gpu`` marker), so the accuracy tests take no ``xp`` fixture.
+"""
+
+import re
+
+import numpy as np
+import pytest
+from hypothesis import assume, example, given, settings
+from hypothesis import strategies as st
+
+import cupyflash
+from accuracy import (DTYPES, _finite_abs_max, check_attention_backward,
+                      true_attention_backward)
+from backends import requires_gpu
+from cupyflash import _api, _numpy_backend, reference
+from strategies import PROFILE, AttentionCase, VariantCase, variant_cases
+from test_backward import FLOAT16_GRADIENT_MAX, draw_dout, finite_difference_gradients
+
+# See test_attention.py: OpenBLAS flags 0 * -inf on padding lanes; no NaN reaches a result.
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered in matmul")
+
+ALL_DTYPES = pytest.mark.parametrize("dtype", list(DTYPES))
+
+# Examples per property: these counts keep this file to well under a minute on two cores.
+SCALE_EXAMPLES = {"thorough": 4}.get(PROFILE, 1)
+
+
+def examples(n):
+    return settings(max_examples=n * SCALE_EXAMPLES)
+
+
+# Short sequences and small blocks: the full-matrix truth, the naive computation and the
+# floors are all O(Lq Lk) per batch element on the host.
+MAX_LEN, MAX_HEAD_DIM, MAX_WORK = 80, 32, 2 * 10**5
+SMALL_BLOCKS = st.sampled_from([(2, 3), (3, 2), (7, 16), (16, 7), (33, 32)])
+
+
+def cases(**kwargs):
+    """Variant cases without -inf keys (an infinite k makes dq NaN, documented)."""
+    return variant_cases(neg_inf=st.just("none"), max_len=MAX_LEN,
+                         max_head_dim=MAX_HEAD_DIM, max_work=MAX_WORK, **kwargs)
+
+
+def snapshot(arrays):
+    return [a.tobytes() for a in arrays if isinstance(a, np.ndarray)]
+
+
+def gradients(dout, q, k, v, scale, options, *, causal=False, blocks=None,
+              return_dbias=None):
+    """The forward's ``(out, lse)``, then the gradients of cupyflash.attention_backward
+    (or of the NumPy backend with ``blocks = (BLOCK_M, BLOCK_N)``), with dbias whenever a
+    bias is given (``return_dbias=None``). Asserts that no input was changed."""
+    if return_dbias is None:
+        return_dbias = options.get("bias") is not None
+    arrays = [dout, q, k, v] + list(options.values())
+    before = snapshot(arrays)
+    out, lse = cupyflash.attention(q, k, v, causal=causal, scale=scale, return_lse=True,
+                                   **options)
+    if blocks is None:
+        grads = cupyflash.attention_backward(dout, q, k, v, out, lse, causal=causal,
+                                             scale=scale, return_dbias=return_dbias,
+                                             **options)
+    else:
+        problem = _api.validate_attention("attention_backward", q, k, v, causal, scale)
+        _api.validate_variants("attention_backward", problem, options.get("bias"),
+                               options.get("mask"), options.get("window"),
+                               options.get("alibi_slopes"), options.get("softcap"))
+        grads = _numpy_backend.attention_backward(
+            dout, q, k, v, out, lse, problem, block_m=blocks[0], block_n=blocks[1],
+            bias=options.get("bias"), mask=options.get("mask"),
+            alibi_slopes=options.get("alibi_slopes"), return_dbias=return_dbias)
+    assert snapshot(arrays) == before, "attention_backward modified an input"
+    return grads
+
+
+def check_case(vc, dout_scale=1.0, blocks=None):
+    q, k, v, scale, options = vc.inputs()
+    dout = draw_dout(vc.case, dout_scale)
+    grads = gradients(dout, q, k, v, scale, options, causal=vc.case.causal, blocks=blocks)
+    dq, dk, dv = grads[:3]
+    dbias = grads[3] if len(grads) == 4 else None
+    # float16 gradients (or dbias of a float16 bias) must stay far from 65504, or the
+    # naive float16 computation overflows and the test would be judging the test
+    halves = [vc.case.dtype == "float16"] * 3 + [vc.bias_dtype == "float16"]
+    if any(halves[:len(grads)]):
+        truth = true_attention_backward(dout, q, k, v, causal=vc.case.causal, scale=scale,
+                                        return_dbias=dbias is not None, **options)
+        assume(all(_finite_abs_max(g) < FLOAT16_GRADIENT_MAX
+                   for g, half in zip(truth, halves) if half))
+    check_attention_backward(dq, dk, dv, dout, q, k, v, causal=vc.case.causal, scale=scale,
+                             dbias=dbias, **options)
+
+
+DOUT_SCALES = st.sampled_from([1.0, 1e-3, 1e3])
+
+
+# ----------------------------------------------------------------------------------------
+# accuracy: every variant and their combinations
+# ----------------------------------------------------------------------------------------
+
+@examples(120)
+@given(vc=cases(), dout_scale=DOUT_SCALES)
+@example(vc=VariantCase(AttentionCase("float32", Lq=70, Lk=10, D=8, Dv=8, seed=1),
+                        window=(0, 0)), dout_scale=1.0)  # rows 0-59 see no key
+@example(vc=VariantCase(AttentionCase("bfloat16", Lq=33, Lk=65, D=16, Dv=8,
+                                      q_batch=(2, 3), k_batch=(2, 1), v_batch=(2, 1), seed=2),
+                        bias_kind="padding", bias_shape=(2, 1, 1, 65), bias_dtype="float32",
+                        mask_kind="rows", mask_shape=(33, 65)), dout_scale=1.0)
+@example(vc=VariantCase(AttentionCase("float64", Lq=40, Lk=57, D=16, Dv=16, causal=True,
+                                      q_batch=(2, 4), k_batch=(2, 1), v_batch=(2, 1),
+                                      logit_max=50.0, seed=3),
+                        slopes_shape=(4,), slopes_max=1.0, softcap=5.0), dout_scale=1e-3)
+@example(vc=VariantCase(AttentionCase("float16", Lq=20, Lk=45, D=16, Dv=16, logit_max=1e3,
+                                      seed=4), softcap=0.5, bias_kind="random",
+                        bias_shape=(20, 45), bias_dtype="float16", bias_scale=10.0),
+         dout_scale=1.0)
+def test_variant_gradients_match_reference(vc, dout_scale):
+    check_case(vc, dout_scale)
+
+
+@examples(120)
+@given(vc=cases(), dout_scale=DOUT_SCALES, blocks=SMALL_BLOCKS)
+@example(vc=VariantCase(AttentionCase("float32", Lq=40, Lk=70, D=8, Dv=8, causal=True,
+                                      seed=5),
+                        window=(5, 3), mask_kind="blocky", mask_shape=(40, 70),
+                        bias_kind="dense", bias_shape=(1, 70)),
+         dout_scale=1.0, blocks=(7, 16))
+def test_variant_gradients_with_small_blocks_match_reference(vc, dout_scale, blocks):
+    """Small BLOCK_M and BLOCK_N: band edges, skipped query blocks, blocks the mask hides
+    and dbias summed across many blocks."""
+    check_case(vc, dout_scale, blocks)
+
+
+@examples(60)
+@given(vc=cases(options=("bias", "alibi_slopes", "mask"), required=("softcap",)),
+       blocks=st.one_of(st.none(), SMALL_BLOCKS))
+def test_softcap_gradients(vc, blocks):
+    check_case(vc, blocks=blocks)
+
+
+@examples(60)
+@given(vc=cases(options=("alibi_slopes",), required=("window",),
+                causal=st.booleans()),
+       blocks=st.one_of(st.none(), SMALL_BLOCKS))
+def test_window_gradients(vc, blocks):
+    check_case(vc, blocks=blocks)
+
+
+@examples(60)
+@given(vc=cases(options=("mask",), required=("bias",)),
+       blocks=st.one_of(st.none(), SMALL_BLOCKS))
+def test_bias_gradients(vc, blocks):
+    check_case(vc, blocks=blocks)
+
+
+@examples(40)
+@given(vc=cases(options=("window",), required=("alibi_slopes",), causal=st.just(True)),
+       blocks=st.one_of(st.none(), SMALL_BLOCKS))
+def test_alibi_gradients(vc, blocks):
+    check_case(vc, blocks=blocks)
+
+
+# ----------------------------------------------------------------------------------------
+# finite differences (float64)
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("options, causal", [
+    (dict(softcap=0.7), False),
+    (dict(softcap=2.0, alibi_slopes=np.array([0.3, -0.2]), window=(2, 1)), True),
+    (dict(bias="full"), False),
+    (dict(bias="padding", softcap=1.5, mask="random"), True),
+])
+def test_gradients_match_finite_differences(options, causal):
+    """The float64 path is the derivative of sum(dout * attention(q, k, v, bias=bias, ...))
+    with respect to q, k, v and bias; softcap's chain rule included."""
+    rng = np.random.default_rng(20)
+    B, Lq, Lk, D, Dv = 2, 5, 6, 3, 2
+    q, k, v = (rng.standard_normal(s) * 1.5 for s in ((B, Lq, D), (B, Lk, D), (B, Lk, Dv)))
+    options = dict(options)
+    if options.get("bias") == "full":
+        options["bias"] = rng.standard_normal((B, Lq, Lk))
+    elif options.get("bias") == "padding":
+        options["bias"] = rng.standard_normal((B, 1, Lk))
+    if options.get("mask") == "random":
+        options["mask"] = rng.random((Lq, Lk)) < 0.7
+    dout = rng.standard_normal((B, Lq, Dv))
+    grads = gradients(dout, q, k, v, None, options, causal=causal)
+
+    def loss():
+        return float(np.sum(dout * cupyflash.attention(q, k, v, causal=causal, **options)))
+
+    inputs = (q, k, v) + ((options["bias"],) if "bias" in options else ())
+    for name, got, fd in zip(("dq", "dk", "dv", "dbias"), grads,
+                             finite_difference_gradients(loss, inputs)):
+        np.testing.assert_allclose(got, fd, rtol=1e-6, atol=1e-8, err_msg=name)
+    expected = reference.attention_backward(dout, q, k, v, causal=causal,
+                                            return_dbias="bias" in options, **options)
+    for got, e in zip(grads, expected):
+        np.testing.assert_allclose(got, e, rtol=1e-12, atol=1e-13)
+
+
+# ----------------------------------------------------------------------------------------
+# rows that see no key; the gradient of a broadcast bias
+# ----------------------------------------------------------------------------------------
+
+@ALL_DTYPES
+@pytest.mark.parametrize("how", ["mask_rows", "bias_rows", "window", "padding"])
+def test_rows_that_keep_no_key_get_zero_gradients(dtype, how):
+    """Rows that every key is hidden from (by mask, a -inf bias, the window or a padding
+    mask of a whole batch element) have dq rows of exact zeros, add nothing to dk, dv and
+    dbias, and nothing is NaN, with and without softcap."""
+    rng = np.random.default_rng(21)
+    Lq, Lk = 40, 60
+    q, k, v, dout = (rng.standard_normal(s).astype(DTYPES[dtype])
+                     for s in ((2, Lq, 16), (2, Lk, 16), (2, Lk, 8), (2, Lq, 8)))
+    empty = np.zeros((2, Lq), dtype=bool)
+    bias = np.zeros((Lq, Lk), dtype=np.float32)
+    if how == "mask_rows":
+        options = {"mask": np.ones((2, Lq, Lk), dtype=bool)}
+        options["mask"][0, 5:20] = False
+        empty[0, 5:20] = True
+    elif how == "bias_rows":
+        bias[::3] = -np.inf
+        empty[:, ::3] = True
+    elif how == "window":  # Lk = 5: row i sees keys [i - 37, i - 35], rows 0..34 none
+        k, v = k[:, :5], v[:, :5]
+        bias = bias[:, :5]
+        options = {"window": (2, 0)}
+        empty[:, :35] = True
+    else:  # batch element 1 is all padding
+        options = {"mask": np.arange(Lk) < np.array([Lk, 0])[:, None, None]}
+        empty[1] = True
+    if how == "bias_rows":
+        options = {}
+    options["bias"] = bias
+    for softcap in (None, 5.0):
+        opts = dict(options, softcap=softcap) if softcap else options
+        for blocks in (None, (16, 7)):
+            dq, dk, dv, dbias = gradients(dout, q, k, v, None, opts, blocks=blocks)
+            for g in (dq, dk, dv, dbias):
+                assert not np.isnan(g.astype(np.float64)).any()
+            assert np.all(dq[empty] == 0)
+            assert np.all(dbias[empty.all(axis=0)] == 0)  # rows empty in every element
+            # the empty rows' dout does not matter at all
+            dout_2 = dout.copy()
+            dout_2[empty] = 100
+            again = gradients(dout_2, q, k, v, None, opts, blocks=blocks)
+            for g, g_2 in zip((dq, dk, dv, dbias), again):
+                assert g.tobytes() == g_2.tobytes()
+            check_attention_backward(dq, dk, dv, dout, q, k, v, causal=False, scale=None,
+                                     dbias=dbias, **opts)
+
+
+@ALL_DTYPES
+@pytest.mark.parametrize("blocks", [None, (16, 7)])
+def test_dbias_of_a_broadcast_bias_is_the_sum_over_its_broadcast_dimensions(dtype, blocks):
+    """A (B, 1, 1, Lk) bias gets a dbias of that shape: the dbias of the same bias
+    materialised as (B, H, Lq, Lk), summed over heads and query rows. A shared (Lq, Lk)
+    bias and a () bias likewise."""
+    rng = np.random.default_rng(22)
+    B, H, Lq, Lk = 2, 3, 30, 45
+    q, k, v = (rng.standard_normal(s).astype(DTYPES[dtype])
+               for s in ((B, H, Lq, 8), (B, H, Lk, 8), (B, H, Lk, 8)))
+    dout = rng.standard_normal((B, H, Lq, 8)).astype(DTYPES[dtype])
+    full = (B, H, Lq, Lk)
+    for shape, axes in (((B, 1, 1, Lk), (1, 2)), ((Lq, Lk), (0, 1)), ((), (0, 1, 2, 3))):
+        bias = np.where(rng.random(shape) < 0.9, rng.standard_normal(shape), -np.inf)
+        if not shape:
+            bias = np.asarray(0.5)
+        bias = bias.astype(np.float32)
+        *grads, dbias = gradients(dout, q, k, v, None, {"bias": bias}, blocks=blocks)
+        assert dbias.shape == shape and dbias.dtype == np.float32
+        *grads_full, dbias_full = gradients(dout, q, k, v, None,
+                                            {"bias": np.broadcast_to(bias, full).copy()},
+                                            blocks=blocks)
+        assert dbias_full.shape == full
+        expected = dbias_full.astype(np.float64).sum(axis=axes, keepdims=True)
+        expected = expected.reshape(shape)
+        tol = 1e-5 * np.abs(dbias_full.astype(np.float64)).sum(axis=axes).max() + 1e-30
+        np.testing.assert_allclose(dbias.astype(np.float64), expected, rtol=0, atol=tol)
+        for g, g_full in zip(grads, grads_full):  # the same scores: the same bits
+            assert g.tobytes() == g_full.tobytes()
+        check_attention_backward(*grads, dout, q, k, v, causal=False, scale=None,
+                                 dbias=dbias, bias=bias)
+
+
+@ALL_DTYPES
+def test_dbias_takes_the_bias_dtype(dtype):
+    """dbias has bias's dtype, whatever the inputs' (a float16 bias of float64 inputs)."""
+    rng = np.random.default_rng(23)
+    q, k, v = (rng.standard_normal((2, 20, 8)).astype(DTYPES[dtype]) for _ in range(3))
+    dout = rng.standard_normal((2, 20, 8)).astype(DTYPES[dtype])
+    for bias_dtype in ("float16", "float64"):
+        bias = rng.standard_normal((20, 20)).astype(bias_dtype)
+        *grads, dbias = gradients(dout, q, k, v, None, {"bias": bias})
+        assert dbias.dtype == bias.dtype
+        check_attention_backward(*grads, dout, q, k, v, causal=False, scale=None,
+                                 dbias=dbias, bias=bias)
+
+
+# ----------------------------------------------------------------------------------------
+# attention_vjp
+# ----------------------------------------------------------------------------------------
+
+@ALL_DTYPES
+@pytest.mark.parametrize("return_dbias", [False, True])
+def test_vjp_is_attention_then_attention_backward(dtype, return_dbias):
+    rng = np.random.default_rng(24)
+    q, k, v = (rng.standard_normal((2, 3, 37, 16)).astype(DTYPES[dtype]) for _ in range(3))
+    options = dict(bias=rng.standard_normal((2, 1, 1, 37)).astype(np.float32),
+                   mask=rng.random((37, 37)) < 0.9, window=(9, 2),
+                   alibi_slopes=np.array([0.5, 0.25, 0.125]), softcap=20.0)
+    out, vjp = cupyflash.attention_vjp(q, k, v, causal=True, return_dbias=return_dbias,
+                                       **options)
+    expected_out, lse = cupyflash.attention(q, k, v, causal=True, return_lse=True, **options)
+    assert out.tobytes() == expected_out.tobytes()
+    dout = rng.standard_normal(out.shape).astype(DTYPES[dtype])
+    got = vjp(dout)
+    assert len(got) == (4 if return_dbias else 3)
+    expected = cupyflash.attention_backward(dout, q, k, v, out, lse, causal=True,
+                                            return_dbias=return_dbias, **options)
+    for g, e in zip(got, expected):
+        assert g.tobytes() == e.tobytes()
+    assert all(g.tobytes() == e.tobytes() for g, e in zip(vjp(dout), got))  # again
+
+
+# ----------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------
+
+def raises(error, message):
+    return pytest.raises(error, match="^" + re.escape(message))
+
+
+def backward_args(dtype=np.float32):
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2,) + s).astype(dtype) for s in ((4, 8), (6, 8), (6, 5)))
+    out, lse = cupyflash.attention(q, k, v, return_lse=True)
+    return (np.ones_like(out), q, k, v, out, lse)
+
+
+@pytest.mark.parametrize("options, error, message", [
+    (dict(bias=np.zeros((4, 6), np.int32)), TypeError,
+     "bias must have a float dtype (float16, bfloat16, float32, float64), got int32"),
+    (dict(bias=np.zeros((4, 5), np.float32)), ValueError,
+     "bias of shape (4, 5) must broadcast to (batch..., Lq, Lk) = (2, 4, 6)"),
+    (dict(mask=np.ones((4, 6), np.float32)), TypeError,
+     "mask must have dtype bool (True: keep), got float32"),
+    (dict(mask=np.ones((3, 4, 6), bool)), ValueError,
+     "mask of shape (3, 4, 6) must broadcast to (batch..., Lq, Lk) = (2, 4, 6)"),
+    (dict(window=(-1, 0)), ValueError,
+     "window left must be >= 0, or None for unbounded, got -1"),
+    (dict(window=3), TypeError,
+     "window must be None or a pair (left, right) of ints >= 0 or None, got int"),
+    (dict(alibi_slopes=np.ones(3)), ValueError,
+     "alibi_slopes of shape (3,) must broadcast to the batch shape (2,) "
+     "(one slope per batch element)"),
+    (dict(softcap=0.0), ValueError, "softcap must be positive and finite, got 0.0"),
+    (dict(return_dbias=True), ValueError, "return_dbias=True needs a bias; got bias=None"),
+    (dict(return_dbias=True, mask=np.ones((4, 6), bool)), ValueError,
+     "return_dbias=True needs a bias; got bias=None"),
+    (dict(return_dbias=1, bias=np.zeros((4, 6))), TypeError,
+     "return_dbias must be a bool, got int"),
+])
+def test_backward_and_vjp_validate_the_variants_like_attention(options, error, message):
+    dout, q, k, v, out, lse = backward_args()
+    arrays = [dout, q, k, v, out, lse] + [x for x in options.values()
+                                          if isinstance(x, np.ndarray)]
+    before = snapshot(arrays)
+    with raises(error, "attention_backward: " + message):
+        cupyflash.attention_backward(dout, q, k, v, out, lse, **options)
+    with raises(error, "attention_vjp: " + message):
+        cupyflash.attention_vjp(q, k, v, **options)
+    assert snapshot(arrays) == before
+
+
+def test_gradients_must_not_overlap_the_bias():
+    dout, q, k, v, out, lse = backward_args()
+    bias = np.zeros((2, 4, 8), np.float32)
+    with raises(ValueError, "attention_backward: dq must not overlap the input bias"):
+        cupyflash.attention_backward(dout, q, k, v, out, lse, bias=bias[:, :, :6],
+                                     dq=bias)
+
+
+def gpu_only(test):
+    """The ``gpu`` marker, and a skip where there is no CUDA device."""
+    for mark in requires_gpu:
+        test = mark(test)
+    return test
+
+
+@gpu_only
+@pytest.mark.parametrize("option, value", [
+    ("bias", np.zeros((4, 6), np.float32)),
+    ("mask", np.ones((4, 6), bool)),
+    ("window", (2, 0)),
+    ("alibi_slopes", np.ones(2, np.float32)),
+    ("softcap", 30.0),
+])
+def test_variants_of_the_backward_are_not_implemented_on_the_gpu(option, value):
+    import cupy
+    dout, q, k, v, out, lse = (cupy.asarray(x) for x in backward_args())
+    value = cupy.asarray(value) if isinstance(value, np.ndarray) else value
+    message = "is not implemented on the GPU yet; the NumPy backend has it"
+    with raises(NotImplementedError, f"attention_backward: {option} {message}"):
+        cupyflash.attention_backward(dout, q, k, v, out, lse, **{option: value})
+    with raises(NotImplementedError, f"attention_vjp: {option} {message}"):
+        cupyflash.attention_vjp(q, k, v, **{option: value})
+    # neutral spellings of "no variant" still run
+    assert len(cupyflash.attention_backward(dout, q, k, v, out, lse,
+                                            window=(None, None))) == 3
