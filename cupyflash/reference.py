@@ -131,13 +131,30 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False, bias=None,
     array([1., 1., 1.])
     """
     q, k, v = _as_float64(q), _as_float64(k), _as_float64(v)
+    s, _ = _scores(q, k, causal=causal, scale=scale, bias=bias, mask=mask, window=window,
+                   alibi_slopes=alibi_slopes, softcap=softcap)
+    lse = logsumexp(s, axis=-1)
+    # P = softmax(S); rows with no visible key get all-zero probabilities
+    p = softmax(s, axis=-1)
+    out = np.matmul(p, v)
+    # v may bring batch dimensions that q and k lack: lse has the batch shape of out
+    lse = np.broadcast_to(lse, out.shape[:-1]).copy()
+    return (out, lse) if return_lse else out
+
+
+def _scores(q, k, *, causal, scale, bias, mask, window, alibi_slopes, softcap):
+    """The final score matrix of :func:`attention` (float64 q and k) and, with softcap,
+    ``t = tanh(S0 / softcap)`` of the scaled scores ``S0`` (for the backward's chain
+    rule; None without softcap)."""
     Lq, Lk = q.shape[-2], k.shape[-2]
     if scale is None:
         scale = 1.0 / np.sqrt(q.shape[-1])
     # S = Q K^T * scale: the full (..., Lq, Lk) score matrix
     s = np.matmul(q, np.swapaxes(k, -1, -2)) * scale
+    t = None
     if softcap is not None:
-        s = softcap * np.tanh(s / softcap)
+        t = np.tanh(s / softcap)
+        s = softcap * t
     if alibi_slopes is not None:
         s = s + alibi_bias(alibi_slopes, Lq, Lk)
     if bias is not None:
@@ -148,17 +165,10 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False, bias=None,
     if window is not None:
         keep = window_mask(Lq, Lk, window) if keep is None else keep & window_mask(Lq, Lk, window)
     if mask is not None:
-        mask = _as_bool(mask)
-        keep = mask if keep is None else keep & mask
+        keep = _as_bool(mask) if keep is None else keep & _as_bool(mask)
     if keep is not None:
         s = np.where(keep, s, -np.inf)
-    lse = logsumexp(s, axis=-1)
-    # P = softmax(S); rows with no visible key get all-zero probabilities
-    p = softmax(s, axis=-1)
-    out = np.matmul(p, v)
-    # v may bring batch dimensions that q and k lack: lse has the batch shape of out
-    lse = np.broadcast_to(lse, out.shape[:-1]).copy()
-    return (out, lse) if return_lse else out
+    return s, t
 
 
 def merge_attention(outs, lses):
@@ -244,28 +254,12 @@ def attention_backward(dout, q, k, v, *, causal=False, scale=None, bias=None, ma
     dout, q, k, v = _as_float64(dout), _as_float64(q), _as_float64(k), _as_float64(v)
     if return_dbias and bias is None:
         raise ValueError("attention_backward: return_dbias=True needs a bias")
-    Lq, Lk = q.shape[-2], k.shape[-2]
     if scale is None:
         scale = 1.0 / np.sqrt(q.shape[-1])
     # S = Q K^T * scale, capped, biased and masked; P = softmax(S), zero for a row that
     # sees no key
-    s = np.matmul(q, np.swapaxes(k, -1, -2)) * scale
-    if softcap is not None:
-        t = np.tanh(s / softcap)
-        s = softcap * t
-    if alibi_slopes is not None:
-        s = s + alibi_bias(alibi_slopes, Lq, Lk)
-    if bias is not None:
-        s = s + _as_float64(bias)
-    keep = None
-    if causal:
-        keep = causal_mask(Lq, Lk)
-    if window is not None:
-        keep = window_mask(Lq, Lk, window) if keep is None else keep & window_mask(Lq, Lk, window)
-    if mask is not None:
-        keep = _as_bool(mask) if keep is None else keep & _as_bool(mask)
-    if keep is not None:
-        s = np.where(keep, s, -np.inf)
+    s, t = _scores(q, k, causal=causal, scale=scale, bias=bias, mask=mask, window=window,
+                   alibi_slopes=alibi_slopes, softcap=softcap)
     p = softmax(s, axis=-1)
     out = np.matmul(p, v)
     # dP = dO V^T; Delta = rowsum(dO * O) = rowsum(P * dP); dS = P * (dP - Delta)
