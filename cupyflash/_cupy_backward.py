@@ -195,10 +195,7 @@ def _finish(device_id, buf, row, full_shape, cols, scale, target, result):
     n_rows = math.prod(full_shape[:-1])
     axes = _broadcast_axes(full_shape, target.shape)
     if not axes:
-        if buf.dtype == T and scale == 1.0 and result.flags.c_contiguous and row == cols:
-            result[...] = buf.reshape(full_shape)
-            return
-        if buf.dtype == T and scale == 1.0:
+        if buf.dtype == T and scale == 1.0:  # a copy (dk, dv not written in place)
             result[...] = buf[..., :cols].reshape(full_shape)
             return
         tmp = result if result.flags.c_contiguous else cupy.empty(full_shape, dtype=T)
@@ -236,11 +233,7 @@ def attention_backward(dout, q, k, v, out, lse, problem, deterministic=False,
         dv = dv if dv is not None else cupy.empty(v.shape, dtype=T)
         p = problem
         n_batch = math.prod(p.batch_shape)
-        if n_batch == 0 or (p.Lq == 0 and p.Lk == 0):
-            for g in (dq, dk, dv):
-                g.fill(0)
-            return dq, dk, dv
-        if p.Lq == 0 or p.Lk == 0:  # no query or no key: every gradient is 0
+        if n_batch == 0 or p.Lq == 0 or p.Lk == 0:  # nothing, or no query or no key: 0
             for g in (dq, dk, dv):
                 g.fill(0)
             return dq, dk, dv
