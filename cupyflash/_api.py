@@ -85,17 +85,20 @@ class AttentionProblem:
 
     ``window`` is None or a pair ``(left, right)`` of ints or None (unbounded), never
     ``(None, None)``; ``softcap`` is None or a positive float. The arrays of the other
-    variants (bias, mask, alibi_slopes) travel beside the problem.
+    variants (bias, mask, alibi_slopes) travel beside the problem. ``dropout_p`` is a
+    float in ``[0, 1)`` (0.0: no dropout) and ``seed`` an int in ``[0, 2**64)``, or None
+    when there is no dropout.
     """
 
     __slots__ = ("batch_shape", "Lq", "Lk", "D", "Dv", "dtype", "causal", "scale",
-                 "window", "softcap")
+                 "window", "softcap", "dropout_p", "seed")
 
     def __init__(self, batch_shape, Lq, Lk, D, Dv, dtype, causal, scale, window=None,
-                 softcap=None):
+                 softcap=None, dropout_p=0.0, seed=None):
         self.batch_shape, self.Lq, self.Lk, self.D, self.Dv = batch_shape, Lq, Lk, D, Dv
         self.dtype, self.causal, self.scale = dtype, causal, scale
         self.window, self.softcap = window, softcap
+        self.dropout_p, self.seed = dropout_p, seed
 
     @property
     def out_shape(self):
@@ -219,6 +222,30 @@ def validate_variants(fn, problem, bias, mask, window, alibi_slopes, softcap):
     return problem
 
 
+def validate_dropout(fn, problem, dropout_p, seed):
+    """Check ``dropout_p`` and ``seed``; set ``problem.dropout_p`` (a float in [0, 1)) and
+    ``problem.seed`` (an int in [0, 2**64), None without dropout)."""
+    if isinstance(dropout_p, (bool, np.bool_)) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"{fn}: dropout_p must be a real number in [0, 1), "
+                        f"got {type(dropout_p).__name__}")
+    dropout_p = float(dropout_p)
+    if not 0.0 <= dropout_p < 1.0:  # NaN fails both comparisons
+        raise ValueError(f"{fn}: dropout_p must be in [0, 1), got {dropout_p}")
+    if seed is not None:
+        if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"{fn}: seed must be an int in [0, 2**64) or None, "
+                            f"got {type(seed).__name__}")
+        seed = int(seed)
+        if not 0 <= seed < 2**64:
+            raise ValueError(f"{fn}: seed must be in [0, 2**64), got {seed}")
+    if dropout_p > 0 and seed is None:
+        raise ValueError(f"{fn}: dropout_p={dropout_p} needs a seed (an int in [0, 2**64)); "
+                         f"got seed=None")
+    problem.dropout_p = dropout_p
+    problem.seed = seed if dropout_p > 0 else None  # without dropout the seed is unused
+    return problem
+
+
 def check_out(fn, out, xp_name, shape, dtype, inputs, name="out"):
     """Check a caller-supplied output array; it must not overlap any input."""
     if xp_name == "cupy":
@@ -250,7 +277,8 @@ def _overlap(xp_name, a, b):
 
 
 def attention(q, k, v, *, causal=False, scale=None, bias=None, mask=None, window=None,
-              alibi_slopes=None, softcap=None, return_lse=False, out=None):
+              alibi_slopes=None, softcap=None, dropout_p=0.0, seed=None, return_lse=False,
+              out=None):
     r"""Exact softmax attention, computed tile by tile without the ``L x L`` matrix.
 
     .. math::
@@ -326,6 +354,16 @@ def attention(q, k, v, *, causal=False, scale=None, bias=None, mask=None, window
     softcap : float, optional
         Soft-capping (Gemma 2, Grok): each scaled score ``s`` becomes
         ``softcap * tanh(s / softcap)``, in ``(-softcap, softcap)``. Positive.
+    dropout_p : float, optional
+        Dropout on the attention probabilities, in ``[0, 1)``: each probability is
+        dropped (set to 0) with probability ``dropout_p`` and the kept ones are divided
+        by ``1 - dropout_p``. Default 0.0, no dropout. ``lse`` is not changed by it.
+    seed : int, optional
+        In ``[0, 2**64)``; needed when ``dropout_p > 0`` (checked but unused otherwise).
+        The keep mask is a function of ``seed`` and each score's batch element, row and
+        column only (Philox4x32-10, see Notes): the same seed gives the same mask on
+        every call, whatever the tiling, and :func:`attention_backward` with the same
+        seed recomputes it.
     return_lse : bool, optional
         Also return the natural-log logsumexp of each row of final scores (after
         scale, softcap, bias and masking).
@@ -342,20 +380,22 @@ def attention(q, k, v, *, causal=False, scale=None, bias=None, mask=None, window
     Raises
     ------
     TypeError
-        Mixed NumPy and CuPy arrays, unsupported or mixed dtypes, a non-real ``scale``
-        or ``softcap``, a ``bias`` or ``alibi_slopes`` that is not float, a ``mask``
-        that is not bool, a ``window`` that is not a pair of ints or None, or an
-        ``out`` of the wrong type or dtype.
+        Mixed NumPy and CuPy arrays, unsupported or mixed dtypes, a non-real ``scale``,
+        ``softcap`` or ``dropout_p``, a ``seed`` that is not an int, a ``bias`` or
+        ``alibi_slopes`` that is not float, a ``mask`` that is not bool, a ``window``
+        that is not a pair of ints or None, or an ``out`` of the wrong type or dtype.
     ValueError
         Arrays with fewer than 2 dimensions, ``D`` of q and k that differ, ``Lk`` of k
         and v that differ, batch dimensions that do not broadcast, a non-finite
         ``scale``, a ``softcap`` that is not positive and finite, a negative
         ``window`` side, a ``bias`` or ``mask`` that does not broadcast to
         ``(batch..., Lq, Lk)``, ``alibi_slopes`` that do not broadcast to the batch
-        shape, or an ``out`` of the wrong shape or that overlaps an input.
+        shape, a ``dropout_p`` outside ``[0, 1)``, a ``seed`` outside ``[0, 2**64)``
+        or missing with ``dropout_p > 0``, or an ``out`` of the wrong shape or that
+        overlaps an input.
     NotImplementedError
         CuPy arrays with any of ``bias``, ``mask``, ``window``, ``alibi_slopes`` or
-        ``softcap``: the GPU kernels do not have the variants yet.
+        ``softcap``, or with ``dropout_p > 0``: the GPU kernels do not have them yet.
 
     Notes
     -----
@@ -378,6 +418,20 @@ def attention(q, k, v, *, causal=False, scale=None, bias=None, mask=None, window
     So the cap acts on the scaled scores only, never on the bias or ALiBi, and the
     slopes are in units of the final scores (not multiplied by ``scale``).
     ``cupyflash.reference.attention`` takes the same options in float64.
+
+    Dropout acts on the probabilities ``P = softmax(S)``, as in FlashAttention::
+
+        out = (P * Z / (1 - dropout_p)) v,   lse = logsumexp(S)   (undropped)
+
+    where the keep mask ``Z`` of score ``(b, i, j)`` (``b`` the row-major flat index
+    of the batch element in the broadcast batch shape, ``i`` the query, ``j`` the key)
+    comes from Philox4x32-10, the counter-based generator of cuRAND and Random123:
+    with the key ``(seed & 0xFFFFFFFF, seed >> 32)`` and the counter
+    ``(j >> 2, i, b & 0xFFFFFFFF, b >> 32)``, output word ``j & 3`` is a uniform
+    uint32, and the score is dropped iff that word is below
+    ``floor(dropout_p * 2**32)``. The NumPy backend draws the mask block by block,
+    never ``Lq x Lk`` of it; ``cupyflash.reference.dropout_mask`` returns the whole of
+    it, and ``reference.attention`` takes ``dropout_p`` and ``seed`` too.
 
     A score of ``-inf`` gives its key zero weight, so a row of only ``-inf`` scores
     gives zeros and ``lse = -inf``, never NaN. NaN or ``+inf`` scores give NaN
@@ -437,6 +491,20 @@ def attention(q, k, v, *, causal=False, scale=None, bias=None, mask=None, window
     ...                                          alibi_slopes=slopes, softcap=30.0)
     >>> bool(np.abs(out - expected).max() < 1e-12)
     True
+
+    Dropout: the same seed gives the same mask, and the reference draws it too.
+
+    >>> out = cupyflash.attention(q, k, v, causal=True, dropout_p=0.1, seed=1234)
+    >>> again = cupyflash.attention(q, k, v, causal=True, dropout_p=0.1, seed=1234)
+    >>> bool((out == again).all())
+    True
+    >>> expected = cupyflash.reference.attention(q, k, v, causal=True, dropout_p=0.1,
+    ...                                          seed=1234)
+    >>> bool(np.abs(out - expected).max() < 1e-12)
+    True
+    >>> keep = cupyflash.reference.dropout_mask(1234, 0.1, (2, 4), 96, 96)
+    >>> keep.shape, round(float(keep.mean()), 2)
+    ((2, 4, 96, 96), 0.9)
     """
     fn = "attention"
     xp_name, given = _as_arrays_with_variants(fn, ("q", "k", "v"), (q, k, v), bias, mask,
@@ -445,11 +513,13 @@ def attention(q, k, v, *, causal=False, scale=None, bias=None, mask=None, window
     bias, mask, alibi_slopes = given.get("bias"), given.get("mask"), given.get("alibi_slopes")
     problem = validate_attention(fn, q, k, v, causal, scale)
     validate_variants(fn, problem, bias, mask, window, alibi_slopes, softcap)
+    validate_dropout(fn, problem, dropout_p, seed)
     _check_bool(fn, "return_lse", return_lse)
     if out is not None:
         check_out(fn, out, xp_name, problem.out_shape, problem.dtype, list(given.items()))
     variants = dict(bias=bias, mask=mask, alibi_slopes=alibi_slopes)
     _refuse_variants_on_gpu(fn, xp_name, problem, **variants)
+    _refuse_dropout_on_gpu(fn, xp_name, problem)
     result, lse = _forward(xp_name, q, k, v, problem, out, **variants)
     return (result, lse) if return_lse else result
 
@@ -477,6 +547,13 @@ def _refuse_variants_on_gpu(fn, xp_name, problem, bias, mask, alibi_slopes):
                                       f"the NumPy backend has it")
 
 
+def _refuse_dropout_on_gpu(fn, xp_name, problem):
+    """NotImplementedError for CuPy arrays with dropout: the kernels lack it yet."""
+    if xp_name == "cupy" and problem.dropout_p > 0:
+        raise NotImplementedError(f"{fn}: dropout_p is not implemented on the GPU yet; "
+                                  f"the NumPy backend has it")
+
+
 def _check_bool(fn, name, x):
     if not isinstance(x, (bool, np.bool_)):
         raise TypeError(f"{fn}: {name} must be a bool, got {type(x).__name__}")
@@ -496,7 +573,8 @@ def _forward(xp_name, q, k, v, problem, out, bias=None, mask=None, alibi_slopes=
 
 def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, bias=None,
                        mask=None, window=None, alibi_slopes=None, softcap=None,
-                       return_dbias=False, deterministic=False, dq=None, dk=None, dv=None):
+                       dropout_p=0.0, seed=None, return_dbias=False, deterministic=False,
+                       dq=None, dk=None, dv=None):
     r"""Gradients of :func:`attention` with respect to q, k and v, and optionally ``bias``
     (FlashAttention-2's backward pass, which recomputes the probabilities from ``lse``).
 
@@ -516,10 +594,11 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, bia
         The forward pass's lse (``return_lse=True``): float32 or float64. Each
         probability is recomputed from it, so an lse less precise than the forward's
         (float32 for float64 inputs) limits the gradients to its precision.
-    causal, scale, bias, mask, window, alibi_slopes, softcap :
+    causal, scale, bias, mask, window, alibi_slopes, softcap, dropout_p, seed :
         The forward pass's options, as for :func:`attention`, validated the same way.
-        They must be the forward's own: the probabilities are recomputed from them.
-        The variants run on NumPy arrays only, as in the forward.
+        They must be the forward's own: the probabilities are recomputed from them,
+        and with ``dropout_p > 0`` the keep mask from ``seed``.
+        The variants and dropout run on NumPy arrays only, as in the forward.
     return_dbias : bool, optional
         Also return the gradient of ``bias`` (which must then be given): an array of
         bias's shape and dtype, ``dS`` summed over the dimensions along which bias was
@@ -547,26 +626,29 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, bia
         Mixed NumPy and CuPy arrays, unsupported or mixed dtypes (dout and out must
         have the dtype of q, k and v; lse float32 or float64), a non-real ``scale``, a
         non-bool ``causal``, ``deterministic`` or ``return_dbias``, a ``dq``, ``dk``,
-        ``dv`` of the wrong type or dtype, or any type error of the variants as in
-        :func:`attention`.
+        ``dv`` of the wrong type or dtype, or any type error of the variants and of
+        ``dropout_p`` and ``seed`` as in :func:`attention`.
     ValueError
         Any shape error of :func:`attention` (the variants' included), a dout, out or
         lse of the wrong shape, a non-finite ``scale``, ``return_dbias=True`` without a
-        ``bias``, or a ``dq``, ``dk``, ``dv`` of the wrong shape or that overlaps an
-        input or another output.
+        ``bias``, a ``dropout_p`` or ``seed`` out of range or a missing ``seed`` as in
+        :func:`attention`, or a ``dq``, ``dk``, ``dv`` of the wrong shape or that
+        overlaps an input or another output.
     NotImplementedError
         CuPy arrays with any of ``bias``, ``mask``, ``window``, ``alibi_slopes`` or
-        ``softcap``, as in :func:`attention`.
+        ``softcap``, or with ``dropout_p > 0``, as in :func:`attention`.
 
     Notes
     -----
     With the raw scores ``S0 = q k^T \cdot scale``, the final scores ``S`` of
     :func:`attention` (capped, plus ALiBi and bias, ``-inf`` where mask, causal or
-    window hide a key), ``P = softmax(S)`` and ``O = P v``:
+    window hide a key), ``P = softmax(S)``, the weights ``W`` of ``O = W v`` and the
+    keep mask ``Z`` that ``seed`` draws (``W = P`` and ``Z = 1`` without dropout):
 
     .. math::
 
-        dV = P^T dO, \quad dP = dO\, V^T, \quad
+        W = P \circ Z / (1 - p_{drop}), \quad
+        dV = W^T dO, \quad dP = (dO\, V^T) \circ Z / (1 - p_{drop}), \quad
         \Delta_i = \sum_c dO_{ic} O_{ic}, \quad
         dS = P \circ (dP - \Delta),
 
@@ -574,7 +656,8 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, bia
         \ (\text{softcap; else } dS_0 = dS), \quad
         dQ = dS_0\, K \cdot scale, \quad dK = dS_0^T Q \cdot scale
 
-    and ``dbias = dS``, summed over the dimensions along which ``bias`` broadcasts to
+    (``p_drop`` is ``dropout_p``; ``\Delta_i = \sum_j P_{ij} dP_{ij}`` holds with dropout
+    too) and ``dbias = dS``, summed over the dimensions along which ``bias`` broadcasts to
     ``(batch..., Lq, Lk)`` (a ``(B, 1, 1, Lk)`` bias gets the sum over heads and
     query rows). A hidden key has ``P = 0`` and so ``dS = 0``: ``mask``, ``window``
     and a ``-inf`` bias pass no gradient, and ``alibi_slopes`` and ``mask`` get none.
@@ -639,6 +722,18 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, bia
     ...                                                   **options)
     >>> all(bool(np.abs(g - e).max() < 1e-12) for g, e in zip((dq, dk, dv, dbias), expected))
     True
+
+    Dropout: the backward takes the forward's ``dropout_p`` and ``seed`` and redraws the
+    same mask.
+
+    >>> out, lse = cupyflash.attention(q, k, v, causal=True, dropout_p=0.2, seed=7,
+    ...                                return_lse=True)
+    >>> dq, dk, dv = cupyflash.attention_backward(dout, q, k, v, out, lse, causal=True,
+    ...                                           dropout_p=0.2, seed=7)
+    >>> expected = cupyflash.reference.attention_backward(dout, q, k, v, causal=True,
+    ...                                                   dropout_p=0.2, seed=7)
+    >>> all(bool(np.abs(g - e).max() < 1e-12) for g, e in zip((dq, dk, dv), expected))
+    True
     """
     fn = "attention_backward"
     xp_name, given = _as_arrays_with_variants(fn, ("dout", "q", "k", "v", "out", "lse"),
@@ -650,10 +745,12 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, bia
     problem = validate_attention(fn, q, k, v, causal, scale)
     validate_variants(fn, problem, variants["bias"], variants["mask"], window,
                       variants["alibi_slopes"], softcap)
+    validate_dropout(fn, problem, dropout_p, seed)
     _check_return_dbias(fn, return_dbias, variants["bias"])
     _check_backward_arrays(fn, xp_name, problem, dout, q, k, v, out, lse, deterministic,
                            dq, dk, dv, variants)
     _refuse_variants_on_gpu(fn, xp_name, problem, **variants)
+    _refuse_dropout_on_gpu(fn, xp_name, problem)
     return _backward(xp_name, dout, q, k, v, out, lse, problem, deterministic, dq, dk, dv,
                      variants, return_dbias)
 
@@ -704,14 +801,16 @@ def _backward(xp_name, dout, q, k, v, out, lse, problem, deterministic, dq, dk, 
 
 
 def attention_vjp(q, k, v, *, causal=False, scale=None, bias=None, mask=None, window=None,
-                  alibi_slopes=None, softcap=None, return_dbias=False, deterministic=False):
+                  alibi_slopes=None, softcap=None, dropout_p=0.0, seed=None,
+                  return_dbias=False, deterministic=False):
     r"""Run :func:`attention` and return its output with a function that computes the
     gradients, in the style of ``jax.vjp``.
 
     Parameters
     ----------
-    q, k, v, causal, scale, bias, mask, window, alibi_slopes, softcap :
-        As for :func:`attention`.
+    q, k, v, causal, scale, bias, mask, window, alibi_slopes, softcap, dropout_p, seed :
+        As for :func:`attention`. ``vjp`` uses the same ``seed``, so its gradients are
+        those of the dropout mask the forward drew.
     return_dbias, deterministic : bool, optional
         As for :func:`attention_backward`.
 
@@ -735,7 +834,7 @@ def attention_vjp(q, k, v, *, causal=False, scale=None, bias=None, mask=None, wi
         without a bias, a ValueError); ``vjp`` raises as :func:`attention_backward`
         for a bad ``dout``. Every message names ``attention_vjp``.
     NotImplementedError
-        CuPy arrays with any variant, as in :func:`attention`.
+        CuPy arrays with any variant or with ``dropout_p > 0``, as in :func:`attention`.
 
     Examples
     --------
@@ -752,6 +851,8 @@ def attention_vjp(q, k, v, *, causal=False, scale=None, bias=None, mask=None, wi
     >>> dq, dk, dv, dbias = vjp(np.ones_like(out))
     >>> dbias.shape, dbias.dtype
     ((32, 32), dtype('float32'))
+    >>> out, vjp = cupyflash.attention_vjp(q, k, v, dropout_p=0.1, seed=42)  # one mask
+    >>> dq, dk, dv = vjp(np.ones_like(out))
     """
     fn = "attention_vjp"
     xp_name, given = _as_arrays_with_variants(fn, ("q", "k", "v"), (q, k, v), bias, mask,
@@ -762,9 +863,11 @@ def attention_vjp(q, k, v, *, causal=False, scale=None, bias=None, mask=None, wi
     problem = validate_attention(fn, q, k, v, causal, scale)
     validate_variants(fn, problem, variants["bias"], variants["mask"], window,
                       variants["alibi_slopes"], softcap)
+    validate_dropout(fn, problem, dropout_p, seed)
     _check_return_dbias(fn, return_dbias, variants["bias"])
     _check_bool(fn, "deterministic", deterministic)
     _refuse_variants_on_gpu(fn, xp_name, problem, **variants)
+    _refuse_dropout_on_gpu(fn, xp_name, problem)
     out, lse = _forward(xp_name, q, k, v, problem, None, **variants)
 
     def vjp(dout):

@@ -29,9 +29,18 @@ query blocks outside the band of a key block are skipped, and so are blocks the 
 hides entirely. With softcap, ``dS`` is multiplied by ``1 - tanh^2`` of the raw scores
 before dQ and dK; the gradient of a bias, when asked for, is ``dS`` itself, summed block
 by block into a buffer of the bias's shape.
+
+Dropout draws its keep mask ``Z`` block by block too (``_philox.dropout_keep_block``: one
+Philox4x32-10 call per row and four keys of the block, from the batch element's flat index,
+the row and the column only), so any tiling, forward or backward, draws the same mask. The
+forward adds the undropped ``P~`` to ``l_i`` and the dropped ``P~ * Z`` to ``acc``, and
+multiplies ``O_i`` by ``1 / (1 - dropout_p)`` at the end; the backward uses
+``W = P * Z / (1 - dropout_p)`` for dV and ``dP * Z / (1 - dropout_p)`` in dS.
 """
 
 import numpy as np
+
+from . import _philox
 
 BLOCK_M = 256  # query rows per block
 BLOCK_N = 256  # key rows per block
@@ -146,13 +155,19 @@ def attention_forward(q, k, v, problem, out=None, block_m=BLOCK_M, block_n=BLOCK
     mask_blocks = None if mask is None else _Blocks(mask, batch)
     slopes_all = None if alibi_slopes is None else np.broadcast_to(alibi_slopes, batch)
     softcap = None if p.softcap is None else acc_t(p.softcap)
+    # Dropout: a score is kept iff its Philox word >= threshold; kept weights get 1 / (1 - p)
+    dropout = p.dropout_p > 0
+    if dropout:
+        threshold = _philox.dropout_threshold(p.dropout_p)
+        rp_dropout = acc_t(1.0 / (1.0 - p.dropout_p))
 
     # The band of keys query i sees: i + offset - left <= j <= i + offset + right
     band = offset, left, right = _band(p)
 
     chunk = max(1, CHUNK_BYTES // (block_m * block_n * np.dtype(acc_t).itemsize))
     for c0 in range(0, n_batch, chunk):
-        idx = np.unravel_index(np.arange(c0, min(c0 + chunk, n_batch)), batch)
+        flat = np.arange(c0, min(c0 + chunk, n_batch))               # flat batch indices b
+        idx = np.unravel_index(flat, batch)
         if slopes_all is not None:
             slopes = slopes_all[idx].astype(acc_t)[:, None, None]    # (n, 1, 1)
         for i0 in range(0, p.Lq, block_m):
@@ -192,6 +207,9 @@ def attention_forward(q, k, v, problem, out=None, block_m=BLOCK_M, block_n=BLOCK
                 p_ij = np.exp(s - m_safe[..., None])                 # P~ = exp(S - m)
                 alpha = np.exp(m_i - m_safe)                         # rescale of old acc
                 l_i = alpha * l_i + p_ij.sum(axis=-1)
+                if dropout:
+                    # P~ * Z: the dropped weights leave acc, not l_i (softmax comes first)
+                    p_ij *= _philox.dropout_keep_block(p.seed, threshold, flat, i0, i1, j0, j1)
                 # -- update acc
                 acc *= alpha[..., None]
                 acc += np.matmul(p_ij, v_j)
@@ -199,6 +217,8 @@ def attention_forward(q, k, v, problem, out=None, block_m=BLOCK_M, block_n=BLOCK
             # O_i = acc / l_i; a row that saw no key (l_i = 0) gives zeros, lse = -inf.
             empty = l_i == 0
             o_i = acc / np.where(empty, 1, l_i)[..., None]
+            if dropout:
+                o_i *= rp_dropout                            # O_i = (P * Z / (1 - p)) V
             with np.errstate(divide="ignore"):
                 lse_i = np.where(empty, -np.inf, np.where(np.isneginf(m_i), 0, m_i) + np.log(l_i))
             out_all[idx + (rows,)] = o_i
@@ -308,16 +328,22 @@ def attention_backward(dout, q, k, v, out, lse, problem, dq=None, dk=None, dv=No
     mask_blocks = None if mask is None else _Blocks(mask, batch)
     slopes_all = None if alibi_slopes is None else np.broadcast_to(alibi_slopes, batch)
     softcap = None if p.softcap is None else acc_t(p.softcap)
+    dropout = p.dropout_p > 0
+    if dropout:  # as in the forward
+        threshold = _philox.dropout_threshold(p.dropout_p)
+        rp_dropout = acc_t(1.0 / (1.0 - p.dropout_p))
 
-    # Per batch element in flight: the blocks S, P, dP, dS (and tanh) and the dQ accumulator.
-    per_element = 5 * block_m * block_n + p.Lq * (p.D + 2)
+    # Per batch element in flight: the blocks S, P, dP, dS (and tanh; with dropout Z and W)
+    # and the dQ accumulator.
+    per_element = (7 if dropout else 5) * block_m * block_n + p.Lq * (p.D + 2)
     chunk = max(1, CHUNK_BYTES // (per_element * np.dtype(acc_t).itemsize))
     # The band, as in the forward: key j is seen by the queries
     # j - offset - right <= i <= j - offset + left.
     band = offset, left, right = _band(p)
     scale = acc_t(p.scale)
     for c0 in range(0, n_batch, chunk):
-        idx = np.unravel_index(np.arange(c0, min(c0 + chunk, n_batch)), batch)
+        flat = np.arange(c0, min(c0 + chunk, n_batch))               # flat batch indices b
+        idx = np.unravel_index(flat, batch)
         n = len(idx[0])
         slopes = None if slopes_all is None else slopes_all[idx].astype(acc_t)[:, None, None]
         # Delta = rowsum(dO * O), one query block at a time: (n, Lq)
@@ -360,10 +386,20 @@ def attention_backward(dout, q, k, v, out, lse, problem, dq=None, dk=None, dv=No
                     keep=keep, want_tanh=softcap is not None)
                 # P = exp(S - lse), recomputed from the forward's lse
                 p_ij = np.exp(s - lse_safe[:, rows, None])
-                # dV_j += P^T dO_i
-                dv_j += np.matmul(np.swapaxes(p_ij, -1, -2), do_i)
-                # dP = dO_i V_j^T; dS = P * (dP - Delta): the gradient w.r.t. the final S
+                w_ij = p_ij                                          # the weights of O = W V
+                if dropout:
+                    # Z / (1 - p), the forward's mask redrawn: W = P * Z / (1 - p)
+                    keep_drop = _philox.dropout_keep_block(p.seed, threshold, flat,
+                                                           i0, i1, j0, j1)
+                    z_scaled = np.where(keep_drop, rp_dropout, acc_t(0))
+                    w_ij = p_ij * z_scaled
+                # dV_j += W^T dO_i
+                dv_j += np.matmul(np.swapaxes(w_ij, -1, -2), do_i)
+                # dP = dO_i V_j^T (* Z / (1 - p)); dS = P * (dP - Delta): the gradient
+                # w.r.t. the final S
                 dp = np.matmul(do_i, np.swapaxes(v_j, -1, -2))
+                if dropout:
+                    dp *= z_scaled
                 ds = p_ij * (dp - delta[:, rows, None])
                 if grad_bias is not None:  # dbias = dS, summed where bias broadcasts
                     grad_bias.add(idx, rows, cols, ds)

@@ -17,7 +17,10 @@ Semantics shared with :func:`cupyflash.attention`:
   ``S = S + alibi + bias`` with ``alibi_ij = -slope * |i + (Lk - Lq) - j|``; then
   ``S = -inf`` wherever ``mask``, ``causal`` or ``window`` hides a key;
 * a score of ``-inf`` gives that key weight 0; a query row that sees no key at all
-  (every score ``-inf`` or masked) returns zeros and ``lse = -inf``.
+  (every score ``-inf`` or masked) returns zeros and ``lse = -inf``;
+* ``dropout_p=p`` with a ``seed``: ``out = (P * Z / (1 - p)) v`` with ``P = softmax(S)``
+  and the keep mask ``Z = dropout_mask(seed, p, batch_shape, Lq, Lk)`` (Philox4x32-10;
+  see :func:`dropout_mask`); ``lse`` is that of the undropped scores.
 
 >>> import numpy as np
 >>> from cupyflash import reference
@@ -32,8 +35,10 @@ True
 
 import numpy as np
 
+from . import _philox
+
 __all__ = ["attention", "attention_backward", "causal_mask", "window_mask", "alibi_bias",
-           "merge_attention", "softmax", "log_softmax", "logsumexp"]
+           "dropout_mask", "merge_attention", "softmax", "log_softmax", "logsumexp"]
 
 
 def _as_float64(x):
@@ -104,8 +109,50 @@ def alibi_bias(alibi_slopes, Lq, Lk):
     return -slopes[..., None, None] * distance
 
 
+def dropout_mask(seed, dropout_p, batch_shape, Lq, Lk):
+    """Boolean ``(batch..., Lq, Lk)`` keep-mask of dropout: True where a probability is kept.
+
+    Philox4x32-10 (Salmon et al., SC 2011) with the key ``(seed & 0xFFFFFFFF, seed >> 32)``.
+    Score ``(b, i, j)``, with ``b`` the row-major flat index into ``batch_shape``, takes
+    output word ``j & 3`` of the counter ``(j >> 2, i, b & 0xFFFFFFFF, b >> 32)`` and is
+    dropped iff that word is below ``floor(dropout_p * 2**32)``. Here every score gets its
+    own Philox call (the whole matrix at once, four times the work of the backends, which
+    share one call among four keys and compute one block at a time).
+
+    >>> keep = dropout_mask(seed=0, dropout_p=0.5, batch_shape=(), Lq=2, Lk=6)
+    >>> keep.astype(int)
+    array([[0, 1, 1, 1, 1, 0],
+           [0, 1, 0, 0, 0, 1]])
+    >>> bool(dropout_mask(1, 0.0, (3,), 4, 5).all())
+    True
+    """
+    batch_shape = tuple(batch_shape)
+    b = np.arange(int(np.prod(batch_shape, dtype=np.int64))).reshape(batch_shape)
+    b = b[..., None, None]                                        # (batch..., 1, 1)
+    i = np.arange(Lq)[:, None]                                    # (Lq, 1)
+    j = np.arange(Lk)[None, :]                                    # (1, Lk)
+    counter = np.stack(np.broadcast_arrays(j >> 2, i, b & 0xFFFFFFFF, b >> 32), axis=-1)
+    words = _philox.philox4x32(counter, [seed & 0xFFFFFFFF, seed >> 32])  # (..., Lq, Lk, 4)
+    word = np.take_along_axis(words, np.broadcast_to(j & 3, words.shape[:-1])[..., None],
+                              axis=-1)[..., 0]
+    return word >= _philox.dropout_threshold(dropout_p)
+
+
+def _dropout_mask_of(q, k, v, dropout_p, seed):
+    """:func:`dropout_mask` for the broadcast batch of q, k and v, as float64 0s and 1s;
+    None without dropout."""
+    if not dropout_p:
+        return None
+    if seed is None:
+        raise ValueError("reference: dropout_p > 0 needs a seed")
+    batch_shape = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    keep = dropout_mask(seed, dropout_p, batch_shape, q.shape[-2], k.shape[-2])
+    return keep.astype(np.float64)
+
+
 def attention(q, k, v, *, causal=False, scale=None, return_lse=False, bias=None,
-              mask=None, window=None, alibi_slopes=None, softcap=None):
+              mask=None, window=None, alibi_slopes=None, softcap=None, dropout_p=0.0,
+              seed=None):
     """Standard attention ``softmax(q k^T * scale) v`` in float64, with its variants.
 
     Shapes ``q (..., Lq, D)``, ``k (..., Lk, D)``, ``v (..., Lk, Dv)``; leading
@@ -121,7 +168,12 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False, bias=None,
         S = S + alibi_bias(alibi_slopes, Lq, Lk)              if alibi_slopes
         S = S + bias                                          if bias
         S = -inf where not (mask & causal_mask & window_mask)
-        out = softmax(S) v
+        P = softmax(S)
+        P = P * Z / (1 - dropout_p)                           if dropout_p
+        out = P v
+
+    with ``Z = dropout_mask(seed, dropout_p, batch_shape, Lq, Lk)``; ``lse`` is always
+    that of the final scores ``S``, undropped.
 
     >>> q = k = np.zeros((3, 2))
     >>> v = np.arange(3.0)[:, None]
@@ -129,6 +181,12 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False, bias=None,
     array([0. , 0.5, 1.5])
     >>> attention(q, k, v, mask=np.array([True, False, True]))[:, 0]
     array([1., 1., 1.])
+    >>> dropout_mask(5, 0.5, (), 3, 3).astype(int)
+    array([[1, 0, 1],
+           [1, 0, 0],
+           [1, 1, 0]])
+    >>> attention(q, k, v, dropout_p=0.5, seed=5)[:, 0]  # P = 1/3, kept ones times 1/(1 - p)
+    array([1.33333333, 0.        , 0.66666667])
     """
     q, k, v = _as_float64(q), _as_float64(k), _as_float64(v)
     s, _ = _scores(q, k, causal=causal, scale=scale, bias=bias, mask=mask, window=window,
@@ -136,6 +194,10 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False, bias=None,
     lse = logsumexp(s, axis=-1)
     # P = softmax(S); rows with no visible key get all-zero probabilities
     p = softmax(s, axis=-1)
+    z = _dropout_mask_of(q, k, v, dropout_p, seed)
+    if z is not None:
+        # dropout: P * Z / (1 - p), the kept probabilities scaled up (lse stays undropped)
+        p = p * z / (1.0 - dropout_p)
     out = np.matmul(p, v)
     # v may bring batch dimensions that q and k lack: lse has the batch shape of out
     lse = np.broadcast_to(lse, out.shape[:-1]).copy()
@@ -206,7 +268,8 @@ def merge_attention(outs, lses):
 
 
 def attention_backward(dout, q, k, v, *, causal=False, scale=None, bias=None, mask=None,
-                       window=None, alibi_slopes=None, softcap=None, return_dbias=False):
+                       window=None, alibi_slopes=None, softcap=None, return_dbias=False,
+                       dropout_p=0.0, seed=None):
     """Gradients ``(dq, dk, dv)`` of standard attention in float64, from the full matrices.
 
     For ``out = attention(q, k, v, **options)`` and an upstream gradient ``dout`` of
@@ -222,16 +285,19 @@ def attention_backward(dout, q, k, v, *, causal=False, scale=None, bias=None, ma
         T     = tanh(S0 / softcap)                 (softcap; S0 = softcap * T)
         S     = softcap * T + alibi + bias         (-inf where mask, causal, window hide)
         P     = softmax(S)                         (a row that sees no key: P = 0)
-        O     = P v
-        dP    = dout v^T
+        W     = P * Z / (1 - dropout_p)            (dropout; W = P without it)
+        O     = W v
+        dP    = (dout v^T) * Z / (1 - dropout_p)   (dropout; dout v^T without it)
         Delta = rowsum(dout * O)
         dS    = P * (dP - Delta)                   (the gradient w.r.t. S)
         dbias = dS summed over bias's broadcast dimensions
         dS0   = dS * (1 - T^2)                     (softcap; dS0 = dS without it)
         dq    = dS0 k * scale
         dk    = dS0^T q * scale
-        dv    = P^T dout
+        dv    = W^T dout
 
+    with the keep mask ``Z = dropout_mask(seed, dropout_p, batch_shape, Lq, Lk)``
+    (``Delta = rowsum(dout * O) = rowsum(P * dP)`` holds with dropout too).
     ``mask``, ``window`` and ``alibi_slopes`` have no gradient. A row that sees no key
     gets zero gradients, never NaN.
 
@@ -261,18 +327,24 @@ def attention_backward(dout, q, k, v, *, causal=False, scale=None, bias=None, ma
     s, t = _scores(q, k, causal=causal, scale=scale, bias=bias, mask=mask, window=window,
                    alibi_slopes=alibi_slopes, softcap=softcap)
     p = softmax(s, axis=-1)
-    out = np.matmul(p, v)
-    # dP = dO V^T; Delta = rowsum(dO * O) = rowsum(P * dP); dS = P * (dP - Delta)
+    # W = P, or P * Z / (1 - p) with dropout: the weights of O = W V
+    z = _dropout_mask_of(q, k, v, dropout_p, seed)
+    w = p if z is None else p * z / (1.0 - dropout_p)
+    out = np.matmul(w, v)
+    # dP = dO V^T (times Z / (1 - p) with dropout); Delta = rowsum(dO * O) = rowsum(P * dP);
+    # dS = P * (dP - Delta)
     dp = np.matmul(dout, np.swapaxes(v, -1, -2))
+    if z is not None:
+        dp = dp * z / (1.0 - dropout_p)
     delta = np.sum(dout * out, axis=-1, keepdims=True)
     ds = p * (dp - delta)
     dbias = _sum_to_shape(ds, np.shape(bias)) if return_dbias else None
     # softcap: d(softcap * tanh(S0 / softcap)) / dS0 = 1 - tanh^2
     ds0 = ds * (1 - t * t) if softcap is not None else ds
-    # dQ = dS0 K * scale, dK = dS0^T Q * scale, dV = P^T dO
+    # dQ = dS0 K * scale, dK = dS0^T Q * scale, dV = W^T dO
     dq = np.matmul(ds0, k) * scale
     dk = np.matmul(np.swapaxes(ds0, -1, -2), q) * scale
-    dv = np.matmul(np.swapaxes(p, -1, -2), dout)
+    dv = np.matmul(np.swapaxes(w, -1, -2), dout)
     grads = (_sum_to_shape(dq, q.shape), _sum_to_shape(dk, k.shape), _sum_to_shape(dv, v.shape))
     return grads + (dbias,) if return_dbias else grads
 

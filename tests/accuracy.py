@@ -36,6 +36,16 @@ options of :func:`true_attention`, :func:`naive_attention`, :func:`score_roundin
 and :func:`check_attention`, with the meaning of :func:`cupyflash.attention`; the truth
 applies them in the same order, in float64 (WIDE for float64 inputs).
 
+So is dropout (``dropout_p`` with a ``seed``): the truth multiplies ``P`` by the keep mask
+``Z`` of :func:`cupyflash.reference.dropout_mask` and by ``1 / (1 - dropout_p)`` (in WIDE
+for float64 inputs), and the naive computation adds one step after step 4:
+
+4a. ``W  = round_T(P * Z / (1 - dropout_p))``    in acc; step 5 is then ``O = round_T(W @ v)``
+
+The weights of a row then sum to at most ``1 / (1 - dropout_p)`` instead of 1, and so
+does an output's natural magnitude relative to ``max|v|``: the out floor and the score
+slack below are multiplied by ``1 / (1 - dropout_p)``. lse is not changed by dropout.
+
 The floor covers results that the naive path gets exactly right by luck while a tiled
 algorithm does a few more roundings (the final rounding of the output to T, the running
 rescale ``exp(m_old - m_new)``, the division by ``l_i``): :data:`FLOOR_ULPS` unit
@@ -67,8 +77,10 @@ Naive backward in a dtype ``T`` (:func:`naive_attention_backward`): the standard
 full-matrix backward of a framework's autograd, every matrix product accumulated in acc
 and rounded to T, from the naive forward's own P and O (steps 1-5, both rounded to T):
 
-6.  ``dV    = round_T(P^T @ dO)``
+6.  ``dV    = round_T(W^T @ dO)``                (W = P without dropout)
 7.  ``dP    = round_T(dO @ v^T)``
+7a. ``dP    = round_T(dP * Z / (1 - dropout_p))``  with dropout, in acc (dropout's own
+    backward, as an autograd applies it)
 8.  ``Delta = rowsum(dO * O)``                 kept in acc, like lse
 9.  ``dS    = round_T(P * (dP - Delta))``      computed in acc
 10. ``dQ    = round_T(dS @ k * scale)``
@@ -86,7 +98,9 @@ to the sum of the absolute values of its terms, not to the (possibly cancelled) 
 :data:`FLOOR_ULPS` unit roundoffs of T times the largest such natural magnitude
 (``|dS|_ij = P_ij (|dO_i| . |v_j| + |dO_i| . |O_i|)``, then ``|scale| |dS| |k|`` for dq,
 ``|scale| |dS|^T |q|`` for dk, ``P^T |dO|`` for dv). Unlike the forward's floor there is
-no ``max(1, ...)``: a gradient of tiny values is held to a floor of its own size.
+no ``max(1, ...)``: a gradient of tiny values is held to a floor of its own size. With
+dropout, ``dP`` and ``P`` in these are the dropped ``dP * Z / (1 - dropout_p)`` and the
+weights ``W``, as in the formulas themselves.
 
 Slack: the backward recomputes ``P_ij = exp(S_ij - lse_i)`` from its own S and the
 forward's lse. Both carry the score rounding of the forward's slack (``eps_i``), and the
@@ -212,6 +226,24 @@ def true_softmax_family(x, axis, kind):
     return np.exp(r) if kind == "softmax" else r
 
 
+def _split_dropout(variants):
+    """``(dropout_p, seed, other_variants)``: the dropout options taken out of ``variants``."""
+    variants = dict(variants)
+    return variants.pop("dropout_p", 0.0), variants.pop("seed", None), variants
+
+
+def dropout_scale(q, k, v, dropout_p, seed, dtype):
+    """``Z / (1 - dropout_p)`` in ``dtype`` for the broadcast batch of q, k, v: 0 where
+    :func:`cupyflash.reference.dropout_mask` drops a score, ``1 / (1 - dropout_p)`` where
+    it keeps it; None without dropout."""
+    if not dropout_p:
+        return None
+    batch_shape = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    z = reference.dropout_mask(seed, dropout_p, batch_shape, q.shape[-2], k.shape[-2])
+    t = np.dtype(dtype).type
+    return z.astype(dtype) / (t(1) - t(dropout_p))
+
+
 def _keep_mask(Lq, Lk, *, causal, mask=None, window=None):
     """The keys each query sees (causal & window & mask), or None where all are seen."""
     keep = None
@@ -256,16 +288,20 @@ def apply_variants(s, Lq, Lk, *, causal, bias=None, mask=None, window=None,
 def true_attention(q, k, v, *, causal=False, scale=None, **variants):
     """``cupyflash.reference.attention(..., return_lse=True)``; for float64 inputs the
     same formulas in WIDE: ``S = q k^T * scale``, the variants, masked,
-    ``P = exp(log_softmax(S))``, ``out = P v``."""
+    ``P = exp(log_softmax(S))`` (times ``Z / (1 - dropout_p)`` with dropout),
+    ``out = P v``."""
     if not _wide(q.dtype):
         return reference.attention(q, k, v, causal=causal, scale=scale, return_lse=True,
                                    **variants)
+    dropout_p, seed, variants = _split_dropout(variants)
+    zr = dropout_scale(q, k, v, dropout_p, seed, WIDE)
     q, k, v = q.astype(WIDE), k.astype(WIDE), v.astype(WIDE)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     s = np.matmul(q, np.swapaxes(k, -1, -2)) * WIDE.type(scale)
     s = apply_variants(s, q.shape[-2], k.shape[-2], causal=causal, **variants)
     m, log_l = _shift_and_log_sum(s, -1)
-    out = np.matmul(np.exp(_wide_log_softmax(s, -1)), v)
+    p = np.exp(_wide_log_softmax(s, -1))
+    out = np.matmul(p if zr is None else p * zr, v)
     lse = np.squeeze(log_l + m, axis=-1)
     return out, np.broadcast_to(lse, out.shape[:-1])
 
@@ -279,14 +315,18 @@ def naive_attention(q, k, v, *, causal=False, scale=None, **variants):
 
     Returns ``(out, lse)``: out in the inputs' dtype, lse in the accumulator dtype.
     """
-    _, out, lse = _naive_forward(q, k, v, causal=causal, scale=scale, **variants)
+    _, _, out, lse, _ = _naive_forward(q, k, v, causal=causal, scale=scale, **variants)
     return out, lse
 
 
 def _naive_forward(q, k, v, *, causal, scale, **variants):
-    """Steps 1-5: ``(P, out, lse)``, P and out in the inputs' dtype, lse in acc."""
+    """Steps 1-5: ``(P, W, out, lse, ZR)``: P, the weights W (step 4a; W = P without
+    dropout) and out in the inputs' dtype, lse in acc, and ``ZR = Z / (1 - dropout_p)``
+    in acc (None without dropout)."""
     dtype = q.dtype
     acc = accumulator_dtype(dtype).type
+    dropout_p, seed, variants = _split_dropout(variants)
+    zr = dropout_scale(q, k, v, dropout_p, seed, accumulator_dtype(dtype))
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     k_t = np.swapaxes(k.astype(acc), -1, -2)
@@ -307,11 +347,13 @@ def _naive_forward(q, k, v, *, causal, scale, **variants):
         p_tilde = np.exp(s - np.where(np.isfinite(m), m, 0).astype(acc))
         l = np.sum(p_tilde, axis=-1, keepdims=True)
         p = (p_tilde / np.where(l == 0, 1, l).astype(acc)).astype(dtype)
-        # 5. O = round_T(P @ v), accumulated in acc
-        out = np.matmul(p.astype(acc), v.astype(acc)).astype(dtype)
+        # 4a. dropout: W = round_T(P * Z / (1 - dropout_p)), in acc
+        w = p if zr is None else (p.astype(acc) * zr).astype(dtype)
+        # 5. O = round_T(W @ v), accumulated in acc
+        out = np.matmul(w.astype(acc), v.astype(acc)).astype(dtype)
     m_lse, log_l = _shift_and_log_sum(s_lse, -1)
     lse = np.squeeze(m_lse + log_l, axis=-1)
-    return p, out, np.broadcast_to(lse, out.shape[:-1])  # v may add batch dimensions
+    return p, w, out, np.broadcast_to(lse, out.shape[:-1]), zr  # v may add batch dims
 
 
 def naive_softmax_family(x, axis, kind):
@@ -377,21 +419,23 @@ def assert_within_budget(name, got, ref, naive, floor, slack=0.0):
                              f"range (a bug in the test)")
     with np.errstate(invalid="ignore"):  # inf - inf at the (already matched) specials
         diff = np.where(finite, np.abs(got - ref), 0)
-        naive_err = float(np.where(finite, np.abs(naive - ref), 0).max())
+        # in the truth's dtype: float() would flush a long double below float64's range
+        # (a WIDE truth of 1e-359 against a float64 zero) to 0
+        naive_err = np.where(finite, np.abs(naive - ref), 0).max()
     bound = 2 * naive_err + floor + np.broadcast_to(slack, ref.shape)
     excess = np.where(finite, diff - bound, 0)
     if excess.max() > 0:
         where = tuple(int(i) for i in np.unravel_index(np.argmax(excess), excess.shape))
         raise AssertionError(
             f"{name}: |got - truth| = {float(diff[where]):.3e} at {where} exceeds "
-            f"2 * max|naive - truth| + floor + slack = 2 * {naive_err:.3e} + {floor:.3e} + "
-            f"{float(bound[where]) - 2 * naive_err - floor:.3e}; got {got[where]!r}, "
-            f"truth {ref[where]!r}, naive {naive[where]!r} (max|got - truth| = "
-            f"{float(diff.max()):.3e})")
+            f"2 * max|naive - truth| + floor + slack = 2 * {float(naive_err):.3e} + "
+            f"{floor:.3e} + {float(bound[where] - 2 * naive_err - floor):.3e}; "
+            f"got {got[where]!r}, truth {ref[where]!r}, naive {naive[where]!r} "
+            f"(max|got - truth| = {float(diff.max()):.3e})")
 
 
 def score_rounding_slack(q, k, v, *, scale, bias=None, mask=None, window=None,
-                         alibi_slopes=None, softcap=None):
+                         alibi_slopes=None, softcap=None, dropout_p=0.0, seed=None):
     """``(out_slack, lse_slack)``, per query row: the effect on out and lse of an error of
     at most ``eps_i`` in every score of row i (see the module docstring).
 
@@ -402,7 +446,8 @@ def score_rounding_slack(q, k, v, *, scale, bias=None, mask=None, window=None,
     the keys with a finite score), which bounds ``sum_d |q_id k_jd|`` by Cauchy-Schwarz.
     With the variants, ``eps_i`` also gets ``FLOOR_ULPS * u_acc * (max_j |bias_ij| +
     max_j |alibi_ij| + softcap)`` (finite entries only). ``mask`` and ``window`` only
-    hide keys: they add nothing.
+    hide keys: they add nothing. With dropout the weights are scaled by up to
+    ``1 / (1 - dropout_p)``, and so is out's slack (``seed`` does not matter).
     """
     u = unit_roundoff(accumulator_dtype(q.dtype))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -423,7 +468,7 @@ def score_rounding_slack(q, k, v, *, scale, bias=None, mask=None, window=None,
     eps = np.where(np.isfinite(eps), eps, 0.0)  # NaN rows are checked as special values
     batch = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     eps = np.broadcast_to(eps, batch + (q.shape[-2],))
-    out_slack = 4 * eps[..., None] * _finite_abs_max(v)
+    out_slack = 4 * eps[..., None] * _finite_abs_max(v) / (1.0 - dropout_p)
     return out_slack, eps
 
 
@@ -446,7 +491,9 @@ def check_attention(out, lse, q, k, v, *, causal, scale, ref_out=None, ref_lse=N
     assert lse.dtype == accumulator_dtype(dtype), \
         f"lse has dtype {lse.dtype}, expected {accumulator_dtype(dtype)}"
     out_slack, lse_slack = score_rounding_slack(q, k, v, scale=scale, **variants)
-    assert_within_budget("out", out, ref_out, naive_out, out_floor(dtype, v), out_slack)
+    # with dropout, a row's weights sum to up to 1 / (1 - dropout_p), not 1
+    floor = out_floor(dtype, v) / (1.0 - variants.get("dropout_p", 0.0))
+    assert_within_budget("out", out, ref_out, naive_out, floor, out_slack)
     assert_within_budget("lse", lse, ref_lse, naive_lse, lse_floor(dtype, ref_lse), lse_slack)
     # A row that sees no key is exactly zero (documented), not merely small.
     empty = np.isneginf(np.asarray(ref_lse))
@@ -482,9 +529,13 @@ def sum_to_shape(g, shape):
 
 
 def _backward_matrices(dout, q, k, v, *, causal, scale, dtype, **variants):
-    """``(P, dP, Delta, O, lse, T)`` of the backward's formulas, every step in ``dtype``
-    (lse with keepdims, broadcast to the batch of P; ``T = tanh(S0 / softcap)`` of the
-    raw scores with ``softcap``, else None)."""
+    """``(P, dP, Delta, O, lse, T, ZR)`` of the backward's formulas, every step in
+    ``dtype`` (lse with keepdims, broadcast to the batch of P; ``T = tanh(S0 / softcap)``
+    of the raw scores with ``softcap``, else None). With dropout ``ZR = Z / (1 -
+    dropout_p)`` (else None), ``O = (P * ZR) v`` and dP is the dropped
+    ``(dout v^T) * ZR``."""
+    dropout_p, seed, variants = _split_dropout(variants)
+    zr = dropout_scale(q, k, v, dropout_p, seed, dtype)
     q, k, v, dout = (x.astype(dtype) for x in (q, k, v, dout))
     s = np.matmul(q, np.swapaxes(k, -1, -2)) * dtype.type(scale)
     softcap = variants.get("softcap")
@@ -492,10 +543,12 @@ def _backward_matrices(dout, q, k, v, *, causal, scale, dtype, **variants):
     s = apply_variants(s, q.shape[-2], k.shape[-2], causal=causal, **variants)
     p = np.exp(_wide_log_softmax(s, -1))
     m, log_l = _shift_and_log_sum(s, -1)
-    out = np.matmul(p, v)
+    out = np.matmul(p if zr is None else p * zr, v)
     dp = np.matmul(dout, np.swapaxes(v, -1, -2))
+    if zr is not None:
+        dp = dp * zr
     delta = np.sum(dout * out, axis=-1, keepdims=True)
-    return p, dp, delta, out, np.broadcast_to(m + log_l, delta.shape), t
+    return p, dp, delta, out, np.broadcast_to(m + log_l, delta.shape), t, zr
 
 
 def true_attention_backward(dout, q, k, v, *, causal=False, scale=None, return_dbias=False,
@@ -503,19 +556,20 @@ def true_attention_backward(dout, q, k, v, *, causal=False, scale=None, return_d
     """``cupyflash.reference.attention_backward``; for float64 inputs the same formulas
     in WIDE (``dq = dS0 k * scale``, ``dk = dS0^T q * scale``, ``dv = P^T dout`` with
     ``dS = P * (dP - Delta)`` and ``dS0 = dS * (1 - T^2)`` with softcap, summed to the
-    inputs' shapes; ``dbias = dS`` summed to bias's shape)."""
+    inputs' shapes; ``dbias = dS`` summed to bias's shape; with dropout ``dv = W^T dout``
+    and dP dropped, as in :func:`_backward_matrices`)."""
     if not _wide(q.dtype):
         return reference.attention_backward(dout, q, k, v, causal=causal, scale=scale,
                                             return_dbias=return_dbias, **variants)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    p, dp, delta, _, _, t = _backward_matrices(dout, q, k, v, causal=causal, scale=scale,
-                                               dtype=WIDE, **variants)
+    p, dp, delta, _, _, t, zr = _backward_matrices(dout, q, k, v, causal=causal,
+                                                   scale=scale, dtype=WIDE, **variants)
     ds = p * (dp - delta)
     ds0 = ds if t is None else ds * (1 - t * t)
     w = WIDE.type(scale)
     dq = np.matmul(ds0, k.astype(WIDE)) * w
     dk = np.matmul(np.swapaxes(ds0, -1, -2), q.astype(WIDE)) * w
-    dv = np.matmul(np.swapaxes(p, -1, -2), dout.astype(WIDE))
+    dv = np.matmul(np.swapaxes(p if zr is None else p * zr, -1, -2), dout.astype(WIDE))
     grads = (sum_to_shape(dq, q.shape), sum_to_shape(dk, k.shape), sum_to_shape(dv, v.shape))
     return grads + (sum_to_shape(ds, variants["bias"].shape),) if return_dbias else grads
 
@@ -523,22 +577,26 @@ def true_attention_backward(dout, q, k, v, *, causal=False, scale=None, return_d
 def naive_attention_backward(dout, q, k, v, *, causal=False, scale=None, return_dbias=False,
                              **variants):
     """Full-matrix backward in the inputs' dtype (steps 6-11 of the module docstring),
-    from the naive forward's own P and O (steps 1-5, with the variants). With softcap,
-    step 9 is followed by ``dS0 = round_T(dS * (1 - T^2))`` (``T = tanh(S0 / softcap)``
-    of the naive raw scores, in acc), which steps 10 and 11 use; ``dbias`` is dS summed
-    to bias's shape in acc, rounded to bias's dtype. Returns ``(dq, dk, dv)`` (and
+    from the naive forward's own P, W and O (steps 1-5 and 4a, with the variants and
+    dropout; then step 7a with dropout). With softcap, step 9 is followed by
+    ``dS0 = round_T(dS * (1 - T^2))`` (``T = tanh(S0 / softcap)`` of the naive raw scores,
+    in acc), which steps 10 and 11 use; ``dbias`` is dS summed to bias's shape in acc,
+    rounded to bias's dtype. Returns ``(dq, dk, dv)`` (and
     ``dbias``) in the inputs' (bias's) dtype."""
     dtype = q.dtype
     acc = accumulator_dtype(dtype).type
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    p, out, _ = _naive_forward(q, k, v, causal=causal, scale=scale, **variants)
-    p, out, do = p.astype(acc), out.astype(acc), dout.astype(acc)
+    p, w, out, _, zr = _naive_forward(q, k, v, causal=causal, scale=scale, **variants)
+    p, w, out, do = p.astype(acc), w.astype(acc), out.astype(acc), dout.astype(acc)
     with np.errstate(invalid="ignore", over="ignore"):
-        # 6. dV = round_T(P^T @ dO)
-        dv = np.matmul(np.swapaxes(p, -1, -2), do)
+        # 6. dV = round_T(W^T @ dO)
+        dv = np.matmul(np.swapaxes(w, -1, -2), do)
         # 7. dP = round_T(dO @ v^T)
         dp = np.matmul(do, np.swapaxes(v.astype(acc), -1, -2)).astype(dtype).astype(acc)
+        if zr is not None:
+            # 7a. dP = round_T(dP * Z / (1 - dropout_p)): dropout's backward
+            dp = (dp * zr).astype(dtype).astype(acc)
         # 8. Delta = rowsum(dO * O), kept in acc
         delta = np.sum(do * out, axis=-1, keepdims=True)
         # 9. dS = round_T(P * (dP - Delta))
@@ -591,21 +649,30 @@ def backward_floors_and_slacks(dout, q, k, v, *, causal, scale, return_dbias=Fal
       FLOOR_ULPS u_acc)``: the raw score's rounding ``e_i = FLOOR_ULPS u_acc |scale|
       |q_i| max_j |k_j|`` moves ``T``, and ``1 - T^2`` rounds; else ``d dS0 = d dS``.
 
+    With dropout, ``dP`` above is the dropped ``(dout v^T) * ZR`` (``ZR = Z / (1 -
+    dropout_p)``), ``|dv| = W^T |dO|`` with the weights ``W = P * ZR``, the ``|dO_i| .
+    |v_j|`` of ``|dS|`` is multiplied by ``ZR_ij``, and slack(dv) = ``(r * ZR)^T |dO|``:
+    a weight moves by ``ZR_ij`` times its probability's move. The bound on ``d Delta_i``
+    keeps its form, since ``dO_i . (ZR_ij v_j)`` is the dropped ``dP_ij``.
+
     Every product is summed over the broadcast dimensions, as the gradients are.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     f64 = np.dtype(np.float64)
-    p, dp, delta, out, lse, t = _backward_matrices(dout, q, k, v, causal=causal, scale=scale,
-                                                   dtype=f64, **variants)
+    p, dp, delta, out, lse, t, zr = _backward_matrices(dout, q, k, v, causal=causal,
+                                                       scale=scale, dtype=f64, **variants)
+    w = p if zr is None else p * zr                                     # the weights of O
     abs_do = np.abs(dout.astype(f64))
     abs_q, abs_k, abs_v = (np.abs(x.astype(f64)) for x in (q, k, v))
-    p_t = np.swapaxes(p, -1, -2)
+    w_t = np.swapaxes(w, -1, -2)
     # natural magnitudes
-    ds_nat = p * (np.matmul(abs_do, np.swapaxes(abs_v, -1, -2))
-                  + np.sum(abs_do * np.abs(out), axis=-1, keepdims=True))
+    abs_dp = np.matmul(abs_do, np.swapaxes(abs_v, -1, -2))
+    if zr is not None:
+        abs_dp = abs_dp * zr
+    ds_nat = p * (abs_dp + np.sum(abs_do * np.abs(out), axis=-1, keepdims=True))
     naturals = (abs(scale) * np.matmul(ds_nat, abs_k),
                 abs(scale) * np.matmul(np.swapaxes(ds_nat, -1, -2), abs_q),
-                np.matmul(p_t, abs_do))
+                np.matmul(w_t, abs_do))
     # first-order effect of the score rounding
     _, eps = score_rounding_slack(q, k, v, scale=scale, **variants)      # (batch..., Lq)
     with np.errstate(divide="ignore"):
@@ -625,7 +692,7 @@ def backward_floors_and_slacks(dout, q, k, v, *, causal, scale, return_dbias=Fal
             2 * np.abs(t) * g * raw_eps[..., None] / variants["softcap"] + FLOOR_ULPS * u_acc)
     slacks = (abs(scale) * np.matmul(d_ds0, abs_k),
               abs(scale) * np.matmul(np.swapaxes(d_ds0, -1, -2), abs_q),
-              np.matmul(np.swapaxes(r, -1, -2), abs_do))
+              np.matmul(np.swapaxes(r if zr is None else r * zr, -1, -2), abs_do))
     u = unit_roundoff(q.dtype)
     shapes = (q.shape, k.shape, v.shape)
     floors = tuple(FLOOR_ULPS * u * _finite_abs_max(sum_to_shape(n, shape))
@@ -669,7 +736,7 @@ def check_attention_backward(dq, dk, dv, dout, q, k, v, *, causal, scale, dbias=
     assert np.all(np.asarray(dq[..., :max(blind, 0), :], dtype=np.float64) == 0), \
         "a query row that sees no key must have a dq row of exact zeros"
     if variants and Lq and Lk:
-        _, _, _, _, lse, _ = _backward_matrices(dout, q, k, v, causal=causal,
+        _, _, _, _, lse, _, _ = _backward_matrices(dout, q, k, v, causal=causal,
                                                 scale=1.0 if scale is None else scale,
                                                 dtype=np.dtype(np.float64), **variants)
         empty = np.isneginf(lse[..., 0])                                # (batch..., Lq)

@@ -200,3 +200,15 @@ def test_simt_backward_configs_match_the_kernel_traits():
                     asserts.append(f'static_assert({tr}::{what} == {value}, '
                                    f'"{dtype} HEAD_DIM {head_dim}: {what} != {value}");')
     _compile_asserts("flash_bwd_simt.cuh", asserts)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_philox_compiles_without_spills(arch):
+    """cuda/philox.cuh (Philox4x32-10 and dropout_keep) compiles through NVRTC with the
+    kernels' options, in the tiny keep-mask kernel of test_dropout.py, without local
+    memory."""
+    from test_dropout import compile_keep_mask_kernel
+    cubin, log = compile_keep_mask_kernel(arch, verbose=True)
+    assert cubin[:4] == b"\x7fELF"
+    frames = [tuple(map(int, m)) for m in _FRAMES.findall(log)]
+    assert frames and all(f == (0, 0, 0) for f in frames), log
