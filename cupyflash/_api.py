@@ -353,9 +353,6 @@ def attention(q, k, v, *, causal=False, scale=None, bias=None, mask=None, window
         ``window`` side, a ``bias`` or ``mask`` that does not broadcast to
         ``(batch..., Lq, Lk)``, ``alibi_slopes`` that do not broadcast to the batch
         shape, or an ``out`` of the wrong shape or that overlaps an input.
-    NotImplementedError
-        CuPy arrays with any of ``bias``, ``mask``, ``window``, ``alibi_slopes`` or
-        ``softcap``: the GPU kernels do not have the variants yet.
 
     Notes
     -----
@@ -449,7 +446,6 @@ def attention(q, k, v, *, causal=False, scale=None, bias=None, mask=None, window
     if out is not None:
         check_out(fn, out, xp_name, problem.out_shape, problem.dtype, list(given.items()))
     variants = dict(bias=bias, mask=mask, alibi_slopes=alibi_slopes)
-    _refuse_variants_on_gpu(fn, xp_name, problem, **variants)
     result, lse = _forward(xp_name, q, k, v, problem, out, **variants)
     return (result, lse) if return_lse else result
 
@@ -467,7 +463,8 @@ def _as_arrays_with_variants(fn, names, arrays, bias, mask, alibi_slopes):
 
 
 def _refuse_variants_on_gpu(fn, xp_name, problem, bias, mask, alibi_slopes):
-    """NotImplementedError for CuPy arrays with any variant: the kernels lack them yet."""
+    """NotImplementedError for CuPy arrays with any variant in the backward: its kernels
+    lack them yet (the forward kernels have them)."""
     if xp_name != "cupy":
         return
     for name, value in (("bias", bias), ("mask", mask), ("window", problem.window),
@@ -483,9 +480,10 @@ def _check_bool(fn, name, x):
 
 
 def _forward(xp_name, q, k, v, problem, out, bias=None, mask=None, alibi_slopes=None):
-    if xp_name == "cupy":  # attention raised NotImplementedError for any variant
+    if xp_name == "cupy":
         from . import _cupy_backend
-        return _cupy_backend.attention_forward(q, k, v, problem, out)
+        return _cupy_backend.attention_forward(q, k, v, problem, out, bias=bias, mask=mask,
+                                               alibi_slopes=alibi_slopes)
     return _numpy_backend.attention_forward(q, k, v, problem, out, bias=bias, mask=mask,
                                             alibi_slopes=alibi_slopes)
 
@@ -556,7 +554,8 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, bia
         input or another output.
     NotImplementedError
         CuPy arrays with any of ``bias``, ``mask``, ``window``, ``alibi_slopes`` or
-        ``softcap``, as in :func:`attention`.
+        ``softcap``: the GPU backward kernels do not have the variants yet (the forward
+        kernels do).
 
     Notes
     -----
@@ -735,7 +734,8 @@ def attention_vjp(q, k, v, *, causal=False, scale=None, bias=None, mask=None, wi
         without a bias, a ValueError); ``vjp`` raises as :func:`attention_backward`
         for a bad ``dout``. Every message names ``attention_vjp``.
     NotImplementedError
-        CuPy arrays with any variant, as in :func:`attention`.
+        CuPy arrays with any variant, as in :func:`attention_backward` (raised before
+        the forward runs).
 
     Examples
     --------

@@ -247,12 +247,12 @@ def attention_backward(dout, q, k, v, out, lse, problem, deterministic=False,
             o, do = (cupy.ascontiguousarray(x) for x in (o, do))
         acc = np.float64 if T == np.float64 else np.float32
         lse_c = cupy.ascontiguousarray(lse, dtype=acc)
-        params = _pack_params(p, *qkv, o, lse_c)
+        params, _ = _pack_params(p, *qkv, o, lse_c)
         if params is None:  # too many batch dims even after collapsing: copy to contiguous
             qkv = [cupy.ascontiguousarray(cupy.broadcast_to(t, p.batch_shape + t.shape[-2:]))
                    for t in qkv]
             o, do = (cupy.ascontiguousarray(x) for x in (o, do))
-            params = _pack_params(p, *qkv, o, lse_c)
+            params, _ = _pack_params(p, *qkv, o, lse_c)
 
         row = cfg.head_dim
         delta = cupy.empty((n_batch, p.Lq), dtype=acc)
