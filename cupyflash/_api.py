@@ -462,16 +462,17 @@ def _as_arrays_with_variants(fn, names, arrays, bias, mask, alibi_slopes):
     return xp_name, dict(zip(names, arrays))
 
 
-def _refuse_variants_on_gpu(fn, xp_name, problem, bias, mask, alibi_slopes):
-    """NotImplementedError for CuPy arrays with any variant in the backward: its kernels
-    lack them yet (the forward kernels have them)."""
+def _refuse_variants_on_gpu(fn, xp_name, problem, return_dbias=False):
+    """NotImplementedError for CuPy arrays with what the backward kernels lack yet:
+    softcap and the gradient of bias (the forward kernels have every variant)."""
     if xp_name != "cupy":
         return
-    for name, value in (("bias", bias), ("mask", mask), ("window", problem.window),
-                        ("alibi_slopes", alibi_slopes), ("softcap", problem.softcap)):
-        if value is not None:
-            raise NotImplementedError(f"{fn}: {name} is not implemented on the GPU yet; "
-                                      f"the NumPy backend has it")
+    if problem.softcap is not None:
+        raise NotImplementedError(f"{fn}: softcap is not implemented in the GPU backward "
+                                  f"yet; the NumPy backend has it")
+    if return_dbias:
+        raise NotImplementedError(f"{fn}: return_dbias=True is not implemented on the GPU "
+                                  f"yet; the NumPy backend has it")
 
 
 def _check_bool(fn, name, x):
@@ -553,9 +554,8 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, bia
         ``bias``, or a ``dq``, ``dk``, ``dv`` of the wrong shape or that overlaps an
         input or another output.
     NotImplementedError
-        CuPy arrays with any of ``bias``, ``mask``, ``window``, ``alibi_slopes`` or
-        ``softcap``: the GPU backward kernels do not have the variants yet (the forward
-        kernels do).
+        CuPy arrays with ``softcap`` or ``return_dbias=True``: the GPU backward kernels
+        do not have them yet (``bias``, ``mask``, ``window`` and ``alibi_slopes`` run).
 
     Notes
     -----
@@ -652,7 +652,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, bia
     _check_return_dbias(fn, return_dbias, variants["bias"])
     _check_backward_arrays(fn, xp_name, problem, dout, q, k, v, out, lse, deterministic,
                            dq, dk, dv, variants)
-    _refuse_variants_on_gpu(fn, xp_name, problem, **variants)
+    _refuse_variants_on_gpu(fn, xp_name, problem, return_dbias)
     return _backward(xp_name, dout, q, k, v, out, lse, problem, deterministic, dq, dk, dv,
                      variants, return_dbias)
 
@@ -694,10 +694,10 @@ def _check_backward_arrays(fn, xp_name, problem, dout, q, k, v, out, lse, determ
 
 def _backward(xp_name, dout, q, k, v, out, lse, problem, deterministic, dq, dk, dv,
               variants=None, return_dbias=False):
-    if xp_name == "cupy":  # _refuse_variants_on_gpu raised for any variant
+    if xp_name == "cupy":  # _refuse_variants_on_gpu raised for softcap and return_dbias
         from . import _cupy_backward
         return _cupy_backward.attention_backward(dout, q, k, v, out, lse, problem,
-                                                 deterministic, dq, dk, dv)
+                                                 deterministic, dq, dk, dv, **(variants or {}))
     return _numpy_backend.attention_backward(dout, q, k, v, out, lse, problem, dq, dk, dv,
                                              return_dbias=return_dbias, **(variants or {}))
 
@@ -734,8 +734,8 @@ def attention_vjp(q, k, v, *, causal=False, scale=None, bias=None, mask=None, wi
         without a bias, a ValueError); ``vjp`` raises as :func:`attention_backward`
         for a bad ``dout``. Every message names ``attention_vjp``.
     NotImplementedError
-        CuPy arrays with any variant, as in :func:`attention_backward` (raised before
-        the forward runs).
+        CuPy arrays with ``softcap`` or ``return_dbias=True``, as in
+        :func:`attention_backward` (raised before the forward runs).
 
     Examples
     --------
@@ -764,7 +764,7 @@ def attention_vjp(q, k, v, *, causal=False, scale=None, bias=None, mask=None, wi
                       variants["alibi_slopes"], softcap)
     _check_return_dbias(fn, return_dbias, variants["bias"])
     _check_bool(fn, "deterministic", deterministic)
-    _refuse_variants_on_gpu(fn, xp_name, problem, **variants)
+    _refuse_variants_on_gpu(fn, xp_name, problem, return_dbias)
     out, lse = _forward(xp_name, q, k, v, problem, None, **variants)
 
     def vjp(dout):

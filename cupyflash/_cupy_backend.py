@@ -408,7 +408,7 @@ SIMT_BACKWARD_TILES = {
 }
 
 
-def _simt_backward_config(D, Dv, dtype_name, causal):
+def _simt_backward_config(D, Dv, dtype_name, causal, variants=False):
     """The float32/float64 FMA backward kernels of cuda/flash_bwd_simt.cuh for one problem.
 
     ``max(D, Dv)`` is padded up to the next ``HEAD_DIM`` in (32, 64, 128, 256). The shared
@@ -429,12 +429,18 @@ def _simt_backward_config(D, Dv, dtype_name, causal):
     vec = 16 // itemsize
     stride = head_dim + vec  # padded rows of Q, dO, K, V
     ctype = _DTYPE_TO_CUDA[dtype_name]
-    mask = "true" if causal else "false"
+    if variants:  # the causal mask is part of the window (cuda/attention_variants.cuh)
+        names = (f"cupyflash::flash_bwd_simt_variants<{ctype}, {head_dim}, false>",
+                 f"cupyflash::flash_bwd_simt_variants<{ctype}, {head_dim}, true>",
+                 f"cupyflash::flash_bwd_dq_simt_variants<{ctype}, {head_dim}>")
+    else:
+        mask = _cpp_bool(causal)
+        names = (f"cupyflash::flash_bwd_simt<{ctype}, {head_dim}, {mask}, false>",
+                 f"cupyflash::flash_bwd_simt<{ctype}, {head_dim}, {mask}, true>",
+                 f"cupyflash::flash_bwd_dq_simt<{ctype}, {head_dim}, {mask}>")
     return SimtBackwardConfig(
         source="flash_bwd_simt.cuh",
-        dkdv_name=f"cupyflash::flash_bwd_simt<{ctype}, {head_dim}, {mask}, false>",
-        dkdv_atomic_name=f"cupyflash::flash_bwd_simt<{ctype}, {head_dim}, {mask}, true>",
-        dq_name=f"cupyflash::flash_bwd_dq_simt<{ctype}, {head_dim}, {mask}>",
+        dkdv_name=names[0], dkdv_atomic_name=names[1], dq_name=names[2],
         head_dim=head_dim, block_n=block_n, block_m=dq_block_m, dkdv_block_m=block_m,
         dq_block_n=dq_block_n, num_threads=128,
         dkdv_smem_bytes=itemsize * (2 * (block_m + block_n) * stride     # Q, dO, K, V
@@ -449,8 +455,8 @@ def simt_backward_variants():
     variants = []
     for dtype_name in ("float32", "float64"):
         for head_dim in (32, 64, 128, 256):
-            for causal in (False, True):
-                c = _simt_backward_config(head_dim, head_dim, dtype_name, causal)
+            for causal, variants in ((False, False), (True, False), (False, True)):
+                c = _simt_backward_config(head_dim, head_dim, dtype_name, causal, variants)
                 variants += [(c.source, c.dkdv_name), (c.source, c.dkdv_atomic_name),
                              (c.source, c.dq_name)]
     return variants

@@ -43,23 +43,24 @@ struct VariantParams {
 };
 
 // The modifier of one batch element, in score units of Acc (float: log2, double: natural).
-// T is the kernel's element type (a bias either has it or is float).
+// T is the kernel's element type (a bias either has it or is float). It keeps only what
+// depends on the batch element (bias and mask offsets, the slope) and the softcap in score
+// units; everything else is read from the kernel parameters p and vp when needed, so it
+// costs the kernels' main loops a handful of registers.
 template <typename T, typename Acc>
 struct ScoreModifier {
     static constexpr Acc UNIT = sizeof(Acc) == 4 ? Acc(1.4426950408889634) : Acc(1);  // log2 e
 
-    const T* bias_t;             // bias of element type T (or null)
-    const float* bias_f;         // bias of type float (or null)
-    const unsigned char* mask;   // keep-mask (or null)
-    long long bias_rs, bias_cs, mask_rs, mask_cs;
-    long long left, right, diag, Lq, Lk;
-    Acc slope_u;                 // slope * UNIT (0 without ALiBi)
-    Acc cap_u, inv_cap_u;        // softcap * UNIT and its inverse (0 without softcap)
-    bool alibi;
+    const AttentionParams& p;
+    const VariantParams& vp;
+    long long bias_off, mask_off;  // element offsets of batch element b in bias and mask
+    Acc slope_u;                   // slope * UNIT (0 without ALiBi)
+    Acc cap_u, inv_cap_u;          // softcap * UNIT and its inverse (0 without softcap)
 
-    __device__ __forceinline__ ScoreModifier(const AttentionParams& p, const VariantParams& vp,
-                                             long long b) {
-        long long bias_off = 0, mask_off = 0, rest = b;
+    __device__ __forceinline__ ScoreModifier(const AttentionParams& p_, const VariantParams& vp_,
+                                             long long b)
+        : p(p_), vp(vp_), bias_off(0), mask_off(0) {
+        long long rest = b;
 #pragma unroll
         for (int d = MAX_BATCH_DIMS - 1; d >= 0; --d) {
             const long long i = rest % p.batch_size[d];
@@ -67,37 +68,25 @@ struct ScoreModifier {
             bias_off += i * vp.bias_batch_stride[d];
             mask_off += i * vp.mask_batch_stride[d];
         }
-        const bool has_bias = vp.bias != nullptr;
-        bias_t = has_bias && !vp.bias_is_float ? static_cast<const T*>(vp.bias) + bias_off : nullptr;
-        bias_f = has_bias && vp.bias_is_float ? static_cast<const float*>(vp.bias) + bias_off : nullptr;
-        mask = vp.mask ? static_cast<const unsigned char*>(vp.mask) + mask_off : nullptr;
-        bias_rs = vp.bias_row_stride;
-        bias_cs = vp.bias_col_stride;
-        mask_rs = vp.mask_row_stride;
-        mask_cs = vp.mask_col_stride;
-        left = vp.window_left;
-        right = vp.window_right;
-        diag = p.Lk - p.Lq;
-        Lq = p.Lq;
-        Lk = p.Lk;
-        alibi = vp.slopes != nullptr;
-        slope_u = alibi ? static_cast<const Acc*>(vp.slopes)[b] * UNIT : Acc(0);
+        slope_u = vp.slopes != nullptr ? static_cast<const Acc*>(vp.slopes)[b] * UNIT : Acc(0);
         cap_u = static_cast<Acc>(vp.softcap) * UNIT;
         inv_cap_u = vp.softcap > 0 ? Acc(1) / cap_u : Acc(0);
     }
 
     // Whether any score needs more than the band test (then modify() runs on every score).
     __device__ __forceinline__ bool changes_scores() const {
-        return bias_t != nullptr || bias_f != nullptr || mask != nullptr || alibi || cap_u > Acc(0);
+        return vp.bias != nullptr || vp.mask != nullptr || vp.slopes != nullptr ||
+               vp.softcap > 0;
     }
 
     // Key blocks [first, end) that can hold a visible key of query rows [m0, m_end).
     __device__ __forceinline__ void key_blocks(long long m0, long long m_end, int block_n,
                                                int& first, int& end) const {
-        long long lo = m0 + diag - left;          // first key of the block's first row
-        long long hi = (m_end - 1) + diag + right + 1;  // past the last key of its last row
+        const long long diag = p.Lk - p.Lq;
+        long long lo = m0 + diag - vp.window_left;            // first key of the first row
+        long long hi = (m_end - 1) + diag + vp.window_right + 1;  // past the last row's last
         lo = lo < 0 ? 0 : lo;
-        hi = hi > Lk ? Lk : hi;
+        hi = hi > p.Lk ? p.Lk : hi;
         if (hi <= lo) {
             first = end = 0;
             return;
@@ -106,28 +95,57 @@ struct ScoreModifier {
         end = static_cast<int>((hi + block_n - 1) / block_n);
     }
 
+    // Query blocks [first, end) that can see a key of [n0, n_end) (the backward's loop
+    // over query blocks for one key block): query i sees key j only if
+    // j - diag - right <= i <= j - diag + left.
+    __device__ __forceinline__ void query_blocks(long long n0, long long n_end, int block_m,
+                                                 int& first, int& end) const {
+        const long long diag = p.Lk - p.Lq;
+        long long lo = n0 - diag - vp.window_right;
+        long long hi = (n_end - 1) - diag + vp.window_left + 1;
+        lo = lo < 0 ? 0 : lo;
+        hi = hi > p.Lq ? p.Lq : hi;
+        if (hi <= lo) {
+            first = end = 0;
+            return;
+        }
+        first = static_cast<int>(lo / block_m);
+        end = static_cast<int>((hi + block_m - 1) / block_m);
+    }
+
     // Whether every key of [n0, n0 + block_n) is inside the band of every row of
     // [m0, m0 + block_m) and before Lk (then only changes_scores() asks for modify()).
     __device__ __forceinline__ bool block_inside(long long m0, int block_m, long long n0,
                                                  int block_n) const {
-        return n0 + block_n <= Lk && n0 >= m0 + block_m - 1 + diag - left &&
-               n0 + block_n - 1 <= m0 + diag + right;
+        const long long diag = p.Lk - p.Lq;
+        return n0 + block_n <= p.Lk && n0 >= m0 + block_m - 1 + diag - vp.window_left &&
+               n0 + block_n - 1 <= m0 + diag + vp.window_right;
     }
 
     // The final score of (i, j) in score units, from the scaled score s (score units).
     // Keys past Lk, outside the band or masked out give -inf; nothing is read for them
     // or for rows past Lq.
     __device__ __forceinline__ Acc modify(Acc s, long long i, long long j) const {
-        const long long centre = i + diag;
-        if (!(i < Lq && j < Lk && j >= centre - left && j <= centre + right)) return -INFINITY;
-        if (mask != nullptr && !mask[i * mask_rs + j * mask_cs]) return -INFINITY;
+        const long long centre = i + (p.Lk - p.Lq);
+        if (!(i < p.Lq && j < p.Lk && j >= centre - vp.window_left &&
+              j <= centre + vp.window_right))
+            return -INFINITY;
+        if (vp.mask != nullptr &&
+            !static_cast<const unsigned char*>(vp.mask)[mask_off + i * vp.mask_row_stride +
+                                                        j * vp.mask_col_stride])
+            return -INFINITY;
         if (cap_u > Acc(0)) s = cap_u * tanh_(s * inv_cap_u);
-        if (alibi) {
+        if (vp.slopes != nullptr) {
             const long long dist = centre >= j ? centre - j : j - centre;
             s -= slope_u * static_cast<Acc>(dist);
         }
-        if (bias_t != nullptr) s += static_cast<Acc>(bias_t[i * bias_rs + j * bias_cs]) * UNIT;
-        if (bias_f != nullptr) s += static_cast<Acc>(bias_f[i * bias_rs + j * bias_cs]) * UNIT;
+        if (vp.bias != nullptr) {
+            const long long at = bias_off + i * vp.bias_row_stride + j * vp.bias_col_stride;
+            const Acc x = vp.bias_is_float
+                              ? static_cast<Acc>(static_cast<const float*>(vp.bias)[at])
+                              : static_cast<Acc>(static_cast<const T*>(vp.bias)[at]);
+            s += x * UNIT;
+        }
         return s;
     }
 
