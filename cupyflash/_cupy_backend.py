@@ -455,8 +455,8 @@ def simt_backward_variants():
     variants = []
     for dtype_name in ("float32", "float64"):
         for head_dim in (32, 64, 128, 256):
-            for causal, variants in ((False, False), (True, False), (False, True)):
-                c = _simt_backward_config(head_dim, head_dim, dtype_name, causal, variants)
+            for causal, with_variants in ((False, False), (True, False), (False, True)):
+                c = _simt_backward_config(head_dim, head_dim, dtype_name, causal, with_variants)
                 variants += [(c.source, c.dkdv_name), (c.source, c.dkdv_atomic_name),
                              (c.source, c.dq_name)]
     return variants
