@@ -394,8 +394,7 @@ def attention(q, k, v, *, causal=False, scale=None, bias=None, mask=None, window
         or missing with ``dropout_p > 0``, or an ``out`` of the wrong shape or that
         overlaps an input.
     NotImplementedError
-        CuPy arrays with any of ``bias``, ``mask``, ``window``, ``alibi_slopes`` or
-        ``softcap``, or with ``dropout_p > 0``: the GPU kernels do not have them yet.
+        CuPy arrays with ``dropout_p > 0``: the GPU kernels do not have dropout yet.
 
     Notes
     -----
@@ -518,7 +517,6 @@ def attention(q, k, v, *, causal=False, scale=None, bias=None, mask=None, window
     if out is not None:
         check_out(fn, out, xp_name, problem.out_shape, problem.dtype, list(given.items()))
     variants = dict(bias=bias, mask=mask, alibi_slopes=alibi_slopes)
-    _refuse_variants_on_gpu(fn, xp_name, problem, **variants)
     _refuse_dropout_on_gpu(fn, xp_name, problem)
     result, lse = _forward(xp_name, q, k, v, problem, out, **variants)
     return (result, lse) if return_lse else result
@@ -536,15 +534,17 @@ def _as_arrays_with_variants(fn, names, arrays, bias, mask, alibi_slopes):
     return xp_name, dict(zip(names, arrays))
 
 
-def _refuse_variants_on_gpu(fn, xp_name, problem, bias, mask, alibi_slopes):
-    """NotImplementedError for CuPy arrays with any variant: the kernels lack them yet."""
+def _refuse_variants_on_gpu(fn, xp_name, problem, return_dbias=False):
+    """NotImplementedError for CuPy arrays with what the backward kernels lack yet:
+    softcap and the gradient of bias (the forward kernels have every variant)."""
     if xp_name != "cupy":
         return
-    for name, value in (("bias", bias), ("mask", mask), ("window", problem.window),
-                        ("alibi_slopes", alibi_slopes), ("softcap", problem.softcap)):
-        if value is not None:
-            raise NotImplementedError(f"{fn}: {name} is not implemented on the GPU yet; "
-                                      f"the NumPy backend has it")
+    if problem.softcap is not None:
+        raise NotImplementedError(f"{fn}: softcap is not implemented in the GPU backward "
+                                  f"yet; the NumPy backend has it")
+    if return_dbias:
+        raise NotImplementedError(f"{fn}: return_dbias=True is not implemented on the GPU "
+                                  f"yet; the NumPy backend has it")
 
 
 def _refuse_dropout_on_gpu(fn, xp_name, problem):
@@ -560,9 +560,10 @@ def _check_bool(fn, name, x):
 
 
 def _forward(xp_name, q, k, v, problem, out, bias=None, mask=None, alibi_slopes=None):
-    if xp_name == "cupy":  # attention raised NotImplementedError for any variant
+    if xp_name == "cupy":
         from . import _cupy_backend
-        return _cupy_backend.attention_forward(q, k, v, problem, out)
+        return _cupy_backend.attention_forward(q, k, v, problem, out, bias=bias, mask=mask,
+                                               alibi_slopes=alibi_slopes)
     return _numpy_backend.attention_forward(q, k, v, problem, out, bias=bias, mask=mask,
                                             alibi_slopes=alibi_slopes)
 
@@ -635,8 +636,9 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, bia
         :func:`attention`, or a ``dq``, ``dk``, ``dv`` of the wrong shape or that
         overlaps an input or another output.
     NotImplementedError
-        CuPy arrays with any of ``bias``, ``mask``, ``window``, ``alibi_slopes`` or
-        ``softcap``, or with ``dropout_p > 0``, as in :func:`attention`.
+        CuPy arrays with ``softcap``, ``return_dbias=True`` or ``dropout_p > 0``: the
+        GPU backward kernels do not have them yet (``bias``, ``mask``, ``window`` and
+        ``alibi_slopes`` run).
 
     Notes
     -----
@@ -749,7 +751,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, bia
     _check_return_dbias(fn, return_dbias, variants["bias"])
     _check_backward_arrays(fn, xp_name, problem, dout, q, k, v, out, lse, deterministic,
                            dq, dk, dv, variants)
-    _refuse_variants_on_gpu(fn, xp_name, problem, **variants)
+    _refuse_variants_on_gpu(fn, xp_name, problem, return_dbias)
     _refuse_dropout_on_gpu(fn, xp_name, problem)
     return _backward(xp_name, dout, q, k, v, out, lse, problem, deterministic, dq, dk, dv,
                      variants, return_dbias)
@@ -792,10 +794,10 @@ def _check_backward_arrays(fn, xp_name, problem, dout, q, k, v, out, lse, determ
 
 def _backward(xp_name, dout, q, k, v, out, lse, problem, deterministic, dq, dk, dv,
               variants=None, return_dbias=False):
-    if xp_name == "cupy":  # _refuse_variants_on_gpu raised for any variant
+    if xp_name == "cupy":  # _refuse_variants_on_gpu raised for softcap and return_dbias
         from . import _cupy_backward
         return _cupy_backward.attention_backward(dout, q, k, v, out, lse, problem,
-                                                 deterministic, dq, dk, dv)
+                                                 deterministic, dq, dk, dv, **(variants or {}))
     return _numpy_backend.attention_backward(dout, q, k, v, out, lse, problem, dq, dk, dv,
                                              return_dbias=return_dbias, **(variants or {}))
 
@@ -834,7 +836,8 @@ def attention_vjp(q, k, v, *, causal=False, scale=None, bias=None, mask=None, wi
         without a bias, a ValueError); ``vjp`` raises as :func:`attention_backward`
         for a bad ``dout``. Every message names ``attention_vjp``.
     NotImplementedError
-        CuPy arrays with any variant or with ``dropout_p > 0``, as in :func:`attention`.
+        CuPy arrays with ``softcap``, ``return_dbias=True`` or ``dropout_p > 0``, as in
+        :func:`attention_backward` (raised before the forward runs).
 
     Examples
     --------
@@ -866,7 +869,7 @@ def attention_vjp(q, k, v, *, causal=False, scale=None, bias=None, mask=None, wi
     validate_dropout(fn, problem, dropout_p, seed)
     _check_return_dbias(fn, return_dbias, variants["bias"])
     _check_bool(fn, "deterministic", deterministic)
-    _refuse_variants_on_gpu(fn, xp_name, problem, **variants)
+    _refuse_variants_on_gpu(fn, xp_name, problem, return_dbias)
     _refuse_dropout_on_gpu(fn, xp_name, problem)
     out, lse = _forward(xp_name, q, k, v, problem, None, **variants)
 

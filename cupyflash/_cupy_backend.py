@@ -31,6 +31,10 @@ ATTENTION_PARAMS_DTYPE = np.dtype(
         "n_batch", "Lq", "Lk", "D", "Dv")]
     + [("scale", np.float64), ("scale_log2", np.float64)])
 
+def _cpp_bool(x):
+    return "true" if x else "false"
+
+
 _DTYPE_TO_CUDA = {"float16": "__half", "bfloat16": "__nv_bfloat16",
                   "float32": "float", "float64": "double"}
 
@@ -122,27 +126,97 @@ _PARAMS_STRUCT = struct.Struct(f"<5Q{5 * MAX_BATCH_DIMS}q9q2d")
 assert _PARAMS_STRUCT.size == ATTENTION_PARAMS_DTYPE.itemsize
 
 
-def _pack_params(problem, q, k, v, o, lse):
+def _pack_params(problem, q, k, v, o, lse, extra=()):
     """Fill the ``AttentionParams`` struct (see cuda/attention_common.cuh).
 
-    Returns None if the batch needs more than MAX_BATCH_DIMS dimensions even after
-    collapsing (the caller then makes q, k, v contiguous).
+    ``extra``: more tensors of shape ``(batch..., rows, cols)`` (the variants' bias and
+    mask) whose batch dimensions are collapsed together with those of q, k, v and o.
+    Returns ``(params, extra_strides)``, the latter one MAX_BATCH_DIMS list of batch
+    strides per extra tensor; ``(None, None)`` if the batch needs more than MAX_BATCH_DIMS
+    dimensions even after collapsing (the caller then makes q, k, v contiguous).
     """
-    tensors = (q, k, v, o)
+    tensors = (q, k, v, o) + tuple(extra)
     sizes, strides = _collapse_batch(problem.batch_shape,
                                      [_batch_strides(t, problem.batch_shape) for t in tensors])
     if len(sizes) > MAX_BATCH_DIMS:
-        return None
+        return None, None
     pad = [0] * (MAX_BATCH_DIMS - len(sizes))
+    strides = [pad + st for st in strides]
     fields = [q.data.ptr, k.data.ptr, v.data.ptr, o.data.ptr, lse.data.ptr]
     fields += [1] * len(pad) + sizes
-    for st in strides:
-        fields += pad + st
-    fields += [t.strides[-2] // t.itemsize for t in tensors]
+    for st in strides[:4]:
+        fields += st
+    fields += [t.strides[-2] // t.itemsize for t in tensors[:4]]
     fields += [math.prod(problem.batch_shape), problem.Lq, problem.Lk, problem.D, problem.Dv,
                problem.scale, problem.scale * _LOG2_E]
     # CuPy passes a structured NumPy scalar to the kernel by value, as the C struct.
-    return np.frombuffer(_PARAMS_STRUCT.pack(*fields), dtype=ATTENTION_PARAMS_DTYPE)[0]
+    params = np.frombuffer(_PARAMS_STRUCT.pack(*fields), dtype=ATTENTION_PARAMS_DTYPE)[0]
+    return params, strides[4:]
+
+
+# The layout of ``struct VariantParams`` in cuda/attention_variants.cuh (8-byte fields).
+VARIANT_PARAMS_DTYPE = np.dtype(
+    [(name, np.uint64) for name in ("bias", "mask", "slopes")]
+    + [(name, np.int64, (MAX_BATCH_DIMS,)) for name in ("bias_batch_stride", "mask_batch_stride")]
+    + [(name, np.int64) for name in (
+        "bias_row_stride", "bias_col_stride", "mask_row_stride", "mask_col_stride",
+        "bias_is_float", "window_left", "window_right")]
+    + [("softcap", np.float64)])
+UNBOUNDED = 1 << 62  # as in cuda/attention_variants.cuh: a window side that is not given
+
+
+def _as_matrix_view(x):
+    """``x`` with at least two dimensions (a view): a bias or mask of shape ``(Lk,)``
+    broadcasts as ``(1, Lk)``."""
+    return x.reshape((1,) * (2 - x.ndim) + x.shape) if x.ndim < 2 else x
+
+
+def _matrix_strides(x):
+    """Element strides of the last two dimensions, 0 where a dimension broadcasts."""
+    return [0 if n == 1 else st // x.itemsize for n, st in zip(x.shape[-2:], x.strides[-2:])]
+
+
+def _kernel_bias(bias, dtype):
+    """``(bias, is_float)``: the bias as the kernel reads it, in place if it holds the
+    kernel's element type or float32, else a float32 copy of the (unbroadcast) array."""
+    import cupy
+    if bias.dtype == dtype:
+        return bias, dtype == np.float32
+    if bias.dtype == np.float32:
+        return bias, True
+    return cupy.asarray(bias, dtype=np.float32), True
+
+
+def _pack_variants(problem, bias, mask, alibi_slopes, extra_strides):
+    """Fill the ``VariantParams`` struct. ``bias`` (already as :func:`_kernel_bias` gives
+    it, with its is_float flag) and ``mask`` are the matrix views whose batch strides
+    ``_pack_params`` collapsed (in that order, the absent ones left out)."""
+    import cupy
+    fields = np.zeros((), dtype=VARIANT_PARAMS_DTYPE)
+    strides = iter(extra_strides)
+    if bias is not None:
+        bias, is_float = bias
+        fields["bias"] = bias.data.ptr
+        fields["bias_batch_stride"] = next(strides)
+        fields["bias_row_stride"], fields["bias_col_stride"] = _matrix_strides(bias)
+        fields["bias_is_float"] = int(is_float)
+    if mask is not None:
+        fields["mask"] = mask.data.ptr
+        fields["mask_batch_stride"] = next(strides)
+        fields["mask_row_stride"], fields["mask_col_stride"] = _matrix_strides(mask)
+    slopes = None
+    if alibi_slopes is not None:  # one slope per batch element, in the accumulator type
+        acc = np.float64 if problem.dtype == np.float64 else np.float32
+        slopes = cupy.ascontiguousarray(
+            cupy.broadcast_to(cupy.asarray(alibi_slopes, dtype=acc), problem.batch_shape))
+        fields["slopes"] = slopes.data.ptr
+    left, right = problem.window if problem.window is not None else (None, None)
+    if problem.causal:
+        right = 0 if right is None else min(right, 0)
+    fields["window_left"] = UNBOUNDED if left is None else min(left, UNBOUNDED)
+    fields["window_right"] = UNBOUNDED if right is None else min(right, UNBOUNDED)
+    fields["softcap"] = problem.softcap or 0.0
+    return fields[()], slopes  # slopes: kept alive by the caller until the launch
 
 
 _LOG2_E = math.log2(math.e)
@@ -165,17 +239,22 @@ class KernelConfig:
         self.align_elems, self.pad_d_to = align_elems, pad_d_to
 
 
-def attention_config(D, Dv, dtype_name, compute_capability, causal):
-    """Choose the kernel variant for one problem: the one place tile sizes are chosen."""
-    return _attention_config(D, Dv, dtype_name, compute_capability, causal,
-                             os.environ.get("CUPYFLASH_MMA_TILES", ""))
+def attention_config(D, Dv, dtype_name, compute_capability, causal, variants=False):
+    """Choose the kernel variant for one problem: the one place tile sizes are chosen.
+
+    ``variants``: the problem has a bias, mask, window, ALiBi slopes or softcap; the kernel
+    is then built with ``VARIANTS`` (cuda/attention_variants.cuh), which also takes the
+    causal mask as part of its window, so ``causal`` is ignored.
+    """
+    return _attention_config(D, Dv, dtype_name, compute_capability, causal and not variants,
+                             variants, os.environ.get("CUPYFLASH_MMA_TILES", ""))
 
 
 @functools.lru_cache(maxsize=512)
-def _attention_config(D, Dv, dtype_name, compute_capability, causal, _tiles_knob):
+def _attention_config(D, Dv, dtype_name, compute_capability, causal, variants, _tiles_knob):
     if dtype_name in ("float16", "bfloat16"):
-        return _mma_config(D, Dv, dtype_name, compute_capability, causal)
-    return _simt_config(D, Dv, dtype_name, compute_capability, causal)
+        return _mma_config(D, Dv, dtype_name, compute_capability, causal, variants)
+    return _simt_config(D, Dv, dtype_name, compute_capability, causal, variants)
 
 
 # Tensor-core tiles per padded head dim and mask:
@@ -194,6 +273,19 @@ MMA_TILES = {
     128: {False: (128, 64, 4, 1, 1), True: (128, 64, 4, 1, 1)},
     192: {False: (64, 64, 4, 1, 1), True: (64, 64, 4, 1, 1)},
     256: {False: (64, 64, 4, 1, 1), True: (64, 64, 4, 1, 1)},
+}
+# The kernels built with VARIANTS (bias, mask, window, ALiBi, softcap). The score modifier
+# needs registers the plain tiles do not have (they sit at 238-255 already): with them
+# ptxas spills 0.6-2 KiB per thread at d <= 128. Eight warps of 16 rows halve each warp's
+# S and O accumulators; no variant spills on sm_80 or sm_90a (ptxas -v, 2026-11-22).
+# Not measured on a GPU yet.
+VARIANT_MMA_TILES = {
+    32: (128, 128, 8, 1, 1),
+    64: (128, 128, 8, 1, 1),
+    96: (128, 64, 8, 1, 1),
+    128: (128, 64, 8, 1, 1),
+    192: (64, 64, 4, 1, 1),
+    256: (64, 32, 4, 1, 1),
 }
 
 
@@ -215,17 +307,17 @@ def _tile_overrides(spec):
     return tiles
 
 
-def _mma_config(D, Dv, dtype_name, compute_capability, causal):
+def _mma_config(D, Dv, dtype_name, compute_capability, causal, variants=False):
     head_dim = next((h for h in MMA_HEAD_DIMS if h >= D), None)
     if head_dim is None:
         raise ValueError(f"attention: head dims up to {MMA_HEAD_DIMS[-1]} are supported on the "
                          f"GPU, got {D}")
     tiles = _tile_overrides(os.environ.get("CUPYFLASH_MMA_TILES", ""))
     block_m, block_n, num_warps, kv_buffers, min_blocks = tiles.get(
-        head_dim, MMA_TILES[head_dim][causal])
-    name = (f"cupyflash::flash_fwd_mma<{_DTYPE_TO_CUDA[dtype_name]}, {head_dim}, {block_m}, "
-            f"{block_n}, {num_warps}, {kv_buffers}, {min_blocks}, "
-            f"{'true' if causal else 'false'}>")
+        head_dim, VARIANT_MMA_TILES[head_dim] if variants else MMA_TILES[head_dim][causal])
+    name = (f"cupyflash::flash_fwd_mma{'_variants' * variants}<{_DTYPE_TO_CUDA[dtype_name]}, "
+            f"{head_dim}, {block_m}, {block_n}, {num_warps}, {kv_buffers}, {min_blocks}"
+            f"{'' if variants else ', ' + _cpp_bool(causal)}>")
     return KernelConfig("flash_fwd_mma.cuh", name, block_m, 32 * num_warps,
                         _mma_smem_bytes(head_dim, block_m, block_n, kv_buffers),
                         align_elems=8, pad_d_to=8)
@@ -234,12 +326,12 @@ def _mma_config(D, Dv, dtype_name, compute_capability, causal):
 def mma_attention_variants():
     """The (source, name_expression) of every tensor-core forward variant."""
     return [(c.source, c.name_expression)
-            for c in (_mma_config(h, h, dt, 90, causal)
+            for c in (_mma_config(h, h, dt, 90, causal, variants)
                       for h in MMA_HEAD_DIMS for dt in ("float16", "bfloat16")
-                      for causal in (False, True))]
+                      for causal, variants in ((False, False), (True, False), (False, True)))]
 
 
-def _simt_config(D, Dv, dtype_name, compute_capability, causal):
+def _simt_config(D, Dv, dtype_name, compute_capability, causal, variants=False):
     """The float32/float64 FMA kernel of cuda/flash_fwd_simt.cuh for one problem.
 
     ``D`` is padded up to the next ``HEAD_DIM`` in (32, 64, 128, 256). The tile table
@@ -266,8 +358,8 @@ def _simt_config(D, Dv, dtype_name, compute_capability, causal):
     smem_bytes = itemsize * ((block_m + block_n) * (head_dim + vec)  # Q, K (padded rows)
                              + block_n * head_dim                    # V
                              + block_m * (block_n + 4))              # P~
-    name = (f"cupyflash::flash_fwd_simt<{_DTYPE_TO_CUDA[dtype_name]}, {head_dim}, "
-            f"{'true' if causal else 'false'}>")
+    name = (f"cupyflash::flash_fwd_simt{'_variants' * variants}<{_DTYPE_TO_CUDA[dtype_name]}, "
+            f"{head_dim}{'' if variants else ', ' + _cpp_bool(causal)}>")
     return KernelConfig("flash_fwd_simt.cuh", name, block_m, 128, smem_bytes,
                         align_elems=vec, pad_d_to=vec)
 
@@ -275,9 +367,9 @@ def _simt_config(D, Dv, dtype_name, compute_capability, causal):
 def simt_attention_variants():
     """The (source, name_expression) of every float32/float64 forward variant."""
     return [(c.source, c.name_expression)
-            for c in (_simt_config(h, h, dt, 90, causal)
+            for c in (_simt_config(h, h, dt, 90, causal, variants)
                       for dt in ("float32", "float64") for h in (32, 64, 128, 256)
-                      for causal in (False, True))]
+                      for causal, variants in ((False, False), (True, False), (False, True)))]
 
 
 class SimtBackwardConfig:
@@ -316,7 +408,7 @@ SIMT_BACKWARD_TILES = {
 }
 
 
-def _simt_backward_config(D, Dv, dtype_name, causal):
+def _simt_backward_config(D, Dv, dtype_name, causal, variants=False):
     """The float32/float64 FMA backward kernels of cuda/flash_bwd_simt.cuh for one problem.
 
     ``max(D, Dv)`` is padded up to the next ``HEAD_DIM`` in (32, 64, 128, 256). The shared
@@ -337,12 +429,18 @@ def _simt_backward_config(D, Dv, dtype_name, causal):
     vec = 16 // itemsize
     stride = head_dim + vec  # padded rows of Q, dO, K, V
     ctype = _DTYPE_TO_CUDA[dtype_name]
-    mask = "true" if causal else "false"
+    if variants:  # the causal mask is part of the window (cuda/attention_variants.cuh)
+        names = (f"cupyflash::flash_bwd_simt_variants<{ctype}, {head_dim}, false>",
+                 f"cupyflash::flash_bwd_simt_variants<{ctype}, {head_dim}, true>",
+                 f"cupyflash::flash_bwd_dq_simt_variants<{ctype}, {head_dim}>")
+    else:
+        mask = _cpp_bool(causal)
+        names = (f"cupyflash::flash_bwd_simt<{ctype}, {head_dim}, {mask}, false>",
+                 f"cupyflash::flash_bwd_simt<{ctype}, {head_dim}, {mask}, true>",
+                 f"cupyflash::flash_bwd_dq_simt<{ctype}, {head_dim}, {mask}>")
     return SimtBackwardConfig(
         source="flash_bwd_simt.cuh",
-        dkdv_name=f"cupyflash::flash_bwd_simt<{ctype}, {head_dim}, {mask}, false>",
-        dkdv_atomic_name=f"cupyflash::flash_bwd_simt<{ctype}, {head_dim}, {mask}, true>",
-        dq_name=f"cupyflash::flash_bwd_dq_simt<{ctype}, {head_dim}, {mask}>",
+        dkdv_name=names[0], dkdv_atomic_name=names[1], dq_name=names[2],
         head_dim=head_dim, block_n=block_n, block_m=dq_block_m, dkdv_block_m=block_m,
         dq_block_n=dq_block_n, num_threads=128,
         dkdv_smem_bytes=itemsize * (2 * (block_m + block_n) * stride     # Q, dO, K, V
@@ -357,8 +455,8 @@ def simt_backward_variants():
     variants = []
     for dtype_name in ("float32", "float64"):
         for head_dim in (32, 64, 128, 256):
-            for causal in (False, True):
-                c = _simt_backward_config(head_dim, head_dim, dtype_name, causal)
+            for causal, with_variants in ((False, False), (True, False), (False, True)):
+                c = _simt_backward_config(head_dim, head_dim, dtype_name, causal, with_variants)
                 variants += [(c.source, c.dkdv_name), (c.source, c.dkdv_atomic_name),
                              (c.source, c.dq_name)]
     return variants
@@ -376,12 +474,21 @@ def launch_grid(num_m_blocks, n_batch):
     return (num_m_blocks, y, -(-n_batch // y))
 
 
-def attention_forward(q, k, v, problem, out=None):
-    """Return ``(out, lse)`` computed on the GPU for a validated problem."""
+def has_variants(problem, bias=None, mask=None, alibi_slopes=None):
+    """Whether a problem needs the kernels built with VARIANTS."""
+    return (bias is not None or mask is not None or alibi_slopes is not None
+            or problem.window is not None or problem.softcap is not None)
+
+
+def attention_forward(q, k, v, problem, out=None, bias=None, mask=None, alibi_slopes=None):
+    """Return ``(out, lse)`` computed on the GPU for a validated problem (with the
+    variants' arrays, validated by ``_api.validate_variants``)."""
     import cupy
 
     fn = "attention"
     arrays = [("q", q), ("k", k), ("v", v)] + ([("out", out)] if out is not None else [])
+    arrays += [(n, a) for n, a in (("bias", bias), ("mask", mask),
+                                   ("alibi_slopes", alibi_slopes)) if a is not None]
     device_id = _device_of(fn, arrays)
     with _on_device(device_id):
         lse_dtype = np.float64 if problem.dtype == np.float64 else np.float32
@@ -394,21 +501,38 @@ def attention_forward(q, k, v, problem, out=None):
             lse.fill(-np.inf)
             return result, lse
 
+        variants = has_variants(problem, bias, mask, alibi_slopes)
         cfg = attention_config(max(problem.D, problem.Dv), problem.Dv, problem.dtype.name,
-                               _compute_capability(device_id), problem.causal)
+                               _compute_capability(device_id), problem.causal, variants)
         qk = [_kernel_ready(t, cfg.align_elems, cfg.pad_d_to) for t in (q, k, v)]
         o = _kernel_ready(result, cfg.align_elems, cfg.pad_d_to)
-        params = _pack_params(problem, *qk, o, lse)
+        kernel_bias = None if bias is None else _kernel_bias(_as_matrix_view(bias), problem.dtype)
+        extra = [x for x in (None if bias is None else kernel_bias[0],
+                             None if mask is None else _as_matrix_view(mask)) if x is not None]
+        params, extra_strides = _pack_params(problem, *qk, o, lse, extra)
         if params is None:  # too many batch dims even after collapsing: copy to contiguous
-            qk = [cupy.ascontiguousarray(cupy.broadcast_to(t, problem.batch_shape + t.shape[-2:]))
-                  for t in qk]
-            params = _pack_params(problem, *qk, o, lse)
+            full = problem.batch_shape
+            qk = [cupy.ascontiguousarray(cupy.broadcast_to(t, full + t.shape[-2:])) for t in qk]
+            extra = [cupy.ascontiguousarray(cupy.broadcast_to(t, full + t.shape[-2:]))
+                     for t in extra]
+            if bias is not None:
+                kernel_bias = (extra[0], kernel_bias[1])
+            if mask is not None:
+                mask = extra[-1]
+            params, extra_strides = _pack_params(problem, *qk, o, lse, extra)
+        variant_params, slopes = None, None
+        if variants:
+            variant_params, slopes = _pack_variants(
+                problem, kernel_bias, None if mask is None else _as_matrix_view(mask),
+                alibi_slopes, extra_strides)
 
         kernel = _kernels.get_function(device_id, cfg.source, cfg.name_expression,
                                        _kernels.arch_for(_compute_capability(device_id)),
                                        cfg.smem_bytes)
         grid = launch_grid(-(-problem.Lq // cfg.block_m), math.prod(problem.batch_shape))
-        kernel(grid, (cfg.num_threads, 1, 1), (params,), shared_mem=cfg.smem_bytes)
+        args = (params, variant_params) if variants else (params,)
+        kernel(grid, (cfg.num_threads, 1, 1), args, shared_mem=cfg.smem_bytes)
+        del slopes  # (the pool reuses its memory only for later work on this stream)
         if o is not result:
             result[...] = o[..., :problem.Dv]
         return result, lse

@@ -22,8 +22,9 @@ import os
 import numpy as np
 
 from . import _kernels
-from ._cupy_backend import (_DTYPE_TO_CUDA, _compute_capability, _device_of, _kernel_ready,
-                            _on_device, _pack_params, launch_grid)
+from ._cupy_backend import (_DTYPE_TO_CUDA, _as_matrix_view, _compute_capability, _device_of,
+                            _kernel_bias, _kernel_ready, _on_device, _pack_params,
+                            _pack_variants, has_variants, launch_grid)
 
 # struct BackwardParams of cuda/attention_common.cuh: 5 pointers and one int64.
 BACKWARD_PARAMS_DTYPE = np.dtype(
@@ -51,6 +52,10 @@ BWD_MMA_TILES = {
     "small": {32: (64, 8, 1, 2, 1), 64: (64, 8, 1, 2, 1), 96: (64, 4, 1, 1, 1), 128: (64, 4, 1, 1, 1),
               192: (32, 4, 2, 1, 1), 256: (32, 4, 2, 1, 1)},
 }
+# flash_bwd_mma_variants where the plain tiles leave no registers for the score modifier
+# (ptxas spills 16-20 bytes at d = 128 on sm_90a with BLOCK_M = 64; none with 32). Not yet
+# measured on a GPU.
+BWD_MMA_VARIANT_TILES = {"hopper": {128: (32, 8, 1, 2, 1)}, "large": {}, "small": {}}
 BWD_DQ_MMA_TILES = {
     "hopper": {32: (64, 64, 4), 64: (64, 64, 4), 96: (64, 64, 4), 128: (64, 64, 4),
                192: (64, 32, 4), 256: (64, 32, 4)},
@@ -91,17 +96,30 @@ def _tile_knob(name):
 
 
 @functools.lru_cache(maxsize=256)
-def _mma_backward_config(D, dtype_name, compute_capability, causal, deterministic, knob):
+def _mma_backward_config(D, dtype_name, compute_capability, causal, deterministic, knob,
+                         variants=False):
     head_dim = next((h for h in BWD_HEAD_DIMS if h >= D), None)
     if head_dim is None:
         raise ValueError(f"attention_backward: head dims up to {BWD_HEAD_DIMS[-1]} are "
                          f"supported on the GPU, got {D}")
     size = _smem_class(compute_capability)
+    tiles = BWD_MMA_TILES[size][head_dim]
+    if variants:
+        tiles = BWD_MMA_VARIANT_TILES[size].get(head_dim, tiles)
     block_m, num_warps, d_split, q_buffers, min_blocks = _tile_knob("CUPYFLASH_BWD_TILES").get(
-        head_dim, BWD_MMA_TILES[size][head_dim])
+        head_dim, tiles)
     dq_m, dq_n, dq_warps = BWD_DQ_MMA_TILES[size][head_dim]
     ctype = _DTYPE_TO_CUDA[dtype_name]
     c = "true" if causal else "false"
+    atomic = "false" if deterministic else "true"
+    if variants:  # the causal mask is part of the window (cuda/attention_variants.cuh)
+        main_name = (f"cupyflash::flash_bwd_mma_variants<{ctype}, {head_dim}, {block_m}, "
+                     f"{num_warps}, {d_split}, {q_buffers}, {min_blocks}, {atomic}>")
+        dq_name = f"cupyflash::flash_bwd_dq_mma_variants<{ctype}, {head_dim}, {dq_m}, {dq_n}, {dq_warps}>"
+    else:
+        main_name = (f"cupyflash::flash_bwd_mma<{ctype}, {head_dim}, {block_m}, {num_warps}, "
+                     f"{d_split}, {q_buffers}, {min_blocks}, {c}, {atomic}>")
+        dq_name = f"cupyflash::flash_bwd_dq_mma<{ctype}, {head_dim}, {dq_m}, {dq_n}, {dq_warps}, {c}>"
     smem_row = -(-head_dim // 64) * 64
     ds_row = -(-block_m // 64) * 64
     block_n = 16 * num_warps // d_split
@@ -111,23 +129,24 @@ def _mma_backward_config(D, dtype_name, compute_capability, causal, deterministi
         main_smem += block_m * (head_dim + 8) * 4
     return BackwardConfig(
         head_dim=head_dim, main_source="flash_bwd_mma.cuh",
-        main_name=(f"cupyflash::flash_bwd_mma<{ctype}, {head_dim}, {block_m}, {num_warps}, "
-                   f"{d_split}, {q_buffers}, {min_blocks}, {c}, {'false' if deterministic else 'true'}>"),
+        main_name=main_name,
         main_threads=32 * num_warps, main_smem=main_smem, block_n=block_n,
         dq_source="flash_bwd_mma.cuh",
-        dq_name=(f"cupyflash::flash_bwd_dq_mma<{ctype}, {head_dim}, {dq_m}, {dq_n}, "
-                 f"{dq_warps}, {c}>"),
+        dq_name=dq_name,
         dq_threads=32 * dq_warps, dq_smem=(2 * dq_m + 4 * dq_n) * smem_row * 2,
         block_m_dq=dq_m, align_elems=8, pad_d_to=8)
 
 
-def backward_config(D, dtype_name, compute_capability, causal, deterministic):
-    """Choose the backward kernels for one problem: the one place their tiles are chosen."""
+def backward_config(D, dtype_name, compute_capability, causal, deterministic, variants=False):
+    """Choose the backward kernels for one problem: the one place their tiles are chosen.
+    ``variants``: built with VARIANTS (bias, mask, window, ALiBi; the causal mask is then
+    part of the window and ``causal`` is ignored)."""
+    causal = causal and not variants
     if dtype_name in ("float16", "bfloat16"):
         return _mma_backward_config(D, dtype_name, compute_capability, causal, deterministic,
-                                    os.environ.get("CUPYFLASH_BWD_TILES", ""))
+                                    os.environ.get("CUPYFLASH_BWD_TILES", ""), variants)
     from ._cupy_backend import _simt_backward_config
-    s = _simt_backward_config(D, D, dtype_name, causal)
+    s = _simt_backward_config(D, D, dtype_name, causal, variants)
     return BackwardConfig(
         head_dim=s.head_dim, main_source="flash_bwd_simt.cuh",
         main_name=s.dkdv_name if deterministic else s.dkdv_atomic_name,
@@ -145,9 +164,9 @@ def mma_backward_variants(arch):
     for cc in ((90,) if arch == "sm_90a" else (80, 86)):
         for h in BWD_HEAD_DIMS:
             for dt in ("float16", "bfloat16"):
-                for causal in (False, True):
+                for causal, variants in ((False, False), (True, False), (False, True)):
                     for det in (False, True):
-                        c = _mma_backward_config(h, dt, cc, causal, det, "")
+                        c = _mma_backward_config(h, dt, cc, causal, det, "", variants)
                         out += [(c.main_source, c.main_name), (c.dq_source, c.dq_name)]
     for ctype in ("__half", "__nv_bfloat16", "float", "double"):
         acc = "double" if ctype == "double" else "float"
@@ -218,8 +237,9 @@ def _params_buffer(bp):
 
 
 def attention_backward(dout, q, k, v, out, lse, problem, deterministic=False,
-                       dq=None, dk=None, dv=None):
-    """Return ``(dq, dk, dv)`` computed on the GPU for a validated problem."""
+                       dq=None, dk=None, dv=None, bias=None, mask=None, alibi_slopes=None):
+    """Return ``(dq, dk, dv)`` computed on the GPU for a validated problem (with the
+    variants' arrays; softcap and the bias gradient are refused by the API before)."""
     import cupy
 
     fn = "attention_backward"
@@ -239,7 +259,9 @@ def attention_backward(dout, q, k, v, out, lse, problem, deterministic=False,
             return dq, dk, dv
 
         cc = _compute_capability(device_id)
-        cfg = backward_config(max(p.D, p.Dv), T.name, cc, p.causal, bool(deterministic))
+        variants = has_variants(p, bias, mask, alibi_slopes)
+        cfg = backward_config(max(p.D, p.Dv), T.name, cc, p.causal, bool(deterministic),
+                              variants)
         qkv = [_kernel_ready(t, cfg.align_elems, cfg.pad_d_to) for t in (q, k, v)]
         o = _kernel_ready(out, cfg.align_elems, cfg.pad_d_to)
         do = _kernel_ready(dout, cfg.align_elems, cfg.pad_d_to)
@@ -247,12 +269,25 @@ def attention_backward(dout, q, k, v, out, lse, problem, deterministic=False,
             o, do = (cupy.ascontiguousarray(x) for x in (o, do))
         acc = np.float64 if T == np.float64 else np.float32
         lse_c = cupy.ascontiguousarray(lse, dtype=acc)
-        params = _pack_params(p, *qkv, o, lse_c)
+        kernel_bias = None if bias is None else _kernel_bias(_as_matrix_view(bias), T)
+        mask_m = None if mask is None else _as_matrix_view(mask)
+        extra = [x for x in (None if bias is None else kernel_bias[0], mask_m) if x is not None]
+        params, extra_strides = _pack_params(p, *qkv, o, lse_c, extra)
         if params is None:  # too many batch dims even after collapsing: copy to contiguous
-            qkv = [cupy.ascontiguousarray(cupy.broadcast_to(t, p.batch_shape + t.shape[-2:]))
-                   for t in qkv]
+            full = p.batch_shape
+            qkv = [cupy.ascontiguousarray(cupy.broadcast_to(t, full + t.shape[-2:])) for t in qkv]
             o, do = (cupy.ascontiguousarray(x) for x in (o, do))
-            params = _pack_params(p, *qkv, o, lse_c)
+            extra = [cupy.ascontiguousarray(cupy.broadcast_to(t, full + t.shape[-2:]))
+                     for t in extra]
+            if bias is not None:
+                kernel_bias = (extra[0], kernel_bias[1])
+            if mask is not None:
+                mask_m = extra[-1]
+            params, extra_strides = _pack_params(p, *qkv, o, lse_c, extra)
+        vargs, slopes = (), None
+        if variants:
+            vparams, slopes = _pack_variants(p, kernel_bias, mask_m, alibi_slopes, extra_strides)
+            vargs = (vparams,)
 
         row = cfg.head_dim
         delta = cupy.empty((n_batch, p.Lq), dtype=acc)
@@ -275,11 +310,12 @@ def attention_backward(dout, q, k, v, out, lse, problem, deterministic=False,
         pre(launch_grid(-(-p.Lq // 8), n_batch), (256, 1, 1), (params, bparams))
         main = get(cfg.main_source, cfg.main_name, arch, cfg.main_smem)
         main(launch_grid(-(-p.Lk // cfg.block_n), n_batch), (cfg.main_threads, 1, 1),
-             (params, bparams), shared_mem=cfg.main_smem)
+             (params, bparams) + vargs, shared_mem=cfg.main_smem)
         if deterministic:
             dq_kernel = get(cfg.dq_source, cfg.dq_name, arch, cfg.dq_smem)
             dq_kernel(launch_grid(-(-p.Lq // cfg.block_m_dq), n_batch), (cfg.dq_threads, 1, 1),
-                      (params, bparams), shared_mem=cfg.dq_smem)
+                      (params, bparams) + vargs, shared_mem=cfg.dq_smem)
+        del slopes  # (the pool reuses its memory only for later work on this stream)
 
         _finish(device_id, dq_accum, row, batch + (p.Lq, p.D), p.D, p.scale, q, dq)
         if dk_buf is not dk:

@@ -13,7 +13,8 @@ sequence's keys separately, keeps each partial output in the accumulator dtype, 
 merges them exactly through their lse with :func:`cupyflash.merge_attention`: the
 algorithm the GPU kernels will use.
 
-CuPy arrays are validated like NumPy arrays and then raise ``NotImplementedError``.
+CuPy arrays are validated like NumPy arrays; attention_varlen then runs the GPU forward
+per sequence on the same views, and attention_decode raises ``NotImplementedError``.
 """
 
 import numbers
@@ -90,11 +91,16 @@ def _kv_view(x):
 
 
 def _forward(q, k, v, causal, scale, out, window=None):
-    """The tiled forward on ``(Hk, G, Lq, D)`` / ``(Hk, 1, Lk, D)`` views; writes ``out``
-    (a view, possibly of another dtype) and returns the lse ``(Hk, G, Lq)``."""
+    """The forward of :func:`cupyflash.attention` on ``(Hk, G, Lq, D)`` / ``(Hk, 1, Lk, D)``
+    views: the tiled NumPy forward, or the fused kernels for CuPy arrays. Writes ``out``
+    (a view; for NumPy possibly of another dtype) and returns the lse ``(Hk, G, Lq)``."""
     problem = _api.validate_attention("", q, k, v, causal, scale)  # checked already
     problem.window = window
-    _, lse = _numpy_backend.attention_forward(q, k, v, problem, out)
+    if _api._is_cupy_array(q):
+        from . import _cupy_backend
+        _, lse = _cupy_backend.attention_forward(q, k, v, problem, out)
+    else:
+        _, lse = _numpy_backend.attention_forward(q, k, v, problem, out)
     return lse
 
 
@@ -188,14 +194,14 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
         ``Hk``, offsets that are not 1-dimensional, differ in length, do not start at
         0, decrease or do not end at the total, a ``max_seqlen_*`` below the longest
         sequence, or a bad ``out``.
-    NotImplementedError
-        CuPy arrays (after validation): the GPU kernel does not exist yet.
 
     Notes
     -----
-    Each sequence runs the tiled NumPy forward of :func:`attention` on views of the
-    packed arrays (no copies beyond its blocks, no ``Lq x Lk`` matrix); the offsets are
-    read on the host. ``cupyflash.reference.attention_varlen`` is the float64 truth.
+    Each sequence runs the forward of :func:`attention` on views of the packed arrays
+    (the tiled NumPy forward, or one launch of the fused GPU kernel per non-empty
+    sequence for CuPy arrays, reading the views through their strides; no ``Lq x Lk``
+    matrix). The offsets are read on the host, which for CuPy offsets synchronises with
+    the GPU once. ``cupyflash.reference.attention_varlen`` is the float64 truth.
 
     Examples
     --------
@@ -239,12 +245,12 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
         _api.check_out(fn, out, xp_name, (total_q, H, Dv), q.dtype,
                        (("q", q), ("k", k), ("v", v)))
     if xp_name == "cupy":
-        raise NotImplementedError(f"{fn}: not implemented on the GPU yet; the NumPy "
-                                  f"backend has it")
-
+        import cupy as xp
+    else:
+        xp = np
     if out is None:
-        out = np.empty((total_q, H, Dv), dtype=q.dtype)
-    lse = np.empty((H, total_q), dtype=_api.accumulator_dtype(q.dtype))
+        out = xp.empty((total_q, H, Dv), dtype=q.dtype)
+    lse = xp.empty((H, total_q), dtype=_api.accumulator_dtype(q.dtype))
     for a, b, c, d in zip(cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:]):
         if a == b:
             continue

@@ -518,7 +518,8 @@ def test_mixed_numpy_and_lists_are_accepted_for_offsets():
 
 
 # ----------------------------------------------------------------------------------------
-# the GPU: not implemented yet, after validation
+# the GPU: attention_varlen runs the fused kernel per sequence; attention_decode raises
+# NotImplementedError after validation
 # ----------------------------------------------------------------------------------------
 
 def gpu_only(test):
@@ -531,9 +532,6 @@ def gpu_only(test):
 def test_cupy_inputs_raise_not_implemented_after_validation():
     import cupy
     args = {n: cupy.asarray(x) for n, x in varlen_args().items()}
-    with raises(NotImplementedError, "attention_varlen: not implemented on the GPU yet; "
-                                     "the NumPy backend has it"):
-        cupyflash.attention_varlen(**args)
     with raises(ValueError, "attention_varlen: cu_seqlens_q[0] must be 0"):
         cupyflash.attention_varlen(**dict(args, cu_seqlens_q=cupy.asarray([1, 2, 6])))
     with raises(TypeError, "attention_varlen: arrays must be all NumPy or all CuPy arrays"):
@@ -547,3 +545,26 @@ def test_cupy_inputs_raise_not_implemented_after_validation():
         assert (args["k_cache"].get() == before).all()  # no append before the raise
         with raises(ValueError, "attention_decode: num_splits must be >= 1"):
             cupyflash.attention_decode(**args, num_splits=0)
+
+
+@gpu_only
+@examples(60)
+@given(case=varlen_cases())
+@example(case=VarlenCase("float16", (130, 0, 257), (300, 5, 64), Hk=2, group=2, D=64,
+                         Dv=64, causal=True, seed=3))
+@example(case=VarlenCase("bfloat16", (1, 200), (129, 1), Hk=1, group=4, D=128, Dv=128,
+                         seed=4))
+@example(case=VarlenCase("float64", (33, 7), (7, 33), Hk=2, group=1, D=20, Dv=5,
+                         causal=True, seed=5))
+def test_varlen_on_gpu_matches_each_sequence(case):
+    import cupy
+    q, k, v, cu_q, cu_k = case.inputs()
+    gq, gk, gv, gcu_q, gcu_k = (cupy.asarray(x) for x in (q, k, v, cu_q, cu_k))
+    buf = cupy.full((q.shape[0], q.shape[1], v.shape[-1]), np.nan, dtype=q.dtype)
+    out, lse = cupyflash.attention_varlen(gq, gk, gv, gcu_q, gcu_k, causal=case.causal,
+                                          scale=case.scale, return_lse=True, out=buf)
+    assert out is buf and isinstance(lse, cupy.ndarray)
+    for before, after in zip((q, k, v, cu_q, cu_k), (gq, gk, gv, gcu_q, gcu_k)):
+        assert before.tobytes() == after.get().tobytes(), "attention_varlen modified an input"
+    check_varlen(case, out.get(), lse.get(), q, k, v, cu_q, cu_k)
+

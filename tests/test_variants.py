@@ -1,9 +1,9 @@
 """The variants of attention (bias, mask, window, alibi_slopes, softcap) and
 merge_attention, against the float64 reference.
 
-The variants run on the NumPy backend only (CuPy arrays raise NotImplementedError, checked
-under the ``gpu`` marker), so their accuracy tests take no ``xp`` fixture; merge_attention
-uses only array-module operations and takes it. Each property runs both through
+The accuracy properties run on the NumPy backend, and again under the ``gpu`` marker on
+the CuPy kernels (``*_on_gpu``, with the GPU's own tile edges among the examples);
+merge_attention uses only array-module operations and takes the ``xp`` fixture. Each property runs both through
 :func:`cupyflash.attention` (256-row blocks) and through the NumPy backend with small
 blocks, so that every band edge, skipped block and partially masked block is met on short
 sequences. The accuracy rule is ``accuracy.py``'s, with the variants applied to the truth
@@ -793,26 +793,106 @@ def test_merge_does_not_mix_numpy_and_cupy():
 
 
 # ----------------------------------------------------------------------------------------
-# the GPU: not yet
+# the GPU kernels (flash_fwd_mma_variants, flash_fwd_simt_variants)
 # ----------------------------------------------------------------------------------------
 
+def attend_on_gpu(q, k, v, scale, options, *, causal=False):
+    """``(out, lse)`` of cupyflash.attention on CuPy copies of the NumPy inputs, as NumPy
+    arrays: out starts as NaN (a row the kernel skips shows), and no input may change."""
+    import cupy
+    gpu = {n: cupy.asarray(x) if isinstance(x, np.ndarray) else x for n, x in options.items()}
+    arrays = [cupy.asarray(x) for x in (q, k, v)]
+    watched = arrays + [x for x in gpu.values() if isinstance(x, cupy.ndarray)]
+    before = [x.get().tobytes() for x in watched]
+    batch = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    out = cupy.full(batch + (q.shape[-2], v.shape[-1]), np.nan, dtype=q.dtype)
+    result, lse = cupyflash.attention(*arrays, causal=causal, scale=scale, return_lse=True,
+                                      out=out, **gpu)
+    assert result is out
+    assert [x.get().tobytes() for x in watched] == before, "attention modified an input"
+    return to_numpy(result), to_numpy(lse)
+
+
+def check_case_on_gpu(vc):
+    q, k, v, scale, options = vc.inputs()
+    out, lse = attend_on_gpu(q, k, v, scale, options, causal=vc.case.causal)
+    check_attention(out, lse, q, k, v, causal=vc.case.causal, scale=scale, **options)
+
+
+# Cases the GPU's tiles make interesting: the tile edges of the variant kernels (128 and 64
+# query rows, 128, 64 and 32 keys), windows that skip most key blocks, padding masks and
+# biases read with stride 0, bias dtypes the kernel converts (float64 on fp16, fp16 on
+# bf16), head dims 1..256, broadcast batch dims.
+GPU_EXAMPLES = [
+    VariantCase(AttentionCase("float16", Lq=129, Lk=257, D=64, Dv=64, seed=11),
+                window=(70, 0)),
+    VariantCase(AttentionCase("bfloat16", Lq=1000, Lk=1100, D=128, Dv=128, seed=12),
+                window=(100, 20), softcap=30.0),
+    VariantCase(AttentionCase("float16", Lq=300, Lk=300, D=128, Dv=64, causal=True,
+                              q_batch=(2, 4), k_batch=(2, 1), v_batch=(2, 1), seed=13),
+                mask_kind="padding", mask_shape=(2, 1, 1, 300), slopes_shape=(4,),
+                slopes_max=1.0),
+    VariantCase(AttentionCase("bfloat16", Lq=65, Lk=190, D=256, Dv=256, seed=14),
+                bias_kind="random", bias_shape=(65, 190), bias_dtype="float16",
+                bias_scale=10.0),
+    VariantCase(AttentionCase("float16", Lq=200, Lk=130, D=32, Dv=32, seed=15),
+                bias_kind="padding", bias_shape=(130,), bias_dtype="float64"),
+    VariantCase(AttentionCase("float16", Lq=160, Lk=96, D=96, Dv=96, causal=True, seed=16),
+                window=(0, 0)),   # the diagonal only; rows 0..63 see no key
+    VariantCase(AttentionCase("bfloat16", Lq=64, Lk=512, D=192, Dv=192, seed=17),
+                mask_kind="blocky", mask_shape=(64, 512), softcap=5.0),
+    VariantCase(AttentionCase("float32", Lq=130, Lk=200, D=128, Dv=128, causal=True, seed=18),
+                window=(33, None), bias_kind="random", bias_shape=(130, 200),
+                bias_dtype="bfloat16"),
+    VariantCase(AttentionCase("float64", Lq=70, Lk=90, D=256, Dv=17, seed=19),
+                mask_kind="rows", mask_shape=(70, 90), softcap=2.0, slopes_shape=(),
+                slopes_max=0.05),
+    VariantCase(AttentionCase("float32", Lq=5, Lk=700, D=3, Dv=3, seed=20), window=(None, 0)),
+]
+
+
+def _gpu_examples(test):
+    for vc in GPU_EXAMPLES:
+        test = example(vc=vc)(test)
+    return test
+
+
 @gpu_only
-@pytest.mark.parametrize("option, value", [
-    ("bias", np.zeros((4, 6), np.float32)),
-    ("mask", np.ones((4, 6), bool)),
-    ("window", (2, 0)),
-    ("alibi_slopes", np.ones(2, np.float32)),
-    ("softcap", 30.0),
-])
-def test_variants_are_not_implemented_on_the_gpu(option, value):
+@examples(100)
+@given(vc=variant_cases())
+@_gpu_examples
+def test_variants_match_reference_on_gpu(vc):
+    check_case_on_gpu(vc)
+
+
+@gpu_only
+@examples(30)
+@given(vc=variant_cases(options=(), required=("window",), max_len=MAX_LEN))
+def test_windows_on_gpu(vc):
+    check_case_on_gpu(vc)
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+def test_variants_on_gpu_are_bitwise_repeatable(dtype):
+    vc = VariantCase(AttentionCase(dtype, Lq=333, Lk=444, D=64, Dv=64, causal=True, seed=21),
+                     window=(100, None), bias_kind="random", bias_shape=(333, 444),
+                     bias_dtype="float32", mask_kind="random", mask_shape=(333, 444),
+                     slopes_shape=(), softcap=20.0)
+    q, k, v, scale, options = vc.inputs()
+    first = attend_on_gpu(q, k, v, scale, options, causal=True)
+    second = attend_on_gpu(q, k, v, scale, options, causal=True)
+    for a, b in zip(first, second):
+        assert a.tobytes() == b.tobytes()
+
+
+@gpu_only
+def test_neutral_variants_take_the_plain_kernel_on_gpu():
+    """window=(None, None) is no window: the result is bitwise the plain kernel's."""
     import cupy
     q, k, v = qkv(cupy)
-    value = cupy.asarray(value) if isinstance(value, np.ndarray) else value
-    with raises(NotImplementedError, f"attention: {option} is not implemented on the GPU "
-                                     f"yet; the NumPy backend has it"):
-        cupyflash.attention(q, k, v, **{option: value})
-    # neutral spellings of "no variant" still run
-    assert cupyflash.attention(q, k, v, window=(None, None)).shape == (2, 4, 5)
+    assert (cupyflash.attention(q, k, v, window=(None, None)).tobytes()
+            == cupyflash.attention(q, k, v).tobytes())
 
 
 @gpu_only

@@ -5,9 +5,9 @@ The backward under test is given the forward's own out and lse, computed by
 cupyflash.attention with the same options; the truth and the naive same-dtype computation
 start again from dout, q, k, v and the options. The accuracy rule is
 :func:`accuracy.check_attention_backward`, with the variants applied to the truth and the
-naive computation, and ``dbias`` judged like the other gradients. The variants run on the
-NumPy backend only: CuPy inputs with any of them raise NotImplementedError (checked under
-the ``gpu`` marker), so the accuracy tests take no ``xp`` fixture.
+naive computation, and ``dbias`` judged like the other gradients. The properties run on the
+NumPy backend, and under the ``gpu`` marker on the CuPy kernels for bias, mask, window and
+ALiBi (``*_on_gpu``); softcap and dbias raise NotImplementedError on CuPy arrays.
 """
 
 import re
@@ -399,22 +399,115 @@ def gpu_only(test):
 
 
 @gpu_only
-@pytest.mark.parametrize("option, value", [
-    ("bias", np.zeros((4, 6), np.float32)),
-    ("mask", np.ones((4, 6), bool)),
-    ("window", (2, 0)),
-    ("alibi_slopes", np.ones(2, np.float32)),
-    ("softcap", 30.0),
+@pytest.mark.parametrize("options, message", [
+    ({"softcap": 30.0}, "softcap is not implemented in the GPU backward yet; "
+                        "the NumPy backend has it"),
+    ({"bias": np.zeros((4, 6), np.float32), "return_dbias": True},
+     "return_dbias=True is not implemented on the GPU yet; the NumPy backend has it"),
 ])
-def test_variants_of_the_backward_are_not_implemented_on_the_gpu(option, value):
+def test_softcap_and_dbias_of_the_backward_are_not_implemented_on_the_gpu(options, message):
     import cupy
     dout, q, k, v, out, lse = (cupy.asarray(x) for x in backward_args())
-    value = cupy.asarray(value) if isinstance(value, np.ndarray) else value
-    message = "is not implemented on the GPU yet; the NumPy backend has it"
-    with raises(NotImplementedError, f"attention_backward: {option} {message}"):
-        cupyflash.attention_backward(dout, q, k, v, out, lse, **{option: value})
-    with raises(NotImplementedError, f"attention_vjp: {option} {message}"):
-        cupyflash.attention_vjp(q, k, v, **{option: value})
+    options = {n: cupy.asarray(x) if isinstance(x, np.ndarray) else x
+               for n, x in options.items()}
+    with raises(NotImplementedError, f"attention_backward: {message}"):
+        cupyflash.attention_backward(dout, q, k, v, out, lse, **options)
+    with raises(NotImplementedError, f"attention_vjp: {message}"):
+        cupyflash.attention_vjp(q, k, v, **options)
     # neutral spellings of "no variant" still run
     assert len(cupyflash.attention_backward(dout, q, k, v, out, lse,
                                             window=(None, None))) == 3
+
+
+# ----------------------------------------------------------------------------------------
+# the GPU kernels (flash_bwd_*_variants): bias, mask, window, ALiBi
+# ----------------------------------------------------------------------------------------
+
+def gradients_on_gpu(dout, q, k, v, scale, options, *, causal, deterministic):
+    """The CuPy forward's out and lse, then the CuPy backward's ``(dq, dk, dv)`` as NumPy
+    arrays; gradients start as NaN (an element the kernels skip shows), no input changes."""
+    import cupy
+    gpu = {n: cupy.asarray(x) if isinstance(x, np.ndarray) else x for n, x in options.items()}
+    arrays = [cupy.asarray(x) for x in (dout, q, k, v)]
+    watched = arrays + [x for x in gpu.values() if isinstance(x, cupy.ndarray)]
+    before = [x.get().tobytes() for x in watched]
+    d_out, gq, gk, gv = arrays
+    out, lse = cupyflash.attention(gq, gk, gv, causal=causal, scale=scale, return_lse=True,
+                                   **gpu)
+    grads = [cupy.full(x.shape, np.nan, dtype=x.dtype) for x in (gq, gk, gv)]
+    result = cupyflash.attention_backward(d_out, gq, gk, gv, out, lse, causal=causal,
+                                          scale=scale, deterministic=deterministic,
+                                          dq=grads[0], dk=grads[1], dv=grads[2], **gpu)
+    assert all(r is g for r, g in zip(result, grads))
+    assert [x.get().tobytes() for x in watched] == before, "the GPU backward modified an input"
+    return [g.get() for g in grads]
+
+
+GPU_OPTIONS = ("bias", "mask", "window", "alibi_slopes")
+
+
+def check_case_on_gpu(vc, dout_scale, deterministic):
+    q, k, v, scale, options = vc.inputs()
+    dout = draw_dout(vc.case, dout_scale)
+    dq, dk, dv = gradients_on_gpu(dout, q, k, v, scale, options, causal=vc.case.causal,
+                                  deterministic=deterministic)
+    if vc.case.dtype == "float16":
+        truth = true_attention_backward(dout, q, k, v, causal=vc.case.causal, scale=scale,
+                                        **options)
+        assume(all(_finite_abs_max(g) < FLOAT16_GRADIENT_MAX for g in truth[:3]))
+    check_attention_backward(dq, dk, dv, dout, q, k, v, causal=vc.case.causal, scale=scale,
+                             **options)
+
+
+# The GPU tiles' edges (64 and 128 query rows, 32..128 keys per block), a window that
+# skips most query blocks of a key block, padding masks and biases read with stride 0.
+GPU_EXAMPLES = [
+    VariantCase(AttentionCase("float16", Lq=129, Lk=200, D=64, Dv=64, neg_inf="none",
+                              seed=31), window=(40, 3)),
+    VariantCase(AttentionCase("bfloat16", Lq=300, Lk=260, D=128, Dv=128, causal=True,
+                              q_batch=(2, 2), k_batch=(2, 1), v_batch=(2, 1), neg_inf="none",
+                              seed=32),
+                mask_kind="padding", mask_shape=(2, 1, 1, 260), slopes_shape=(2,),
+                slopes_max=1.0),
+    VariantCase(AttentionCase("float16", Lq=70, Lk=150, D=256, Dv=256, neg_inf="none",
+                              seed=33),
+                bias_kind="random", bias_shape=(70, 150), bias_dtype="float32"),
+    VariantCase(AttentionCase("float32", Lq=100, Lk=90, D=128, Dv=100, neg_inf="none",
+                              seed=34),
+                window=(None, 0), bias_kind="padding", bias_shape=(90,), bias_dtype="float64"),
+    VariantCase(AttentionCase("float64", Lq=50, Lk=70, D=32, Dv=32, causal=True,
+                              neg_inf="none", seed=35),
+                mask_kind="blocky", mask_shape=(50, 70), window=(10, None)),
+]
+
+
+@gpu_only
+@examples(60)
+@given(vc=variant_cases(options=GPU_OPTIONS, neg_inf=st.just("none"), max_len=300,
+                        max_work=4 * 10**6),
+       dout_scale=DOUT_SCALES, deterministic=st.booleans())
+def test_variant_gradients_match_reference_on_gpu(vc, dout_scale, deterministic):
+    check_case_on_gpu(vc, dout_scale, deterministic)
+
+
+@gpu_only
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("index", range(len(GPU_EXAMPLES)))
+def test_variant_gradients_on_gpu_examples(index, deterministic):
+    check_case_on_gpu(GPU_EXAMPLES[index], 1.0, deterministic)
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+def test_deterministic_variant_gradients_on_gpu_are_bitwise_repeatable(dtype):
+    vc = VariantCase(AttentionCase(dtype, Lq=200, Lk=230, D=64, Dv=64, causal=True,
+                                   neg_inf="none", seed=36),
+                     window=(50, None), bias_kind="random", bias_shape=(200, 230),
+                     bias_dtype="float32", mask_kind="random", mask_shape=(200, 230),
+                     slopes_shape=())
+    q, k, v, scale, options = vc.inputs()
+    dout = draw_dout(vc.case, 1.0)
+    first = gradients_on_gpu(dout, q, k, v, scale, options, causal=True, deterministic=True)
+    second = gradients_on_gpu(dout, q, k, v, scale, options, causal=True, deterministic=True)
+    for a, b in zip(first, second):
+        assert a.tobytes() == b.tobytes()

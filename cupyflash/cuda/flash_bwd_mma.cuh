@@ -238,11 +238,13 @@ __device__ __forceinline__ void store_tile(typename Tr::T* dst, const typename T
 // ---------------------------------------------------------------------------------------
 // dK, dV (and, with ATOMIC_DQ, dQ): one thread block per key block
 // ---------------------------------------------------------------------------------------
-// MIN_BLOCKS: thread blocks per multiprocessor the register budget must allow.
+// flash_bwd_mma and flash_bwd_mma_variants (bias, mask, window with causal folded in,
+// ALiBi: attention_variants.cuh; vp is read only with VARIANTS) share this body.
 template <typename T, int HEAD_DIM, int BLOCK_M, int NUM_WARPS, int D_SPLIT, int Q_BUFFERS,
-          int MIN_BLOCKS, bool IS_CAUSAL, bool ATOMIC_DQ>
-__global__ void __launch_bounds__(NUM_WARPS * 32, MIN_BLOCKS)
-flash_bwd_mma(const AttentionParams p, const BackwardParams bp) {
+          bool IS_CAUSAL, bool ATOMIC_DQ, bool VARIANTS>
+__device__ __forceinline__ void flash_bwd_mma_body(const AttentionParams& p,
+                                                   const BackwardParams& bp,
+                                                   const VariantParams& vp) {
     using Tr = BwdMmaTraits<T, HEAD_DIM, BLOCK_M, NUM_WARPS, D_SPLIT, Q_BUFFERS>;
     constexpr int BLOCK_N = Tr::BLOCK_N, S_N_TILES = Tr::S_N_TILES;
 
@@ -274,10 +276,17 @@ flash_bwd_mma(const AttentionParams p, const BackwardParams bp) {
     const float* delta = static_cast<const float*>(bp.delta) + b * p.Lq;
 
     // Query blocks that see this key block: causal, query i sees key j iff j <= i + diag.
+    // With variants, those the window's band allows.
     const long long diag = p.Lk - p.Lq;
-    const long long m_first = IS_CAUSAL ? max(n0 - diag, 0LL) : 0LL;
-    const int m_block_begin = (int)min(m_first / BLOCK_M, (p.Lq + BLOCK_M - 1) / BLOCK_M);
-    const int m_block_end = (int)((p.Lq + BLOCK_M - 1) / BLOCK_M);
+    const ScoreModifierIf<VARIANTS, T, float> mod(p, vp, b);
+    int m_block_begin, m_block_end;
+    if constexpr (VARIANTS) {
+        mod.query_blocks(n0, min(n0 + BLOCK_N, p.Lk), BLOCK_M, m_block_begin, m_block_end);
+    } else {
+        const long long m_first = IS_CAUSAL ? max(n0 - diag, 0LL) : 0LL;
+        m_block_begin = (int)min(m_first / BLOCK_M, (p.Lq + BLOCK_M - 1) / BLOCK_M);
+        m_block_end = (int)((p.Lq + BLOCK_M - 1) / BLOCK_M);
+    }
 
     auto load_q_block = [&](int m_block) {
         const int buf = m_block % Q_BUFFERS;
@@ -404,8 +413,14 @@ flash_bwd_mma(const AttentionParams p, const BackwardParams bp) {
             for (int e = 0; e < 4; ++e) {
                 const int col = nt * 8 + 2 * t + (e & 1);           // query m0 + col
                 const int row = key_row0 + g + 8 * (e >> 1);         // key n0 + row
-                float pe = exp2_ftz(fmaf(s[nt][e], scale_log2, -((e & 1) ? l2.y : l2.x)));
-                if (edge && (row >= keys || (IS_CAUSAL && row > col + causal_shift))) pe = 0.f;
+                const float lse2 = (e & 1) ? l2.y : l2.x;
+                float pe;
+                if constexpr (VARIANTS) {  // the final score (-inf where hidden) minus lse
+                    pe = exp2_ftz(mod.modify(s[nt][e] * scale_log2, m0 + col, n0 + row) - lse2);
+                } else {
+                    pe = exp2_ftz(fmaf(s[nt][e], scale_log2, -lse2));
+                    if (edge && (row >= keys || (IS_CAUSAL && row > col + causal_shift))) pe = 0.f;
+                }
                 s[nt][e] = pe;
             }
         }
@@ -490,15 +505,19 @@ struct BwdDqTraits {
     static_assert(sizeof(T) == 2 && BLOCK_N % 16 == 0 && HEAD_DIM % 16 == 0, "tile shape");
 };
 
-template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int NUM_WARPS, bool IS_CAUSAL>
-__global__ void __launch_bounds__(NUM_WARPS * 32, 1)
-flash_bwd_dq_mma(const AttentionParams p, const BackwardParams bp) {
+template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int NUM_WARPS, bool IS_CAUSAL,
+          bool VARIANTS>
+__device__ __forceinline__ void flash_bwd_dq_mma_body(const AttentionParams& p,
+                                                      const BackwardParams& bp,
+                                                      const VariantParams& vp) {
     using Tr = BwdDqTraits<T, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_WARPS>;
     constexpr int S_N_TILES = Tr::S_N_TILES;
 
     const long long b = (long long)blockIdx.z * gridDim.y + blockIdx.y;
     if (b >= p.n_batch) return;
-    const int m_block = IS_CAUSAL ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+    const bool longest_last =
+        IS_CAUSAL || (VARIANTS && vp.window_right < UNBOUNDED && vp.window_left >= UNBOUNDED);
+    const int m_block = longest_last ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
     const long long m0 = (long long)m_block * BLOCK_M;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
@@ -519,9 +538,15 @@ flash_bwd_dq_mma(const AttentionParams p, const BackwardParams bp) {
     const float* delta = static_cast<const float*>(bp.delta) + b * p.Lq;
 
     const long long diag = p.Lk - p.Lq;
-    long long n_end = p.Lk;
-    if (IS_CAUSAL) n_end = min(n_end, m0 + BLOCK_M + diag);
-    const int n_blocks = n_end > 0 ? (int)((n_end + BLOCK_N - 1) / BLOCK_N) : 0;
+    const ScoreModifierIf<VARIANTS, T, float> mod(p, vp, b);
+    int n_first = 0, n_blocks;
+    if constexpr (VARIANTS) {
+        mod.key_blocks(m0, min(m0 + BLOCK_M, p.Lq), BLOCK_N, n_first, n_blocks);
+    } else {
+        long long n_end = p.Lk;
+        if (IS_CAUSAL) n_end = min(n_end, m0 + BLOCK_M + diag);
+        n_blocks = n_end > 0 ? (int)((n_end + BLOCK_N - 1) / BLOCK_N) : 0;
+    }
 
     // This lane's rows: lse2 and delta of rows g and g + 8 of the warp's 16.
     float row_lse2[2], row_delta[2];
@@ -537,7 +562,7 @@ flash_bwd_dq_mma(const AttentionParams p, const BackwardParams bp) {
         load_tile<Tr, BLOCK_N>(sK0 + buf * Tr::KV_TILE, k, p.k_row_stride, (long long)n_block * BLOCK_N, p.Lk, p.D);
         load_tile<Tr, BLOCK_N>(sV0 + buf * Tr::KV_TILE, v, p.v_row_stride, (long long)n_block * BLOCK_N, p.Lk, p.Dv);
     };
-    if (n_blocks > 0) {
+    if (n_blocks > n_first) {
         load_tile<Tr, BLOCK_M>(sQ, q, p.q_row_stride, m0, p.Lq, p.D);
         load_tile<Tr, BLOCK_M>(sdO, dout, p.o_row_stride, m0, p.Lq, p.Dv);
         load_kv(n_blocks - 1);
@@ -548,13 +573,13 @@ flash_bwd_dq_mma(const AttentionParams p, const BackwardParams bp) {
     zero(dq);
     const float scale_log2 = static_cast<float>(p.scale_log2);
 
-    for (int n_block = n_blocks - 1; n_block >= 0; --n_block) {  // a fixed order: deterministic
+    for (int n_block = n_blocks - 1; n_block >= n_first; --n_block) {  // fixed order: deterministic
         const long long n0 = (long long)n_block * BLOCK_N;
         const T* sK = sK0 + (n_block % 2) * Tr::KV_TILE;
         const T* sV = sV0 + (n_block % 2) * Tr::KV_TILE;
         cp_async_wait_all();
         __syncthreads();  // K_j, V_j landed; every warp is done with block j+1's buffers
-        if (n_block > 0) load_kv(n_block - 1);
+        if (n_block > n_first) load_kv(n_block - 1);
         cp_async_commit();
 
         float s[S_N_TILES][4];
@@ -566,8 +591,14 @@ flash_bwd_dq_mma(const AttentionParams p, const BackwardParams bp) {
             for (int e = 0; e < 4; ++e) {
                 const int h = e >> 1;
                 const long long key = n0 + nt * 8 + 2 * t + (e & 1);
-                float pe = exp2_ftz(fmaf(s[nt][e], scale_log2, -row_lse2[h]));
-                if (edge && (key >= p.Lk || (IS_CAUSAL && key > m0 + row0 + g + 8 * h + diag))) pe = 0.f;
+                float pe;
+                if constexpr (VARIANTS) {  // the final score (-inf where hidden) minus lse
+                    pe = exp2_ftz(mod.modify(s[nt][e] * scale_log2, m0 + row0 + g + 8 * h, key) -
+                                  row_lse2[h]);
+                } else {
+                    pe = exp2_ftz(fmaf(s[nt][e], scale_log2, -row_lse2[h]));
+                    if (edge && (key >= p.Lk || (IS_CAUSAL && key > m0 + row0 + g + 8 * h + diag))) pe = 0.f;
+                }
                 s[nt][e] = pe;
             }
         float ds[S_N_TILES][4];
@@ -593,6 +624,38 @@ flash_bwd_dq_mma(const AttentionParams p, const BackwardParams bp) {
                     make_float2(dq[nt][2 * h], dq[nt][2 * h + 1]);
         }
     }
+}
+
+// The entry points: plain or causal, and with the variants (then vp, after bp).
+// MIN_BLOCKS: thread blocks per multiprocessor the register budget must allow.
+template <typename T, int HEAD_DIM, int BLOCK_M, int NUM_WARPS, int D_SPLIT, int Q_BUFFERS,
+          int MIN_BLOCKS, bool IS_CAUSAL, bool ATOMIC_DQ>
+__global__ void __launch_bounds__(NUM_WARPS * 32, MIN_BLOCKS)
+flash_bwd_mma(const AttentionParams p, const BackwardParams bp) {
+    flash_bwd_mma_body<T, HEAD_DIM, BLOCK_M, NUM_WARPS, D_SPLIT, Q_BUFFERS, IS_CAUSAL, ATOMIC_DQ,
+                       false>(p, bp, VariantParams{});
+}
+
+template <typename T, int HEAD_DIM, int BLOCK_M, int NUM_WARPS, int D_SPLIT, int Q_BUFFERS,
+          int MIN_BLOCKS, bool ATOMIC_DQ>
+__global__ void __launch_bounds__(NUM_WARPS * 32, MIN_BLOCKS)
+flash_bwd_mma_variants(const AttentionParams p, const BackwardParams bp, const VariantParams vp) {
+    flash_bwd_mma_body<T, HEAD_DIM, BLOCK_M, NUM_WARPS, D_SPLIT, Q_BUFFERS, false, ATOMIC_DQ,
+                       true>(p, bp, vp);
+}
+
+template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int NUM_WARPS, bool IS_CAUSAL>
+__global__ void __launch_bounds__(NUM_WARPS * 32, 1)
+flash_bwd_dq_mma(const AttentionParams p, const BackwardParams bp) {
+    flash_bwd_dq_mma_body<T, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_WARPS, IS_CAUSAL, false>(
+        p, bp, VariantParams{});
+}
+
+template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int NUM_WARPS>
+__global__ void __launch_bounds__(NUM_WARPS * 32, 1)
+flash_bwd_dq_mma_variants(const AttentionParams p, const BackwardParams bp,
+                          const VariantParams vp) {
+    flash_bwd_dq_mma_body<T, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_WARPS, false, true>(p, bp, vp);
 }
 
 }  // namespace cupyflash

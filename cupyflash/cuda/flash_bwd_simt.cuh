@@ -368,6 +368,31 @@ __device__ __forceinline__ void softmax_backward(const T (&s)[L::TM][L::TN],
     }
 }
 
+// -- the same with the variants: the exponent is ScoreModifier's final score (score units)
+// minus lse; a score it sets to -inf (outside the band, masked, past Lk) gives P = 0.
+template <class L, class Mod, typename T>
+__device__ __forceinline__ void softmax_backward_variants(const T (&s)[L::TM][L::TN],
+                                                          const T (&dp)[L::TM][L::TN],
+                                                          const RowStats<L, T>& st, T exp_scale,
+                                                          const Mod& mod, long long m0,
+                                                          long long n0, T* Ps, T* dSs, int tr,
+                                                          int tc) {
+#pragma unroll
+    for (int i = 0; i < L::TM; ++i) {
+        const int r = tr + i * L::THREAD_ROWS;
+#pragma unroll
+        for (int jj = 0; jj < L::TN; ++jj) {
+            const int c = tc + jj * L::THREADS_PER_ROW;
+            const T x = mod.modify(s[i][jj] * exp_scale, m0 + r, n0 + c);
+            const bool visible = st.live[i] && x != T(-INFINITY);
+            const T p_ij = visible ? SimtMath<T>::exp(x - st.lse[i]) : T(0);
+            const T ds_ij = visible ? p_ij * (dp[i][jj] - st.delta[i]) : T(0);
+            if (Ps != nullptr) Ps[r * L::P_STRIDE + c] = p_ij;
+            dSs[r * L::P_STRIDE + c] = ds_ij;
+        }
+    }
+}
+
 // acc += A^T B over the BLOCK_M query rows m: acc[i][t*VEC + e] += A[m, n_i] * B[m, col]
 // with n_i = tr + i * KV_THREAD_ROWS, col = (tc + t * KV_THREADS_PER_ROW) * VEC + e
 // (dV_j += P^T dO_i, dK_j += dS^T Q_i). A: (BLOCK_M, P_STRIDE), B: (BLOCK_M, STRIDE).
@@ -464,10 +489,12 @@ __device__ __forceinline__ void check_launch(int num_threads, int smem_bytes) {
 // 65535), ceil(n_batch / 65535)); 128 threads; SimtBwdTraits::DKDV_SMEM_BYTES of dynamic
 // shared memory.
 // ----------------------------------------------------------------------------------------
-template <typename T, int HEAD_DIM, bool IS_CAUSAL, bool ATOMIC_DQ>
-__global__ void __launch_bounds__(SimtBwdTraits<T, HEAD_DIM>::NUM_THREADS,
-                  SimtBwdTraits<T, HEAD_DIM>::MIN_BLOCKS)
-flash_bwd_simt(const AttentionParams p, const BackwardParams bp) {
+// flash_bwd_simt and flash_bwd_simt_variants (bias, mask, window with causal folded in,
+// ALiBi: attention_variants.cuh; vp is read only with VARIANTS) share this body.
+template <typename T, int HEAD_DIM, bool IS_CAUSAL, bool ATOMIC_DQ, bool VARIANTS>
+__device__ __forceinline__ void flash_bwd_simt_body(const AttentionParams& p,
+                                                    const BackwardParams& bp,
+                                                    const VariantParams& vp) {
     using L = typename SimtBwdTraits<T, HEAD_DIM>::DkDv;
     constexpr int BLOCK_M = L::BLOCK_M, BLOCK_N = L::BLOCK_N, VEC = L::VEC;
     constexpr int TM = L::TM, TN = L::TN, DQ_TM = L::DQ_TM, DQ_TD = L::DQ_TD;
@@ -510,12 +537,19 @@ flash_bwd_simt(const AttentionParams p, const BackwardParams bp) {
 
     // Causal: query m sees key n iff n <= m + (Lk - Lq); the first query that sees key n0
     // is n0 - (Lk - Lq), so the query tiles above it are skipped.
-    long long m_begin = 0;
-    if (IS_CAUSAL) m_begin = n0 - (p.Lk - p.Lq) > 0 ? n0 - (p.Lk - p.Lq) : 0;
-    // block counts < 2^31: a query row holds at least 16 bytes
-    const int num_m_blocks = static_cast<int>((p.Lq + BLOCK_M - 1) / BLOCK_M);
-    const int first_m_block =
-        m_begin < p.Lq ? static_cast<int>(m_begin / BLOCK_M) : num_m_blocks;
+    // With variants the window's band gives the query tiles [first_m_block, num_m_blocks).
+    const ScoreModifierIf<VARIANTS, T, T> mod(p, vp, b);
+    int first_m_block, num_m_blocks;
+    if constexpr (VARIANTS) {
+        mod.query_blocks(n0, n0 + BLOCK_N < p.Lk ? n0 + BLOCK_N : p.Lk, BLOCK_M,
+                         first_m_block, num_m_blocks);
+    } else {
+        long long m_begin = 0;
+        if (IS_CAUSAL) m_begin = n0 - (p.Lk - p.Lq) > 0 ? n0 - (p.Lk - p.Lq) : 0;
+        // block counts < 2^31: a query row holds at least 16 bytes
+        num_m_blocks = static_cast<int>((p.Lq + BLOCK_M - 1) / BLOCK_M);
+        first_m_block = m_begin < p.Lq ? static_cast<int>(m_begin / BLOCK_M) : num_m_blocks;
+    }
 
     // -- prologue: zero the columns no copy writes; start K_j, V_j and the first Q_i, dO_i
     zero_columns<BLOCK_M, L>(Qs, d_vecs);
@@ -552,8 +586,11 @@ flash_bwd_simt(const AttentionParams p, const BackwardParams bp) {
         dot_rows<L>(dp, dOs, Vs, tr, tc, dv_vecs);
 
         // -- P = exp(S * scale - lse_i), dS = P * (dP - delta_i) into shared memory
-        softmax_backward<L, IS_CAUSAL>(s, dp, st, exp_scale, tile_mask<L>(p, m0, n0), Ps, dSs,
-                                       tr, tc);
+        if constexpr (VARIANTS)
+            softmax_backward_variants<L>(s, dp, st, exp_scale, mod, m0, n0, Ps, dSs, tr, tc);
+        else
+            softmax_backward<L, IS_CAUSAL>(s, dp, st, exp_scale, tile_mask<L>(p, m0, n0), Ps,
+                                           dSs, tr, tc);
         __syncthreads();  // every thread's P and dS are visible
 
         // -- dV_j += P^T dO_i, dK_j += dS^T Q_i: (KV_TN, KV_TD) per thread
@@ -609,10 +646,10 @@ flash_bwd_simt(const AttentionParams p, const BackwardParams bp) {
 // The deterministic dQ. Grid: (ceil(Lq / DQ_BLOCK_M), min(n_batch, 65535),
 // ceil(n_batch / 65535)); 128 threads; SimtBwdTraits::DQ_SMEM_BYTES of dynamic shared memory.
 // ----------------------------------------------------------------------------------------
-template <typename T, int HEAD_DIM, bool IS_CAUSAL>
-__global__ void __launch_bounds__(SimtBwdTraits<T, HEAD_DIM>::NUM_THREADS,
-                  SimtBwdTraits<T, HEAD_DIM>::MIN_BLOCKS)
-flash_bwd_dq_simt(const AttentionParams p, const BackwardParams bp) {
+template <typename T, int HEAD_DIM, bool IS_CAUSAL, bool VARIANTS>
+__device__ __forceinline__ void flash_bwd_dq_simt_body(const AttentionParams& p,
+                                                       const BackwardParams& bp,
+                                                       const VariantParams& vp) {
     using L = typename SimtBwdTraits<T, HEAD_DIM>::Dq;
     constexpr int BLOCK_M = L::BLOCK_M, BLOCK_N = L::BLOCK_N, VEC = L::VEC;
     constexpr int TM = L::TM, TN = L::TN, DQ_TM = L::DQ_TM, DQ_TD = L::DQ_TD;
@@ -621,8 +658,11 @@ flash_bwd_dq_simt(const AttentionParams p, const BackwardParams bp) {
     if (b >= p.n_batch) return;
     check_launch(L::NUM_THREADS, L::DQ_SMEM_BYTES);
 
-    // Causal blocks further down have more keys to visit: start those first.
-    const long long m_block = IS_CAUSAL ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+    // Causal blocks (or a window's bounded on the right only) further down have more keys
+    // to visit: start those first.
+    const bool longest_last =
+        IS_CAUSAL || (VARIANTS && vp.window_right < UNBOUNDED && vp.window_left >= UNBOUNDED);
+    const long long m_block = longest_last ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
     const long long m0 = m_block * BLOCK_M;  // queries [m0, m0 + BLOCK_M)
     const BatchOffsets off = batch_offsets(p, b);
     const T* q = static_cast<const T*>(p.q) + off.q;
@@ -652,21 +692,28 @@ flash_bwd_dq_simt(const AttentionParams p, const BackwardParams bp) {
     // Causal: query m sees key n iff n <= m + (Lk - Lq). The block's last row sees the
     // most keys; key tiles past that are skipped by the loop bound.
     const long long m_end = m0 + BLOCK_M < p.Lq ? m0 + BLOCK_M : p.Lq;  // rows [m0, m_end)
-    long long n_end = p.Lk;
-    if (IS_CAUSAL) n_end = m_end + (p.Lk - p.Lq) < p.Lk ? m_end + (p.Lk - p.Lq) : p.Lk;
-    // < 2^31: a key row holds at least 16 bytes
-    const int num_n_blocks = n_end > 0 ? static_cast<int>((n_end + BLOCK_N - 1) / BLOCK_N) : 0;
+    const ScoreModifierIf<VARIANTS, T, T> mod(p, vp, b);
+    int n_first = 0, num_n_blocks;
+    if constexpr (VARIANTS) {
+        mod.key_blocks(m0, m_end, BLOCK_N, n_first, num_n_blocks);
+    } else {
+        long long n_end = p.Lk;
+        if (IS_CAUSAL) n_end = m_end + (p.Lk - p.Lq) < p.Lk ? m_end + (p.Lk - p.Lq) : p.Lk;
+        // < 2^31: a key row holds at least 16 bytes
+        num_n_blocks = n_end > 0 ? static_cast<int>((n_end + BLOCK_N - 1) / BLOCK_N) : 0;
+    }
 
     // -- prologue: zero the columns no copy writes; start Q_i, dO_i and the first K_j, V_j
     zero_columns<BLOCK_M, L>(Qs, d_vecs);
     zero_columns<BLOCK_M, L>(dOs, dv_vecs);
     zero_columns<BLOCK_N, L>(Ks, d_vecs);
     zero_columns<BLOCK_N, L>(Vs, dv_vecs);
-    if (num_n_blocks > 0) {
+    if (num_n_blocks > n_first) {
+        const long long n_start = static_cast<long long>(n_first) * BLOCK_N;
         copy_rows_async<BLOCK_M, L>(Qs, q, p.q_row_stride, m0, p.Lq, d_vecs);
         copy_rows_async<BLOCK_M, L>(dOs, dout, p.o_row_stride, m0, p.Lq, dv_vecs);
-        copy_rows_async<BLOCK_N, L>(Ks, k, p.k_row_stride, 0, p.Lk, d_vecs);
-        copy_rows_async<BLOCK_N, L>(Vs, v, p.v_row_stride, 0, p.Lk, dv_vecs);
+        copy_rows_async<BLOCK_N, L>(Ks, k, p.k_row_stride, n_start, p.Lk, d_vecs);
+        copy_rows_async<BLOCK_N, L>(Vs, v, p.v_row_stride, n_start, p.Lk, dv_vecs);
     }
     const RowStats<L, T> st = load_row_stats<L>(lse, delta, m0, p.Lq, tr);
 
@@ -676,7 +723,7 @@ flash_bwd_dq_simt(const AttentionParams p, const BackwardParams bp) {
 #pragma unroll
         for (int d = 0; d < DQ_TD; ++d) dq[i][d] = T(0);
 
-    for (int j = 0; j < num_n_blocks; ++j) {
+    for (int j = n_first; j < num_n_blocks; ++j) {
         const long long n0 = static_cast<long long>(j) * BLOCK_N;  // keys [n0, n0 + BLOCK_N)
         cp_async_wait_all();
         // K_j, V_j (and on the first tile Q_i, dO_i and the zeroed columns) are visible to
@@ -689,8 +736,12 @@ flash_bwd_dq_simt(const AttentionParams p, const BackwardParams bp) {
         dot_rows<L>(dp, dOs, Vs, tr, tc, dv_vecs);
 
         // -- dS = P * (dP - delta_i) into shared memory
-        softmax_backward<L, IS_CAUSAL>(s, dp, st, exp_scale, tile_mask<L>(p, m0, n0),
-                                       static_cast<T*>(nullptr), dSs, tr, tc);
+        if constexpr (VARIANTS)
+            softmax_backward_variants<L>(s, dp, st, exp_scale, mod, m0, n0,
+                                         static_cast<T*>(nullptr), dSs, tr, tc);
+        else
+            softmax_backward<L, IS_CAUSAL>(s, dp, st, exp_scale, tile_mask<L>(p, m0, n0),
+                                           static_cast<T*>(nullptr), dSs, tr, tc);
         // every thread's dS is visible; every thread has finished reading V_j
         __syncthreads();
         if (j + 1 < num_n_blocks)
@@ -708,6 +759,37 @@ flash_bwd_dq_simt(const AttentionParams p, const BackwardParams bp) {
     // -- epilogue: dq_accum_i = dQ_i for rows < Lq, columns < min(HEAD_DIM, grad_row)
     store_dq<L, /*ATOMIC=*/false>(dq, dq_accum, bp.grad_row, m0, p.Lq,
                                   HEAD_DIM < bp.grad_row ? HEAD_DIM : bp.grad_row, qr, qc);
+}
+
+// The entry points: plain or causal, and with the variants (then vp, after bp).
+template <typename T, int HEAD_DIM, bool IS_CAUSAL, bool ATOMIC_DQ>
+__global__ void __launch_bounds__(SimtBwdTraits<T, HEAD_DIM>::NUM_THREADS,
+                  SimtBwdTraits<T, HEAD_DIM>::MIN_BLOCKS)
+flash_bwd_simt(const AttentionParams p, const BackwardParams bp) {
+    flash_bwd_simt_body<T, HEAD_DIM, IS_CAUSAL, ATOMIC_DQ, false>(p, bp, VariantParams{});
+}
+
+template <typename T, int HEAD_DIM, bool ATOMIC_DQ>
+__global__ void __launch_bounds__(SimtBwdTraits<T, HEAD_DIM>::NUM_THREADS,
+                  SimtBwdTraits<T, HEAD_DIM>::MIN_BLOCKS)
+flash_bwd_simt_variants(const AttentionParams p, const BackwardParams bp,
+                        const VariantParams vp) {
+    flash_bwd_simt_body<T, HEAD_DIM, false, ATOMIC_DQ, true>(p, bp, vp);
+}
+
+template <typename T, int HEAD_DIM, bool IS_CAUSAL>
+__global__ void __launch_bounds__(SimtBwdTraits<T, HEAD_DIM>::NUM_THREADS,
+                  SimtBwdTraits<T, HEAD_DIM>::MIN_BLOCKS)
+flash_bwd_dq_simt(const AttentionParams p, const BackwardParams bp) {
+    flash_bwd_dq_simt_body<T, HEAD_DIM, IS_CAUSAL, false>(p, bp, VariantParams{});
+}
+
+template <typename T, int HEAD_DIM>
+__global__ void __launch_bounds__(SimtBwdTraits<T, HEAD_DIM>::NUM_THREADS,
+                  SimtBwdTraits<T, HEAD_DIM>::MIN_BLOCKS)
+flash_bwd_dq_simt_variants(const AttentionParams p, const BackwardParams bp,
+                           const VariantParams vp) {
+    flash_bwd_dq_simt_body<T, HEAD_DIM, false, true>(p, bp, vp);
 }
 
 }  // namespace cupyflash

@@ -21,6 +21,7 @@
 #pragma once
 
 #include "attention_common.cuh"
+#include "attention_variants.cuh"
 
 namespace cupyflash {
 
@@ -287,19 +288,27 @@ __device__ __forceinline__ void load_tile(typename Traits::T* smem, const typena
 // ---------------------------------------------------------------------------------------
 // The kernel
 // ---------------------------------------------------------------------------------------
-// MIN_BLOCKS: thread blocks per multiprocessor that the register budget must allow
-// (__launch_bounds__); 3 at d = 64 lets three blocks hide each other's softmax.
+// Two entry points share one body: flash_fwd_mma (plain or causal attention) and
+// flash_fwd_mma_variants, whose scores go through ScoreModifier (attention_variants.cuh)
+// built from vp: bias, mask, window with the causal mask folded in, ALiBi, softcap. The
+// body reads vp only with VARIANTS. MIN_BLOCKS: thread blocks per multiprocessor that the
+// register budget must allow (__launch_bounds__); 3 at d = 64 lets three blocks hide each
+// other's softmax.
 template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int NUM_WARPS, int KV_BUFFERS,
-          int MIN_BLOCKS, bool IS_CAUSAL>
-__global__ void __launch_bounds__(NUM_WARPS * 32, MIN_BLOCKS)
-flash_fwd_mma(const AttentionParams p) {
+          bool IS_CAUSAL, bool VARIANTS>
+__device__ __forceinline__ void flash_fwd_mma_body(const AttentionParams& p,
+                                                   const VariantParams& vp) {
+    static_assert(!(IS_CAUSAL && VARIANTS), "with variants the causal mask is the window's");
     using Tr = FwdMmaTraits<T, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_WARPS, KV_BUFFERS>;
     constexpr int M_TILES = Tr::M_TILES, S_N_TILES = Tr::S_N_TILES, O_N_TILES = Tr::O_N_TILES;
 
     const long long b = (long long)blockIdx.z * gridDim.y + blockIdx.y;  // batch element
     if (b >= p.n_batch) return;
-    // Causal: the longest query blocks (the last ones) start first.
-    const int m_block = IS_CAUSAL ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+    // Causal (or a window bounded on the right only): the longest query blocks, the last
+    // ones, start first.
+    const bool longest_last =
+        IS_CAUSAL || (VARIANTS && vp.window_right < UNBOUNDED && vp.window_left >= UNBOUNDED);
+    const int m_block = longest_last ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
     const long long m0 = (long long)m_block * BLOCK_M;
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -318,11 +327,19 @@ flash_fwd_mma(const AttentionParams p) {
     T* o = ptr.o;
     float* lse = ptr.lse;
 
-    // Key blocks to visit: causal skips the blocks wholly above the diagonal.
+    // Key blocks to visit, [n_first, n_blocks): causal skips the blocks wholly above the
+    // diagonal, a window those wholly outside its band.
     const long long diag = p.Lk - p.Lq;  // query i sees key j iff j <= i + diag
-    long long n_end = p.Lk;
-    if (IS_CAUSAL) n_end = min(n_end, m0 + BLOCK_M + diag);
-    const int n_blocks = n_end > 0 ? (int)((n_end + BLOCK_N - 1) / BLOCK_N) : 0;
+    // The variants of batch element b (built and read only with VARIANTS).
+    const ScoreModifierIf<VARIANTS, T, float> mod(p, vp, b);
+    int n_first = 0, n_blocks;
+    if constexpr (VARIANTS) {
+        mod.key_blocks(m0, min(m0 + BLOCK_M, p.Lq), BLOCK_N, n_first, n_blocks);
+    } else {
+        long long n_end = p.Lk;
+        if (IS_CAUSAL) n_end = min(n_end, m0 + BLOCK_M + diag);
+        n_blocks = n_end > 0 ? (int)((n_end + BLOCK_N - 1) / BLOCK_N) : 0;
+    }
 
     // Per-thread state: rows (g, g+8) of each m16 tile.
     float acc[M_TILES][O_N_TILES][4];  // unnormalised O_i: (WARP_M, HEAD_DIM) fp32
@@ -347,13 +364,13 @@ flash_fwd_mma(const AttentionParams p) {
         if (with_k) load_tile<Tr, BLOCK_N>(sK0 + buf * Tr::KV_TILE, k, p.k_row_stride, n_start, p.Lk, p.D);
         if (with_v) load_tile<Tr, BLOCK_N>(sV0 + buf * Tr::KV_TILE, v, p.v_row_stride, n_start, p.Lk, p.Dv);
     };
-    if (n_blocks > 0) {  // Q and the first key block (with one buffer, V follows in the loop)
+    if (n_blocks > n_first) {  // Q and the first key block (with one buffer, V follows in the loop)
         load_tile<Tr, BLOCK_M>(sQ, q, p.q_row_stride, m0, p.Lq, p.D);
         load_kv((long long)(n_blocks - 1) * BLOCK_N, /*with_k=*/true, /*with_v=*/KV_BUFFERS == 2);
         cp_async_commit();
     }
 
-    for (int n_block = n_blocks - 1; n_block >= 0; --n_block) {
+    for (int n_block = n_blocks - 1; n_block >= n_first; --n_block) {
         const long long n0 = (long long)n_block * BLOCK_N;
         const T* sK = sK0 + (n_block % KV_BUFFERS) * Tr::KV_TILE;
         const T* sV = sV0 + (n_block % KV_BUFFERS) * Tr::KV_TILE;
@@ -362,7 +379,7 @@ flash_fwd_mma(const AttentionParams p) {
         // has finished block j+1, whose buffers may now be refilled.
         __syncthreads();
         if (KV_BUFFERS == 2) {
-            if (n_block > 0) load_kv(n0 - BLOCK_N, /*with_k=*/true, /*with_v=*/true);
+            if (n_block > n_first) load_kv(n0 - BLOCK_N, /*with_k=*/true, /*with_v=*/true);
         } else {
             load_kv(n0, /*with_k=*/false, /*with_v=*/true);
         }
@@ -395,7 +412,7 @@ flash_fwd_mma(const AttentionParams p) {
 #pragma unroll 2
         for (int kk = 1; kk < Tr::QK_K_STEPS; ++kk) qk_step(kk, /*first=*/BoolConst<false>{});
 
-        if (prescale) {  // scale <= 0: S *= scale * log2(e) before the mask and the max
+        if (VARIANTS || prescale) {  // S *= scale * log2(e) before the mask and the max
 #pragma unroll
             for (int mt = 0; mt < M_TILES; ++mt)
 #pragma unroll
@@ -403,10 +420,27 @@ flash_fwd_mma(const AttentionParams p) {
 #pragma unroll
                     for (int e = 0; e < 4; ++e) s[mt][nt][e] *= scale_log2;
         }
-        // Keys past Lk or above the causal diagonal -> -inf. Only blocks that cross the Lk
-        // boundary or the diagonal need it; there row r sees the block's first `visible`
-        // keys (query i sees key j iff j <= i + diag).
-        if (n0 + BLOCK_N > p.Lk || (IS_CAUSAL && n0 + BLOCK_N - 1 > m0 + diag)) {
+        if constexpr (VARIANTS) {
+            // Scores -> softcap, ALiBi, bias, band and mask, element by element, in the
+            // blocks that need it: every block if any score changes, else only the blocks
+            // that cross the band's edges or Lk.
+            if (mod.changes_scores() || !mod.block_inside(m0, BLOCK_M, n0, BLOCK_N)) {
+#pragma unroll
+                for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        const long long i = m0 + warp_row0 + mt * 16 + g + 8 * h;
+#pragma unroll
+                        for (int nt = 0; nt < S_N_TILES; ++nt)
+#pragma unroll
+                            for (int e = 2 * h; e < 2 * h + 2; ++e)
+                                s[mt][nt][e] = mod.modify(s[mt][nt][e], i, n0 + nt * 8 + 2 * t + (e & 1));
+                    }
+            }
+        } else if (n0 + BLOCK_N > p.Lk || (IS_CAUSAL && n0 + BLOCK_N - 1 > m0 + diag)) {
+            // Keys past Lk or above the causal diagonal -> -inf. Only blocks that cross the
+            // Lk boundary or the diagonal need it; there row r sees the block's first
+            // `visible` keys (query i sees key j iff j <= i + diag).
 #pragma unroll
             for (int mt = 0; mt < M_TILES; ++mt)
 #pragma unroll
@@ -422,7 +456,7 @@ flash_fwd_mma(const AttentionParams p) {
                 }
         }
 
-        softmax.update(s, acc, c);  // S becomes P; acc rescaled
+        softmax.update(s, acc, VARIANTS ? 1.f : c);  // S becomes P; acc rescaled
 
         // P rounded to T, already in the A-operand layout of P V: the accumulator layout of
         // the n8 tiles 2kk and 2kk+1 of S is the A fragment of k16 step kk.
@@ -442,7 +476,7 @@ flash_fwd_mma(const AttentionParams p) {
             // V_j has landed for every thread, and every warp has finished Q K_j^T, so the
             // K buffer may be refilled with K_{j-1}.
             __syncthreads();
-            if (n_block > 0) load_kv(n0 - BLOCK_N, /*with_k=*/true, /*with_v=*/false);
+            if (n_block > n_first) load_kv(n0 - BLOCK_N, /*with_k=*/true, /*with_v=*/false);
             cp_async_commit();
         }
 
@@ -492,6 +526,21 @@ flash_fwd_mma(const AttentionParams p) {
             *reinterpret_cast<uint4*>(o + (m0 + r) * p.o_row_stride + c * Tr::CHUNK) =
                 *reinterpret_cast<const uint4*>(sO + swizzle<Tr>(r, c));
     }
+}
+
+template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int NUM_WARPS, int KV_BUFFERS,
+          int MIN_BLOCKS, bool IS_CAUSAL>
+__global__ void __launch_bounds__(NUM_WARPS * 32, MIN_BLOCKS)
+flash_fwd_mma(const AttentionParams p) {
+    flash_fwd_mma_body<T, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_WARPS, KV_BUFFERS, IS_CAUSAL, false>(
+        p, VariantParams{});
+}
+
+template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int NUM_WARPS, int KV_BUFFERS,
+          int MIN_BLOCKS>
+__global__ void __launch_bounds__(NUM_WARPS * 32, MIN_BLOCKS)
+flash_fwd_mma_variants(const AttentionParams p, const VariantParams vp) {
+    flash_fwd_mma_body<T, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_WARPS, KV_BUFFERS, false, true>(p, vp);
 }
 
 }  // namespace cupyflash

@@ -25,6 +25,7 @@
 #pragma once
 
 #include "attention_common.cuh"
+#include "attention_variants.cuh"
 
 namespace cupyflash {
 
@@ -180,10 +181,15 @@ __device__ __forceinline__ void load_tile_async(T* tile, const T* src, long long
 
 // ----------------------------------------------------------------------------------------
 // The kernel. Grid: (ceil(Lq / BLOCK_M), min(n_batch, 65535), ceil(n_batch / 65535)).
+// Two entry points share one body: flash_fwd_simt (plain or causal attention) and
+// flash_fwd_simt_variants, whose scores go through ScoreModifier (attention_variants.cuh)
+// built from vp, with the causal mask folded into its window. The body reads vp only with
+// VARIANTS.
 // ----------------------------------------------------------------------------------------
-template <typename T, int HEAD_DIM, bool IS_CAUSAL>
-__global__ void __launch_bounds__(SimtTraits<T, HEAD_DIM>::NUM_THREADS)
-flash_fwd_simt(const AttentionParams p) {
+template <typename T, int HEAD_DIM, bool IS_CAUSAL, bool VARIANTS>
+__device__ __forceinline__ void flash_fwd_simt_body(const AttentionParams& p,
+                                                    const VariantParams& vp) {
+    static_assert(!(IS_CAUSAL && VARIANTS), "with variants the causal mask is the window's");
     using Tr = SimtTraits<T, HEAD_DIM>;
     using Math = SimtMath<T>;
     constexpr int BLOCK_M = Tr::BLOCK_M, BLOCK_N = Tr::BLOCK_N, VEC = Tr::VEC;
@@ -202,8 +208,11 @@ flash_fwd_simt(const AttentionParams p) {
     if (dynamic_smem < static_cast<unsigned>(Tr::SMEM_BYTES) || blockDim.x != Tr::NUM_THREADS)
         __trap();
 
-    // Causal blocks further down have more keys to visit: start those first.
-    const long long m_block = IS_CAUSAL ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+    // Causal blocks (or those of a window bounded on the right only) further down have
+    // more keys to visit: start those first.
+    const bool longest_last =
+        IS_CAUSAL || (VARIANTS && vp.window_right < UNBOUNDED && vp.window_left >= UNBOUNDED);
+    const long long m_block = longest_last ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
     const long long m0 = m_block * BLOCK_M;
     const BatchPointers<T, T> ptr = batch_pointers<T, T>(p, b);
     const T* q = ptr.q;
@@ -229,10 +238,17 @@ flash_fwd_simt(const AttentionParams p) {
     // most keys; key tiles past that are skipped by the loop bound.
     const long long causal_shift = p.Lk - p.Lq;
     const long long m_end = m0 + BLOCK_M < p.Lq ? m0 + BLOCK_M : p.Lq;  // rows [m0, m_end)
-    long long n_end = p.Lk;
-    if (IS_CAUSAL) n_end = m_end + causal_shift < p.Lk ? m_end + causal_shift : p.Lk;
-    // < 2^31: a key row holds at least 16 bytes, so Lk / BLOCK_N is far below 2^31
-    const int num_n_blocks = n_end > 0 ? static_cast<int>((n_end + BLOCK_N - 1) / BLOCK_N) : 0;
+    // With variants the band of the window gives the tiles [n_first, num_n_blocks).
+    const ScoreModifierIf<VARIANTS, T, T> mod(p, vp, b);
+    int n_first = 0, num_n_blocks;
+    if constexpr (VARIANTS) {
+        mod.key_blocks(m0, m_end, BLOCK_N, n_first, num_n_blocks);
+    } else {
+        long long n_end = p.Lk;
+        if (IS_CAUSAL) n_end = m_end + causal_shift < p.Lk ? m_end + causal_shift : p.Lk;
+        // < 2^31: a key row holds at least 16 bytes, so Lk / BLOCK_N is far below 2^31
+        num_n_blocks = n_end > 0 ? static_cast<int>((n_end + BLOCK_N - 1) / BLOCK_N) : 0;
+    }
 
     // -- prologue: Q_i into shared memory, times scale; columns of K and V tiles that no
     // copy writes (past D or Dv) are zeroed once (a 0 * NaN from stale memory would poison S)
@@ -263,7 +279,9 @@ flash_fwd_simt(const AttentionParams p) {
             if (vec >= dv_vecs) store_vec16(Vs + r * V_STRIDE + vec * VEC, zero);
         }
     }
-    if (num_n_blocks > 0) load_tile_async<Tr, QK_STRIDE>(Ks, k, p.k_row_stride, 0, p.Lk, d_vecs);
+    if (num_n_blocks > n_first)
+        load_tile_async<Tr, QK_STRIDE>(Ks, k, p.k_row_stride,
+                                       static_cast<long long>(n_first) * BLOCK_N, p.Lk, d_vecs);
 
     T m_i[TM];        // running row max of the scaled scores (log2 units for float)
     T l_i[TM];        // running row sum of exp(S - m_i), partial: this thread's keys only
@@ -276,7 +294,7 @@ flash_fwd_simt(const AttentionParams p) {
         for (int d = 0; d < TD; ++d) acc[i][d] = T(0);
     }
 
-    for (int j = 0; j < num_n_blocks; ++j) {
+    for (int j = n_first; j < num_n_blocks; ++j) {
         const long long n0 = static_cast<long long>(j) * BLOCK_N;
         cp_async_wait_all();
         // K_j (and, on the first tile, Q_i and the zeroed columns) is visible to every
@@ -317,7 +335,19 @@ flash_fwd_simt(const AttentionParams p) {
         // the sequence end or the diagonal of this block's first row need it
         const bool crosses_end = n0 + BLOCK_N > p.Lk;
         const bool crosses_diagonal = IS_CAUSAL && n0 + BLOCK_N - 1 > m0 + causal_shift;
-        if (crosses_end || crosses_diagonal) {
+        if constexpr (VARIANTS) {
+            // -- or, with variants: softcap, ALiBi, bias, band and mask on every score of
+            // the tiles that need it (all if any score changes, else those crossing the
+            // band's edges or Lk)
+            if (mod.changes_scores() || !mod.block_inside(m0, BLOCK_M, n0, BLOCK_N)) {
+#pragma unroll
+                for (int i = 0; i < TM; ++i)
+#pragma unroll
+                    for (int jj = 0; jj < TN; ++jj)
+                        s[i][jj] = mod.modify(s[i][jj], m0 + tr + i * THREAD_ROWS,
+                                              n0 + tc + jj * THREADS_PER_ROW);
+            }
+        } else if (crosses_end || crosses_diagonal) {
             const long long key_limit_ll = p.Lk - n0;
             const int key_limit = key_limit_ll < BLOCK_N ? static_cast<int>(key_limit_ll) : BLOCK_N;
             // key n0 + c is visible to row m0 + r iff c <= r + diag; diag clamped to
@@ -421,6 +451,20 @@ flash_fwd_simt(const AttentionParams p) {
             if (tc == 0) lse[row] = l == T(0) ? T(-INFINITY) : Math::lse(safe_max(m_i[i]), l);
         }
     }
+}
+
+template <typename T, int HEAD_DIM, bool IS_CAUSAL>
+__global__ void __launch_bounds__(SimtTraits<T, HEAD_DIM>::NUM_THREADS)
+flash_fwd_simt(const AttentionParams p) {
+    flash_fwd_simt_body<T, HEAD_DIM, IS_CAUSAL, false>(p, VariantParams{});
+}
+
+// Left to itself ptxas caps the variants at 128-168 registers and spills (sm_80, float at
+// 128, double at 32); two blocks per multiprocessor lets it use up to 255, and 168-234 do.
+template <typename T, int HEAD_DIM>
+__global__ void __launch_bounds__(SimtTraits<T, HEAD_DIM>::NUM_THREADS, 2)
+flash_fwd_simt_variants(const AttentionParams p, const VariantParams vp) {
+    flash_fwd_simt_body<T, HEAD_DIM, false, true>(p, vp);
 }
 
 }  // namespace cupyflash

@@ -1,0 +1,182 @@
+// The attention variants of issue 6, as one score modifier shared by the forward kernels:
+//
+//   s_ij = scale * q_i . k_j                       (the plain score)
+//   s_ij = softcap * tanh(s_ij / softcap)          (softcap > 0)
+//   s_ij = s_ij - slope_b * |i + diag - j|         (ALiBi, diag = Lk - Lq)
+//   s_ij = s_ij + bias_b[i, j]                     (additive bias, any broadcast)
+//   s_ij = -inf  unless  i + diag - left <= j <= i + diag + right  and  mask_b[i, j]
+//
+// in that order, as cupyflash.reference._scores applies them. The causal mask is the band
+// with right = 0 (the launcher folds it into window_right), so a kernel built with
+// variants needs no IS_CAUSAL of its own.
+//
+// Kernels work in "score units": log2 units for float accumulators (exp2 in the softmax,
+// scale * log2 e folded into the score) and natural units for double. Every term above is
+// multiplied by the same unit, so softcap, slope and bias are carried pre-multiplied.
+#pragma once
+
+#include "attention_common.cuh"
+
+namespace cupyflash {
+
+// A window side that is not given: far past any length, and far from overflowing when
+// lengths are added to it.
+constexpr long long UNBOUNDED = 1LL << 62;
+
+// Arguments of the variants, passed by value after AttentionParams. Every field is 8
+// bytes wide (the NumPy structured dtype in _cupy_backend.py has this exact layout).
+// bias and mask are read in place with their own element strides (0 where broadcast),
+// so a (B, 1, 1, Lk) padding mask costs no copy. Batch strides follow AttentionParams'
+// batch_size (the launcher collapses the batch dims of all tensors together).
+struct VariantParams {
+    const void* bias;                              // null, or (batch..., Lq, Lk) strided
+    const void* mask;                              // null, or bool (one byte) (batch..., Lq, Lk)
+    const void* slopes;                            // null, or (n_batch,) contiguous, the Acc type
+    long long bias_batch_stride[MAX_BATCH_DIMS];
+    long long mask_batch_stride[MAX_BATCH_DIMS];
+    long long bias_row_stride, bias_col_stride;
+    long long mask_row_stride, mask_col_stride;
+    long long bias_is_float;    // 1: bias holds float; 0: it holds the kernel's element type
+    long long window_left;      // query i sees keys [i + diag - left, i + diag + right];
+    long long window_right;     // UNBOUNDED where a side is not limited
+    double softcap;             // > 0: scores -> softcap * tanh(scores / softcap); 0: none
+};
+
+// The modifier of one batch element, in score units of Acc (float: log2, double: natural).
+// T is the kernel's element type (a bias either has it or is float). It keeps only what
+// depends on the batch element (bias and mask offsets, the slope) and the softcap in score
+// units; everything else is read from the kernel parameters p and vp when needed, so it
+// costs the kernels' main loops a handful of registers.
+template <typename T, typename Acc>
+struct ScoreModifier {
+    static constexpr Acc UNIT = sizeof(Acc) == 4 ? Acc(1.4426950408889634) : Acc(1);  // log2 e
+
+    const AttentionParams& p;
+    const VariantParams& vp;
+    long long bias_off, mask_off;  // element offsets of batch element b in bias and mask
+    Acc slope_u;                   // slope * UNIT (0 without ALiBi)
+    Acc cap_u, inv_cap_u;          // softcap * UNIT and its inverse (0 without softcap)
+
+    __device__ __forceinline__ ScoreModifier(const AttentionParams& p_, const VariantParams& vp_,
+                                             long long b)
+        : p(p_), vp(vp_), bias_off(0), mask_off(0) {
+        long long rest = b;
+#pragma unroll
+        for (int d = MAX_BATCH_DIMS - 1; d >= 0; --d) {
+            const long long i = rest % p.batch_size[d];
+            rest /= p.batch_size[d];
+            bias_off += i * vp.bias_batch_stride[d];
+            mask_off += i * vp.mask_batch_stride[d];
+        }
+        slope_u = vp.slopes != nullptr ? static_cast<const Acc*>(vp.slopes)[b] * UNIT : Acc(0);
+        cap_u = static_cast<Acc>(vp.softcap) * UNIT;
+        inv_cap_u = vp.softcap > 0 ? Acc(1) / cap_u : Acc(0);
+    }
+
+    // Whether any score needs more than the band test (then modify() runs on every score).
+    __device__ __forceinline__ bool changes_scores() const {
+        return vp.bias != nullptr || vp.mask != nullptr || vp.slopes != nullptr ||
+               vp.softcap > 0;
+    }
+
+    // Key blocks [first, end) that can hold a visible key of query rows [m0, m_end).
+    __device__ __forceinline__ void key_blocks(long long m0, long long m_end, int block_n,
+                                               int& first, int& end) const {
+        const long long diag = p.Lk - p.Lq;
+        long long lo = m0 + diag - vp.window_left;            // first key of the first row
+        long long hi = (m_end - 1) + diag + vp.window_right + 1;  // past the last row's last
+        lo = lo < 0 ? 0 : lo;
+        hi = hi > p.Lk ? p.Lk : hi;
+        if (hi <= lo) {
+            first = end = 0;
+            return;
+        }
+        first = static_cast<int>(lo / block_n);
+        end = static_cast<int>((hi + block_n - 1) / block_n);
+    }
+
+    // Query blocks [first, end) that can see a key of [n0, n_end) (the backward's loop
+    // over query blocks for one key block): query i sees key j only if
+    // j - diag - right <= i <= j - diag + left.
+    __device__ __forceinline__ void query_blocks(long long n0, long long n_end, int block_m,
+                                                 int& first, int& end) const {
+        const long long diag = p.Lk - p.Lq;
+        long long lo = n0 - diag - vp.window_right;
+        long long hi = (n_end - 1) - diag + vp.window_left + 1;
+        lo = lo < 0 ? 0 : lo;
+        hi = hi > p.Lq ? p.Lq : hi;
+        if (hi <= lo) {
+            first = end = 0;
+            return;
+        }
+        first = static_cast<int>(lo / block_m);
+        end = static_cast<int>((hi + block_m - 1) / block_m);
+    }
+
+    // Whether every key of [n0, n0 + block_n) is inside the band of every row of
+    // [m0, m0 + block_m) and before Lk (then only changes_scores() asks for modify()).
+    __device__ __forceinline__ bool block_inside(long long m0, int block_m, long long n0,
+                                                 int block_n) const {
+        const long long diag = p.Lk - p.Lq;
+        return n0 + block_n <= p.Lk && n0 >= m0 + block_m - 1 + diag - vp.window_left &&
+               n0 + block_n - 1 <= m0 + diag + vp.window_right;
+    }
+
+    // The final score of (i, j) in score units, from the scaled score s (score units).
+    // Keys past Lk, outside the band or masked out give -inf; nothing is read for them
+    // or for rows past Lq.
+    __device__ __forceinline__ Acc modify(Acc s, long long i, long long j) const {
+        const long long centre = i + (p.Lk - p.Lq);
+        if (!(i < p.Lq && j < p.Lk && j >= centre - vp.window_left &&
+              j <= centre + vp.window_right))
+            return -INFINITY;
+        if (vp.mask != nullptr &&
+            !static_cast<const unsigned char*>(vp.mask)[mask_off + i * vp.mask_row_stride +
+                                                        j * vp.mask_col_stride])
+            return -INFINITY;
+        if (cap_u > Acc(0)) s = cap_u * tanh_(s * inv_cap_u);
+        if (vp.slopes != nullptr) {
+            const long long dist = centre >= j ? centre - j : j - centre;
+            s -= slope_u * static_cast<Acc>(dist);
+        }
+        if (vp.bias != nullptr) {
+            const long long at = bias_off + i * vp.bias_row_stride + j * vp.bias_col_stride;
+            const Acc x = vp.bias_is_float
+                              ? static_cast<Acc>(static_cast<const float*>(vp.bias)[at])
+                              : static_cast<Acc>(static_cast<const T*>(vp.bias)[at]);
+            s += x * UNIT;
+        }
+        return s;
+    }
+
+    // tanh: for fp16/bf16 inputs 1 - 2 / (1 + e^2x) on the special-function unit (absolute
+    // error ~1e-7, far below what rounding P to 16 bits costs); else the accurate library
+    // tanh.
+    static __device__ __forceinline__ float tanh_(float x) {
+        if constexpr (sizeof(T) == 2) {
+            float e, r;
+            asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(e) : "f"(x * 2.8853900817779268f));  // 2 log2 e
+            asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(1.f + e));
+            return fmaf(-2.f, r, 1.f);
+        } else {
+            return tanhf(x);
+        }
+    }
+    static __device__ __forceinline__ double tanh_(double x) { return tanh(x); }
+};
+
+// ScoreModifier with VARIANTS, else an empty stand-in (nothing computed, nothing read).
+struct NoScoreModifier {
+    __device__ __forceinline__ NoScoreModifier(const AttentionParams&, const VariantParams&,
+                                               long long) {}
+};
+template <bool VARIANTS, typename T, typename Acc> struct ScoreModifierSelect {
+    using type = ScoreModifier<T, Acc>;
+};
+template <typename T, typename Acc> struct ScoreModifierSelect<false, T, Acc> {
+    using type = NoScoreModifier;
+};
+template <bool VARIANTS, typename T, typename Acc>
+using ScoreModifierIf = typename ScoreModifierSelect<VARIANTS, T, Acc>::type;
+
+}  // namespace cupyflash
