@@ -497,11 +497,13 @@ flash_fwd_wgmma(const AttentionParams p, const __grid_constant__ TmaDescriptor t
             // together; the softmax of S_it runs while P V accumulates.
             for (int it = 1; it < n_blocks; ++it) {
                 const int st = it % STAGES, prev = (it - 1) % STAGES;
+                // Both tiles are in before this warpgroup takes its turn, so that it never
+                // holds the tensor cores' turn while waiting for a load.
                 mbarrier_wait(k_full(st), (it / STAGES) & 1);
+                mbarrier_wait(v_full(prev), ((it - 1) / STAGES) & 1);
                 wait_turn();
                 issue_qk(st);
                 softmax.rescale_acc(acc);  // owed by the previous softmax; acc is idle now
-                mbarrier_wait(v_full(prev), ((it - 1) / STAGES) & 1);
                 issue_pv(prev);
                 pass_turn(/*last=*/false);
                 wgmma_wait<1>();  // S_it is done (groups complete in order); P V may not be
