@@ -146,6 +146,13 @@ def _torch_fn(torch, sdpa, op, tq, tk, tv, causal):
     return lambda: torch.autograd.grad(sdpa(tq, tk, tv, causal), (tq, tk, tv), dout)
 
 
+def _ratio(row, provider, anchor):
+    """row[provider] / row[anchor] in a 7-character column (blank if either is missing)."""
+    if provider in row and anchor in row:
+        return f"{row[provider] / row[anchor]:7.2f}"
+    return " " * 7
+
+
 def peak_extra(fn, out_bytes):
     """Peak bytes the call allocates beyond its output (CuPy memory pool hook)."""
     import cupy
@@ -247,11 +254,8 @@ def main(argv=None):
                         records.append(dict(gpu=gpu, run=run, provider=name, op=args.op, dtype=dtype_name,
                                             d=d, causal=causal, s=s, b=b, h=h, ms=ms,
                                             tflops=row[prov], peak_extra_bytes=peak))
-                    def ratio(p, anchor):
-                        return (f"{row[p] / row[anchor]:7.2f}" if p in row and anchor in row
-                                else f"{'':7s}")
-                    ratios = " ".join(f"{ratio(p, 'torch_flash')} {ratio(p, 'torch_cudnn')}"
-                                      for p in ours)
+                    ratios = " ".join(f"{_ratio(row, p, 'torch_flash')} "
+                                      f"{_ratio(row, p, 'torch_cudnn')}" for p in ours)
                     mem = " / ".join(f"{extra[p] / 2**20:.1f}" if extra.get(p) is not None else "-"
                                      for p in ours + ["standard"])
                     print(f"{dtype_name:9s} {d:4d} {str(causal):>6s} {s:6d} | "
