@@ -46,7 +46,8 @@ stage() {  # stage NAME LIMIT_SECONDS LOGFILE COMMAND...: run, log, record statu
     $PY -c "import cupy, numpy, sys; from cupy.cuda import nvrtc; \
 print('python', sys.version.split()[0], 'cupy', cupy.__version__, 'numpy', numpy.__version__, \
 'nvrtc', nvrtc.getVersion(), 'cc', cupy.cuda.Device().compute_capability)"
-    $PY -c "import torch; print('torch', torch.__version__, 'cudnn', torch.backends.cudnn.version())"
+    $PY -c "import torch; print('torch', torch.__version__, \
+'cudnn', torch.backends.cudnn.version())"
     echo "cuobjdump: $CUOBJDUMP"; git log -1 --oneline 2>/dev/null
 } >"$OUT/debug.txt" 2>&1
 

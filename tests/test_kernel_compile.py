@@ -243,7 +243,8 @@ def test_wgmma_configs_match_the_kernel_traits():
             cfg = _cupy_backend._wgmma_config(head_dim, head_dim, "bfloat16", causal)
             block_n, consumers, stages = _cupy_backend.WGMMA_TILES[head_dim]
             assert cfg.block_n == block_n and cfg.kernel == "wgmma"
-            tr = f"cupyflash::FwdWgmmaTraits<__nv_bfloat16, {head_dim}, {block_n}, {consumers}, {stages}>"
+            tr = (f"cupyflash::FwdWgmmaTraits<__nv_bfloat16, {head_dim}, {block_n}, "
+                  f"{consumers}, {stages}>")
             for what, value in (("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n),
                                 ("NUM_THREADS", cfg.num_threads),
                                 ("SMEM_BYTES", cfg.smem_bytes)):

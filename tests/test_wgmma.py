@@ -351,7 +351,8 @@ class _DeviceArray:
 
     def __init__(self, x, ptr):
         self._x, self.data = x, self._Data(ptr)
-        self.shape, self.strides, self.itemsize, self.dtype = x.shape, x.strides, x.itemsize, x.dtype
+        self.shape, self.strides = x.shape, x.strides
+        self.itemsize, self.dtype = x.itemsize, x.dtype
 
 
 def test_wgmma_arguments_describe_q_k_v_as_slices(monkeypatch):
@@ -374,11 +375,12 @@ def test_wgmma_arguments_describe_q_k_v_as_slices(monkeypatch):
     problem = AttentionProblem((B, H, G), Lq, Lk, D, D, np.dtype(np.float16), True, D ** -0.5)
     params, *maps = _cupy_backend._wgmma_arguments(problem, cfg, q, k, v, o, lse)
     assert maps == ["map"] * 3
-    (_, qa, qdims, qstrides, qbox), (_, ka, kdims, kstrides, kbox), (_, va, vdims, vstrides, vbox) = encoded
-    assert (qa, qdims, qstrides, qbox) == (1 << 20, (D, Lq, B * H * G), (2 * D, 2 * D * Lq), (64, 128, 1))
-    assert (ka, kdims, kstrides, kbox) == (2 << 20, (D, Lk, B * H), (2 * D, 2 * D * Lk), (64, 128, 1))
+    (_, *q_map), (_, *k_map), (_, *v_map) = encoded  # address, dims, byte strides, box
+    assert q_map == [1 << 20, (D, Lq, B * H * G), (2 * D, 2 * D * Lq), (64, 128, 1)]
+    assert k_map == [2 << 20, (D, Lk, B * H), (2 * D, 2 * D * Lk), (64, 128, 1)]
     # v: rows H * G * D apart, (h, g) slices D apart, batch slices Lk * H * G apart
-    assert (va, vdims, vstrides) == (3 << 20, (D, Lk, (B - 1) * Lk * H * G + H * G), (2 * D * H * G, 2 * D))
+    assert v_map == [3 << 20, (D, Lk, (B - 1) * Lk * H * G + H * G), (2 * D * H * G, 2 * D),
+                     (64, 128, 1)]
     # no two batch dims merge for all four tensors (v's B and H, k's H and G do not)
     assert list(params["batch_size"]) == [1, B, H, G]
     assert list(params["q_batch_stride"]) == [0, H * G, G, 1]          # slices of Lq x D

@@ -343,7 +343,8 @@ flash_fwd_wgmma(const AttentionParams p, const __grid_constant__ TmaDescriptor t
             mbarrier_arrive_expect_tx(q_full, Tr::Q_TILE_BYTES);
 #pragma unroll
             for (int s = 0; s < SLABS; ++s)
-                tma_load_3d(sQ + s * BLOCK_M * 128, tma_q, q_full, s * Tr::SLAB, (int)m0, (int)off.q);
+                tma_load_3d(sQ + s * BLOCK_M * 128, tma_q, q_full, s * Tr::SLAB, (int)m0,
+                            (int)off.q);
             // Key block of iteration it is j = n_blocks - 1 - it, in buffer it % STAGES.
             // Order K_0, then K_it and V_{it-1}: the consumers need K_it for S before
             // they need V_{it-1} for P V.
@@ -418,7 +419,8 @@ flash_fwd_wgmma(const AttentionParams p, const __grid_constant__ TmaDescriptor t
             for (int kk = 0; kk < Tr::QK_K_STEPS; ++kk) {
                 // head dims 16kk..16kk+15: slab kk / 4, 32 bytes into its rows per step
                 const int q_offset = (kk / 4) * BLOCK_M * 128 + (kk % 4) * 32;
-                const int k_offset = st * Tr::KV_TILE_BYTES + (kk / 4) * BLOCK_N * 128 + (kk % 4) * 32;
+                const int k_offset =
+                    st * Tr::KV_TILE_BYTES + (kk / 4) * BLOCK_N * 128 + (kk % 4) * 32;
                 Mma::ss(s, q_desc + (q_offset >> 4), k_desc + (k_offset >> 4),
                         /*accumulate=*/kk > 0);
             }
