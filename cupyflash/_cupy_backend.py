@@ -355,6 +355,35 @@ def _wgmma_arguments(problem, cfg, q, k, v, o, lse):
     return (params, *maps)
 
 
+@functools.lru_cache(maxsize=None)
+def _launch_registers(function_ptr):
+    """Registers per thread a loaded kernel is launched with (CU_FUNC_ATTRIBUTE_NUM_REGS)."""
+    from cupy_backends.cuda.api import driver
+    return driver.funcGetAttribute(driver.CU_FUNC_ATTRIBUTE_NUM_REGS, function_ptr)
+
+
+def _check_register_split(kernel, cfg):
+    """Refuse to launch a wgmma variant whose register split cannot be met.
+
+    FwdWgmmaTraits' setmaxnreg split (producer down, consumers up) hands over exactly the
+    registers the block is launched with: 65536 / threads a thread, rounded down to 8 (168
+    at 384 threads, 128 at 512). ptxas gives the kernel that many under
+    ``__launch_bounds__(threads, 1)`` (tests/test_kernel_compile.py checks it for the CI's
+    NVRTC), but the kernel is compiled at run time by whatever NVRTC is installed. Launched
+    with fewer, the consumers' ``setmaxnreg.inc`` would wait forever for registers the
+    block's pool never gets (PTX ISA, setmaxnreg: ".inc blocks the execution until enough
+    registers are available in the CTA's register pool"): a hung GPU, not an error.
+    """
+    expected = 65536 // cfg.num_threads // 8 * 8
+    got = _launch_registers(kernel.ptr)
+    if got != expected:
+        raise RuntimeError(
+            f"attention: {cfg.name_expression} was compiled to {got} registers a thread, "
+            f"but its setmaxnreg split needs exactly {expected} (this NVRTC's ptxas differs "
+            f"from the one it was checked with); launching it would hang. Set "
+            f"CUPYFLASH_FWD_KERNEL=mma to use the mma.sync kernel")
+
+
 def _simt_config(D, Dv, dtype_name, compute_capability, causal):
     """The float32/float64 FMA kernel of cuda/flash_fwd_simt.cuh for one problem.
 
@@ -531,6 +560,8 @@ def attention_forward(q, k, v, problem, out=None):
 
         kernel = _kernels.get_function(device_id, cfg.source, cfg.name_expression,
                                        _kernels.arch_for(cc), cfg.smem_bytes)
+        if cfg.kernel == "wgmma":
+            _check_register_split(kernel, cfg)
         grid = launch_grid(-(-problem.Lq // cfg.block_m), math.prod(problem.batch_shape))
         kernel(grid, (cfg.num_threads, 1, 1), args, shared_mem=cfg.smem_bytes)
         if o is not result:

@@ -311,6 +311,21 @@ def test_dispatch_follows_the_environment(monkeypatch):
         _cupy_backend.attention_config(128, 128, "float16", 90, False)
 
 
+def test_a_register_count_the_split_cannot_use_is_refused(monkeypatch):
+    """setmaxnreg hands over exactly what the block was launched with (168 registers at 384
+    threads, 128 at 512): any other count at launch is an error, not a hung GPU."""
+    class Kernel:
+        ptr = 1234
+
+    for head_dim, regs in ((128, 168), (64, 128)):
+        cfg = _cupy_backend._wgmma_config(head_dim, head_dim, "float16", causal=False)
+        monkeypatch.setattr(_cupy_backend, "_launch_registers", lambda ptr, r=regs: r)
+        _cupy_backend._check_register_split(Kernel(), cfg)
+        monkeypatch.setattr(_cupy_backend, "_launch_registers", lambda ptr, r=regs: r - 8)
+        with pytest.raises(RuntimeError, match="setmaxnreg split needs exactly"):
+            _cupy_backend._check_register_split(Kernel(), cfg)
+
+
 def test_slice_layouts_of_the_batch_dimensions():
     """One slice dimension per tensor map: batch offsets in units of the smallest stride."""
     L, D = 100, 64
