@@ -12,6 +12,12 @@ else with CUDA events around each call (median). Ratios are against torch SDPA's
     python benchmarks/attention.py --quick             # s = 1k, 4k; d = 64, 128
     python benchmarks/attention.py --d 128 --s 4096 --dtype bfloat16 --causal 0
     python benchmarks/attention.py --op bwd --providers cupyflash torch_flash torch_cudnn
+    python benchmarks/attention.py --providers cupyflash_wgmma cupyflash_mma torch_cudnn
+
+Providers ``cupyflash_wgmma`` and ``cupyflash_mma`` are cupyflash with
+``CUPYFLASH_FWD_KERNEL`` set to ``wgmma`` (the Hopper kernel, sm_90 only) or ``mma``
+while they are timed; ``cupyflash`` uses whatever the environment says. The ratio
+columns compare each cupyflash provider with torch SDPA's flash and cuDNN backends.
 
 Results are appended as JSON records to ``benchmarks/results/attention_<gpu>.json``:
 keys gpu, provider, op, dtype, d, causal, s, b, h, ms, tflops, peak_extra_bytes, and run
@@ -19,7 +25,9 @@ keys gpu, provider, op, dtype, d, causal, s, b, h, ms, tflops, peak_extra_bytes,
 """
 
 import argparse
+import contextlib
 import json
+import os
 import pathlib
 import platform
 import sys
@@ -88,6 +96,26 @@ def torch_providers():
 
 OP_FLOPS = {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5}  # times the forward's FLOPs
 
+# cupyflash providers: the CUPYFLASH_FWD_KERNEL each is timed under (None: the caller's).
+CUPYFLASH_PROVIDERS = {"cupyflash": None, "cupyflash_mma": "mma", "cupyflash_wgmma": "wgmma"}
+
+
+@contextlib.contextmanager
+def forward_kernel(kind):
+    """CUPYFLASH_FWD_KERNEL = kind inside the block (unchanged for None)."""
+    if kind is None:
+        yield
+        return
+    old = os.environ.get("CUPYFLASH_FWD_KERNEL")
+    os.environ["CUPYFLASH_FWD_KERNEL"] = kind
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["CUPYFLASH_FWD_KERNEL"]
+        else:
+            os.environ["CUPYFLASH_FWD_KERNEL"] = old
+
 
 def _cupyflash_fn(cupy, op, q, k, v, causal, deterministic):
     """The timed call: the forward, the backward from a saved forward, or both."""
@@ -116,6 +144,13 @@ def _torch_fn(torch, sdpa, op, tq, tk, tv, causal):
     if op == "bwd":
         return lambda: torch.autograd.grad(out, (tq, tk, tv), dout, retain_graph=True)
     return lambda: torch.autograd.grad(sdpa(tq, tk, tv, causal), (tq, tk, tv), dout)
+
+
+def _ratio(row, provider, anchor):
+    """row[provider] / row[anchor] in a 7-character column (blank if either is missing)."""
+    if provider in row and anchor in row:
+        return f"{row[provider] / row[anchor]:7.2f}"
+    return " " * 7
 
 
 def peak_extra(fn, out_bytes):
@@ -156,13 +191,19 @@ def main(argv=None):
           f"Python {platform.python_version()}")
     print(f"op {args.op}{' (deterministic)' if args.deterministic else ''}; timer: "
           f"{timer_desc}. FLOPs = {OP_FLOPS[args.op]} * 4*b*h*s^2*d (halved when causal); "
-          f"grid: b = 16384 // s, h = 2048 // d")
+          f"grid: b = 16384 // s, h = 2048 // d; "
+          f"CUPYFLASH_FWD_KERNEL={os.environ.get('CUPYFLASH_FWD_KERNEL', '(unset)')}")
 
     records = []
     run = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    ours = [p for p in args.providers if p in CUPYFLASH_PROVIDERS]
+    width = max([15] + [len(p) for p in args.providers])
     header = (f"{'dtype':9s} {'d':>4s} {'causal':>6s} {'s':>6s} | "
-              + " ".join(f"{p:>12s}" for p in args.providers)
-              + " | vs flash  vs cudnn | extra MiB (cf / std)")
+              + " ".join(f"{p:>{width}s}" for p in args.providers)
+              + " | " + " ".join(f"{'/flash':>7s} {'/cudnn':>7s}" for _ in ours)
+              + " | extra MiB (" + " / ".join(ours + ["std"]) + ")")
+    if len(ours) > 1:
+        print("ratio columns, in order: " + ", ".join(ours))
     print(header)
     for dtype_name in args.dtype:
         dt = _dtype(dtype_name)
@@ -177,9 +218,11 @@ def main(argv=None):
                     row = {}
                     extra = {}
                     for prov in args.providers:
-                        if prov == "cupyflash":
-                            fn = _cupyflash_fn(cupy, args.op, q, k, v, causal,
-                                               args.deterministic)
+                        kernel = CUPYFLASH_PROVIDERS.get(prov)  # None: leave the env alone
+                        if prov in CUPYFLASH_PROVIDERS:
+                            with forward_kernel(kernel):
+                                fn = _cupyflash_fn(cupy, args.op, q, k, v, causal,
+                                                   args.deterministic)
                         elif args.op != "fwd" and prov == "standard":
                             continue
                         elif prov == "standard":
@@ -196,27 +239,29 @@ def main(argv=None):
                         else:
                             continue
                         try:
-                            ms = timer(fn)
+                            with forward_kernel(kernel):
+                                ms = timer(fn)
+                                peak = (peak_extra(fn, out_bytes)
+                                        if prov in CUPYFLASH_PROVIDERS or prov == "standard"
+                                        else None)
                         except Exception as e:  # e.g. a backend that rejects this shape
                             print(f"  {prov}: {type(e).__name__}: {str(e)[:120]}")
                             continue
-                        peak = peak_extra(fn, out_bytes) if prov in ("cupyflash", "standard") else None
                         extra[prov] = peak
                         row[prov] = flops / ms / 1e9
-                        name = ("cupyflash_deterministic" if prov == "cupyflash"
+                        name = (prov + "_deterministic" if prov in CUPYFLASH_PROVIDERS
                                 and args.deterministic and args.op != "fwd" else prov)
                         records.append(dict(gpu=gpu, run=run, provider=name, op=args.op, dtype=dtype_name,
                                             d=d, causal=causal, s=s, b=b, h=h, ms=ms,
                                             tflops=row[prov], peak_extra_bytes=peak))
-                    cf = row.get("cupyflash")
-                    rf = f"{cf / row['torch_flash']:8.2f}" if cf and "torch_flash" in row else " " * 8
-                    rc = f"{cf / row['torch_cudnn']:8.2f}" if cf and "torch_cudnn" in row else " " * 8
+                    ratios = " ".join(f"{_ratio(row, p, 'torch_flash')} "
+                                      f"{_ratio(row, p, 'torch_cudnn')}" for p in ours)
                     mem = " / ".join(f"{extra[p] / 2**20:.1f}" if extra.get(p) is not None else "-"
-                                     for p in ("cupyflash", "standard"))
+                                     for p in ours + ["standard"])
                     print(f"{dtype_name:9s} {d:4d} {str(causal):>6s} {s:6d} | "
-                          + " ".join(f"{row[p]:12.1f}" if p in row else f"{'-':>12s}"
+                          + " ".join(f"{row[p]:{width}.1f}" if p in row else f"{'-':>{width}s}"
                                      for p in args.providers)
-                          + f" | {rf}  {rc} | {mem}", flush=True)
+                          + f" | {ratios} | {mem}", flush=True)
                     del q, k, v
                     cupy.get_default_memory_pool().free_all_blocks()
 

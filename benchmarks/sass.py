@@ -8,6 +8,11 @@ prints a histogram of the instructions that matter for attention: tensor-core op
 
     python benchmarks/sass.py                         # the d=64 and d=128 fp16 variants
     python benchmarks/sass.py --filter "__nv_bfloat16, 256" --arch sm_90a
+    python benchmarks/sass.py --kernel wgmma          # the Hopper kernel (sm_90a)
+
+For the Hopper kernel it also counts what marks it (HGMMA, UTMALDG, SYNCS, USETMAXREG,
+WARPGROUP barriers), reports the highest register index (a consumer thread may use at
+most what setmaxnreg grants it) and prints ptxas's C75xx diagnostics, if any.
 """
 
 import argparse
@@ -23,7 +28,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from cupyflash import _cupy_backend, _kernels  # noqa: E402
 
 WATCH = ("HMMA", "HGMMA", "LDSM", "LDGSTS", "UTMALDG", "LDS", "STS", "LDG", "STG", "MUFU.EX2",
-         "BAR.SYNC", "SHFL", "LDL", "STL")
+         "BAR.SYNC", "BAR.ARV", "SHFL", "LDL", "STL", "SYNCS", "USETMAXREG", "WARPGROUP")
 
 
 def histogram(sass):
@@ -44,8 +49,15 @@ def main():
     ap.add_argument("--arch", default="sm_90a")
     ap.add_argument("--dump", default=None, help="folder to write the full SASS into")
     ap.add_argument("--cuobjdump", default="cuobjdump")
+    ap.add_argument("--kernel", choices=("mma", "wgmma"), default="mma",
+                    help="the mma.sync forward variants, or the Hopper (wgmma) ones")
     args = ap.parse_args()
-    variants = [v for v in _cupy_backend.all_attention_variants() if args.filter in v[1]]
+    if args.kernel == "wgmma":
+        args.arch = "sm_90a"
+        pool = _cupy_backend.wgmma_attention_variants()
+    else:
+        pool = _cupy_backend.all_attention_variants()
+    variants = [v for v in pool if args.filter in v[1]]
     for source, name in variants:
         c = _kernels.compile_variant(source, name, args.arch, verbose=True)
         rep = _kernels.resource_report(c.log)
@@ -62,9 +74,14 @@ def main():
             out.mkdir(parents=True, exist_ok=True)
             (out / (re.sub(r"\W+", "_", name) + ".sass")).write_text(sass)
         h = histogram(sass)
+        highest = max((int(r) for r in re.findall(r"\bR(\d+)\b", sass)), default=-1)
         print(f"{name} [{args.arch}] regs={rep['registers']} stack={rep['stack']} "
-              f"spills={rep['spill_stores']}/{rep['spill_loads']}")
+              f"spills={rep['spill_stores']}/{rep['spill_loads']} smem={rep['smem']} "
+              f"highest=R{highest}")
         print("   " + "  ".join(f"{k}={v}" for k, v in sorted(h.items())))
+        for line in c.log.splitlines():
+            if re.search(r"\(C75\d\d\)|warning", line):
+                print("   ptxas: " + line.strip())
 
 
 if __name__ == "__main__":

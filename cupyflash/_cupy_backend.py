@@ -4,6 +4,10 @@
 cannot read in place), chooses a kernel variant in one plain function of
 (head dim, dtype, compute capability, causal) and launches it on CuPy's current stream
 on the arrays' device. No host synchronisation happens in a call.
+
+fp16/bf16 forward kernels: ``flash_fwd_mma`` (mma.sync, any GPU from sm_80) and
+``flash_fwd_wgmma`` (wgmma + TMA, sm_90 only). ``CUPYFLASH_FWD_KERNEL`` chooses:
+``auto`` (the default), ``mma`` or ``wgmma``. See :func:`forward_kernel`.
 """
 
 import contextlib
@@ -14,7 +18,7 @@ import struct
 
 import numpy as np
 
-from . import _kernels
+from . import _kernels, _tensor_map
 
 MAX_BATCH_DIMS = 4  # as in cuda/attention_common.cuh
 SOFTMAX_CLUSTER = 8  # blocks per row of softmax_cluster (cuda/online_softmax.cuh)
@@ -126,20 +130,31 @@ _PARAMS_STRUCT = struct.Struct(f"<5Q{5 * MAX_BATCH_DIMS}q9q2d")
 assert _PARAMS_STRUCT.size == ATTENTION_PARAMS_DTYPE.itemsize
 
 
-def _pack_params(problem, q, k, v, o, lse, extra=()):
+def _batch_layout(problem, tensors):
+    """``(sizes, [strides per tensor])`` of the collapsed batch dimensions (element
+    strides, 0 where broadcast), or None past MAX_BATCH_DIMS dimensions."""
+    sizes, strides = _collapse_batch(problem.batch_shape,
+                                     [_batch_strides(t, problem.batch_shape) for t in tensors])
+    return None if len(sizes) > MAX_BATCH_DIMS else (sizes, strides)
+
+
+def _pack_params(problem, q, k, v, o, lse, extra=(), layout=None):
     """Fill the ``AttentionParams`` struct (see cuda/attention_common.cuh).
 
     ``extra``: more tensors of shape ``(batch..., rows, cols)`` (the variants' bias and
     mask) whose batch dimensions are collapsed together with those of q, k, v and o.
-    Returns ``(params, extra_strides)``, the latter one MAX_BATCH_DIMS list of batch
-    strides per extra tensor; ``(None, None)`` if the batch needs more than MAX_BATCH_DIMS
-    dimensions even after collapsing (the caller then makes q, k, v contiguous).
+    ``layout``: ``_batch_layout(problem, (q, k, v, o) + extra)``, possibly with other units
+    for the batch strides (the wgmma kernel counts q, k, v's in tensor-map slices);
+    computed here when None. Returns ``(params, extra_strides)``, the latter one
+    MAX_BATCH_DIMS list of batch strides per extra tensor; ``(None, None)`` if the batch
+    needs more than MAX_BATCH_DIMS dimensions even after collapsing (the caller then makes
+    q, k, v contiguous).
     """
     tensors = (q, k, v, o) + tuple(extra)
-    sizes, strides = _collapse_batch(problem.batch_shape,
-                                     [_batch_strides(t, problem.batch_shape) for t in tensors])
-    if len(sizes) > MAX_BATCH_DIMS:
+    layout = layout or _batch_layout(problem, tensors)
+    if layout is None:
         return None, None
+    sizes, strides = layout
     pad = [0] * (MAX_BATCH_DIMS - len(sizes))
     strides = [pad + st for st in strides]
     fields = [q.data.ptr, k.data.ptr, v.data.ptr, o.data.ptr, lse.data.ptr]
@@ -227,16 +242,41 @@ _LOG2_E = math.log2(math.e)
 # ----------------------------------------------------------------------------------------
 
 class KernelConfig:
-    """One launchable variant: where its source is and how to launch it."""
+    """One launchable variant: where its source is and how to launch it.
+
+    ``kernel`` names the family ("mma", "wgmma", "simt"); ``block_n`` is the key block of
+    the wgmma kernel (the rows of its K and V tensor-map boxes), 0 for the others.
+    """
 
     __slots__ = ("source", "name_expression", "block_m", "num_threads", "smem_bytes",
-                 "align_elems", "pad_d_to")
+                 "align_elems", "pad_d_to", "kernel", "block_n")
 
     def __init__(self, source, name_expression, block_m, num_threads, smem_bytes,
-                 align_elems, pad_d_to):
+                 align_elems, pad_d_to, kernel="mma", block_n=0):
         self.source, self.name_expression = source, name_expression
         self.block_m, self.num_threads, self.smem_bytes = block_m, num_threads, smem_bytes
         self.align_elems, self.pad_d_to = align_elems, pad_d_to
+        self.kernel, self.block_n = kernel, block_n
+
+
+FWD_KERNELS = ("auto", "mma", "wgmma")
+
+
+def forward_kernel():
+    """The fp16/bf16 forward kernel family that ``CUPYFLASH_FWD_KERNEL`` asks for.
+
+    ``auto`` (or unset): the mma.sync kernel everywhere, for now. ``wgmma``: the Hopper
+    kernel (cuda/flash_fwd_wgmma.cuh) wherever it applies: fp16/bf16 on a GPU of compute
+    capability 9.0, head dims up to 256, and q, k, v that tensor maps can describe
+    (otherwise the mma.sync kernel runs). ``mma``: the mma.sync kernel everywhere.
+    """
+    choice = os.environ.get("CUPYFLASH_FWD_KERNEL", "auto").strip().lower() or "auto"
+    if choice not in FWD_KERNELS:
+        raise ValueError(f"attention: CUPYFLASH_FWD_KERNEL must be one of "
+                         f"{', '.join(FWD_KERNELS)}, got {choice!r}")
+    # auto stays on mma.sync until the wgmma kernel has passed its first GPU run; then
+    # auto becomes wgmma on compute capability 9.0.
+    return "mma" if choice == "auto" else choice
 
 
 def attention_config(D, Dv, dtype_name, compute_capability, causal, variants=False):
@@ -244,15 +284,21 @@ def attention_config(D, Dv, dtype_name, compute_capability, causal, variants=Fal
 
     ``variants``: the problem has a bias, mask, window, ALiBi slopes or softcap; the kernel
     is then built with ``VARIANTS`` (cuda/attention_variants.cuh), which also takes the
-    causal mask as part of its window, so ``causal`` is ignored.
+    causal mask as part of its window, so ``causal`` is ignored. The Hopper kernel
+    (``CUPYFLASH_FWD_KERNEL=wgmma``) has no variants.
     """
     return _attention_config(D, Dv, dtype_name, compute_capability, causal and not variants,
-                             variants, os.environ.get("CUPYFLASH_MMA_TILES", ""))
+                             variants, os.environ.get("CUPYFLASH_MMA_TILES", ""),
+                             forward_kernel())
 
 
 @functools.lru_cache(maxsize=512)
-def _attention_config(D, Dv, dtype_name, compute_capability, causal, variants, _tiles_knob):
+def _attention_config(D, Dv, dtype_name, compute_capability, causal, variants, _tiles_knob,
+                      fwd_kernel):
     if dtype_name in ("float16", "bfloat16"):
+        if (fwd_kernel == "wgmma" and not variants and compute_capability == 90
+                and max(D, Dv) <= WGMMA_HEAD_DIMS[-1]):
+            return _wgmma_config(D, Dv, dtype_name, causal)
         return _mma_config(D, Dv, dtype_name, compute_capability, causal, variants)
     return _simt_config(D, Dv, dtype_name, compute_capability, causal, variants)
 
@@ -331,6 +377,109 @@ def mma_attention_variants():
                       for causal, variants in ((False, False), (True, False), (False, True)))]
 
 
+# Hopper tiles per padded head dim: (BLOCK_N, NUM_CONSUMERS, STAGES) of
+# cuda/flash_fwd_wgmma.cuh; BLOCK_M = 64 * NUM_CONSUMERS query rows per block, plus one
+# producer warpgroup. Not yet measured: FlashAttention-3's shapes, adapted to fit without
+# spills (registers per consumer thread: 240 with two consumers, 160 with three).
+#   d = 64: three consumers (BLOCK_M = 192), as FA3: at d = 64 the products are short
+#           and the softmax relatively long, so more warpgroups take turns.
+#   d = 128: two consumers x 64 rows, BLOCK_N = 128, two stages (160 KiB of smem).
+#   d = 256: BLOCK_N = 64 (acc alone is 128 registers a thread), two stages (192 KiB).
+WGMMA_HEAD_DIMS = (64, 128, 256)
+WGMMA_TILES = {64: (128, 3, 2), 128: (128, 2, 2), 256: (64, 2, 2)}
+
+
+def _wgmma_smem_bytes(head_dim, block_m, block_n, stages):
+    """As FwdWgmmaTraits::SMEM_BYTES: 1024 bytes of alignment slack, Q, ``stages`` K and V
+    tiles, and 1 + 4 * stages mbarriers."""
+    return 1024 + 2 * head_dim * (block_m + 2 * stages * block_n) + 8 * (1 + 4 * stages)
+
+
+def _wgmma_config(D, Dv, dtype_name, causal):
+    """The Hopper kernel of cuda/flash_fwd_wgmma.cuh for one problem (sm_90 only).
+
+    ``max(D, Dv)`` is padded up to a HEAD_DIM in WGMMA_HEAD_DIMS; the padding costs no
+    copy, since the tensor maps fill columns past D (Dv) with zeros. q, k, v and out must
+    have 16-byte aligned rows (``align_elems = pad_d_to = 8``), as for the mma kernel.
+    """
+    head_dim = next(h for h in WGMMA_HEAD_DIMS if h >= max(D, Dv))
+    block_n, consumers, stages = WGMMA_TILES[head_dim]
+    block_m = 64 * consumers
+    name = (f"cupyflash::flash_fwd_wgmma<{_DTYPE_TO_CUDA[dtype_name]}, {head_dim}, {block_n}, "
+            f"{consumers}, {stages}, {'true' if causal else 'false'}>")
+    return KernelConfig("flash_fwd_wgmma.cuh", name, block_m, 128 * (consumers + 1),
+                        _wgmma_smem_bytes(head_dim, block_m, block_n, stages),
+                        align_elems=8, pad_d_to=8, kernel="wgmma", block_n=block_n)
+
+
+def wgmma_attention_variants():
+    """The (source, name_expression) of every Hopper forward variant (sm_90a only)."""
+    return [(c.source, c.name_expression)
+            for c in (_wgmma_config(h, h, dt, causal)
+                      for h in WGMMA_HEAD_DIMS for dt in ("float16", "bfloat16")
+                      for causal in (False, True))]
+
+
+def _wgmma_arguments(problem, cfg, q, k, v, o, lse):
+    """The wgmma kernel's arguments ``(params, map_q, map_k, map_v)``, or None when
+    tensor maps cannot describe q, k or v (negative strides, broadcast rows, batch strides
+    that are not multiples of one another, more than MAX_BATCH_DIMS batch dimensions)
+    and the caller should use the mma.sync kernel instead.
+
+    Each of q, k, v is read through a 3-D map (head dim, L, slices): its batch offsets,
+    all multiples of its smallest non-zero batch stride, index slices of that stride
+    (``_tensor_map.slice_layout``), and the batch strides in ``AttentionParams`` are
+    packed in those units. o keeps element strides (the kernel writes it with plain
+    stores).
+    """
+    layout = _batch_layout(problem, (q, k, v, o))
+    if layout is None:
+        return None
+    sizes, strides = layout
+    maps, units = [], []
+    for x, st, rows in zip((q, k, v), strides, (cfg.block_m, cfg.block_n, cfg.block_n)):
+        sliced = _tensor_map.slice_layout(sizes, st)
+        if sliced is None:
+            return None
+        slice_stride, n_slices, in_slices = sliced
+        tensor_map = _tensor_map.attention_map(x, slice_stride, n_slices, rows)
+        if tensor_map is None:
+            return None
+        maps.append(tensor_map)
+        units.append(in_slices)
+    params, _ = _pack_params(problem, q, k, v, o, lse, layout=(sizes, units + [strides[3]]))
+    return (params, *maps)
+
+
+@functools.lru_cache(maxsize=None)
+def _launch_registers(function_ptr):
+    """Registers per thread a loaded kernel is launched with (CU_FUNC_ATTRIBUTE_NUM_REGS)."""
+    from cupy_backends.cuda.api import driver
+    return driver.funcGetAttribute(driver.CU_FUNC_ATTRIBUTE_NUM_REGS, function_ptr)
+
+
+def _check_register_split(kernel, cfg):
+    """Refuse to launch a wgmma variant whose register split cannot be met.
+
+    FwdWgmmaTraits' setmaxnreg split (producer down, consumers up) hands over exactly the
+    registers the block is launched with: 65536 / threads a thread, rounded down to 8 (168
+    at 384 threads, 128 at 512). ptxas gives the kernel that many under
+    ``__launch_bounds__(threads, 1)`` (tests/test_kernel_compile.py checks it for the CI's
+    NVRTC), but the kernel is compiled at run time by whatever NVRTC is installed. Launched
+    with fewer, the consumers' ``setmaxnreg.inc`` would wait forever for registers the
+    block's pool never gets (PTX ISA, setmaxnreg: ".inc blocks the execution until enough
+    registers are available in the CTA's register pool"): a hung GPU, not an error.
+    """
+    expected = 65536 // cfg.num_threads // 8 * 8
+    got = _launch_registers(kernel.ptr)
+    if got != expected:
+        raise RuntimeError(
+            f"attention: {cfg.name_expression} was compiled to {got} registers a thread, "
+            f"but its setmaxnreg split needs exactly {expected} (this NVRTC's ptxas differs "
+            f"from the one it was checked with); launching it would hang. Set "
+            f"CUPYFLASH_FWD_KERNEL=mma to use the mma.sync kernel")
+
+
 def _simt_config(D, Dv, dtype_name, compute_capability, causal, variants=False):
     """The float32/float64 FMA kernel of cuda/flash_fwd_simt.cuh for one problem.
 
@@ -361,7 +510,7 @@ def _simt_config(D, Dv, dtype_name, compute_capability, causal, variants=False):
     name = (f"cupyflash::flash_fwd_simt{'_variants' * variants}<{_DTYPE_TO_CUDA[dtype_name]}, "
             f"{head_dim}{'' if variants else ', ' + _cpp_bool(causal)}>")
     return KernelConfig("flash_fwd_simt.cuh", name, block_m, 128, smem_bytes,
-                        align_elems=vec, pad_d_to=vec)
+                        align_elems=vec, pad_d_to=vec, kernel="simt")
 
 
 def simt_attention_variants():
@@ -502,35 +651,46 @@ def attention_forward(q, k, v, problem, out=None, bias=None, mask=None, alibi_sl
             return result, lse
 
         variants = has_variants(problem, bias, mask, alibi_slopes)
+        cc = _compute_capability(device_id)
         cfg = attention_config(max(problem.D, problem.Dv), problem.Dv, problem.dtype.name,
-                               _compute_capability(device_id), problem.causal, variants)
+                               cc, problem.causal, variants)
         qk = [_kernel_ready(t, cfg.align_elems, cfg.pad_d_to) for t in (q, k, v)]
         o = _kernel_ready(result, cfg.align_elems, cfg.pad_d_to)
-        kernel_bias = None if bias is None else _kernel_bias(_as_matrix_view(bias), problem.dtype)
-        extra = [x for x in (None if bias is None else kernel_bias[0],
-                             None if mask is None else _as_matrix_view(mask)) if x is not None]
-        params, extra_strides = _pack_params(problem, *qk, o, lse, extra)
-        if params is None:  # too many batch dims even after collapsing: copy to contiguous
-            full = problem.batch_shape
-            qk = [cupy.ascontiguousarray(cupy.broadcast_to(t, full + t.shape[-2:])) for t in qk]
-            extra = [cupy.ascontiguousarray(cupy.broadcast_to(t, full + t.shape[-2:]))
-                     for t in extra]
-            if bias is not None:
-                kernel_bias = (extra[0], kernel_bias[1])
-            if mask is not None:
-                mask = extra[-1]
+        args, slopes = None, None
+        if cfg.kernel == "wgmma":
+            args = _wgmma_arguments(problem, cfg, *qk, o, lse)
+            if args is None:  # a layout tensor maps cannot describe: the mma.sync kernel
+                cfg = _mma_config(max(problem.D, problem.Dv), problem.Dv, problem.dtype.name,
+                                  cc, problem.causal)
+        if args is None:
+            kernel_bias = (None if bias is None
+                           else _kernel_bias(_as_matrix_view(bias), problem.dtype))
+            mask_m = None if mask is None else _as_matrix_view(mask)
+            extra = [x for x in (None if bias is None else kernel_bias[0], mask_m)
+                     if x is not None]
             params, extra_strides = _pack_params(problem, *qk, o, lse, extra)
-        variant_params, slopes = None, None
-        if variants:
-            variant_params, slopes = _pack_variants(
-                problem, kernel_bias, None if mask is None else _as_matrix_view(mask),
-                alibi_slopes, extra_strides)
+            if params is None:  # too many batch dims even after collapsing: copy to contiguous
+                full = problem.batch_shape
+                qk = [cupy.ascontiguousarray(cupy.broadcast_to(t, full + t.shape[-2:]))
+                      for t in qk]
+                extra = [cupy.ascontiguousarray(cupy.broadcast_to(t, full + t.shape[-2:]))
+                         for t in extra]
+                if bias is not None:
+                    kernel_bias = (extra[0], kernel_bias[1])
+                if mask is not None:
+                    mask_m = extra[-1]
+                params, extra_strides = _pack_params(problem, *qk, o, lse, extra)
+            args = (params,)
+            if variants:
+                variant_params, slopes = _pack_variants(problem, kernel_bias, mask_m,
+                                                        alibi_slopes, extra_strides)
+                args = (params, variant_params)
 
         kernel = _kernels.get_function(device_id, cfg.source, cfg.name_expression,
-                                       _kernels.arch_for(_compute_capability(device_id)),
-                                       cfg.smem_bytes)
+                                       _kernels.arch_for(cc), cfg.smem_bytes)
+        if cfg.kernel == "wgmma":
+            _check_register_split(kernel, cfg)
         grid = launch_grid(-(-problem.Lq // cfg.block_m), math.prod(problem.batch_shape))
-        args = (params, variant_params) if variants else (params,)
         kernel(grid, (cfg.num_threads, 1, 1), args, shared_mem=cfg.smem_bytes)
         del slopes  # (the pool reuses its memory only for later work on this stream)
         if o is not result:

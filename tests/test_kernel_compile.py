@@ -3,8 +3,13 @@
 No GPU is needed (NVRTC and ptxas run on the CPU), so this runs in CI. Each
 (variant, architecture) is one test: it compiles with ptxas's resource report
 (``-Xptxas=-v``) and fails on any spill store, spill load or stack frame, which would
-put a kernel's registers in local memory. ``pytest -s`` prints one line per variant; a
-table of all of them, with the total compile time, is written when the module ends.
+put a kernel's registers in local memory, and on ptxas's wgmma warnings (the C75xx
+family: "wgmma.mma_async instructions are serialized due to ...", setmaxnreg ignored),
+which mean a Hopper kernel lost its asynchronous pipeline. The Hopper kernel
+(flash_fwd_wgmma) is compiled for sm_90a only, and must compile without any warning.
+``pytest -s`` prints one line per variant; a table of all of them, with the total
+compile time, is written when the module ends. Where ``cuobjdump`` is found (on the PATH
+or in ``$CUOBJDUMP``), the Hopper kernels' machine code is checked too.
 
 More tests compile small programs of ``static_assert``s that hold the Python side to
 the kernels' own constants: the shared memory, block size and tile rows that
@@ -12,7 +17,13 @@ the kernels' own constants: the shared memory, block size and tile rows that
 the limits ``softmax_family`` assumes.
 """
 
+import os
+import pathlib
 import re
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 
 import pytest
@@ -39,7 +50,9 @@ def _variants():
                                     + _cupy_backend.all_softmax_variants()
                                     + _cupy_backend.simt_backward_variants()))
     return [(source, name, arch) for arch in ARCHS
-            for source, name in every_arch + _cupy_backward.mma_backward_variants(arch)]
+            for source, name in every_arch + _cupy_backward.mma_backward_variants(arch)
+            ] + [(source, name, "sm_90a")
+                 for source, name in _cupy_backend.wgmma_attention_variants()]
 
 
 def _short(name):
@@ -52,6 +65,12 @@ VARIANTS = _variants()
 # Every "N bytes stack frame, N bytes spill stores, N bytes spill loads" line of the log
 # (one per function ptxas compiled), so a called function's spills count too.
 _FRAMES = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+# ptxas's wgmma and setmaxnreg diagnostics, the C75xx family: C7508 (setmaxnreg ignored),
+# C7509-C7520 ("wgmma.mma_async instructions are serialized due to ...", "wgmma.wait_group
+# is injected ... to allow use of registers defined by GMMA"). ptxas prints some of them
+# as "info", not "warning", so they are matched by code. Any of them means a Hopper kernel
+# lost its asynchronous pipeline (or its register split), so each fails the check.
+_WGMMA_WARNINGS = re.compile(r".*(?:\(C75\d\d\)|wgmma[^\n]*serializ|setmaxnreg).*", re.I)
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +117,20 @@ def test_compiles_without_spills(source, name, arch, resource_table):
     assert all(f == (0, 0, 0) for f in frames), (
         f"{name} on {arch} uses local memory (stack, spill stores, spill loads per "
         f"function: {frames}):\n{compiled.log}")
+    lost = _WGMMA_WARNINGS.findall(compiled.log)
+    assert not lost, (f"{name} on {arch}: ptxas reports a lost wgmma pipeline or register "
+                      f"split:\n{compiled.log}")
+    if "flash_fwd_wgmma" in name:
+        warnings = [line for line in compiled.log.splitlines() if "warning" in line.lower()]
+        assert not warnings, f"{name}: ptxas warnings:\n{compiled.log}"
+        # setmaxnreg moves registers inside the block's pool, which holds what the block
+        # was launched with: 65536 / threads, rounded down to 8 (FwdWgmmaTraits). With
+        # fewer, the consumers' setmaxnreg.inc would wait forever for registers.
+        consumers = int(re.search(r"flash_fwd_wgmma<[^,]+, \d+, \d+, (\d+),", name).group(1))
+        threads = 128 * (consumers + 1)
+        assert report["registers"] == 65536 // threads // 8 * 8, (
+            f"{name}: {report['registers']} registers at launch, the register split of "
+            f"FwdWgmmaTraits assumes {65536 // threads // 8 * 8}")
 
 
 def _compile_asserts(source, asserts):
@@ -212,3 +245,94 @@ def test_philox_compiles_without_spills(arch):
     assert cubin[:4] == b"\x7fELF"
     frames = [tuple(map(int, m)) for m in _FRAMES.findall(log)]
     assert frames and all(f == (0, 0, 0) for f in frames), log
+
+
+def test_wgmma_configs_match_the_kernel_traits():
+    """_wgmma_config's block rows, threads and shared memory are FwdWgmmaTraits'."""
+    asserts = []
+    for head_dim in _cupy_backend.WGMMA_HEAD_DIMS:
+        for causal in (False, True):
+            cfg = _cupy_backend._wgmma_config(head_dim, head_dim, "bfloat16", causal)
+            block_n, consumers, stages = _cupy_backend.WGMMA_TILES[head_dim]
+            assert cfg.block_n == block_n and cfg.kernel == "wgmma"
+            tr = (f"cupyflash::FwdWgmmaTraits<__nv_bfloat16, {head_dim}, {block_n}, "
+                  f"{consumers}, {stages}>")
+            for what, value in (("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n),
+                                ("NUM_THREADS", cfg.num_threads),
+                                ("SMEM_BYTES", cfg.smem_bytes)):
+                asserts.append(f'static_assert({tr}::{what} == {value}, '
+                               f'"HEAD_DIM {head_dim}: {what} != {value}");')
+    _compile_asserts("flash_fwd_wgmma.cuh", asserts)
+
+
+def test_the_wgmma_pipeline_check_catches_what_ptxas_reports():
+    """A wgmma whose accumulator is touched before its wait: ptxas injects a wait (C7517,
+    printed as "info") and the check above must see it."""
+    code = (
+        '#include "flash_fwd_wgmma.cuh"\n'
+        "__global__ void __launch_bounds__(128, 1)\n"
+        "touched(float* out, unsigned long long a, unsigned long long b) {\n"
+        "    float d[8][4] = {};\n"
+        "    cupyflash::wgmma_fence();\n"
+        "    cupyflash::Wgmma<64, false>::ss(d, a, b, 1);\n"
+        "    cupyflash::wgmma_commit();\n"
+        "    d[0][0] += 1.f;  // before the wait: ptxas must serialise\n"
+        "    cupyflash::wgmma_wait<0>();\n"
+        "    for (int i = 0; i < 32; ++i) out[threadIdx.x * 32 + i] = d[i / 4][i % 4];\n"
+        "}\n")
+    prog = nvrtc.createProgram(code, "touched.cu", [], [])
+    try:
+        nvrtc.addNameExpression(prog, "touched")
+        nvrtc.compileProgram(prog, _kernels.nvrtc_options("sm_90a", verbose=True))
+        log = nvrtc.getProgramLog(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+    assert _WGMMA_WARNINGS.findall(log), f"no C75xx diagnostic in:\n{log}"
+
+
+def test_the_wgmma_header_is_the_generator_output():
+    """cuda/wgmma_ops.cuh is what tools/gen_wgmma_ops.py writes (edit the script, rerun)."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "tools"))
+    try:
+        import gen_wgmma_ops
+    finally:
+        sys.path.pop(0)
+    assert gen_wgmma_ops.HEADER.read_text() == gen_wgmma_ops.generate(), (
+        "cupyflash/cuda/wgmma_ops.cuh is stale: run python tools/gen_wgmma_ops.py")
+
+
+def _cuobjdump():
+    path = os.environ.get("CUOBJDUMP") or shutil.which("cuobjdump")
+    if not path:
+        pytest.skip("no cuobjdump (set $CUOBJDUMP or put it on the PATH)")
+    return path
+
+
+WGMMA_VARIANTS = _cupy_backend.wgmma_attention_variants()
+
+
+@pytest.mark.parametrize("source, name", WGMMA_VARIANTS,
+                         ids=[_short(n) for _, n in WGMMA_VARIANTS])
+def test_wgmma_machine_code(source, name):
+    """The Hopper kernel's SASS has what makes it a Hopper kernel: warpgroup products
+    (HGMMA), tensor-map loads (UTMALDG), mbarrier operations (SYNCS), register
+    reallocation (USETMAXREG); no local memory (LDL/STL), no mma.sync (HMMA); and no
+    register beyond what setmaxnreg grants a consumer thread."""
+    cuobjdump = _cuobjdump()
+    compiled = _kernels.compile_variant(source, name, "sm_90a", verbose=True)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.cubin)
+        f.flush()
+        sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass)
+    counts = {op: ops.count(op) for op in set(ops)}
+    for needed in ("HGMMA", "UTMALDG", "SYNCS", "USETMAXREG", "WARPGROUP"):
+        assert counts.get(needed, 0) > 0, f"{name}: no {needed} in its SASS"
+    for banned in ("LDL", "STL", "HMMA"):
+        assert counts.get(banned, 0) == 0, f"{name}: {counts[banned]} {banned} in its SASS"
+    consumers = int(re.search(r"flash_fwd_wgmma<[^,]+, \d+, \d+, (\d+),", name).group(1))
+    limit = 240 if consumers == 2 else 160  # FwdWgmmaTraits::CONSUMER_REGS
+    highest = max(int(r) for r in re.findall(r"\bR(\d+)\b", sass))
+    assert highest < limit, f"{name}: register R{highest} used, {limit} granted"
