@@ -7,7 +7,8 @@
 Covers: the tensor-core forward (fp16, bf16; every head-dim bucket; causal and not;
 lengths off the tile sizes, Lq != Lk, a row that sees no key), the fp32/fp64 forward, the
 softmax kernels (a short row, rows for the cluster kernel, a row longer than that), and the backward ("bwd": the
-same attention cases, atomic and deterministic dQ, grouped-query k and v). Each result is also checked
+same attention cases, atomic and deterministic dQ, grouped-query k and v), and the variant
+kernels ("variants": bias, mask, window, ALiBi, softcap, forward and backward). Each result is also checked
 against the float64 reference, so a sanitizer-clean but wrong kernel still fails.
 """
 
@@ -74,6 +75,42 @@ def main(families=("mma", "simt", "softmax")):
                     assert err < tol, ("bwd", dt, d, causal, lq, lk, det, err)
                     worst = max(worst, err)
         cases += bwd_cases
+    if "variants" in families:
+        # the _variants kernels, forward and backward: every score modifier at once (bias
+        # of its own dtype, a padding mask read with stride 0, a window that skips blocks,
+        # ALiBi; softcap in the forward), off the tile sizes, for each kernel family
+        kinds = [(np.float16, 64), (ml_dtypes.bfloat16, 128), (np.float16, 256),
+                 (np.float32, 64), (np.float64, 128)]
+        for dt, d in kinds:
+            lq, lk = 150, 333
+            q = rng.standard_normal((2, 2, lq, d)).astype(dt)
+            k = rng.standard_normal((2, 1, lk, d)).astype(dt)
+            v = rng.standard_normal((2, 1, lk, d)).astype(dt)
+            do = rng.standard_normal((2, 2, lq, d)).astype(dt)
+            options = dict(bias=rng.standard_normal((lq, lk)).astype(np.float32),
+                           mask=(np.arange(lk) < np.array([333, 200])[:, None, None, None]),
+                           window=(70, 10), alibi_slopes=np.array([0.5, 0.25]))
+            gpu = {n: cupy.asarray(x) if isinstance(x, np.ndarray) else x
+                   for n, x in options.items()}
+            gq, gk, gv, gdo = (cupy.asarray(x) for x in (q, k, v, do))
+            tol = 3e-2 if np.dtype(dt).itemsize == 2 else 1e-4
+            for softcap in (None, 20.0):
+                out = cupyflash.attention(gq, gk, gv, causal=True, softcap=softcap, **gpu)
+                ref = reference.attention(q, k, v, causal=True, softcap=softcap, **options)
+                err = float(np.abs(out.get().astype(np.float64) - ref).max())
+                assert err < tol, ("variants", dt, d, softcap, err)
+                worst = max(worst, err)
+            out, lse = cupyflash.attention(gq, gk, gv, causal=True, return_lse=True, **gpu)
+            ref = reference.attention_backward(do, q, k, v, causal=True, **options)
+            for det in (False, True):
+                got = cupyflash.attention_backward(gdo, gq, gk, gv, out, lse, causal=True,
+                                                   deterministic=det, **gpu)
+                for g, r in zip(got, ref):
+                    err = float(np.abs(g.get().astype(np.float64) - r).max())
+                    err /= max(1.0, float(np.abs(r).max()))
+                    assert err < tol, ("variants bwd", dt, d, det, err)
+                    worst = max(worst, err)
+            cases.append(("variants", dt, d))
     if "softmax" in families:
         # one block per row; the cluster kernel (sm_90: 17 rows fill an H100's 132 SMs);
         # the split-row kernels
@@ -88,4 +125,4 @@ def main(families=("mma", "simt", "softmax")):
 
 
 if __name__ == "__main__":
-    main(tuple(sys.argv[1:]) or ("mma", "simt", "softmax", "bwd"))
+    main(tuple(sys.argv[1:]) or ("mma", "simt", "softmax", "bwd", "variants"))
