@@ -848,6 +848,14 @@ GPU_EXAMPLES = [
                 mask_kind="rows", mask_shape=(70, 90), softcap=2.0, slopes_shape=(),
                 slopes_max=0.05),
     VariantCase(AttentionCase("float32", Lq=5, Lk=700, D=3, Dv=3, seed=20), window=(None, 0)),
+    # a padding mask alone: key blocks it keeps whole take the plain path (the warp checks
+    # the block's mask bytes), the others the per-score path
+    VariantCase(AttentionCase("float16", Lq=200, Lk=700, D=64, Dv=64, q_batch=(3, 2),
+                              k_batch=(3, 2), v_batch=(3, 2), seed=22),
+                mask_kind="padding", mask_shape=(3, 1, 1, 700)),
+    VariantCase(AttentionCase("bfloat16", Lq=130, Lk=530, D=128, Dv=128, causal=True,
+                              q_batch=(2,), k_batch=(2,), v_batch=(2,), seed=23),
+                mask_kind="padding", mask_shape=(2, 1, 530)),
 ]
 
 

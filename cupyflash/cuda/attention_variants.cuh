@@ -79,6 +79,25 @@ struct ScoreModifier {
                vp.softcap > 0;
     }
 
+    // Whether the per-score path is needed for key block [n0, n0 + block_n) of a warp
+    // whose block lies inside the band, decided by the whole warp (its result is
+    // warp-uniform). A mask broadcast along the rows (a (B, 1, 1, Lk) padding mask: row
+    // stride 0) that keeps every key of the block changes no score, so with no bias, ALiBi
+    // or softcap the block takes the plain path: the warp reads the block's mask bytes,
+    // block_n / 32 a lane, instead of one per score.
+    __device__ __forceinline__ bool warp_needs_per_score(long long n0, int block_n) const {
+        if (vp.bias != nullptr || vp.slopes != nullptr || vp.softcap > 0) return true;
+        if (vp.mask == nullptr) return false;
+        if (vp.mask_row_stride != 0) return true;
+        const unsigned char* row = static_cast<const unsigned char*>(vp.mask) + mask_off;
+        bool kept = true;
+        for (int c = threadIdx.x % 32; c < block_n; c += 32) {
+            const long long j = n0 + c;
+            kept &= j >= p.Lk || row[j * vp.mask_col_stride] != 0;
+        }
+        return !__all_sync(0xffffffffu, kept);
+    }
+
     // Key blocks [first, end) that can hold a visible key of query rows [m0, m_end).
     __device__ __forceinline__ void key_blocks(long long m0, long long m_end, int block_n,
                                                int& first, int& end) const {

@@ -422,9 +422,11 @@ __device__ __forceinline__ void flash_fwd_mma_body(const AttentionParams& p,
         }
         if constexpr (VARIANTS) {
             // Scores -> softcap, ALiBi, bias, band and mask, element by element, in the
-            // blocks that need it: every block if any score changes, else only the blocks
-            // that cross the band's edges or Lk.
-            if (mod.changes_scores() || !mod.block_inside(m0, BLOCK_M, n0, BLOCK_N)) {
+            // blocks that need it: those that cross the band's edges or Lk, and those
+            // where some score changes (a row-broadcast mask that keeps the whole block
+            // changes none: the warp checks its bytes first).
+            if (!mod.block_inside(m0, BLOCK_M, n0, BLOCK_N) ||
+                mod.warp_needs_per_score(n0, BLOCK_N)) {
 #pragma unroll
                 for (int mt = 0; mt < M_TILES; ++mt)
 #pragma unroll
