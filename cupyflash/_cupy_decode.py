@@ -136,9 +136,10 @@ def decode_config(D, Dv, dtype_name, compute_capability, M):
     ``max(D, Dv)`` is padded up to the next HEAD_DIM in (32, 64, 128, 256) (columns past D
     and Dv are not read); ``M = G * Lq`` query rows per kv head picks ROWS = 1 (plain
     decoding, no wasted arithmetic), 4 or 8. The tiles repeat ``DecodeTraits`` of the .cuh
-    (tests/test_kernel_compile.py checks that the two agree): 4 warps, LANES_PER_KEY =
-    min(HEAD_DIM / VEC, 32) lanes per key with VEC = 16 / itemsize elements per 16-byte
-    vector, two K and two V vectors per lane and tile, STAGES = 4. Every variant fits in
+    (tests/test_kernel_compile.py checks that the two agree): 4 warps, each lane holding
+    VECS_PER_LANE 16-byte vectors of a row (2 for ROWS <= 4, else 1, more for rows wider
+    than 32 vectors; VEC = 16 / itemsize elements each), two K and two V vectors per lane
+    and tile, STAGES = 4. Every variant fits in
     99 KiB of shared memory, so ``compute_capability`` does not change the choice.
     """
     width = max(D, Dv)
@@ -152,8 +153,9 @@ def decode_config(D, Dv, dtype_name, compute_capability, M):
     acc_size = 8 if dtype_name == "float64" else 4
     vec = 16 // itemsize
     d_vecs = head_dim // vec
-    lanes_per_key = min(d_vecs, 32)
-    vecs_per_lane = d_vecs // lanes_per_key
+    min_vecs = 2 if rows <= 4 else 1           # vectors of a row per lane (see DecodeTraits)
+    vecs_per_lane = max(d_vecs // 32, min(min_vecs, d_vecs))
+    lanes_per_key = d_vecs // vecs_per_lane
     passes = 1 if vecs_per_lane >= 2 else 2
     block_n = 4 * passes * (32 // lanes_per_key)
     stage_vecs = 2 * passes * vecs_per_lane
@@ -307,8 +309,8 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_tab
     paged = block_table is not None
     L_new = k_new.shape[1] if k_new is not None else 0
     capacity = (block_table.shape[1] if paged else 1) * k_cache.shape[1]
-    if capacity >= 2**31 or B >= 2**31:  # the kernels index positions in 32 bits
-        raise ValueError(f"{fn}: caches of 2**31 or more positions per sequence are not "
+    if capacity >= 2**30 or B >= 2**31:  # the kernels index positions in 32 bits
+        raise ValueError(f"{fn}: caches of 2**30 or more positions per sequence are not "
                          f"supported on the GPU, got {capacity}")
     acc_dtype = np.float64 if q.dtype == np.float64 else np.float32
 

@@ -352,7 +352,7 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=No
         ``cache_seqlens``, a cache too short for ``cache_seqlens + L_new``, block
         indices out of range, an append that writes one slot twice, ``num_splits <
         1``, or a read-only cache when appending. On the GPU also: arrays on different
-        devices, a head dim ``max(D, Dv)`` above 256, or a cache of ``2**31`` or more
+        devices, a head dim ``max(D, Dv)`` above 256, or a cache of ``2**30`` or more
         positions per sequence.
 
     Notes

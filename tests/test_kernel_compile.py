@@ -227,6 +227,8 @@ def test_decode_configs_match_the_kernel_traits():
         f'static_assert(cupyflash::COMBINE_THREADS == {_cupy_decode.COMBINE_THREADS}, "");',
         f'static_assert(cupyflash::COMBINE_MAX_SPLITS == {_cupy_decode.COMBINE_MAX_SPLITS}, "");',
         f'static_assert(cupyflash::APPEND_THREADS == {_cupy_decode.APPEND_THREADS}, "");',
+        f'static_assert(cupyflash::COMBINE_MAX_DV == {max(_cupy_decode.DECODE_HEAD_DIMS)}, '
+        f'"the combine holds rows of the widest head dim");',
     ]
     _compile_asserts("flash_decode.cuh", list(dict.fromkeys(asserts)))
 

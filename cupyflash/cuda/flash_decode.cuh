@@ -158,11 +158,20 @@ struct DecodeTraits {
     static constexpr int MIN_BLOCKS = 2;
     static constexpr int VEC = 16 / int(sizeof(T));                  // elements per 16 bytes
     static constexpr int D_VECS = HEAD_DIM / VEC;                    // vectors per padded row
-    static constexpr int LANES_PER_KEY = D_VECS < 32 ? D_VECS : 32;  // lanes sharing a key
-    static constexpr int VECS_PER_LANE = D_VECS / LANES_PER_KEY;     // a lane's vectors per row
+    // A lane owns VECS_PER_LANE vectors of each K and V row (the same columns in every key):
+    // two while its ROWS rows of q and acc fit in registers that way (ROWS <= 4), which
+    // saves butterfly stages and address arithmetic per key against one vector (SASS of the
+    // loop's common path at ROWS = 4, fp16, d = 128: ~560 -> ~480 instructions per warp and
+    // 2 KiB tile, where HBM gives an SM ~640 issue slots per 2 KiB; 188 registers instead of
+    // ~150, 2 blocks per SM instead of 3, both above the 48 KiB in flight wanted); one for
+    // ROWS = 8; more for rows wider than 32 vectors.
+    static constexpr int MIN_VECS = ROWS <= 4 ? 2 : 1;
+    static constexpr int VECS_PER_LANE = D_VECS / 32 > MIN_VECS ? D_VECS / 32
+                                         : (D_VECS < MIN_VECS ? D_VECS : MIN_VECS);
+    static constexpr int LANES_PER_KEY = D_VECS / VECS_PER_LANE;     // lanes sharing a key
     static constexpr int KEYS_PER_PASS = 32 / LANES_PER_KEY;         // keys a warp scores at once
     // Passes per tile: two K and two V vectors per lane and tile (four each for float64 at
-    // HEAD_DIM = 256), 2 KiB per warp, so that one online-softmax update covers 2 passes.
+    // HEAD_DIM = 256), 2 KiB per warp.
     static constexpr int PASSES = VECS_PER_LANE >= 2 ? 1 : 2;
     static constexpr int ELEMS = VECS_PER_LANE * VEC;                // q and acc columns per lane
     static constexpr int WARP_KEYS = PASSES * KEYS_PER_PASS;         // keys per warp per tile
@@ -182,7 +191,8 @@ struct DecodeTraits {
     static_assert(HEAD_DIM == 32 || HEAD_DIM == 64 || HEAD_DIM == 128 || HEAD_DIM == 256,
                   "HEAD_DIM must be 32, 64, 128 or 256");
     static_assert(ROWS == 1 || ROWS == 4 || ROWS == 8, "ROWS must be 1, 4 or 8");
-    static_assert(D_VECS % LANES_PER_KEY == 0 && 32 % LANES_PER_KEY == 0, "lanes split a row");
+    static_assert(D_VECS % VECS_PER_LANE == 0 && LANES_PER_KEY <= 32 && 32 % LANES_PER_KEY == 0,
+                  "lanes split a row");
     static_assert(SMEM_BYTES <= 99 * 1024, "must fit the smallest opt-in shared memory (sm_86)");
 };
 
@@ -237,38 +247,34 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory");
 }
 
-// (page, position in the page) of key t of batch element b: (b, t) for a contiguous cache,
-// (block_table[b, t / page_size], t % page_size) when paged. Only called for t < n_b,
-// whose pages validation has checked. t / page_size by a multiply and a shift (the
-// launcher's constants, exact for t and page_size below 2^31), not a division.
+// (page, position in the page) of key t of a paged cache: (block_table[b, t / page_size],
+// t % page_size). Only called for t < n_b, whose pages validation has checked.
+// t / page_size by a multiply and a shift (the launcher's constants, exact for t and
+// page_size below 2^31), not a division.
 struct KeyPlace {
-    long long page, pos;
+    int page, pos;
 };
 
-__device__ __forceinline__ KeyPlace key_place(const DecodeParams& p, const int* table_row,
-                                              long long b, long long t) {
-    if (p.page_size == 0) return {b, t};
+__device__ __forceinline__ KeyPlace paged_place(const DecodeParams& p, const int* table_row, int t) {
     const unsigned tt = static_cast<unsigned>(t);
     const unsigned q = p.page_size == 1 ? tt
         : __umulhi(tt, static_cast<unsigned>(p.page_size_mul)) >> static_cast<unsigned>(p.page_size_shift);
-    return {table_row[q], t - static_cast<long long>(q) * p.page_size};
+    return {table_row[q], t - static_cast<int>(q) * static_cast<int>(p.page_size)};
 }
 
-// Copy one vector (columns vec * VEC ...) of a row whose first `n_cols` columns are data
-// into a 16-byte shared slot: a cp.async when rows are vectors, else element by element
-// through registers (done when this returns). Columns past n_cols, and whole rows that are
-// not `valid`, arrive as zeros.
+// Copy one vector (columns c0 .. c0 + VEC - 1) of a row whose first `n_cols` columns are
+// data into a 16-byte shared slot: a cp.async of its `bytes` data bytes (the lane's
+// constant: min(n_cols - c0, VEC) * sizeof(T)) when rows are vectors, else element by
+// element through registers (done when this returns). Columns past n_cols, and whole rows
+// that are not `valid`, arrive as zeros.
 template <typename T>
-__device__ __forceinline__ void copy_vec(unsigned slot, const T* row, long long dim_stride, int vec,
-                                         long long n_cols, bool valid, bool vectorized,
+__device__ __forceinline__ void copy_vec(unsigned slot, const T* row, long long dim_stride, int c0,
+                                         int bytes, int n_cols, bool valid, bool vectorized,
                                          const void* any_address) {
     constexpr int VEC = 16 / int(sizeof(T));
-    const long long c0 = static_cast<long long>(vec) * VEC;
     if (vectorized) {
-        long long cols = n_cols - c0;
-        cols = cols < VEC ? cols : VEC;
-        const int bytes = valid ? static_cast<int>(cols) * int(sizeof(T)) : 0;
-        cp_async_16(slot, valid ? static_cast<const void*>(row + c0) : any_address, bytes);
+        cp_async_16(slot, valid ? static_cast<const void*>(row + c0) : any_address,
+                    valid ? bytes : 0);
     } else {  // the slow path: a rolled loop keeps the kernel's code small
 #pragma unroll 1
         for (int e = 0; e < VEC; ++e)
@@ -322,24 +328,37 @@ flash_decode(const DecodeParams p) {
     const int kg = lane / LANES_PER_KEY;   // this lane's key within a pass
     const int lv = lane % LANES_PER_KEY;   // its vectors: lv + j * LANES_PER_KEY, j < VECS_PER_LANE
 
-    // -- this split's keys: the n_b keys in whole tiles, as evenly as tiles allow
-    const long long n = static_cast<long long>(p.cache_seqlens[b]) + p.L_new;
-    const int n_tiles = static_cast<int>((n + BLOCK_N - 1) / BLOCK_N);
+    // -- this split's keys: the n_b keys in whole tiles, as evenly as tiles allow (32-bit:
+    // the launcher keeps cache positions below 2^30)
+    const int n = p.cache_seqlens[b] + static_cast<int>(p.L_new);
+    const int n_tiles = (n + BLOCK_N - 1) / BLOCK_N;
     const int num_splits = static_cast<int>(p.num_splits);
-    const long long tiles_per_split = (n_tiles + num_splits - 1) / num_splits;
-    const long long k_begin = split * tiles_per_split * BLOCK_N;
-    long long k_end = k_begin + tiles_per_split * BLOCK_N;
-    k_end = k_end < n ? k_end : n;
-    const int num_tiles = k_end > k_begin ? static_cast<int>((k_end - k_begin + BLOCK_N - 1) / BLOCK_N) : 0;
+    const int tiles_per_split = (n_tiles + num_splits - 1) / num_splits;
+    const int k_begin = split * tiles_per_split * BLOCK_N;
+    const int k_end = min(k_begin + tiles_per_split * BLOCK_N, n);
+    const int num_tiles = k_end > k_begin ? (k_end - k_begin + BLOCK_N - 1) / BLOCK_N : 0;
+    const int key0 = warp * WARP_KEYS + kg;  // this lane's key in a tile, first pass
 
-    const T* k = static_cast<const T*>(p.k);
-    const T* v = static_cast<const T*>(p.v);
-    const int* table_row = p.page_size > 0 ? p.block_table + b * p.table_stride : nullptr;
-    const long long k_head = hk * p.k_head_stride;
-    const long long v_head = hk * p.v_head_stride;
+    // -- what a lane's copies keep from tile to tile: its rows' bases (head hk; batch b
+    // for a contiguous cache) and, per vector, its first column and its data bytes (0: a
+    // vector past D, never copied)
+    const bool paged = p.page_size > 0;
+    const int* table_row = paged ? p.block_table + b * p.table_stride : nullptr;
+    const T* k_base = static_cast<const T*>(p.k) + hk * p.k_head_stride
+                      + (paged ? 0 : b * p.k_page_stride);
+    const T* v_base = static_cast<const T*>(p.v) + hk * p.v_head_stride
+                      + (paged ? 0 : b * p.v_page_stride);
     const bool k_vec = p.k_vectorized != 0, v_vec = p.v_vectorized != 0;
-    const int d_vecs = static_cast<int>((p.D + VEC - 1) / VEC);    // vectors holding k data
-    const int dv_vecs = static_cast<int>((p.Dv + VEC - 1) / VEC);  // vectors holding v data
+    const int D = static_cast<int>(p.D), Dv = static_cast<int>(p.Dv);
+    const int d_vecs = (D + VEC - 1) / VEC;    // vectors holding k data
+    const int dv_vecs = (Dv + VEC - 1) / VEC;  // vectors holding v data
+    int k_bytes[VECS_PER_LANE], v_bytes[VECS_PER_LANE];
+#pragma unroll
+    for (int jj = 0; jj < VECS_PER_LANE; ++jj) {
+        const int c0 = (lv + jj * LANES_PER_KEY) * VEC;
+        k_bytes[jj] = max(0, min(D - c0, VEC)) * int(sizeof(T));
+        v_bytes[jj] = max(0, min(Dv - c0, VEC)) * int(sizeof(T));
+    }
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
     // Pipeline: (STAGES, STAGE_VECS, NUM_THREADS) vectors; a thread's own slots only.
@@ -354,24 +373,24 @@ flash_decode(const DecodeParams p) {
             const int stage = j % STAGES;
 #pragma unroll
             for (int ps = 0; ps < PASSES; ++ps) {
-                const long long t = k_begin + static_cast<long long>(j) * BLOCK_N
-                                    + warp * WARP_KEYS + ps * KEYS_PER_PASS + kg;
+                const int t = k_begin + j * BLOCK_N + key0 + ps * KEYS_PER_PASS;
                 const bool valid = t < k_end;
-                decode::KeyPlace at{0, 0};
-                if (valid) at = decode::key_place(p, table_row, b, t);
-                const T* k_row = valid ? k + at.page * p.k_page_stride + at.pos * p.k_token_stride
-                                           + k_head : k;
-                const T* v_row = valid ? v + at.page * p.v_page_stride + at.pos * p.v_token_stride
-                                           + v_head : v;
+                const T* k_row = k_base + static_cast<long long>(t) * p.k_token_stride;
+                const T* v_row = v_base + static_cast<long long>(t) * p.v_token_stride;
+                if (paged && valid) {
+                    const decode::KeyPlace at = decode::paged_place(p, table_row, t);
+                    k_row = k_base + at.page * p.k_page_stride + at.pos * p.k_token_stride;
+                    v_row = v_base + at.page * p.v_page_stride + at.pos * p.v_token_stride;
+                }
 #pragma unroll
                 for (int jj = 0; jj < VECS_PER_LANE; ++jj) {
-                    const int vec = lv + jj * LANES_PER_KEY;
-                    if (vec < d_vecs)
+                    const int c0 = (lv + jj * LANES_PER_KEY) * VEC;
+                    if (k_bytes[jj] > 0)
                         decode::copy_vec(slot(stage, ps * VECS_PER_LANE + jj), k_row,
-                                         p.k_dim_stride, vec, p.D, valid, k_vec, p.k);
-                    if (vec < dv_vecs)
+                                         p.k_dim_stride, c0, k_bytes[jj], D, valid, k_vec, p.k);
+                    if (v_bytes[jj] > 0)
                         decode::copy_vec(slot(stage, KV_VECS + ps * VECS_PER_LANE + jj), v_row,
-                                         p.v_dim_stride, vec, p.Dv, valid, v_vec, p.v);
+                                         p.v_dim_stride, c0, v_bytes[jj], Dv, valid, v_vec, p.v);
                 }
             }
         }
@@ -397,15 +416,16 @@ flash_decode(const DecodeParams p) {
             for (int jj = 0; jj < VECS_PER_LANE; ++jj)
 #pragma unroll
                 for (int e = 0; e < VEC; ++e) {
-                    const long long c = static_cast<long long>(lv + jj * LANES_PER_KEY) * VEC + e;
-                    q[r][jj * VEC + e] = valid && c < p.D
+                    const int c = (lv + jj * LANES_PER_KEY) * VEC + e;
+                    q[r][jj * VEC + e] = valid && c < D
                         ? Math::to_acc(q_row[c * p.q_dim_stride]) * q_scale : Acc(0);
                 }
         }
     }
     // causal: row r (token i_r = (rc * ROWS + r) / G) sees key t iff t <= i_r + n - Lq;
     // diag0 is the first row's bound, the smallest
-    const long long diag0 = rc * ROWS / G + n - p.Lq;
+    const int Lq = static_cast<int>(p.Lq);
+    const int diag0 = rc * ROWS / G + n - Lq;
 
     Acc m_i[ROWS];         // running max of this warp's scores (log2 units for float)
     Acc l_i[ROWS];         // running sum of exp(S - m_i) over this lane's keys
@@ -426,7 +446,7 @@ flash_decode(const DecodeParams p) {
         decode::cp_async_wait<STAGES - 2>();
         load_tile(j + STAGES - 1);
         const int stage = j % STAGES;
-        const long long t0 = k_begin + static_cast<long long>(j) * BLOCK_N + warp * WARP_KEYS + kg;
+        const int t0 = k_begin + j * BLOCK_N + key0;
 
         // -- S = q K^T: s[ps][r] for key t0 + ps * KEYS_PER_PASS, summed over the key's lanes
         Acc s[PASSES][ROWS];
@@ -457,14 +477,14 @@ flash_decode(const DecodeParams p) {
 
         // -- keys past the split's end, and above the diagonal when causal, score -inf;
         // only the last tile and tiles that reach the diagonal need it
-        const long long t_last = t0 - kg + WARP_KEYS - 1;  // this warp's last key in the tile
+        const int t_last = t0 - kg + WARP_KEYS - 1;  // this warp's last key in the tile
         if (t_last >= k_end || (p.causal && t_last > diag0)) {
 #pragma unroll
             for (int r = 0; r < ROWS; ++r) {
-                const long long diag = (rc * ROWS + r) / G + n - p.Lq;
+                const int diag = (rc * ROWS + r) / G + n - Lq;
 #pragma unroll
                 for (int ps = 0; ps < PASSES; ++ps) {
-                    const long long t = t0 + ps * KEYS_PER_PASS;
+                    const int t = t0 + ps * KEYS_PER_PASS;
                     if (t >= k_end || (p.causal && t > diag)) s[ps][r] = -INFINITY;
                 }
             }
@@ -482,7 +502,13 @@ flash_decode(const DecodeParams p) {
             // a row that has seen only -inf keeps m = -inf; shifting by 0 instead gives
             // exp(-inf) = 0 rather than exp(-inf + inf) = NaN
             const Acc m_safe = safe_max(m_new);
-            const Acc alpha = Math::exp(m_i[r] - m_safe);  // 0 when m_i was -inf, 1 if unchanged
+            if (m_new > m_i[r]) {  // rescale by alpha = exp(m_i - m_new) only when the max
+                                   // grew (else alpha = 1); m is the warp's: no divergence
+                const Acc alpha = Math::exp(m_i[r] - m_safe);  // 0 when m_i was -inf
+                l_i[r] *= alpha;
+#pragma unroll
+                for (int e = 0; e < ELEMS; ++e) acc[r][e] *= alpha;
+            }
             m_i[r] = m_new;
             Acc row_sum = Acc(0);
 #pragma unroll
@@ -490,9 +516,7 @@ flash_decode(const DecodeParams p) {
                 s[ps][r] = Math::exp(s[ps][r] - m_safe);  // s now holds P~
                 row_sum += s[ps][r];
             }
-            l_i[r] = alpha * l_i[r] + row_sum;
-#pragma unroll
-            for (int e = 0; e < ELEMS; ++e) acc[r][e] *= alpha;
+            l_i[r] += row_sum;
         }
 
         // -- acc += P~ V: this lane's V vectors, of the keys it scored
@@ -616,6 +640,7 @@ flash_decode(const DecodeParams p) {
 // ----------------------------------------------------------------------------------------
 constexpr int COMBINE_THREADS = 128;
 constexpr int COMBINE_MAX_SPLITS = 1024;  // the weights live in shared memory
+constexpr int COMBINE_MAX_DV = 256;       // the largest head dim of the split kernel
 
 template <typename T>
 __global__ void __launch_bounds__(COMBINE_THREADS)
@@ -623,7 +648,7 @@ flash_decode_combine(const DecodeCombineParams p) {
     using Math = DecodeMath<T>;
     using Acc = typename Math::Acc;
     __shared__ Acc w_s[COMBINE_MAX_SPLITS];  // exp(lse_s - M)
-    __shared__ Acc red[COMBINE_THREADS];     // block reductions
+    __shared__ Acc red[COMBINE_THREADS / 32];  // the warps' maxima, then their sums
 
     // (32-bit: the launcher keeps every count below 2^31; 64-bit division is a call)
     const int M = static_cast<int>(p.M), G = static_cast<int>(p.G), Hk = static_cast<int>(p.Hk);
@@ -638,37 +663,41 @@ flash_decode_combine(const DecodeCombineParams p) {
     const Acc* out_part = static_cast<const Acc*>(p.out_partial) + (bh * S * p.M + r) * p.partial_row;
     const long long split_stride = p.M * p.partial_row;
 
-    // -- M = max_s lse_s: each thread over s = tid, tid + 128, ...; then a fixed tree
+    constexpr int COMBINE_WARPS = COMBINE_THREADS / 32;
+    const int warp = tid / 32, lane = tid % 32;
+
+    // -- M = max_s lse_s: each thread over s = tid, tid + 128, ...; an xor butterfly per
+    // warp, then the warps' maxima
     Acc m = -INFINITY;
     for (int s = tid; s < S; s += COMBINE_THREADS) m = fmax(m, lse_part[s * p.M]);
-    red[tid] = m;
-    // every thread's max is in red
+#pragma unroll
+    for (int mask = 1; mask < 32; mask *= 2) m = fmax(m, __shfl_xor_sync(0xffffffffu, m, mask));
+    if (lane == 0) red[warp] = m;
+    // every warp's maximum is in red
     __syncthreads();
-    for (int half = COMBINE_THREADS / 2; half > 0; half /= 2) {
-        if (tid < half) red[tid] = fmax(red[tid], red[tid + half]);
-        // this level is complete before the next reads it
-        __syncthreads();
-    }
-    const Acc m_safe = red[0] == -INFINITY ? Acc(0) : red[0];
-    // every thread has read red[0] before it is reused
-    __syncthreads();
+    m = red[0];
+#pragma unroll
+    for (int w = 1; w < COMBINE_WARPS; ++w) m = fmax(m, red[w]);
+    const Acc m_safe = m == -INFINITY ? Acc(0) : m;
 
-    // -- weights exp(lse_s - M) and l = sum_s of them
+    // -- weights exp(lse_s - M) and l = sum_s of them: per thread, an xor butterfly per
+    // warp (the same order in every lane), then the warps' sums in warp order
     Acc l = Acc(0);
     for (int s = tid; s < S; s += COMBINE_THREADS) {
         const Acc w = Math::exp_natural(lse_part[s * p.M] - m_safe);  // 0 for lse_s = -inf
         w_s[s] = w;
         l += w;
     }
-    red[tid] = l;
-    // every thread's sum and weights are in shared memory
+#pragma unroll
+    for (int mask = 1; mask < 32; mask *= 2) l += __shfl_xor_sync(0xffffffffu, l, mask);
+    // every thread has read red's maxima before they are overwritten
     __syncthreads();
-    for (int half = COMBINE_THREADS / 2; half > 0; half /= 2) {
-        if (tid < half) red[tid] += red[tid + half];
-        // this level is complete before the next reads it
-        __syncthreads();
-    }
+    if (lane == 0) red[warp] = l;
+    // every warp's sum, and every weight, is in shared memory
+    __syncthreads();
     l = red[0];
+#pragma unroll
+    for (int w = 1; w < COMBINE_WARPS; ++w) l += red[w];
     const Acc inv_l = Math::inverse(l);
 
     const int i = r / G, h = hk * G + r % G;
@@ -676,18 +705,43 @@ flash_decode_combine(const DecodeCombineParams p) {
         static_cast<Acc*>(p.lse)[(b * p.H + h) * p.Lq + i] =
             l == Acc(0) ? Acc(-INFINITY) : m_safe + Math::log_natural(l);
 
-    // -- out: one column per thread, splits in order; 8 loads in flight per thread
-    T* out = static_cast<T*>(p.out) + b * p.out_batch_stride + i * p.out_token_stride
-             + h * p.out_head_stride;
-    for (int c = tid; c < p.Dv; c += COMBINE_THREADS) {
-        Acc o = Acc(0);
-#pragma unroll 8
-        for (int s = 0; s < S; ++s) {
-            const Acc w = w_s[s];
-            const Acc x = out_part[s * split_stride + c];
-            o += w == Acc(0) ? Acc(0) : w * x;  // a split that saw no key adds nothing
+    // -- out: warp w sums the splits s = w, w + COMBINE_WARPS, ... for the columns
+    // c = lane + 32 k (coalesced rows; up to 4 x 8 loads in flight per lane); the warps'
+    // sums are then added in warp order through shared memory (fixed order: reproducible)
+    constexpr int COLS = COMBINE_MAX_DV / 32;  // columns per lane
+    const int Dv = static_cast<int>(p.Dv);
+    Acc o[COLS];
+#pragma unroll
+    for (int k = 0; k < COLS; ++k) o[k] = Acc(0);
+#pragma unroll 4
+    for (int s = warp; s < S; s += COMBINE_WARPS) {
+        const Acc w = w_s[s];
+        if (w == Acc(0)) continue;  // a split that saw no key adds nothing (nor is read)
+        const Acc* row = out_part + s * split_stride;
+#pragma unroll
+        for (int k = 0; k < COLS; ++k)
+            if (lane + 32 * k < Dv) o[k] += w * row[lane + 32 * k];
+    }
+    __shared__ Acc o_s[COMBINE_WARPS - 1][COMBINE_MAX_DV];  // warps 1.. sums
+    if (warp > 0) {
+#pragma unroll
+        for (int k = 0; k < COLS; ++k) o_s[warp - 1][lane + 32 * k] = o[k];
+    }
+    // every warp's sums are in shared memory
+    __syncthreads();
+    if (warp == 0) {
+        T* out = static_cast<T*>(p.out) + b * p.out_batch_stride + i * p.out_token_stride
+                 + h * p.out_head_stride;
+#pragma unroll
+        for (int k = 0; k < COLS; ++k) {
+            const int c = lane + 32 * k;
+            if (c < Dv) {
+                Acc total = o[k];
+#pragma unroll
+                for (int w = 1; w < COMBINE_WARPS; ++w) total += o_s[w - 1][c];
+                out[c] = Math::from_acc(total * inv_l);
+            }
         }
-        out[c] = Math::from_acc(o * inv_l);
     }
 }
 
