@@ -35,16 +35,16 @@ verify)
     # the new GPU paths first (they fail fastest), then everything else of the GPU suite
     stage "new GPU paths" 240 "$OUT/verify_new.txt" $PY -m pytest -m gpu -q -p no:cacheprovider \
         --maxfail=10 tests/test_variants.py tests/test_variants_backward.py \
-        tests/test_sequences.py tests/test_dropout.py
+        tests/test_sequences.py tests/test_dropout.py tests/test_decode_gpu.py
     stage "GPU suite" 330 "$OUT/verify_suite.txt" $PY -m pytest -m gpu -q -p no:cacheprovider \
         --maxfail=10 --ignore=tests/test_wgmma.py --ignore=tests/test_variants.py \
         --ignore=tests/test_variants_backward.py --ignore=tests/test_sequences.py \
-        --ignore=tests/test_dropout.py tests
+        --ignore=tests/test_dropout.py --ignore=tests/test_decode_gpu.py tests
     ;;
 sanitize)
     for tool in memcheck racecheck; do
         stage "compute-sanitizer $tool" 150 "$OUT/sanitize.txt" compute-sanitizer --tool "$tool" \
-            --error-exitcode 1 $PY benchmarks/sanitize.py variants
+            --error-exitcode 1 $PY benchmarks/sanitize.py variants decode
     done
     ;;
 bench)

@@ -7,8 +7,10 @@
 Covers: the tensor-core forward (fp16, bf16; every head-dim bucket; causal and not;
 lengths off the tile sizes, Lq != Lk, a row that sees no key), the fp32/fp64 forward, the
 softmax kernels (a short row, rows for the cluster kernel, a row longer than that), and the backward ("bwd": the
-same attention cases, atomic and deterministic dQ, grouped-query k and v), and the variant
-kernels ("variants": bias, mask, window, ALiBi, softcap, forward and backward). Each result is also checked
+same attention cases, atomic and deterministic dQ, grouped-query k and v), the variant
+kernels ("variants": bias, mask, window, ALiBi, softcap, forward and backward), and decoding ("decode": the
+split, combine and append kernels; contiguous and paged caches, grouped heads and row chunks, one and
+many splits, the element-by-element copy path, float64 at head dim 256). Each result is also checked
 against the float64 reference, so a sanitizer-clean but wrong kernel still fails.
 """
 
@@ -111,6 +113,51 @@ def main(families=("mma", "simt", "softmax")):
                     assert err < tol, ("variants bwd", dt, d, det, err)
                     worst = max(worst, err)
             cases.append(("variants", dt, d))
+    if "decode" in families:
+        # (dtype, D, Hk, G, Lq, causal, page size or None, num_splits, element path)
+        decode_cases = [(np.float16, 128, 2, 1, 1, False, None, None, False),
+                        (np.float16, 128, 2, 1, 1, False, 16, 7, False),
+                        (ml_dtypes.bfloat16, 128, 2, 4, 1, True, 3, None, False),
+                        (np.float16, 64, 1, 8, 3, True, None, 1, False),
+                        (np.float32, 59, 2, 2, 2, False, 8, 4, True),
+                        (np.float64, 256, 1, 3, 1, False, None, 5, False)]
+        for dt, d, hk, g, lq, causal, page, splits, odd in decode_cases:
+            seqlens = np.array([300, 0, 37], np.int32)
+            k_cache = rng.standard_normal((3, 310, hk, d + odd)).astype(dt)[..., odd:]
+            v_cache = rng.standard_normal((3, 310, hk, d)).astype(dt)
+            q = rng.standard_normal((3, lq, hk * g, d)).astype(dt)
+            k_new = rng.standard_normal((3, 1, hk, d)).astype(dt)
+            v_new = rng.standard_normal((3, 1, hk, d)).astype(dt)
+            ref = reference.attention_decode(q, k_cache, v_cache, seqlens, k_new=k_new,
+                                             v_new=v_new, causal=causal)
+            table = None
+            if page is not None:  # the same keys as a shuffled pool of pages
+                per_seq = -(-310 // page)
+                perm = rng.permutation(3 * per_seq)
+                table = perm.reshape(3, per_seq).astype(np.int32)
+                pad = np.zeros((3, per_seq * page - 310) + k_cache.shape[2:], dt)
+                pools = []
+                for cache in (k_cache, v_cache):
+                    blocks = np.concatenate([cache, pad[..., :cache.shape[-1]]], axis=1)
+                    pool = np.empty((3 * per_seq, page) + cache.shape[2:], dt)
+                    pool[table.ravel()] = blocks.reshape((3 * per_seq, page) + cache.shape[2:])
+                    pools.append(pool)
+                k_cache, v_cache = pools
+            gk = cupy.asarray(np.ascontiguousarray(k_cache) if not odd else k_cache)
+            if odd:  # rows that are not 16-byte vectors: a view one element in
+                base = cupy.zeros(k_cache.shape[:-1] + (d + 1,), dt)
+                base[..., 1:] = cupy.asarray(k_cache)
+                gk = base[..., 1:]
+            out = cupyflash.attention_decode(
+                cupy.asarray(q), gk, cupy.asarray(v_cache), cupy.asarray(seqlens),
+                k_new=cupy.asarray(k_new), v_new=cupy.asarray(v_new),
+                block_table=None if table is None else cupy.asarray(table),
+                causal=causal, num_splits=splits)
+            err = float(np.abs(out.get().astype(np.float64) - ref).max())
+            tol = 3e-2 if np.dtype(dt).itemsize == 2 else 1e-5
+            assert err < tol, ("decode", dt, d, hk, g, lq, causal, page, splits, odd, err)
+            worst = max(worst, err)
+        cases += decode_cases
     if "softmax" in families:
         # one block per row; the cluster kernel (sm_90: 17 rows fill an H100's 132 SMs);
         # the split-row kernels
@@ -125,4 +172,4 @@ def main(families=("mma", "simt", "softmax")):
 
 
 if __name__ == "__main__":
-    main(tuple(sys.argv[1:]) or ("mma", "simt", "softmax", "bwd", "variants"))
+    main(tuple(sys.argv[1:]) or ("mma", "simt", "softmax", "bwd", "variants", "decode"))

@@ -11,10 +11,12 @@ only copies are the key blocks of a paged cache, gathered one split at a time.
 Split-KV decoding ("flash-decoding") attends each of ``num_splits`` chunks of a
 sequence's keys separately, keeps each partial output in the accumulator dtype, and
 merges them exactly through their lse with :func:`cupyflash.merge_attention`: the
-algorithm the GPU kernels will use.
+algorithm of the GPU kernels.
 
-CuPy arrays are validated like NumPy arrays; attention_varlen then runs the GPU forward
-per sequence on the same views, and attention_decode raises ``NotImplementedError``.
+CuPy arrays are validated like NumPy arrays (the same checks, the same messages, on host
+copies of the integer arrays); then ``attention_decode`` runs the kernels of
+``_cupy_decode`` and ``attention_varlen`` runs the GPU forward per sequence on the same
+views.
 """
 
 import numbers
@@ -281,7 +283,8 @@ class _Cache:
 
 
 # num_splits=None on the NumPy backend: one split. On the CPU more splits add work (a merge)
-# and no parallelism; on the GPU they will fill the SMs when B * Hk is small.
+# and no parallelism; on the GPU they fill the SMs when B * Hk is small
+# (_cupy_decode.choose_num_splits).
 DEFAULT_SPLITS_NUMPY = 1
 
 
@@ -324,7 +327,10 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=No
         Split-KV decoding ("flash-decoding"): the ``n_b`` keys are cut into
         ``num_splits`` contiguous chunks, each attended separately, and the partial
         results merged exactly through their lse (:func:`merge_attention`). The result
-        equals ``num_splits=1`` up to rounding. None chooses: 1 on the NumPy backend.
+        equals ``num_splits=1`` up to rounding. None chooses: 1 on the NumPy backend;
+        on the GPU enough splits to fill the multiprocessors when ``B * Hk`` blocks do
+        not (the GPU cuts at whole tiles of keys, and launches no split that would be
+        empty for every batch element).
     causal : bool, optional
         Bottom-right aligned as in :func:`attention`: the ``Lq`` queries are the last
         ``Lq`` positions, so query ``i`` sees key ``j`` iff ``j <= i + n_b - Lq``.
@@ -351,9 +357,9 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=No
         a multiple of ``Hk``, only one of ``k_new`` and ``v_new``, negative
         ``cache_seqlens``, a cache too short for ``cache_seqlens + L_new``, block
         indices out of range, an append that writes one slot twice, ``num_splits <
-        1``, or a read-only cache when appending.
-    NotImplementedError
-        CuPy arrays (after validation): the GPU kernel does not exist yet.
+        1``, or a read-only cache when appending. On the GPU also: arrays on different
+        devices, a head dim ``max(D, Dv)`` above 256, or a cache of ``2**30`` or more
+        positions per sequence.
 
     Notes
     -----
@@ -364,6 +370,13 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=No
     dtype (float32, float64 for float64), as FlashAttention's split-KV kernel does,
     and rounded once after the merge. ``cupyflash.reference.attention_decode`` is the
     float64 truth.
+
+    On CuPy arrays the checks read ``cache_seqlens`` and ``block_table`` to the host (a
+    synchronisation: their values decide whether the call is valid); then a small kernel
+    appends ``k_new`` and ``v_new``, the split-KV kernel (``cuda/flash_decode.cuh``) reads
+    each key and value once per kv head for all ``G * Lq`` query rows that use it, and a
+    combine kernel merges the splits through their lse, all on CuPy's current stream.
+    q, the cache and the new keys are read in place, with any strides.
 
     Examples
     --------
@@ -491,8 +504,12 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=No
                 raise ValueError(f"{fn}: {name} is read-only, but k_new is to be "
                                  f"appended to it")
     if xp_name == "cupy":
-        raise NotImplementedError(f"{fn}: not implemented on the GPU yet; the NumPy "
-                                  f"backend has it")
+        from . import _cupy_decode
+        out, lse = _cupy_decode.attention_decode(
+            q, k_cache, v_cache, given["cache_seqlens"], k_new, v_new, block_table,
+            num_splits=num_splits, causal=bool(causal), scale=scale,
+            max_keys=int(lengths.max(initial=0)))
+        return (out, lse) if return_lse else out
 
     cache = _Cache(table, block_size)
     # Append k_new, v_new in place: the only write to an input.

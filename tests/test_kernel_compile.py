@@ -13,8 +13,9 @@ or in ``$CUOBJDUMP``), the Hopper kernels' machine code is checked too.
 
 More tests compile small programs of ``static_assert``s that hold the Python side to
 the kernels' own constants: the shared memory, block size and tile rows that
-``_cupy_backend._simt_config`` and ``_cupy_backward.backward_config`` launch with, and
-the limits ``softmax_family`` assumes.
+``_cupy_backend._simt_config``, ``_cupy_backward.backward_config`` and
+``_cupy_decode.decode_config`` launch with, the layout of the decode kernels' argument
+structs, and the limits ``softmax_family`` assumes.
 """
 
 import os
@@ -31,7 +32,7 @@ import pytest
 pytest.importorskip("cupy", reason="needs CuPy's NVRTC bindings")
 from cupy.cuda import nvrtc  # noqa: E402
 
-from cupyflash import _cupy_backend, _cupy_backward, _kernels  # noqa: E402
+from cupyflash import _cupy_backend, _cupy_backward, _cupy_decode, _kernels  # noqa: E402
 
 try:
     _kernels.cuda_include_dirs()
@@ -42,13 +43,14 @@ ARCHS = ("sm_80", "sm_90a")
 
 
 def _variants():
-    """(source, name_expression, arch) of every kernel, each once: the forward, softmax
-    and SIMT backward kernels for both architectures, and the tensor-core backward
+    """(source, name_expression, arch) of every kernel, each once: the forward, softmax,
+    SIMT backward and decode kernels for both architectures, and the tensor-core backward
     variants that a GPU of each architecture requests (their tiles depend on it)."""
     every_arch = list(dict.fromkeys(_cupy_backend.all_attention_variants()
                                     + _cupy_backend.simt_attention_variants()
                                     + _cupy_backend.all_softmax_variants()
-                                    + _cupy_backend.simt_backward_variants()))
+                                    + _cupy_backend.simt_backward_variants()
+                                    + _cupy_decode.decode_variants()))
     return [(source, name, arch) for arch in ARCHS
             for source, name in every_arch + _cupy_backward.mma_backward_variants(arch)
             ] + [(source, name, "sm_90a")
@@ -336,3 +338,57 @@ def test_wgmma_machine_code(source, name):
     limit = 240 if consumers == 2 else 160  # FwdWgmmaTraits::CONSUMER_REGS
     highest = max(int(r) for r in re.findall(r"\bR(\d+)\b", sass))
     assert highest < limit, f"{name}: register R{highest} used, {limit} granted"
+
+def test_decode_configs_match_the_kernel_traits():
+    """decode_config's keys per tile, threads, shared memory and bytes in flight are
+    DecodeTraits', for every variant the library can request, and the combine and
+    append kernels' block sizes and split limit are the .cuh's."""
+    asserts = []
+    for dtype, ctype in (("float16", "__half"), ("bfloat16", "__nv_bfloat16"),
+                         ("float32", "float"), ("float64", "double")):
+        for head_dim in _cupy_decode.DECODE_HEAD_DIMS:
+            for M in (1, 2, 4, 5, 8, 9, 64):
+                cfg = _cupy_decode.decode_config(head_dim - 3, head_dim, dtype, 90, M)
+                assert cfg.head_dim == head_dim
+                assert cfg.name_expression == (f"cupyflash::flash_decode<{ctype}, {head_dim}, "
+                                               f"{cfg.rows}>")
+                tr = f"cupyflash::DecodeTraits<{ctype}, {head_dim}, {cfg.rows}>"
+                for what, value in (("BLOCK_N", cfg.block_n), ("NUM_THREADS", cfg.num_threads),
+                                    ("SMEM_BYTES", cfg.smem_bytes),
+                                    ("INFLIGHT_BYTES", cfg.inflight_bytes)):
+                    asserts.append(f'static_assert({tr}::{what} == {value}, '
+                                   f'"{dtype} HEAD_DIM {head_dim} ROWS {cfg.rows}: {what}");')
+    asserts += [
+        f'static_assert(cupyflash::COMBINE_THREADS == {_cupy_decode.COMBINE_THREADS}, "");',
+        f'static_assert(cupyflash::COMBINE_MAX_SPLITS == {_cupy_decode.COMBINE_MAX_SPLITS}, "");',
+        f'static_assert(cupyflash::APPEND_THREADS == {_cupy_decode.APPEND_THREADS}, "");',
+        f'static_assert(cupyflash::COMBINE_MAX_DV == {max(_cupy_decode.DECODE_HEAD_DIMS)}, '
+        f'"the combine holds rows of the widest head dim");',
+    ]
+    _compile_asserts("flash_decode.cuh", list(dict.fromkeys(asserts)))
+
+
+def test_decode_param_structs_match_the_python_layout():
+    """Every field of DecodeParams, DecodeCombineParams and DecodeAppendParams sits at
+    the offset _cupy_decode packs it at (8 bytes each, in order)."""
+    asserts = []
+    for struct_name, fields in (("DecodeParams", _cupy_decode.DECODE_PARAMS),
+                                ("DecodeCombineParams", _cupy_decode.COMBINE_PARAMS),
+                                ("DecodeAppendParams", _cupy_decode.APPEND_PARAMS)):
+        c = f"cupyflash::{struct_name}"
+        asserts.append(f'static_assert(sizeof({c}) == {8 * len(fields)}, "{struct_name} size");')
+        for i, (name, _) in enumerate(fields):
+            asserts.append(f'static_assert(__builtin_offsetof({c}, {name}) == {8 * i}, '
+                           f'"{struct_name}::{name}");')
+    _compile_asserts("flash_decode.cuh", asserts)
+
+
+def test_decode_config_pads_the_head_dim_and_chooses_rows():
+    cfg = _cupy_decode.decode_config(59, 40, "float16", 80, 1)
+    assert (cfg.head_dim, cfg.rows) == (64, 1)
+    assert _cupy_decode.decode_config(64, 65, "float32", 90, 3).name_expression == (
+        "cupyflash::flash_decode<float, 128, 4>")
+    assert _cupy_decode.decode_config(128, 128, "bfloat16", 90, 32).rows == 8
+    assert _cupy_decode.decode_config(256, 256, "float64", 90, 32).rows == 4
+    with pytest.raises(ValueError, match="^attention_decode: head dims up to 256"):
+        _cupy_decode.decode_config(257, 64, "float32", 90, 1)

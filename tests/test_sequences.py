@@ -518,8 +518,8 @@ def test_mixed_numpy_and_lists_are_accepted_for_offsets():
 
 
 # ----------------------------------------------------------------------------------------
-# the GPU: attention_varlen runs the fused kernel per sequence; attention_decode raises
-# NotImplementedError after validation
+# the GPU: the same validation; varlen runs the fused forward per sequence (decode:
+# test_decode_gpu.py)
 # ----------------------------------------------------------------------------------------
 
 def gpu_only(test):
@@ -529,22 +529,40 @@ def gpu_only(test):
 
 
 @gpu_only
-def test_cupy_inputs_raise_not_implemented_after_validation():
+def test_cupy_inputs_are_validated_like_numpy_inputs():
     import cupy
     args = {n: cupy.asarray(x) for n, x in varlen_args().items()}
     with raises(ValueError, "attention_varlen: cu_seqlens_q[0] must be 0"):
         cupyflash.attention_varlen(**dict(args, cu_seqlens_q=cupy.asarray([1, 2, 6])))
     with raises(TypeError, "attention_varlen: arrays must be all NumPy or all CuPy arrays"):
         cupyflash.attention_varlen(**dict(args, q=np.zeros((6, 4, 8), np.float32)))
-    for paged in (False, True):
+    for paged, change, error, message in DECODE_CASES_ON_GPU:
         args = {n: cupy.asarray(x) for n, x in decode_args(paged).items()}
-        before = args["k_cache"].get()
-        with raises(NotImplementedError, "attention_decode: not implemented on the GPU yet; "
-                                         "the NumPy backend has it"):
+        args.update({n: None if x is None else cupy.asarray(x) if isinstance(x, np.ndarray)
+                     else x for n, x in change.items()})
+        args = {name: x for name, x in args.items() if x is not None}
+        before = [args[n].get() for n in ("k_cache", "v_cache")]
+        with raises(error, message):
             cupyflash.attention_decode(**args)
-        assert (args["k_cache"].get() == before).all()  # no append before the raise
-        with raises(ValueError, "attention_decode: num_splits must be >= 1"):
-            cupyflash.attention_decode(**args, num_splits=0)
+        assert all((args[n].get() == b).all() for n, b in zip(("k_cache", "v_cache"), before)), \
+            "a failed call appended to the cache"
+
+
+# A sample of test_decode_validation's cases, with every array moved to the GPU.
+DECODE_CASES_ON_GPU = [
+    (False, dict(num_splits=0), ValueError, "attention_decode: num_splits must be >= 1, got 0"),
+    (False, dict(cache_seqlens=np.array([3, 6])), ValueError,
+     "attention_decode: cache_seqlens[1] + L_new (6 + 1) exceeds the cache length "
+     "k_cache.shape[1] (6)"),
+    (False, dict(cache_seqlens=np.array([3.0, 5.0])), TypeError,
+     "attention_decode: cache_seqlens must have an integer dtype"),
+    (True, dict(block_table=np.array([[0, 1, -1], [2, 3, 5]], np.int32)), ValueError,
+     "attention_decode: block_table[1, 2] (5) is out of range for 5 blocks (k_cache.shape[0])"),
+    (True, dict(block_table=np.array([[0, 1, -1], [2, 3, 1]], np.int32)), ValueError,
+     "attention_decode: the append of k_new would write one cache slot twice"),
+    (False, dict(v_new=None), ValueError,
+     "attention_decode: k_new and v_new must be given together, got k_new only"),
+]
 
 
 @gpu_only
@@ -567,4 +585,3 @@ def test_varlen_on_gpu_matches_each_sequence(case):
     for before, after in zip((q, k, v, cu_q, cu_k), (gq, gk, gv, gcu_q, gcu_k)):
         assert before.tobytes() == after.get().tobytes(), "attention_varlen modified an input"
     check_varlen(case, out.get(), lse.get(), q, k, v, cu_q, cu_k)
-

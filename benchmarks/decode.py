@@ -1,0 +1,300 @@
+"""KV-cache decoding on the GPU: cupyflash.attention_decode against a device copy and
+torch SDPA.
+
+The issue's grid: batch 1, 4, 16, 64; one new query token; H = 8 query heads over Hk = 8
+kv heads (and a grouped-query line, H = 32 over Hk = 8); head dim 128; caches of 8k, 32k
+and 128k keys; float16 and bfloat16. The cache is FlashAttention's layout
+``(B, L, Hk, D)``; torch gets the ``(B, Hk, L, D)`` view of the same memory (its flash
+backend's own layout underneath, so no copy), with ``enable_gqa`` for grouped heads.
+
+What is timed, and how:
+
+* **kernel time** (the bar): the GPU time per call of many calls enqueued back to back
+  behind a spinning kernel, so that neither the host's launch cost nor its Python code
+  shows (the GPU works through a full queue). cupyflash is called through
+  ``_cupy_decode.attention_decode``, the launch after validation (append, split kernel,
+  combine kernel); the public call adds the validation's host synchronisation (it reads
+  ``cache_seqlens`` to the host) and ~50 us of Python, reported separately as "api".
+  Calls rotate over enough copies of the cache to exceed four times the L2 cache, so
+  every call reads its keys and values from DRAM. Median of ``--reps`` repetitions.
+* **bandwidth**: the K and V bytes the call must read, ``B * Hk * L * 2 * D * itemsize``,
+  over the kernel time, against a device-to-device copy of 1 GiB (read + write bytes over
+  its time) measured in the same run, and as a ratio to torch's best SDPA backend
+  (flash, efficient, cuDNN, math: each that accepts the problem) timed the same way.
+
+    python benchmarks/decode.py                 # the whole grid
+    python benchmarks/decode.py --quick         # batch 1 and 16, 8k and 32k
+    python benchmarks/decode.py --batch 1 --length 131072 --dtype bfloat16
+
+Records are appended as JSON to ``benchmarks/results/decode_<gpu>.json``: gpu, run,
+provider, dtype, b, h, hk, d, l, ms, kv_gbs, copy_gbs, frac_of_copy, and for cupyflash
+num_splits and api_ms. Runs to completion without torch (cupyflash and the copy only).
+"""
+
+import argparse
+import json
+import math
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import cupyflash  # noqa: E402
+from cupyflash import _cupy_decode, _measure  # noqa: E402
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+# A kernel that spins for a given number of nanoseconds: the GPU is busy while the host
+# enqueues the calls to time, which then run back to back.
+SPIN_SOURCE = r'''
+extern "C" __global__ void spin(unsigned long long ns) {
+    unsigned long long t0, t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+    do { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); } while (t - t0 < ns);
+}
+'''
+
+
+def _dtype(name):
+    if name == "bfloat16":
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def _random(cupy, shape, dtype):
+    """Standard normal values of ``dtype`` drawn on the GPU (bfloat16: the top 16 bits of
+    float32 draws), one batch element at a time (a 128k cache in float32 would not fit)."""
+    out = cupy.empty(shape, dtype=dtype)
+    for b in range(shape[0]):
+        x = cupy.random.standard_normal(shape[1:], dtype=np.float32)
+        if dtype.name == "bfloat16":
+            out[b] = (x.view(np.uint32) >> 16).astype(np.uint16).view(dtype)
+        else:
+            out[b] = x.astype(dtype)
+    return out
+
+
+class QueueTimer:
+    """GPU time per call of calls enqueued back to back behind a spinning kernel, on
+    CuPy's current stream (torch is pointed at the same stream)."""
+
+    def __init__(self, cupy, calls, reps):
+        self.cupy, self.calls, self.reps = cupy, calls, reps
+        self.spin = cupy.RawKernel(SPIN_SOURCE, "spin")
+
+    def __call__(self, fns):
+        """Median over reps of (time of ``calls`` calls) / calls; ``fns`` are rotated."""
+        cupy = self.cupy
+        stream = cupy.cuda.get_current_stream()
+        for fn in fns:                                       # warm-up: compiles, caches
+            fn()
+        stream.synchronize()
+        t0 = time.perf_counter()                             # the host's enqueue time
+        for i in range(self.calls):
+            fns[i % len(fns)]()
+        host_s = time.perf_counter() - t0
+        stream.synchronize()
+        spin_ns = int(max(2e-3, 3 * host_s) * 1e9)
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        times = []
+        for _ in range(self.reps):
+            self.spin((1,), (1,), (np.uint64(spin_ns),))
+            start.record()
+            t0 = time.perf_counter()
+            for i in range(self.calls):
+                fns[i % len(fns)]()
+            enqueue_s = time.perf_counter() - t0
+            end.record()
+            end.synchronize()
+            if enqueue_s * 1e9 > spin_ns:
+                print(f"  warning: enqueueing took {enqueue_s * 1e3:.2f} ms, longer than "
+                      f"the spin ({spin_ns / 1e6:.2f} ms): host time may show", flush=True)
+            times.append(cupy.cuda.get_elapsed_time(start, end) / self.calls)
+        return statistics.median(times)
+
+
+def api_time_ms(cupy, fn, reps):
+    """Median CUDA-event time of one public call (host work and its synchronisation show)."""
+    fn()
+    cupy.cuda.get_current_stream().synchronize()
+    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, end))
+    return statistics.median(times)
+
+
+def copy_bandwidth(cupy, timer):
+    """GB/s of a device-to-device copy of 1 GiB, read + write bytes."""
+    x = cupy.empty(1 << 28, dtype=np.float32)
+    y = cupy.empty_like(x)
+    ms = timer([lambda: y.__setitem__(Ellipsis, x)])
+    return 2 * (1 << 30) / ms / 1e6
+
+
+def torch_backends(stream):
+    """``(torch, {name: sdpa(q, k, v, gqa)})`` for torch SDPA's backends, on CuPy's
+    stream; ``(None, {})`` without torch."""
+    try:
+        import torch
+        import torch.nn.functional as F
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except Exception:
+        return None, {}
+    tstream = torch.cuda.ExternalStream(stream.ptr)
+
+    def backend(kind):
+        def run(q, k, v, gqa):
+            with torch.cuda.stream(tstream), sdpa_kernel([kind]):
+                extra = {"enable_gqa": True} if gqa else {}
+                return F.scaled_dot_product_attention(q, k, v, **extra)
+        return run
+    return torch, {"torch_flash": backend(SDPBackend.FLASH_ATTENTION),
+                   "torch_efficient": backend(SDPBackend.EFFICIENT_ATTENTION),
+                   "torch_cudnn": backend(SDPBackend.CUDNN_ATTENTION),
+                   "torch_math": backend(SDPBackend.MATH)}
+
+
+def as_torch(torch, x):
+    """A torch view of a CuPy array (bfloat16 through its bits)."""
+    if x.dtype.name == "bfloat16":
+        return torch.from_dlpack(x.view(np.uint16)).view(torch.bfloat16)
+    return torch.from_dlpack(x)
+
+
+def bench_case(cupy, torch, backends, timer, gpu, run, copy_gbs, dtype_name, dt, B, H, Hk, L,
+               D, copies, kv_bytes, reps):
+    """Time one problem; print its line and return its records."""
+    q = _random(cupy, (B, 1, H, D), dt)
+    caches = [(_random(cupy, (B, L, Hk, D), dt), _random(cupy, (B, L, Hk, D), dt))
+              for _ in range(copies)]
+    seqlens = cupy.full((B,), L, dtype=np.int32)
+    scale = 1.0 / math.sqrt(D)
+
+    def launch(k, v):
+        return lambda: _cupy_decode.attention_decode(
+            q, k, v, seqlens, None, None, None, num_splits=None,
+            causal=False, scale=scale, max_keys=L)
+    ms = timer([launch(k, v) for k, v in caches])
+    api_ms = api_time_ms(cupy, lambda: cupyflash.attention_decode(
+        q, caches[0][0], caches[0][1], seqlens), reps)
+    cfg = _cupy_decode.decode_config(D, D, dtype_name, 90, H // Hk)
+    splits = _cupy_decode.launched_splits(   # what the call chose
+        None, cfg, B * Hk * -(-(H // Hk) // cfg.rows), L, 2 * D * dt.itemsize,
+        _cupy_decode._num_sms(cupy.cuda.Device().id))
+    gbs = kv_bytes / ms / 1e6
+    common = dict(gpu=gpu, run=run, dtype=dtype_name, b=B, h=H, hk=Hk, d=D,
+                  l=L, copy_gbs=copy_gbs)
+    records = [dict(common, provider="cupyflash", ms=ms, kv_gbs=gbs,
+                    frac_of_copy=gbs / copy_gbs, num_splits=splits, api_ms=api_ms)]
+    best = None
+    ours = None
+    for name, sdpa in backends.items():
+        tq = as_torch(torch, q).transpose(1, 2)        # (B, H, 1, D)
+        views = [(as_torch(torch, k).transpose(1, 2),  # (B, Hk, L, D)
+                  as_torch(torch, v).transpose(1, 2)) for k, v in caches]
+        try:
+            ref = sdpa(tq, *views[0], H != Hk)
+            t_ms = timer([(lambda k=k, v=v: sdpa(tq, k, v, H != Hk)) for k, v in views])
+        except Exception as e:  # a backend that rejects the problem
+            print(f"  {name}: {type(e).__name__}: {str(e)[:100]}")
+            continue
+        if ours is None:  # a sanity check of the values while here
+            ours = cupyflash.attention_decode(q, caches[0][0], caches[0][1], seqlens)
+            diff = float(abs(as_torch(torch, ours).float()
+                             - ref.transpose(1, 2).float()).max())
+            if diff > 3e-2:
+                print(f"  warning: cupyflash and {name} differ by {diff:.3g}")
+        t_gbs = kv_bytes / t_ms / 1e6
+        records.append(dict(common, provider=name, ms=t_ms, kv_gbs=t_gbs,
+                            frac_of_copy=t_gbs / copy_gbs))
+        if best is None or t_ms < best[1]:
+            best = (name, t_ms)
+    torch_cells = (f"{best[0]:>16s} {best[1]:8.4f} {best[1] / ms:5.2f}"
+                   if best else f"{'-':>16s} {'-':>8s} {'-':>5s}")
+    print(f"{dtype_name:9s} {B:3d} {H:2d}/{Hk:<2d} {L:7d} | {splits:6d} "
+          f"{ms:8.4f} {gbs:6.0f} {gbs / copy_gbs:5.2f} {api_ms:7.3f} | "
+          f"{torch_cells}", flush=True)
+    return records
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--batch", type=int, nargs="*", default=None)
+    ap.add_argument("--length", type=int, nargs="*", default=None)
+    ap.add_argument("--dtype", nargs="*", default=["float16", "bfloat16"])
+    ap.add_argument("--heads", nargs="*", default=["8/8", "32/8"],
+                    help="H/Hk pairs (query heads / kv heads)")
+    ap.add_argument("--d", type=int, default=128)
+    ap.add_argument("--calls", type=int, default=20, help="calls per timed queue")
+    ap.add_argument("--reps", type=int, default=7, help="timed queues (median)")
+    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--out", default=None, help="JSON file to append records to")
+    args = ap.parse_args(argv)
+
+    import cupy
+    batches = args.batch or ([1, 16] if args.quick else [1, 4, 16, 64])
+    lengths = args.length or ([8192, 32768] if args.quick else [8192, 32768, 131072])
+    heads = [tuple(int(x) for x in pair.split("/")) for pair in args.heads]
+    D = args.d
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        timer = QueueTimer(cupy, args.calls, args.reps)
+        torch, backends = (None, {}) if args.no_torch else torch_backends(stream)
+        gpu = _measure.gpu_name()
+        props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+        l2_bytes = int(props.get("l2CacheSize", 50 << 20))
+        copy_gbs = copy_bandwidth(cupy, timer)
+        print(f"GPU: {gpu}; CuPy {cupy.__version__}; torch "
+              f"{torch.__version__ if torch else 'absent'}; cupyflash {cupyflash.__version__}; "
+              f"Python {platform.python_version()}")
+        print(f"device-to-device copy of 1 GiB: {copy_gbs:.0f} GB/s (read + write); L2 "
+              f"{l2_bytes >> 20} MiB; timer: {args.calls} calls queued behind a spin kernel, "
+              f"median of {args.reps}")
+        print(f"{'dtype':9s} {'B':>3s} {'H/Hk':>5s} {'L':>7s} | {'splits':>6s} {'ms':>8s} "
+              f"{'GB/s':>6s} {'copy':>5s} {'api ms':>7s} | {'torch best':>16s} {'ms':>8s} "
+              f"{'ratio':>5s}")
+        records = []
+        run = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        for dtype_name in args.dtype:
+            dt = _dtype(dtype_name)
+            for H, Hk in heads:
+                for L in lengths:
+                    for B in batches:
+                        kv_bytes = 2 * B * L * Hk * D * dt.itemsize
+                        copies = max(1, math.ceil(4 * l2_bytes / kv_bytes))
+                        free, _ = cupy.cuda.runtime.memGetInfo()
+                        if copies * kv_bytes > 0.8 * free:
+                            print(f"{dtype_name:9s} {B:3d} {H:2d}/{Hk:<2d} {L:7d} | skipped: "
+                                  f"{copies * kv_bytes / 2**30:.1f} GiB of cache needed")
+                            continue
+                        records += bench_case(cupy, torch, backends, timer, gpu, run, copy_gbs,
+                                              dtype_name, dt, B, H, Hk, L, D, copies, kv_bytes,
+                                              args.reps)
+                        cupy.get_default_memory_pool().free_all_blocks()
+                        if torch is not None:
+                            torch.cuda.empty_cache()
+
+    out = pathlib.Path(args.out) if args.out else RESULTS / (
+        "decode_" + "".join(c if c.isalnum() else "_" for c in gpu) + ".json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(out.read_text()) if out.exists() else []
+    out.write_text(json.dumps(old + records, indent=1))
+    print(f"wrote {len(records)} records to {out}")
+    print("ratio = torch's best time / cupyflash's time (> 1: cupyflash is faster); copy = "
+          "fraction of the copy's bandwidth; api ms = one public call, host work included")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,392 @@
+"""KV-cache decoding on CuPy arrays: launching the split-KV kernels of
+``cuda/flash_decode.cuh``.
+
+:func:`attention_decode` runs, on CuPy's current stream and the arrays' device:
+
+1. ``decode_append`` (with ``k_new``): the new keys and values into the cache, in place,
+   at positions ``cache_seqlens[b] .. + L_new`` (through the block table when paged);
+2. ``flash_decode``: one thread block per (batch element, kv head, split, row chunk); each
+   reads its split's keys and values once for all ``G * Lq`` query rows of its kv head and
+   writes the final out and lse (one split) or its partial out and lse in the accumulator
+   dtype (several);
+3. ``flash_decode_combine`` (several splits): merges the splits exactly through their lse.
+
+Nothing here waits for the device. The host synchronisation of a call is the validation's
+(``_sequences.attention_decode``): it reads ``cache_seqlens`` and ``block_table`` to the
+host, because the NumPy semantics require their values to be checked (lengths that fit
+the cache, block indices in range, an append that writes each slot once) before anything
+is written. Those host values also give the longest sequence, which
+:func:`choose_num_splits` uses.
+
+Memory: out and lse, the int32 copies of ``cache_seqlens`` and ``block_table`` when they
+are not int32 already, and with several splits the partial results,
+``B * Hk * num_splits * G * Lq * (Dv + 1)`` accumulator elements, all from CuPy's pool.
+Nothing of q, the cache, k_new or v_new is copied: the kernels read any strides (the
+cache with 16-byte vector copies where its rows allow, else element by element).
+"""
+
+import functools
+import math
+import struct
+
+import numpy as np
+
+from . import _kernels
+from ._cupy_backend import _DTYPE_TO_CUDA, _compute_capability, _device_of, _on_device
+
+SOURCE = "flash_decode.cuh"
+
+# ----------------------------------------------------------------------------------------
+# the argument structs (cuda/flash_decode.cuh): every field 8 bytes, so the packed
+# little-endian layout below is the C layout. "Q": pointer, "q": int64, "d": double.
+# ----------------------------------------------------------------------------------------
+
+DECODE_PARAMS = (
+    [(n, "Q") for n in ("q", "k", "v", "cache_seqlens", "block_table", "out", "lse",
+                        "out_partial", "lse_partial")]
+    + [(n, "q") for n in (
+        "q_batch_stride", "q_token_stride", "q_head_stride", "q_dim_stride",
+        "k_page_stride", "k_token_stride", "k_head_stride", "k_dim_stride",
+        "v_page_stride", "v_token_stride", "v_head_stride", "v_dim_stride",
+        "out_batch_stride", "out_token_stride", "out_head_stride", "table_stride",
+        "B", "Lq", "H", "Hk", "G", "M", "D", "Dv", "L_new",
+        "page_size", "page_size_mul", "page_size_shift",
+        "num_splits", "row_chunks", "partial_row", "causal", "k_vectorized", "v_vectorized")]
+    + [("scale", "d"), ("scale_log2", "d")])
+
+COMBINE_PARAMS = (
+    [(n, "Q") for n in ("out_partial", "lse_partial", "out", "lse")]
+    + [(n, "q") for n in ("out_batch_stride", "out_token_stride", "out_head_stride",
+                          "B", "Lq", "H", "Hk", "G", "M", "Dv", "num_splits", "partial_row")])
+
+APPEND_PARAMS = (
+    [(n, "Q") for n in ("k_cache", "v_cache", "k_new", "v_new", "cache_seqlens",
+                        "block_table")]
+    + [(n, "q") for n in (
+        "k_page_stride", "k_token_stride", "k_head_stride", "k_dim_stride",
+        "v_page_stride", "v_token_stride", "v_head_stride", "v_dim_stride",
+        "kn_batch_stride", "kn_token_stride", "kn_head_stride", "kn_dim_stride",
+        "vn_batch_stride", "vn_token_stride", "vn_head_stride", "vn_dim_stride",
+        "table_stride", "B", "L_new", "Hk", "D", "Dv", "page_size")])
+
+
+@functools.lru_cache(maxsize=None)
+def _struct(fields):
+    layout = struct.Struct("<" + "".join(kind for _, kind in fields))
+    dtype = np.dtype([(name, {"Q": np.uint64, "q": np.int64, "d": np.float64}[kind])
+                      for name, kind in fields])
+    assert layout.size == dtype.itemsize
+    return layout, dtype
+
+
+def _pack(fields, values):
+    """The C struct of ``fields`` filled from ``values`` (a dict; absent fields are 0), as
+    the NumPy structured scalar CuPy passes to a kernel by value."""
+    layout, dtype = _struct(tuple(fields))
+    missing = set(values) - {name for name, _ in fields}
+    assert not missing, missing
+    data = layout.pack(*(values.get(name, 0) for name, _ in fields))
+    return np.frombuffer(data, dtype=dtype)[0]
+
+
+# ----------------------------------------------------------------------------------------
+# tile choice
+# ----------------------------------------------------------------------------------------
+
+DECODE_HEAD_DIMS = (32, 64, 128, 256)
+NUM_THREADS = 128             # DecodeTraits::NUM_THREADS: 4 warps
+STAGES = 4                    # DecodeTraits::STAGES
+COMBINE_THREADS = 128         # COMBINE_THREADS of the .cuh
+COMBINE_MAX_SPLITS = 1024     # COMBINE_MAX_SPLITS of the .cuh
+APPEND_THREADS = 256          # APPEND_THREADS of the .cuh
+
+
+def max_rows(dtype_name, head_dim):
+    """The most query rows one block holds in registers: 8, or 4 for float64 at 256
+    (its q and acc take 32 registers per row per lane)."""
+    return 4 if dtype_name == "float64" and head_dim == 256 else 8
+
+
+class DecodeConfig:
+    """One launchable variant of flash_decode and its companions.
+
+    ``rows``: query rows per block (ROWS); a kv head's ``G * Lq`` rows go in
+    ``ceil(G * Lq / rows)`` row chunks, each a block that reads the keys again (through
+    L2: the chunks of one split are neighbouring blocks). ``block_n``: keys per block and
+    tile; a split is a whole number of tiles. ``inflight_bytes``: K and V bytes a block
+    keeps in flight (STAGES - 1 tiles).
+    """
+
+    __slots__ = ("name_expression", "combine_name", "append_name", "head_dim", "rows",
+                 "block_n", "num_threads", "smem_bytes", "inflight_bytes")
+
+    def __init__(self, **fields):
+        for name in self.__slots__:
+            setattr(self, name, fields.pop(name))
+        assert not fields, fields
+
+    def __repr__(self):
+        return "DecodeConfig(" + ", ".join(
+            f"{n}={getattr(self, n)!r}" for n in self.__slots__) + ")"
+
+
+def decode_config(D, Dv, dtype_name, compute_capability, M):
+    """Choose the variant for one problem: the one place tiles are chosen.
+
+    ``max(D, Dv)`` is padded up to the next HEAD_DIM in (32, 64, 128, 256) (columns past D
+    and Dv are not read); ``M = G * Lq`` query rows per kv head picks ROWS = 1 (plain
+    decoding, no wasted arithmetic), 4 or 8. The tiles repeat ``DecodeTraits`` of the .cuh
+    (tests/test_kernel_compile.py checks that the two agree): 4 warps, each lane holding
+    VECS_PER_LANE 16-byte vectors of a row (2 for ROWS <= 4, else 1, more for rows wider
+    than 32 vectors; VEC = 16 / itemsize elements each), two K and two V vectors per lane
+    and tile, STAGES = 4. Every variant fits in
+    99 KiB of shared memory, so ``compute_capability`` does not change the choice.
+    """
+    width = max(D, Dv)
+    head_dim = next((h for h in DECODE_HEAD_DIMS if h >= width), None)
+    if head_dim is None:
+        raise ValueError(f"attention_decode: head dims up to {DECODE_HEAD_DIMS[-1]} are "
+                         f"supported on the GPU, got {width}")
+    top = max_rows(dtype_name, head_dim)
+    rows = 1 if M <= 1 else 4 if M <= 4 or top == 4 else 8
+    itemsize = np.dtype(dtype_name).itemsize
+    acc_size = 8 if dtype_name == "float64" else 4
+    vec = 16 // itemsize
+    d_vecs = head_dim // vec
+    min_vecs = 2 if rows <= 4 else 1           # vectors of a row per lane (see DecodeTraits)
+    vecs_per_lane = max(d_vecs // 32, min(min_vecs, d_vecs))
+    lanes_per_key = d_vecs // vecs_per_lane
+    passes = 1 if vecs_per_lane >= 2 else 2
+    block_n = 4 * passes * (32 // lanes_per_key)
+    stage_vecs = 2 * passes * vecs_per_lane
+    pipe_bytes = STAGES * stage_vecs * NUM_THREADS * 16
+    merge_bytes = (4 * rows * head_dim + 2 * 4 * rows + rows * 5) * acc_size
+    ctype = _DTYPE_TO_CUDA[dtype_name]
+    return DecodeConfig(
+        name_expression=f"cupyflash::flash_decode<{ctype}, {head_dim}, {rows}>",
+        combine_name=f"cupyflash::flash_decode_combine<{ctype}>",
+        append_name=f"cupyflash::decode_append<{ctype}>",
+        head_dim=head_dim, rows=rows, block_n=block_n, num_threads=NUM_THREADS,
+        smem_bytes=max(pipe_bytes, merge_bytes),
+        inflight_bytes=(STAGES - 1) * stage_vecs * NUM_THREADS * 16)
+
+
+def decode_variants():
+    """Every (source, name_expression) of the decode kernels, for the CI compile check."""
+    variants = []
+    for dtype_name in ("float16", "bfloat16", "float32", "float64"):
+        for head_dim in DECODE_HEAD_DIMS:
+            for M in (1, 4, 8):
+                cfg = decode_config(head_dim, head_dim, dtype_name, 90, M)
+                variants.append((SOURCE, cfg.name_expression))
+        variants += [(SOURCE, cfg.combine_name), (SOURCE, cfg.append_name)]
+    return list(dict.fromkeys(variants))
+
+
+# Splits: every multiprocessor should keep INFLIGHT_PER_SM bytes of K and V in flight (an
+# H100 needs ~25 KiB per SM: 3.35 TB/s times ~1 us of loaded DRAM latency, over 132 SMs;
+# twice that for margin), which takes `blocks_per_sm` blocks per SM. Without splitting,
+# B * Hk * row_chunks blocks may be fewer; then the keys are split so that there are WAVES
+# times as many blocks as that needs (spread evenly, a late block finds work), each split
+# at least MIN_SPLIT_BYTES of K and V, so that a block's start (q, the first DRAM latency)
+# and end (the warps' merge, the partial write) stay small beside its reading.
+INFLIGHT_PER_SM = 48 * 1024
+WAVES = 2
+MIN_SPLIT_BYTES = 64 * 1024
+
+
+def choose_num_splits(base_blocks, max_keys, block_n, key_bytes, num_sms, inflight_bytes):
+    """The split count for ``num_splits=None``: a plain function of the problem.
+
+    ``base_blocks = B * Hk * row_chunks`` blocks exist without splitting; ``max_keys`` is
+    the longest sequence (cache plus appended keys), ``key_bytes`` the K and V bytes of one
+    key of one kv head, ``inflight_bytes`` what one block keeps in flight. With
+    ``need = num_sms * ceil(INFLIGHT_PER_SM / inflight_bytes)`` blocks keeping every SM
+    busy, returns 1 when ``base_blocks >= need``, else the smallest count that gives
+    ``WAVES * need`` blocks, with whole tiles of ``block_n`` keys per split, at least
+    MIN_SPLIT_BYTES per split and at most COMBINE_MAX_SPLITS; the count is then trimmed so
+    that no split of the longest sequence is empty.
+
+    >>> choose_num_splits(8, 8192, 16, 512, 132, 24576)      # B = 1, Hk = 8, d = 128 fp16
+    64
+    >>> choose_num_splits(128, 8192, 16, 512, 132, 24576)    # B = 16: 5 splits, 640 blocks
+    5
+    >>> choose_num_splits(512, 8192, 16, 512, 132, 24576)    # B = 64: the GPU is full
+    1
+    """
+    tiles = -(-max_keys // block_n)
+    if tiles <= 1:
+        return 1
+    need = num_sms * -(-INFLIGHT_PER_SM // inflight_bytes)
+    if base_blocks >= need:
+        return 1
+    splits = -(-WAVES * need // base_blocks)
+    min_tiles = max(1, -(-MIN_SPLIT_BYTES // (block_n * key_bytes)))
+    splits = max(1, min(splits, tiles // min_tiles, COMBINE_MAX_SPLITS))
+    return -(-tiles // -(-tiles // splits))  # as many as whole-tile splits need
+
+
+def launched_splits(num_splits, cfg, base_blocks, max_keys, key_bytes, num_sms):
+    """The split count a call launches: ``num_splits`` as given, or chosen when None;
+    then at most the tiles of the longest sequence (more would be empty for every batch
+    element) and COMBINE_MAX_SPLITS."""
+    if num_splits is None:
+        num_splits = choose_num_splits(base_blocks, max_keys, cfg.block_n, key_bytes, num_sms,
+                                       cfg.inflight_bytes)
+    tiles = max(1, -(-max_keys // cfg.block_n))
+    return max(1, min(int(num_splits), tiles, COMBINE_MAX_SPLITS))
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_id):
+    import cupy
+    return cupy.cuda.runtime.deviceGetAttribute(
+        cupy.cuda.runtime.cudaDevAttrMultiProcessorCount, device_id)
+
+
+def page_divisor(page_size):
+    """``(mul, shift)`` with ``t // page_size == (t * mul >> 32) >> shift`` for every
+    ``0 <= t < 2**31`` (``mul = 0`` for page_size 1, which the kernel special-cases):
+    the round-up reciprocal of Granlund and Montgomery, as CUTLASS's FastDivmod.
+
+    >>> mul, shift = page_divisor(16)
+    >>> all((t * mul >> 32) >> shift == t // 16 for t in (0, 15, 16, 2**31 - 1))
+    True
+    """
+    if page_size <= 1:
+        return 0, 0
+    p = 31 + (page_size - 1).bit_length()
+    return ((1 << p) + page_size - 1) // page_size, p - 32
+
+
+# ----------------------------------------------------------------------------------------
+# launching
+# ----------------------------------------------------------------------------------------
+
+def _strides(x):
+    """Element strides of a CuPy array."""
+    return [s // x.itemsize for s in x.strides]
+
+
+def _vectorized(x):
+    """Whether the kernel may copy x's rows (its last dimension) in 16-byte vectors: the
+    last dimension contiguous, the data 16-byte aligned, and every other stride that is
+    used (dimension longer than 1) a multiple of 16 bytes."""
+    return ((x.shape[-1] <= 1 or x.strides[-1] == x.itemsize)
+            and x.data.ptr % 16 == 0
+            and all(s % 16 == 0 for n, s in zip(x.shape[:-1], x.strides[:-1]) if n > 1))
+
+
+def _int32(x):
+    """x as a contiguous int32 CuPy array (itself when it is one already)."""
+    import cupy
+    return cupy.ascontiguousarray(x, dtype=cupy.int32)
+
+
+def attention_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, *,
+                     num_splits, causal, scale, max_keys):
+    """``(out, lse)`` of a validated decoding problem on the GPU, after appending ``k_new``
+    and ``v_new`` (if given) to the cache in place.
+
+    ``max_keys`` is the longest ``cache_seqlens[b] + L_new`` (the validation's host copy);
+    it sizes the split choice. ``num_splits`` None chooses (:func:`choose_num_splits`);
+    an explicit count is used as given, except that splits beyond the tiles of the longest
+    sequence (which would be empty for every batch element) and beyond COMBINE_MAX_SPLITS
+    are not launched.
+    """
+    import cupy
+
+    fn = "attention_decode"
+    named = [("q", q), ("k_cache", k_cache), ("v_cache", v_cache),
+             ("cache_seqlens", cache_seqlens)]
+    named += [("k_new", k_new), ("v_new", v_new)] if k_new is not None else []
+    named += [("block_table", block_table)] if block_table is not None else []
+    device_id = _device_of(fn, named)
+    B, Lq, H, D = q.shape
+    Hk, Dv = k_cache.shape[2], v_cache.shape[3]
+    G = H // Hk
+    M = G * Lq
+    paged = block_table is not None
+    L_new = k_new.shape[1] if k_new is not None else 0
+    capacity = (block_table.shape[1] if paged else 1) * k_cache.shape[1]
+    if capacity >= 2**30 or B >= 2**31:  # the kernels index positions in 32 bits
+        raise ValueError(f"{fn}: caches of 2**30 or more positions per sequence are not "
+                         f"supported on the GPU, got {capacity}")
+    acc_dtype = np.float64 if q.dtype == np.float64 else np.float32
+
+    with _on_device(device_id):
+        out = cupy.empty((B, Lq, H, Dv), dtype=q.dtype)
+        lse = cupy.empty((B, H, Lq), dtype=acc_dtype)
+        seqlens = _int32(cache_seqlens)
+        table = _int32(block_table) if paged else None
+        arch = _kernels.arch_for(_compute_capability(device_id))
+        page = dict(page_size=k_cache.shape[1] if paged else 0,
+                    table_stride=table.shape[1] if paged else 0)
+        cache_strides = {}
+        for prefix, x in (("k", k_cache), ("v", v_cache)):
+            st = _strides(x)
+            cache_strides.update({f"{prefix}_page_stride": st[0], f"{prefix}_token_stride": st[1],
+                                  f"{prefix}_head_stride": st[2], f"{prefix}_dim_stride": st[3]})
+        cfg = decode_config(D, Dv, q.dtype.name, _compute_capability(device_id), M)
+
+        # -- 1. the append, before anything reads the cache (same stream)
+        if L_new and B:
+            new_strides = {}
+            for prefix, x in (("kn", k_new), ("vn", v_new)):
+                st = _strides(x)
+                new_strides.update({f"{prefix}_batch_stride": st[0],
+                                    f"{prefix}_token_stride": st[1],
+                                    f"{prefix}_head_stride": st[2],
+                                    f"{prefix}_dim_stride": st[3]})
+            params = _pack(APPEND_PARAMS, dict(
+                k_cache=k_cache.data.ptr, v_cache=v_cache.data.ptr, k_new=k_new.data.ptr,
+                v_new=v_new.data.ptr, cache_seqlens=seqlens.data.ptr,
+                block_table=table.data.ptr if paged else 0,
+                B=B, L_new=L_new, Hk=Hk, D=D, Dv=Dv, **cache_strides, **new_strides, **page))
+            append = _kernels.get_function(device_id, SOURCE, cfg.append_name, arch)
+            append((B * L_new,), (APPEND_THREADS,), (params,))
+
+        if M == 0 or B == 0:  # no query row: nothing to attend
+            return out, lse
+
+        # -- 2. the splits
+        row_chunks = -(-M // cfg.rows)
+        base_blocks = B * Hk * row_chunks
+        splits = launched_splits(num_splits, cfg, base_blocks, max_keys,
+                                 (D + Dv) * q.dtype.itemsize, _num_sms(device_id))
+        if base_blocks * splits >= 2**31 or B * Hk * M >= 2**31:
+            raise ValueError(f"{fn}: {base_blocks * splits} thread blocks are more than one "
+                             f"launch can have on the GPU")
+        if splits > 1:
+            out_partial = cupy.empty((B, Hk, splits, M, Dv), dtype=acc_dtype)
+            lse_partial = cupy.empty((B, Hk, splits, M), dtype=acc_dtype)
+        mul, shift = page_divisor(page["page_size"])
+        q_st, out_st = _strides(q), _strides(out)
+        params = _pack(DECODE_PARAMS, dict(
+            q=q.data.ptr, k=k_cache.data.ptr, v=v_cache.data.ptr,
+            cache_seqlens=seqlens.data.ptr, block_table=table.data.ptr if paged else 0,
+            out=out.data.ptr, lse=lse.data.ptr,
+            out_partial=out_partial.data.ptr if splits > 1 else 0,
+            lse_partial=lse_partial.data.ptr if splits > 1 else 0,
+            q_batch_stride=q_st[0], q_token_stride=q_st[1], q_head_stride=q_st[2],
+            q_dim_stride=q_st[3], **cache_strides,
+            out_batch_stride=out_st[0], out_token_stride=out_st[1], out_head_stride=out_st[2],
+            B=B, Lq=Lq, H=H, Hk=Hk, G=G, M=M, D=D, Dv=Dv, L_new=L_new,
+            page_size_mul=mul, page_size_shift=shift, **page,
+            num_splits=splits, row_chunks=row_chunks, partial_row=Dv, causal=int(causal),
+            k_vectorized=int(_vectorized(k_cache)), v_vectorized=int(_vectorized(v_cache)),
+            scale=scale, scale_log2=scale * math.log2(math.e)))
+        kernel = _kernels.get_function(device_id, SOURCE, cfg.name_expression, arch,
+                                       cfg.smem_bytes)
+        kernel((base_blocks * splits,), (cfg.num_threads,), (params,), shared_mem=cfg.smem_bytes)
+
+        # -- 3. the merge of the splits
+        if splits > 1:
+            params = _pack(COMBINE_PARAMS, dict(
+                out_partial=out_partial.data.ptr, lse_partial=lse_partial.data.ptr,
+                out=out.data.ptr, lse=lse.data.ptr, out_batch_stride=out_st[0],
+                out_token_stride=out_st[1], out_head_stride=out_st[2],
+                B=B, Lq=Lq, H=H, Hk=Hk, G=G, M=M, Dv=Dv, num_splits=splits, partial_row=Dv))
+            combine = _kernels.get_function(device_id, SOURCE, cfg.combine_name, arch)
+            combine((B * Hk * M,), (COMBINE_THREADS,), (params,))
+        return out, lse

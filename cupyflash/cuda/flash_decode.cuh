@@ -1,0 +1,788 @@
+// Split-KV decoding ("flash-decoding"): a few new queries against a long KV cache.
+//
+// Decoding reads every key and value of the cache once and does ~M multiply-adds per
+// element read (M = G * Lq query rows share a key/value head: G = H / Hk grouped-query
+// heads times Lq new tokens, usually 1..8), so it is bound by memory bandwidth, not by
+// arithmetic. The design keeps the bytes moving:
+//
+//   grid:  one thread block per (batch b, kv head hk, split s, row chunk rc)
+//   block: NUM_WARPS = 4 independent warps; the block's keys [k0, k1) go in tiles of
+//          BLOCK_N keys, WARP_KEYS consecutive keys per warp
+//   warp:  LANES_PER_KEY lanes share a key, each lane owning VECS_PER_LANE 16-byte vectors
+//          of its K row and of its V row (the same columns in every key), so
+//
+//     S[r, t]   = sum over the key's lanes of q[r, lane's columns] . K[t, lane's columns]
+//                                                  (an xor butterfly: every lane holds it)
+//     m_new     = max(m_i, max_t S[:, t]);  P~ = exp2(S - m_new);  alpha = exp2(m_i - m_new)
+//     l_i       = alpha * l_i + rowsum(P~);  acc = alpha * acc + P~ V[t, lane's columns]
+//
+//          and a lane multiplies exactly the V vectors it copied with the P~ of the key it
+//          scored: no shared-memory exchange of P~, no barrier inside the loop.
+//   copies: every lane copies its own vectors global -> shared with 16-byte cp.async,
+//          STAGES tiles deep (one commit group per tile), and later reads back only what
+//          it copied itself, so cp.async.wait_group alone orders copy and use. The loads
+//          are 128-bit (LDGSTS.E.BYPASS.128 in the SASS) and coalesced: the LANES_PER_KEY
+//          lanes of a key read its row contiguously.
+//   end:   each warp holds (m_i, l_i, acc) of its keys; the warps merge through shared
+//          memory, and the block writes either the final out (input dtype) and lse when
+//          there is one split, or its split's normalised partial out and lse in the
+//          accumulator type, which flash_decode_combine merges exactly through the lse.
+//
+// Bytes in flight: a tile is STAGE_VECS 16-byte vectors per lane (K and V); STAGES - 1
+// tiles are in flight per warp, 24 KiB per block of 4 warps for every type and head dim
+// but float64 at 256 (48 KiB). _cupy_decode.choose_num_splits asks for enough blocks that
+// every multiprocessor holds at least two of them (48 KiB, twice the ~25 KiB that an
+// H100's 3.35 TB/s times ~1 us of loaded latency needs per SM).
+//
+// Scores of float, half and bfloat16 are kept in log2 units (q is multiplied by
+// scale * log2(e) on its way into registers) so that the softmax uses exp2f; doubles use
+// scale and exp. Accumulation is in float (double for double): exact FMA, no TF32.
+//
+// Layout (strides in elements, any sign): q (B, Lq, H, D); the cache (B, max_len, Hk, D),
+// or paged (num_pages, page_size, Hk, D) with block_table (B, max_pages): key t of batch
+// element b is at page block_table[b, t / page_size], position t % page_size. Query row
+// r of a block is (i, g) = (r / G, r % G): token i of q, head hk * G + g.
+//
+// Caches whose rows are not 16-byte aligned vectors (an odd head dim, a strided last
+// dimension) are read element by element through registers (vectorized = 0): the same
+// kernel, slower copies, no copy of the cache.
+#pragma once
+
+#include "attention_common.cuh"
+
+namespace cupyflash {
+
+// Arguments of flash_decode, passed by value; every field is 8 bytes wide (see
+// _cupy_decode.DECODE_PARAMS).
+struct DecodeParams {
+    const void* q;              // (B, Lq, H, D)
+    const void* k;              // (B, max_len, Hk, D) or (num_pages, page_size, Hk, D)
+    const void* v;              // (B, max_len, Hk, Dv) or (num_pages, page_size, Hk, Dv)
+    const int* cache_seqlens;   // (B,): keys in the cache before the append
+    const int* block_table;     // (B, max_pages) when paged, else unused
+    void* out;                  // (B, Lq, H, Dv) T, written when num_splits == 1
+    void* lse;                  // (B, H, Lq) Acc, contiguous, written when num_splits == 1
+    void* out_partial;          // (B, Hk, num_splits, M, partial_row) Acc, num_splits > 1
+    void* lse_partial;          // (B, Hk, num_splits, M) Acc, num_splits > 1
+    long long q_batch_stride, q_token_stride, q_head_stride, q_dim_stride;
+    long long k_page_stride, k_token_stride, k_head_stride, k_dim_stride;
+    long long v_page_stride, v_token_stride, v_head_stride, v_dim_stride;
+    long long out_batch_stride, out_token_stride, out_head_stride;
+    long long table_stride;     // block_table's row stride
+    long long B, Lq, H, Hk, G, M;  // M = G * Lq query rows per kv head
+    long long D, Dv;
+    long long L_new;            // keys appended: batch element b attends cache_seqlens[b] + L_new
+    long long page_size;        // tokens per page; 0 for a contiguous cache
+    long long page_size_mul, page_size_shift;  // t / page_size = umulhi(t, mul) >> shift
+    long long num_splits, row_chunks, partial_row;
+    long long causal;           // bottom-right aligned: row i sees key t iff t <= i + n_b - Lq
+    long long k_vectorized, v_vectorized;  // 1: rows are 16-byte aligned, last dim contiguous
+    double scale, scale_log2;
+};
+
+// Arguments of flash_decode_combine.
+struct DecodeCombineParams {
+    const void* out_partial;    // (B, Hk, num_splits, M, partial_row) Acc
+    const void* lse_partial;    // (B, Hk, num_splits, M) Acc
+    void* out;                  // (B, Lq, H, Dv) T
+    void* lse;                  // (B, H, Lq) Acc, contiguous
+    long long out_batch_stride, out_token_stride, out_head_stride;
+    long long B, Lq, H, Hk, G, M, Dv;
+    long long num_splits, partial_row;
+};
+
+// Arguments of decode_append: k_new[b, j] -> cache position cache_seqlens[b] + j.
+struct DecodeAppendParams {
+    void* k_cache;
+    void* v_cache;
+    const void* k_new;          // (B, L_new, Hk, D)
+    const void* v_new;          // (B, L_new, Hk, Dv)
+    const int* cache_seqlens;
+    const int* block_table;
+    long long k_page_stride, k_token_stride, k_head_stride, k_dim_stride;
+    long long v_page_stride, v_token_stride, v_head_stride, v_dim_stride;
+    long long kn_batch_stride, kn_token_stride, kn_head_stride, kn_dim_stride;
+    long long vn_batch_stride, vn_token_stride, vn_head_stride, vn_dim_stride;
+    long long table_stride;
+    long long B, L_new, Hk, D, Dv;
+    long long page_size;        // 0 for a contiguous cache
+};
+
+// ----------------------------------------------------------------------------------------
+// Element types: the accumulator, conversions and the softmax's exp in that precision.
+// ----------------------------------------------------------------------------------------
+template <typename T> struct DecodeMath {        // float, __half, __nv_bfloat16
+    using Acc = float;
+    static __device__ __forceinline__ float to_acc(T x) { return static_cast<float>(x); }
+    static __device__ __forceinline__ T from_acc(float x) { return static_cast<T>(x); }
+    static __device__ __forceinline__ float q_scale(const DecodeParams& p) {
+        return static_cast<float>(p.scale_log2);  // exp(s * scale) = exp2(s * scale_log2)
+    }
+    static __device__ __forceinline__ float exp(float x) { return exp2f(x); }
+    // lse (natural log) from a log2-unit max and a sum: m * ln(2) + log(l)
+    static __device__ __forceinline__ float lse(float m_safe, float l) {
+        return m_safe * LN2 + logf(l);
+    }
+    static __device__ __forceinline__ float exp_natural(float x) { return expf(x); }
+    static __device__ __forceinline__ float log_natural(float x) { return logf(x); }
+    // 1 / l, correctly rounded (as 1.0f / l) without the division's slow-path call, whose
+    // calling convention would cost the kernel spilled registers; 0 for a row with no key
+    static __device__ __forceinline__ float inverse(float l) { return l == 0.0f ? 0.0f : __frcp_rn(l); }
+};
+
+template <> struct DecodeMath<double> {
+    using Acc = double;
+    static __device__ __forceinline__ double to_acc(double x) { return x; }
+    static __device__ __forceinline__ double from_acc(double x) { return x; }
+    static __device__ __forceinline__ double q_scale(const DecodeParams& p) { return p.scale; }
+    static __device__ __forceinline__ double exp(double x) { return ::exp(x); }
+    static __device__ __forceinline__ double lse(double m_safe, double l) { return m_safe + ::log(l); }
+    static __device__ __forceinline__ double exp_natural(double x) { return ::exp(x); }
+    static __device__ __forceinline__ double log_natural(double x) { return ::log(x); }
+    static __device__ __forceinline__ double inverse(double l) { return l == 0.0 ? 0.0 : __drcp_rn(l); }
+};
+
+// ----------------------------------------------------------------------------------------
+// The shape of a block, per element type, padded head dim and query rows per block.
+// _cupy_decode.decode_config repeats BLOCK_N, NUM_THREADS, SMEM_BYTES and the bytes in
+// flight; tests/test_kernel_compile.py checks that the two agree.
+// ----------------------------------------------------------------------------------------
+template <typename T, int HEAD_DIM, int ROWS>
+struct DecodeTraits {
+    using Acc = typename DecodeMath<T>::Acc;
+    static constexpr int NUM_WARPS = 4;
+    static constexpr int NUM_THREADS = 32 * NUM_WARPS;
+    // Two blocks per SM keep 2 x 24 KiB in flight, what choose_num_splits counts on; it
+    // also lets ptxas use up to 255 registers (ROWS = 8 needs ~240). Without a minimum,
+    // ptxas aimed at 16 blocks per SM (32 registers) and spilled.
+    static constexpr int MIN_BLOCKS = 2;
+    static constexpr int VEC = 16 / int(sizeof(T));                  // elements per 16 bytes
+    static constexpr int D_VECS = HEAD_DIM / VEC;                    // vectors per padded row
+    // A lane owns VECS_PER_LANE vectors of each K and V row (the same columns in every key):
+    // two while its ROWS rows of q and acc fit in registers that way (ROWS <= 4), which
+    // saves butterfly stages and address arithmetic per key against one vector (SASS of the
+    // loop's common path at ROWS = 4, fp16, d = 128: ~560 -> ~480 instructions per warp and
+    // 2 KiB tile, where HBM gives an SM ~640 issue slots per 2 KiB; 188 registers instead of
+    // ~150, 2 blocks per SM instead of 3, both above the 48 KiB in flight wanted); one for
+    // ROWS = 8; more for rows wider than 32 vectors.
+    static constexpr int MIN_VECS = ROWS <= 4 ? 2 : 1;
+    static constexpr int VECS_PER_LANE = D_VECS / 32 > MIN_VECS ? D_VECS / 32
+                                         : (D_VECS < MIN_VECS ? D_VECS : MIN_VECS);
+    static constexpr int LANES_PER_KEY = D_VECS / VECS_PER_LANE;     // lanes sharing a key
+    static constexpr int KEYS_PER_PASS = 32 / LANES_PER_KEY;         // keys a warp scores at once
+    // Passes per tile: two K and two V vectors per lane and tile (four each for float64 at
+    // HEAD_DIM = 256), 2 KiB per warp.
+    static constexpr int PASSES = VECS_PER_LANE >= 2 ? 1 : 2;
+    static constexpr int ELEMS = VECS_PER_LANE * VEC;                // q and acc columns per lane
+    static constexpr int WARP_KEYS = PASSES * KEYS_PER_PASS;         // keys per warp per tile
+    static constexpr int BLOCK_N = NUM_WARPS * WARP_KEYS;            // keys per block per tile
+    static constexpr int STAGES = 4;                                 // tiles in the pipeline
+    static constexpr int KV_VECS = PASSES * VECS_PER_LANE;           // K (or V) vectors per lane
+    static constexpr int STAGE_VECS = 2 * KV_VECS;                   // K, then V
+    static constexpr int PIPE_BYTES = STAGES * STAGE_VECS * NUM_THREADS * 16;
+    static constexpr int INFLIGHT_BYTES = (STAGES - 1) * STAGE_VECS * NUM_THREADS * 16;
+    // The warps' merge: acc (NUM_WARPS, ROWS, HEAD_DIM), then m and l (NUM_WARPS, ROWS),
+    // and the per-row weights (ROWS, NUM_WARPS + 1); in the pipeline's memory.
+    static constexpr int MERGE_ACC = NUM_WARPS * ROWS * HEAD_DIM;
+    static constexpr int MERGE_BYTES = (MERGE_ACC + 2 * NUM_WARPS * ROWS + ROWS * (NUM_WARPS + 1))
+                                       * int(sizeof(Acc));
+    static constexpr int SMEM_BYTES = PIPE_BYTES > MERGE_BYTES ? PIPE_BYTES : MERGE_BYTES;
+
+    static_assert(HEAD_DIM == 32 || HEAD_DIM == 64 || HEAD_DIM == 128 || HEAD_DIM == 256,
+                  "HEAD_DIM must be 32, 64, 128 or 256");
+    static_assert(ROWS == 1 || ROWS == 4 || ROWS == 8, "ROWS must be 1, 4 or 8");
+    static_assert(D_VECS % VECS_PER_LANE == 0 && LANES_PER_KEY <= 32 && 32 % LANES_PER_KEY == 0,
+                  "lanes split a row");
+    static_assert(SMEM_BYTES <= 99 * 1024, "must fit the smallest opt-in shared memory (sm_86)");
+};
+
+namespace decode {
+
+// 16 bytes of T: one vector.
+template <typename T>
+struct alignas(16) Vec16 {
+    T v[16 / sizeof(T)];
+};
+
+// Shared memory is addressed by 32-bit shared-window addresses in the pipeline (a
+// generic 64-bit pointer kept for the slow path's stores was spilled by ptxas).
+
+// 16-byte asynchronous copy global -> shared of the first `src_bytes` bytes (0..16); the
+// rest of the 16 bytes is zero-filled, and with src_bytes = 0 nothing is read.
+__device__ __forceinline__ void cp_async_16(unsigned smem_dst, const void* gmem_src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                 :: "r"(smem_dst), "l"(gmem_src), "r"(src_bytes) : "memory");
+}
+
+// One 16-byte shared load (LDS.128).
+template <typename T>
+__device__ __forceinline__ Vec16<T> lds_vec16(unsigned addr) {
+    Vec16<T> x;
+    unsigned* w = reinterpret_cast<unsigned*>(&x);
+    asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "r"(addr) : "memory");
+    return x;
+}
+
+// One element store to shared memory.
+__device__ __forceinline__ void sts(unsigned addr, __half x) {
+    asm volatile("st.shared.b16 [%0], %1;\n" :: "r"(addr), "h"(__half_as_ushort(x)) : "memory");
+}
+__device__ __forceinline__ void sts(unsigned addr, __nv_bfloat16 x) {
+    asm volatile("st.shared.b16 [%0], %1;\n" :: "r"(addr), "h"(__bfloat16_as_ushort(x)) : "memory");
+}
+__device__ __forceinline__ void sts(unsigned addr, float x) {
+    asm volatile("st.shared.b32 [%0], %1;\n" :: "r"(addr), "f"(x) : "memory");
+}
+__device__ __forceinline__ void sts(unsigned addr, double x) {
+    asm volatile("st.shared.b64 [%0], %1;\n" :: "r"(addr), "d"(x) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory");
+}
+
+// (page, position in the page) of key t of a paged cache: (block_table[b, t / page_size],
+// t % page_size). Only called for t < n_b, whose pages validation has checked.
+// t / page_size by a multiply and a shift (the launcher's constants, exact for t and
+// page_size below 2^31), not a division.
+struct KeyPlace {
+    int page, pos;
+};
+
+__device__ __forceinline__ KeyPlace paged_place(const DecodeParams& p, const int* table_row, int t) {
+    const unsigned tt = static_cast<unsigned>(t);
+    const unsigned q = p.page_size == 1 ? tt
+        : __umulhi(tt, static_cast<unsigned>(p.page_size_mul)) >> static_cast<unsigned>(p.page_size_shift);
+    return {table_row[q], t - static_cast<int>(q) * static_cast<int>(p.page_size)};
+}
+
+// Copy one vector (columns c0 .. c0 + VEC - 1) of a row whose first `n_cols` columns are
+// data into a 16-byte shared slot: a cp.async of its `bytes` data bytes (the lane's
+// constant: min(n_cols - c0, VEC) * sizeof(T)) when rows are vectors, else element by
+// element through registers (done when this returns). Columns past n_cols, and whole rows
+// that are not `valid`, arrive as zeros.
+template <typename T>
+__device__ __forceinline__ void copy_vec(unsigned slot, const T* row, long long dim_stride, int c0,
+                                         int bytes, int n_cols, bool valid, bool vectorized,
+                                         const void* any_address) {
+    constexpr int VEC = 16 / int(sizeof(T));
+    if (vectorized) {
+        cp_async_16(slot, valid ? static_cast<const void*>(row + c0) : any_address,
+                    valid ? bytes : 0);
+    } else {  // the slow path: a rolled loop keeps the kernel's code small
+#pragma unroll 1
+        for (int e = 0; e < VEC; ++e)
+            sts(slot + e * int(sizeof(T)),
+                valid && c0 + e < n_cols ? row[(c0 + e) * dim_stride] : T(0.0f));
+    }
+}
+
+}  // namespace decode
+
+// ----------------------------------------------------------------------------------------
+// The split kernel. Grid: B * Hk * num_splits * row_chunks blocks, one dimension.
+// ----------------------------------------------------------------------------------------
+template <typename T, int HEAD_DIM, int ROWS>
+__global__ void __launch_bounds__(DecodeTraits<T, HEAD_DIM, ROWS>::NUM_THREADS,
+                                  DecodeTraits<T, HEAD_DIM, ROWS>::MIN_BLOCKS)
+flash_decode(const DecodeParams p) {
+    using Tr = DecodeTraits<T, HEAD_DIM, ROWS>;
+    using Math = DecodeMath<T>;
+    using Acc = typename Tr::Acc;
+    constexpr int VEC = Tr::VEC, LANES_PER_KEY = Tr::LANES_PER_KEY;
+    constexpr int VECS_PER_LANE = Tr::VECS_PER_LANE, KEYS_PER_PASS = Tr::KEYS_PER_PASS;
+    constexpr int PASSES = Tr::PASSES, ELEMS = Tr::ELEMS, WARP_KEYS = Tr::WARP_KEYS;
+    constexpr int BLOCK_N = Tr::BLOCK_N, STAGES = Tr::STAGES, NUM_WARPS = Tr::NUM_WARPS;
+    constexpr int NUM_THREADS = Tr::NUM_THREADS, KV_VECS = Tr::KV_VECS;
+    constexpr int STAGE_VECS = Tr::STAGE_VECS;
+
+    // The launcher must give NUM_THREADS threads and SMEM_BYTES of dynamic shared memory;
+    // trap (a launch error) rather than write past the end if _cupy_decode disagrees.
+    unsigned dynamic_smem;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dynamic_smem));
+    if (dynamic_smem < static_cast<unsigned>(Tr::SMEM_BYTES) || blockDim.x != NUM_THREADS)
+        __trap();
+
+    // -- which block: (b, hk, split, row chunk), the row chunk fastest (blocks that read
+    // the same keys for other rows run side by side and share them through L2)
+    // (32-bit: the launcher keeps every count below 2^31; 64-bit division is a call)
+    const int G = static_cast<int>(p.G), M = static_cast<int>(p.M);
+    unsigned id = blockIdx.x;
+    const int rc = static_cast<int>(id % static_cast<unsigned>(p.row_chunks));
+    id /= static_cast<unsigned>(p.row_chunks);
+    const int split = static_cast<int>(id % static_cast<unsigned>(p.num_splits));
+    id /= static_cast<unsigned>(p.num_splits);
+    const int hk = static_cast<int>(id % static_cast<unsigned>(p.Hk));
+    const long long b = id / static_cast<unsigned>(p.Hk);
+    if (b >= p.B) return;
+
+    const int tid = threadIdx.x;
+    const int warp = tid / 32;
+    const int lane = tid % 32;
+    const int kg = lane / LANES_PER_KEY;   // this lane's key within a pass
+    const int lv = lane % LANES_PER_KEY;   // its vectors: lv + j * LANES_PER_KEY, j < VECS_PER_LANE
+
+    // -- this split's keys: the n_b keys in whole tiles, as evenly as tiles allow (32-bit:
+    // the launcher keeps cache positions below 2^30)
+    const int n = p.cache_seqlens[b] + static_cast<int>(p.L_new);
+    const int n_tiles = (n + BLOCK_N - 1) / BLOCK_N;
+    const int num_splits = static_cast<int>(p.num_splits);
+    const int tiles_per_split = (n_tiles + num_splits - 1) / num_splits;
+    const int k_begin = split * tiles_per_split * BLOCK_N;
+    const int k_end = min(k_begin + tiles_per_split * BLOCK_N, n);
+    const int num_tiles = k_end > k_begin ? (k_end - k_begin + BLOCK_N - 1) / BLOCK_N : 0;
+    const int key0 = warp * WARP_KEYS + kg;  // this lane's key in a tile, first pass
+
+    // -- what a lane's copies keep from tile to tile: its rows' bases (head hk; batch b
+    // for a contiguous cache) and, per vector, its first column and its data bytes (0: a
+    // vector past D, never copied)
+    const bool paged = p.page_size > 0;
+    const int* table_row = paged ? p.block_table + b * p.table_stride : nullptr;
+    const T* k_base = static_cast<const T*>(p.k) + hk * p.k_head_stride
+                      + (paged ? 0 : b * p.k_page_stride);
+    const T* v_base = static_cast<const T*>(p.v) + hk * p.v_head_stride
+                      + (paged ? 0 : b * p.v_page_stride);
+    const bool k_vec = p.k_vectorized != 0, v_vec = p.v_vectorized != 0;
+    const int D = static_cast<int>(p.D), Dv = static_cast<int>(p.Dv);
+    const int d_vecs = (D + VEC - 1) / VEC;    // vectors holding k data
+    const int dv_vecs = (Dv + VEC - 1) / VEC;  // vectors holding v data
+    int k_bytes[VECS_PER_LANE], v_bytes[VECS_PER_LANE];
+#pragma unroll
+    for (int jj = 0; jj < VECS_PER_LANE; ++jj) {
+        const int c0 = (lv + jj * LANES_PER_KEY) * VEC;
+        k_bytes[jj] = max(0, min(D - c0, VEC)) * int(sizeof(T));
+        v_bytes[jj] = max(0, min(Dv - c0, VEC)) * int(sizeof(T));
+    }
+
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    // Pipeline: (STAGES, STAGE_VECS, NUM_THREADS) vectors; a thread's own slots only.
+    const unsigned pipe = static_cast<unsigned>(__cvta_generic_to_shared(smem_raw)) + tid * 16;
+    auto slot = [&](int stage, int i) {  // vector i of this thread's tile in `stage`
+        return pipe + (stage * STAGE_VECS + i) * (NUM_THREADS * 16);
+    };
+
+    // Start copying tile j (keys k_begin + j * BLOCK_N ...) of this thread into its stage.
+    auto load_tile = [&](int j) {
+        if (j < num_tiles) {
+            const int stage = j % STAGES;
+#pragma unroll
+            for (int ps = 0; ps < PASSES; ++ps) {
+                const int t = k_begin + j * BLOCK_N + key0 + ps * KEYS_PER_PASS;
+                const bool valid = t < k_end;
+                const T* k_row = k_base + static_cast<long long>(t) * p.k_token_stride;
+                const T* v_row = v_base + static_cast<long long>(t) * p.v_token_stride;
+                if (paged && valid) {
+                    const decode::KeyPlace at = decode::paged_place(p, table_row, t);
+                    k_row = k_base + at.page * p.k_page_stride + at.pos * p.k_token_stride;
+                    v_row = v_base + at.page * p.v_page_stride + at.pos * p.v_token_stride;
+                }
+#pragma unroll
+                for (int jj = 0; jj < VECS_PER_LANE; ++jj) {
+                    const int c0 = (lv + jj * LANES_PER_KEY) * VEC;
+                    if (k_bytes[jj] > 0)
+                        decode::copy_vec(slot(stage, ps * VECS_PER_LANE + jj), k_row,
+                                         p.k_dim_stride, c0, k_bytes[jj], D, valid, k_vec, p.k);
+                    if (v_bytes[jj] > 0)
+                        decode::copy_vec(slot(stage, KV_VECS + ps * VECS_PER_LANE + jj), v_row,
+                                         p.v_dim_stride, c0, v_bytes[jj], Dv, valid, v_vec, p.v);
+                }
+            }
+        }
+        decode::cp_async_commit();  // one group per tile, possibly empty: wait counts match
+    };
+
+    // -- prologue: the first STAGES - 1 tiles on their way while q is read
+#pragma unroll
+    for (int j = 0; j < STAGES - 1; ++j) load_tile(j);
+
+    // q[r][e]: row rc * ROWS + r, this lane's columns, times scale (* log2(e) for float)
+    Acc q[ROWS][ELEMS];
+    {
+        const Acc q_scale = Math::q_scale(p);
+        const T* qb = static_cast<const T*>(p.q) + b * p.q_batch_stride;
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            const int row = rc * ROWS + r;
+            const bool valid = row < M;
+            const int i = row / G, h = hk * G + row % G;
+            const T* q_row = qb + i * p.q_token_stride + h * p.q_head_stride;
+#pragma unroll
+            for (int jj = 0; jj < VECS_PER_LANE; ++jj)
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) {
+                    const int c = (lv + jj * LANES_PER_KEY) * VEC + e;
+                    q[r][jj * VEC + e] = valid && c < D
+                        ? Math::to_acc(q_row[c * p.q_dim_stride]) * q_scale : Acc(0);
+                }
+        }
+    }
+    // causal: row r (token i_r = (rc * ROWS + r) / G) sees key t iff t <= i_r + n - Lq;
+    // diag0 is the first row's bound, the smallest
+    const int Lq = static_cast<int>(p.Lq);
+    const int diag0 = rc * ROWS / G + n - Lq;
+
+    Acc m_i[ROWS];         // running max of this warp's scores (log2 units for float)
+    Acc l_i[ROWS];         // running sum of exp(S - m_i) over this lane's keys
+    Acc acc[ROWS][ELEMS];  // unnormalised out: this lane's keys and columns
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+        m_i[r] = -INFINITY;
+        l_i[r] = Acc(0);
+#pragma unroll
+        for (int e = 0; e < ELEMS; ++e) acc[r][e] = Acc(0);
+    }
+
+    for (int j = 0; j < num_tiles; ++j) {
+        // tile j has landed (this thread's copies; nobody else reads them); then the slot
+        // of tile j - 1, whose values this thread read and used in the previous iteration
+        // (program order: the copy's write follows those reads), is refilled with tile
+        // j + STAGES - 1
+        decode::cp_async_wait<STAGES - 2>();
+        load_tile(j + STAGES - 1);
+        const int stage = j % STAGES;
+        const int t0 = k_begin + j * BLOCK_N + key0;
+
+        // -- S = q K^T: s[ps][r] for key t0 + ps * KEYS_PER_PASS, summed over the key's lanes
+        Acc s[PASSES][ROWS];
+#pragma unroll
+        for (int ps = 0; ps < PASSES; ++ps) {
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) s[ps][r] = Acc(0);
+#pragma unroll
+            for (int jj = 0; jj < VECS_PER_LANE; ++jj) {
+                if (lv + jj * LANES_PER_KEY < d_vecs) {  // vectors past D hold nothing
+                    const decode::Vec16<T> x =
+                        decode::lds_vec16<T>(slot(stage, ps * VECS_PER_LANE + jj));
+                    Acc kf[VEC];
+#pragma unroll
+                    for (int e = 0; e < VEC; ++e) kf[e] = Math::to_acc(x.v[e]);
+#pragma unroll
+                    for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+                        for (int e = 0; e < VEC; ++e) s[ps][r] += q[r][jj * VEC + e] * kf[e];
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+                for (int mask = 1; mask < LANES_PER_KEY; mask *= 2)
+                    s[ps][r] += __shfl_xor_sync(0xffffffffu, s[ps][r], mask);
+        }
+
+        // -- keys past the split's end, and above the diagonal when causal, score -inf;
+        // only the last tile and tiles that reach the diagonal need it
+        const int t_last = t0 - kg + WARP_KEYS - 1;  // this warp's last key in the tile
+        if (t_last >= k_end || (p.causal && t_last > diag0)) {
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) {
+                const int diag = (rc * ROWS + r) / G + n - Lq;
+#pragma unroll
+                for (int ps = 0; ps < PASSES; ++ps) {
+                    const int t = t0 + ps * KEYS_PER_PASS;
+                    if (t >= k_end || (p.causal && t > diag)) s[ps][r] = -INFINITY;
+                }
+            }
+        }
+
+        // -- update m_i and l_i; P~ = exp(S - m_new); rescale acc
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            Acc m_new = m_i[r];
+#pragma unroll
+            for (int ps = 0; ps < PASSES; ++ps) m_new = fmax(m_new, s[ps][r]);
+#pragma unroll
+            for (int mask = LANES_PER_KEY; mask < 32; mask *= 2)  // over the pass's keys
+                m_new = fmax(m_new, __shfl_xor_sync(0xffffffffu, m_new, mask));
+            // a row that has seen only -inf keeps m = -inf; shifting by 0 instead gives
+            // exp(-inf) = 0 rather than exp(-inf + inf) = NaN
+            const Acc m_safe = safe_max(m_new);
+            if (m_new > m_i[r]) {  // rescale by alpha = exp(m_i - m_new) only when the max
+                                   // grew (else alpha = 1); m is the warp's: no divergence
+                const Acc alpha = Math::exp(m_i[r] - m_safe);  // 0 when m_i was -inf
+                l_i[r] *= alpha;
+#pragma unroll
+                for (int e = 0; e < ELEMS; ++e) acc[r][e] *= alpha;
+            }
+            m_i[r] = m_new;
+            Acc row_sum = Acc(0);
+#pragma unroll
+            for (int ps = 0; ps < PASSES; ++ps) {
+                s[ps][r] = Math::exp(s[ps][r] - m_safe);  // s now holds P~
+                row_sum += s[ps][r];
+            }
+            l_i[r] += row_sum;
+        }
+
+        // -- acc += P~ V: this lane's V vectors, of the keys it scored
+#pragma unroll
+        for (int ps = 0; ps < PASSES; ++ps) {
+#pragma unroll
+            for (int jj = 0; jj < VECS_PER_LANE; ++jj) {
+                if (lv + jj * LANES_PER_KEY < dv_vecs) {
+                    const decode::Vec16<T> x =
+                        decode::lds_vec16<T>(slot(stage, KV_VECS + ps * VECS_PER_LANE + jj));
+                    Acc vf[VEC];
+#pragma unroll
+                    for (int e = 0; e < VEC; ++e) vf[e] = Math::to_acc(x.v[e]);
+#pragma unroll
+                    for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+                        for (int e = 0; e < VEC; ++e) acc[r][jj * VEC + e] += s[ps][r] * vf[e];
+                }
+            }
+        }
+    }
+
+    // -- the warp's l_i and acc: summed over its KEYS_PER_PASS key lanes (same columns)
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+        for (int mask = LANES_PER_KEY; mask < 32; mask *= 2) {
+            l_i[r] += __shfl_xor_sync(0xffffffffu, l_i[r], mask);
+#pragma unroll
+            for (int e = 0; e < ELEMS; ++e)
+                acc[r][e] += __shfl_xor_sync(0xffffffffu, acc[r][e], mask);
+        }
+
+    // -- merge the warps through shared memory (the pipeline's, now idle)
+    decode::cp_async_wait<0>();
+    // every thread's copies have landed and every thread is done reading its stages
+    __syncthreads();
+    Acc* acc_s = reinterpret_cast<Acc*>(smem_raw);                    // (NUM_WARPS, ROWS, HEAD_DIM)
+    Acc* m_s = acc_s + Tr::MERGE_ACC;                                  // (NUM_WARPS, ROWS)
+    Acc* l_s = m_s + NUM_WARPS * ROWS;                                 // (NUM_WARPS, ROWS)
+    Acc* w_s = l_s + NUM_WARPS * ROWS;                                 // (ROWS, NUM_WARPS + 1)
+    if (kg == 0) {
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+            for (int jj = 0; jj < VECS_PER_LANE; ++jj)
+#pragma unroll
+                for (int e = 0; e < VEC; ++e)
+                    acc_s[(warp * ROWS + r) * HEAD_DIM + (lv + jj * LANES_PER_KEY) * VEC + e] =
+                        acc[r][jj * VEC + e];
+        if (lv == 0) {
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) {
+                m_s[warp * ROWS + r] = m_i[r];
+                l_s[warp * ROWS + r] = l_i[r];
+            }
+        }
+    }
+    // every warp's (m, l, acc) is in shared memory
+    __syncthreads();
+
+    // per row: M = max_w m_w, weight_w = exp(m_w - M) / l, l = sum_w l_w exp(m_w - M); the
+    // weights of a row that saw no key are 0 (zeros out, lse -inf)
+    const bool one_split = p.num_splits == 1;
+    Acc* lse_out = static_cast<Acc*>(one_split ? p.lse : p.lse_partial);
+    if (tid < ROWS) {
+        const int r = tid;
+        Acc m = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < NUM_WARPS; ++w) m = fmax(m, m_s[w * ROWS + r]);
+        const Acc m_safe = safe_max(m);
+        Acc l = Acc(0);
+        Acc e_w[NUM_WARPS];
+#pragma unroll
+        for (int w = 0; w < NUM_WARPS; ++w) {
+            e_w[w] = Math::exp(m_s[w * ROWS + r] - m_safe);
+            l += l_s[w * ROWS + r] * e_w[w];
+        }
+        const Acc inv_l = Math::inverse(l);
+#pragma unroll
+        for (int w = 0; w < NUM_WARPS; ++w) w_s[r * (NUM_WARPS + 1) + w] = e_w[w] * inv_l;
+        const int row = rc * ROWS + r;
+        if (row < M) {
+            const Acc lse = l == Acc(0) ? Acc(-INFINITY) : Math::lse(m_safe, l);
+            const int i = row / G, h = hk * G + row % G;
+            if (one_split)
+                lse_out[(b * p.H + h) * p.Lq + i] = lse;
+            else
+                lse_out[((b * p.Hk + hk) * p.num_splits + split) * p.M + row] = lse;
+        }
+    }
+    // the weights are in shared memory
+    __syncthreads();
+
+    // -- out = sum_w acc_w * weight_w: final (T) with one split, else this split's partial
+    const int dv = static_cast<int>(p.Dv);
+    for (int idx = tid; idx < ROWS * dv; idx += NUM_THREADS) {
+        const int r = idx / dv, c = idx % dv;
+        const int row = rc * ROWS + r;
+        if (row >= M) break;  // rows grow with idx: the rest are past M too
+        Acc o = Acc(0);
+#pragma unroll
+        for (int w = 0; w < NUM_WARPS; ++w)
+            o += acc_s[(w * ROWS + r) * HEAD_DIM + c] * w_s[r * (NUM_WARPS + 1) + w];
+        if (one_split) {
+            const int i = row / G, h = hk * G + row % G;
+            static_cast<T*>(p.out)[b * p.out_batch_stride + i * p.out_token_stride
+                                   + h * p.out_head_stride + c] = Math::from_acc(o);
+        } else {
+            static_cast<Acc*>(p.out_partial)[(((b * p.Hk + hk) * p.num_splits + split) * p.M + row)
+                                             * p.partial_row + c] = o;
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------------------
+// The combine: out = sum_s exp(lse_s - lse) out_s, lse = M + log(sum_s exp(lse_s - M)),
+// M = max_s lse_s, as merge_attention. A split with lse = -inf (it saw no key) adds
+// nothing; every split -inf gives zeros and lse = -inf. Fixed order: bitwise reproducible.
+// Grid: one block of COMBINE_THREADS per query row (b, hk, r), B * Hk * M blocks.
+// ----------------------------------------------------------------------------------------
+constexpr int COMBINE_THREADS = 128;
+constexpr int COMBINE_MAX_SPLITS = 1024;  // the weights live in shared memory
+constexpr int COMBINE_MAX_DV = 256;       // the largest head dim of the split kernel
+
+template <typename T>
+__global__ void __launch_bounds__(COMBINE_THREADS)
+flash_decode_combine(const DecodeCombineParams p) {
+    using Math = DecodeMath<T>;
+    using Acc = typename Math::Acc;
+    __shared__ Acc w_s[COMBINE_MAX_SPLITS];  // exp(lse_s - M)
+    __shared__ Acc red[COMBINE_THREADS / 32];  // the warps' maxima, then their sums
+
+    // (32-bit: the launcher keeps every count below 2^31; 64-bit division is a call)
+    const int M = static_cast<int>(p.M), G = static_cast<int>(p.G), Hk = static_cast<int>(p.Hk);
+    const unsigned row_id = blockIdx.x;      // (b * Hk + hk) * M + r
+    const int r = static_cast<int>(row_id % M);
+    const long long bh = row_id / M;         // b * Hk + hk
+    const int hk = static_cast<int>(bh % Hk);
+    const long long b = bh / Hk;
+    const int tid = threadIdx.x;
+    const int S = static_cast<int>(p.num_splits);
+    const Acc* lse_part = static_cast<const Acc*>(p.lse_partial) + bh * S * p.M + r;  // stride M
+    const Acc* out_part = static_cast<const Acc*>(p.out_partial) + (bh * S * p.M + r) * p.partial_row;
+    const long long split_stride = p.M * p.partial_row;
+
+    constexpr int COMBINE_WARPS = COMBINE_THREADS / 32;
+    const int warp = tid / 32, lane = tid % 32;
+
+    // -- M = max_s lse_s: each thread over s = tid, tid + 128, ...; an xor butterfly per
+    // warp, then the warps' maxima
+    Acc m = -INFINITY;
+    for (int s = tid; s < S; s += COMBINE_THREADS) m = fmax(m, lse_part[s * p.M]);
+#pragma unroll
+    for (int mask = 1; mask < 32; mask *= 2) m = fmax(m, __shfl_xor_sync(0xffffffffu, m, mask));
+    if (lane == 0) red[warp] = m;
+    // every warp's maximum is in red
+    __syncthreads();
+    m = red[0];
+#pragma unroll
+    for (int w = 1; w < COMBINE_WARPS; ++w) m = fmax(m, red[w]);
+    const Acc m_safe = m == -INFINITY ? Acc(0) : m;
+
+    // -- weights exp(lse_s - M) and l = sum_s of them: per thread, an xor butterfly per
+    // warp (the same order in every lane), then the warps' sums in warp order
+    Acc l = Acc(0);
+    for (int s = tid; s < S; s += COMBINE_THREADS) {
+        const Acc w = Math::exp_natural(lse_part[s * p.M] - m_safe);  // 0 for lse_s = -inf
+        w_s[s] = w;
+        l += w;
+    }
+#pragma unroll
+    for (int mask = 1; mask < 32; mask *= 2) l += __shfl_xor_sync(0xffffffffu, l, mask);
+    // every thread has read red's maxima before they are overwritten
+    __syncthreads();
+    if (lane == 0) red[warp] = l;
+    // every warp's sum, and every weight, is in shared memory
+    __syncthreads();
+    l = red[0];
+#pragma unroll
+    for (int w = 1; w < COMBINE_WARPS; ++w) l += red[w];
+    const Acc inv_l = Math::inverse(l);
+
+    const int i = r / G, h = hk * G + r % G;
+    if (tid == 0)
+        static_cast<Acc*>(p.lse)[(b * p.H + h) * p.Lq + i] =
+            l == Acc(0) ? Acc(-INFINITY) : m_safe + Math::log_natural(l);
+
+    // -- out: warp w sums the splits s = w, w + COMBINE_WARPS, ... for the columns
+    // c = lane + 32 k (coalesced rows; up to 4 x 8 loads in flight per lane); the warps'
+    // sums are then added in warp order through shared memory (fixed order: reproducible)
+    constexpr int COLS = COMBINE_MAX_DV / 32;  // columns per lane
+    const int Dv = static_cast<int>(p.Dv);
+    Acc o[COLS];
+#pragma unroll
+    for (int k = 0; k < COLS; ++k) o[k] = Acc(0);
+#pragma unroll 4
+    for (int s = warp; s < S; s += COMBINE_WARPS) {
+        const Acc w = w_s[s];
+        if (w == Acc(0)) continue;  // a split that saw no key adds nothing (nor is read)
+        const Acc* row = out_part + s * split_stride;
+#pragma unroll
+        for (int k = 0; k < COLS; ++k)
+            if (lane + 32 * k < Dv) o[k] += w * row[lane + 32 * k];
+    }
+    __shared__ Acc o_s[COMBINE_WARPS - 1][COMBINE_MAX_DV];  // warps 1.. sums
+    if (warp > 0) {
+#pragma unroll
+        for (int k = 0; k < COLS; ++k) o_s[warp - 1][lane + 32 * k] = o[k];
+    }
+    // every warp's sums are in shared memory
+    __syncthreads();
+    if (warp == 0) {
+        T* out = static_cast<T*>(p.out) + b * p.out_batch_stride + i * p.out_token_stride
+                 + h * p.out_head_stride;
+#pragma unroll
+        for (int k = 0; k < COLS; ++k) {
+            const int c = lane + 32 * k;
+            if (c < Dv) {
+                Acc total = o[k];
+#pragma unroll
+                for (int w = 1; w < COMBINE_WARPS; ++w) total += o_s[w - 1][c];
+                out[c] = Math::from_acc(total * inv_l);
+            }
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------------------
+// The append: k_new[b, j] -> the cache at position cache_seqlens[b] + j (through the block
+// table when paged), and v_new likewise; element by element, any strides. Validation has
+// checked that the positions fit and are distinct. Grid: one block per new token
+// (b * L_new + j); its threads stride over the token's Hk * (D + Dv) elements, K then V.
+// ----------------------------------------------------------------------------------------
+constexpr int APPEND_THREADS = 256;
+
+template <typename T>
+__global__ void __launch_bounds__(APPEND_THREADS) decode_append(const DecodeAppendParams p) {
+    const unsigned token = blockIdx.x;  // b * L_new + j (32-bit: below 2^31)
+    const unsigned L_new = static_cast<unsigned>(p.L_new);
+    const long long b = token / L_new, j = token % L_new;
+    const long long t = static_cast<long long>(p.cache_seqlens[b]) + j;  // its cache position
+    long long page = b, pos = t;
+    if (p.page_size > 0) {
+        const unsigned q = static_cast<unsigned>(t) / static_cast<unsigned>(p.page_size);
+        page = p.block_table[b * p.table_stride + q];
+        pos = t - static_cast<long long>(q) * p.page_size;
+    }
+    const int D = static_cast<int>(p.D), Dv = static_cast<int>(p.Dv);
+    const int k_elems = static_cast<int>(p.Hk) * D;
+    const int total = k_elems + static_cast<int>(p.Hk) * Dv;
+    T* k_dst = static_cast<T*>(p.k_cache) + page * p.k_page_stride + pos * p.k_token_stride;
+    T* v_dst = static_cast<T*>(p.v_cache) + page * p.v_page_stride + pos * p.v_token_stride;
+    const T* k_src = static_cast<const T*>(p.k_new) + b * p.kn_batch_stride + j * p.kn_token_stride;
+    const T* v_src = static_cast<const T*>(p.v_new) + b * p.vn_batch_stride + j * p.vn_token_stride;
+    for (int idx = threadIdx.x; idx < total; idx += APPEND_THREADS) {
+        if (idx < k_elems) {
+            const int hk = idx / D, c = idx % D;
+            k_dst[hk * p.k_head_stride + c * p.k_dim_stride] =
+                k_src[hk * p.kn_head_stride + c * p.kn_dim_stride];
+        } else {
+            const int hk = (idx - k_elems) / Dv, c = (idx - k_elems) % Dv;
+            v_dst[hk * p.v_head_stride + c * p.v_dim_stride] =
+                v_src[hk * p.vn_head_stride + c * p.vn_dim_stride];
+        }
+    }
+}
+
+}  // namespace cupyflash

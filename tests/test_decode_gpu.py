@@ -1,0 +1,395 @@
+"""attention_decode on the GPU (CuPy arrays): the split-KV kernels of
+``cuda/flash_decode.cuh`` against the float64 reference, with the accuracy rule of
+``accuracy.py``, and the append against the NumPy backend's (the spec), bit for bit.
+
+Every test is marked ``gpu``. Outputs come from CuPy's memory pool after it was filled
+with NaN (:func:`poison_pool`), so an element a kernel forgets to write shows; caches
+hold large finite garbage (and NaN where stated) beyond each sequence, so a key read past
+its length shows. Sizes are small: the float64 reference on the host sets the pace. The
+tests share kernel variants where they can (head dim 32 for the drawn cases, 128 for the
+long ones): about 36 variants, whose cold NVRTC compiles (~0.8 s each) come on top of
+the first run on a machine.
+"""
+
+import numpy as np
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+import cupyflash
+from accuracy import DTYPES, accumulator_dtype, check_attention
+from backends import requires_gpu
+from test_sequences import (DecodeCase, check_decode, decode_cases, grouped, kv_heads,
+                            to_paged)
+
+pytestmark = requires_gpu + [
+    pytest.mark.filterwarnings("ignore:invalid value encountered in matmul")]
+
+
+def _cupy():
+    import cupy
+    return cupy
+
+
+def poison_pool():
+    """Leave 64 MiB of NaN in CuPy's pool: the next allocations are carved from it."""
+    cupy = _cupy()
+    x = cupy.full((16 << 20,), np.nan, dtype=np.float32)
+    del x
+
+
+def to_gpu(*arrays):
+    cupy = _cupy()
+    return [None if a is None else cupy.asarray(a) for a in arrays]
+
+
+def decode_both(q, k_cache, v_cache, seqlens, *, k_new=None, v_new=None, block_table=None,
+                **options):
+    """Run attention_decode on the GPU and on NumPy copies of the same inputs.
+
+    Returns ``(out, lse, k_after, v_after, np_k_after, np_v_after)`` as NumPy arrays: the
+    GPU's results and caches after its append, and the caches after the NumPy backend's
+    append (the spec; NumPy runs with one split, which does not change what it appends).
+    q, the caches and the new keys may be NumPy arrays (copied to the GPU contiguous) or
+    CuPy arrays of any layout (copied to the host for NumPy).
+    """
+    cupy = _cupy()
+    host = [None if a is None else (a.get() if isinstance(a, cupy.ndarray) else np.array(a))
+            for a in (q, k_cache, v_cache, seqlens, k_new, v_new, block_table)]
+    dev = [None if a is None else (a if isinstance(a, cupy.ndarray) else cupy.asarray(a))
+           for a in (q, k_cache, v_cache, seqlens, k_new, v_new, block_table)]
+    extra = {}
+    if k_new is not None:
+        extra.update(k_new=dev[4], v_new=dev[5])
+    if block_table is not None:
+        extra.update(block_table=dev[6])
+    poison_pool()
+    out, lse = cupyflash.attention_decode(dev[0], dev[1], dev[2], dev[3], return_lse=True,
+                                          **options, **extra)
+    h_extra = {}
+    if k_new is not None:
+        h_extra.update(k_new=host[4], v_new=host[5])
+    if block_table is not None:
+        h_extra.update(block_table=host[6])
+    np_k, np_v = host[1].copy(), host[2].copy()
+    cupyflash.attention_decode(host[0], np_k, np_v, host[3], **dict(options, num_splits=1),
+                               **h_extra)
+    return out.get(), lse.get(), dev[1].get(), dev[2].get(), np_k, np_v
+
+
+def check_sequences(out, lse, q, keys, values, *, Hk, causal, scale):
+    """Each batch element meets the accuracy rule against attention over its keys."""
+    B, Lq, H, _ = q.shape
+    assert out.shape == (B, Lq, H, values[0].shape[-1]) and out.dtype == q.dtype
+    assert lse.shape == (B, H, Lq) and lse.dtype == accumulator_dtype(q.dtype)
+    assert not np.isnan(out).any() and not np.isnan(lse).any()
+    for b in range(B):
+        check_attention(grouped(out[b], Hk), lse[b].reshape(Hk, H // Hk, Lq),
+                        grouped(q[b], Hk), kv_heads(keys[b]), kv_heads(values[b]),
+                        causal=causal, scale=scale)
+
+
+def logical_keys(cache, seqlens, new, table=None):
+    """Keys 0 .. seqlens[b] - 1 of each sequence (through the table), then new[b]."""
+    keys = []
+    for b, s in enumerate(seqlens):
+        t = np.arange(s)
+        old = cache[b, t] if table is None else cache[table[b, t // cache.shape[1]],
+                                                      t % cache.shape[1]]
+        keys.append(np.concatenate([old, new[b]]) if new is not None else old)
+    return keys
+
+
+# ----------------------------------------------------------------------------------------
+# properties: the NumPy suite's draws, on the GPU
+# ----------------------------------------------------------------------------------------
+
+@settings(max_examples=60, deadline=None)
+@given(case=decode_cases(), paged=st.booleans(),
+       num_splits=st.sampled_from([None, 1, 2, 3, 7, 64]))
+@example(case=DecodeCase("float32", (9, 0, 30), Lq=5, L_new=3, Hk=2, group=2, causal=True,
+                         scale=30.0), paged=True, num_splits=3)
+@example(case=DecodeCase("float16", (0, 0), Lq=2), paged=False, num_splits=2)
+@example(case=DecodeCase("bfloat16", (40, 13), Lq=1, L_new=1, group=4, D=16, scale=30.0,
+                         block_size=8), paged=True, num_splits=64)
+@example(case=DecodeCase("float64", (33, 1, 0), Lq=3, L_new=1, Hk=2, group=4, D=5, Dv=11,
+                         causal=True), paged=True, num_splits=None)
+def test_decode_matches_the_reference(case, paged, num_splits):
+    q, k_cache, v_cache, seqlens, k_new, v_new = case.inputs()
+    new = dict(k_new=k_new, v_new=v_new) if case.L_new else {}
+    k_before, v_before = k_cache.copy(), v_cache.copy()
+    if paged:
+        k_cache, v_cache, table = to_paged(case, np.random.default_rng(case.seed), k_cache,
+                                           v_cache)
+        new["block_table"] = table
+    out, lse, k_after, v_after, np_k, np_v = decode_both(
+        q, k_cache, v_cache, seqlens, causal=case.causal, scale=case.scale,
+        num_splits=num_splits, **new)
+    check_decode(case, out, lse, q, k_before, v_before, k_new, v_new)
+    assert not np.isnan(out).any() and not np.isnan(lse).any()
+    # the append, element by element, and every other element of the cache (the pool's
+    # unused blocks included) untouched: exactly what the NumPy backend does
+    np.testing.assert_array_equal(k_after, np_k)
+    np.testing.assert_array_equal(v_after, np_v)
+
+
+# ----------------------------------------------------------------------------------------
+# long caches: tiles, pages, splits
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype, page_size", [
+    (dt, page) for dt in ("float16", "bfloat16", "float32", "float64") for page in (None, 16)
+] + [(dt, page) for dt in ("float16", "bfloat16") for page in (1, 48, 256)])
+def test_long_caches_with_every_split_count(dtype, page_size):
+    """Lengths around tile and page boundaries, 0 to 2050 keys; splits from one to more
+    than the tiles of the longest sequence (empty splits); grouped-query heads. One split
+    and the chosen count meet the accuracy rule; every count agrees with one split, and
+    appends what NumPy appends."""
+    rng = np.random.default_rng(7)
+    seqlens = np.array([2049, 0, 1, 17, 1000, 255], dtype=np.int32)
+    B, Hk, group, D, L_new = len(seqlens), 2, 4, 128, 1
+    capacity = int(seqlens.max()) + L_new + 3
+    q = rng.standard_normal((B, 1, Hk * group, D)).astype(DTYPES[dtype])
+    k_cache = (rng.standard_normal((B, capacity, Hk, D)) * 4).astype(DTYPES[dtype])
+    v_cache = (rng.standard_normal((B, capacity, Hk, D)) * 100).astype(DTYPES[dtype])
+    for b, s in enumerate(seqlens):
+        v_cache[b, :s] /= 100                     # garbage beyond each sequence stays large
+    k_new = rng.standard_normal((B, L_new, Hk, D)).astype(DTYPES[dtype])
+    v_new = rng.standard_normal((B, L_new, Hk, D)).astype(DTYPES[dtype])
+    keys = logical_keys(k_cache, seqlens, k_new)
+    values = logical_keys(v_cache, seqlens, v_new)
+    table = None
+    if page_size is not None:
+        case = DecodeCase(dtype, tuple(int(s) for s in seqlens), L_new=L_new, Hk=Hk, D=D, Dv=D,
+                          spare=3, block_size=page_size)
+        k_cache, v_cache, table = to_paged(case, rng, k_cache, v_cache)
+    out1, lse1, k_after, v_after, np_k, np_v = decode_both(
+        q, k_cache, v_cache, seqlens, k_new=k_new, v_new=v_new, block_table=table,
+        num_splits=1)
+    check_sequences(out1, lse1, q, keys, values, Hk=Hk, causal=False, scale=None)
+    np.testing.assert_array_equal(k_after, np_k)
+    np.testing.assert_array_equal(v_after, np_v)
+    tol = {"float16": 2e-3, "bfloat16": 2e-2, "float32": 1e-5, "float64": 1e-12}[dtype]
+    for num_splits in (None, 2, 7, 64, 100000):
+        cupy = _cupy()
+        gk, gv = cupy.asarray(k_cache), cupy.asarray(v_cache)
+        poison_pool()
+        out, lse = cupyflash.attention_decode(
+            *to_gpu(q), gk, gv, *to_gpu(seqlens), k_new=cupy.asarray(k_new),
+            v_new=cupy.asarray(v_new), block_table=None if table is None else cupy.asarray(table),
+            num_splits=num_splits, return_lse=True)
+        out, lse = out.get(), lse.get()
+        if num_splits is None:
+            check_sequences(out, lse, q, keys, values, Hk=Hk, causal=False, scale=None)
+        assert not np.isnan(out).any() and not np.isnan(lse).any()
+        np.testing.assert_allclose(out.astype(np.float64), out1.astype(np.float64), rtol=tol,
+                                   atol=tol, err_msg=f"num_splits={num_splits}")
+        np.testing.assert_allclose(lse, lse1, rtol=tol, atol=tol)
+        np.testing.assert_array_equal(gk.get(), k_after)
+        np.testing.assert_array_equal(gv.get(), v_after)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("group, Lq, causal", [(1, 1, False), (3, 1, True), (8, 1, False),
+                                               (8, 3, True), (2, 7, True), (6, 5, False)])
+def test_grouped_heads_and_query_rows(dtype, group, Lq, causal):
+    """G * Lq query rows per kv head: 1 (ROWS = 1), up to 4, up to 8, and more than one
+    block's rows (row chunks that read the keys again); causal with Lq > n hides rows."""
+    rng = np.random.default_rng(group * 10 + Lq)
+    seqlens = np.array([300, 2, 0, 77], dtype=np.int32)
+    B, Hk, D = len(seqlens), 2, 128
+    q = rng.standard_normal((B, Lq, Hk * group, D)).astype(DTYPES[dtype])
+    k_cache = rng.standard_normal((B, 310, Hk, D)).astype(DTYPES[dtype])
+    v_cache = rng.standard_normal((B, 310, Hk, D)).astype(DTYPES[dtype])
+    for num_splits in (1, 5, None):
+        out, lse, *_ = decode_both(q, k_cache, v_cache, seqlens, causal=causal,
+                                   num_splits=num_splits)
+        check_sequences(out, lse, q, logical_keys(k_cache, seqlens, None),
+                        logical_keys(v_cache, seqlens, None), Hk=Hk, causal=causal, scale=None)
+        if causal:  # row i sees keys t <= i + n - Lq: none when n <= Lq - 1 - i
+            for b, n in enumerate(seqlens):
+                blind = max(0, Lq - int(n))
+                assert (out[b, :blind] == 0).all() and np.isneginf(lse[b, :, :blind]).all()
+
+
+# ----------------------------------------------------------------------------------------
+# head dims, layouts, the element-by-element path
+# ----------------------------------------------------------------------------------------
+
+def test_every_head_dim():
+    """D = 1..256 in float16 (Dv cycling through other values): the padded HEAD_DIM of
+    each bucket, partial vectors, and (D not a multiple of 8) the element-by-element copy
+    path; a few head dims in the other dtypes."""
+    rng = np.random.default_rng(3)
+    cases = [("float16", D) for D in range(1, 257)]
+    cases += [(dt, D) for dt in ("bfloat16", "float32", "float64") for D in (1, 6, 59, 128, 200)]
+    for dtype, D in cases:
+        Dv = (D * 7) % 256 + 1
+        seqlens = np.array([45, 3], dtype=np.int32)
+        q = rng.standard_normal((2, 1, 2, D)).astype(DTYPES[dtype])
+        k_cache = rng.standard_normal((2, 50, 1, D)).astype(DTYPES[dtype])
+        v_cache = rng.standard_normal((2, 50, 1, Dv)).astype(DTYPES[dtype])
+        k_new = rng.standard_normal((2, 1, 1, D)).astype(DTYPES[dtype])
+        v_new = rng.standard_normal((2, 1, 1, Dv)).astype(DTYPES[dtype])
+        out, lse, k_after, v_after, np_k, np_v = decode_both(
+            q, k_cache, v_cache, seqlens, k_new=k_new, v_new=v_new, causal=D % 2 == 0,
+            num_splits=D % 3 + 1)
+        check_sequences(out, lse, q, logical_keys(k_cache, seqlens, k_new),
+                        logical_keys(v_cache, seqlens, v_new), Hk=1, causal=D % 2 == 0,
+                        scale=None)
+        np.testing.assert_array_equal(k_after, np_k)
+        np.testing.assert_array_equal(v_after, np_v)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_strided_views_are_read_and_written_in_place(dtype):
+    """q transposed; caches that are views: padded head dims (rows still 16-byte vectors),
+    an odd element offset (rows not aligned: the element path), a reversed batch axis;
+    k_new with a stride of 2 along its tokens. The append writes through the views into
+    their base arrays, exactly where NumPy's would."""
+    cupy = _cupy()
+    rng = np.random.default_rng(11)
+    B, Hk, D, L = 3, 2, 64, 70
+    seqlens = np.array([60, 0, 33], dtype=np.int32)
+    q_base = rng.standard_normal((B, 2 * Hk, 1, D)).astype(DTYPES[dtype])
+    q = cupy.asarray(q_base).transpose(0, 2, 1, 3)[:, :, ::2]  # (B, 1, Hk, D), strided
+    q_host = q.get()
+    layouts = {
+        "padded": lambda x: x[..., :D],
+        "unaligned": lambda x: x[..., 1:D + 1],
+        "reversed": lambda x: x[::-1, ..., :D],
+    }
+    for name, view in layouts.items():
+        k_base = cupy.asarray(rng.standard_normal((B, L, Hk, D + 8)).astype(DTYPES[dtype]))
+        v_base = cupy.asarray(rng.standard_normal((B, L, Hk, D + 8)).astype(DTYPES[dtype]))
+        k_cache, v_cache = view(k_base), view(v_base)
+        kn_base = cupy.asarray(rng.standard_normal((B, 4, Hk, D)).astype(DTYPES[dtype]))
+        k_new, v_new = kn_base[:, ::2], kn_base[:, 1::2]      # (B, 2, Hk, D), strided
+        keys = logical_keys(k_cache.get(), seqlens, k_new.get())
+        values = logical_keys(v_cache.get(), seqlens, v_new.get())
+        expected_k, expected_v = k_base.get(), v_base.get()    # NumPy appends through
+        cupyflash.attention_decode(q_host, view(expected_k), view(expected_v), seqlens,
+                                   k_new=k_new.get(), v_new=v_new.get())  # the same views
+        poison_pool()
+        out, lse = cupyflash.attention_decode(q, k_cache, v_cache, cupy.asarray(seqlens),
+                                              k_new=k_new, v_new=v_new, return_lse=True,
+                                              num_splits=3)
+        check_sequences(out.get(), lse.get(), q_host, keys, values, Hk=Hk, causal=False,
+                        scale=None)
+        np.testing.assert_array_equal(k_base.get(), expected_k, err_msg=name)
+        np.testing.assert_array_equal(v_base.get(), expected_v, err_msg=name)
+
+
+# ----------------------------------------------------------------------------------------
+# special values, reproducibility, streams
+# ----------------------------------------------------------------------------------------
+
+def test_empty_caches_give_zeros_and_neg_inf():
+    """cache_seqlens of 0 everywhere (a cache of NaN that must not be read), with and
+    without splits; an append of one key to empty caches with causal Lq = 3 hides two rows."""
+    cupy = _cupy()
+    q = cupy.ones((2, 3, 2, 4), np.float32)
+    cache = cupy.full((2, 5, 1, 4), np.nan, np.float32)
+    for num_splits in (None, 1, 3):
+        poison_pool()
+        out, lse = cupyflash.attention_decode(q, cache, cache, cupy.zeros(2, np.int32),
+                                              num_splits=num_splits, return_lse=True)
+        assert (out.get() == 0).all() and np.isneginf(lse.get()).all()
+    k_cache, v_cache = cupy.full((2, 5, 1, 4), np.nan, np.float32), cupy.zeros((2, 5, 1, 4),
+                                                                               np.float32)
+    poison_pool()
+    out, lse = cupyflash.attention_decode(q, k_cache, v_cache, cupy.zeros(2, np.int64),
+                                          k_new=cupy.ones((2, 1, 1, 4), np.float32),
+                                          v_new=cupy.ones((2, 1, 1, 4), np.float32),
+                                          causal=True, return_lse=True)
+    out, lse = out.get(), lse.get()
+    assert (out[:, :2] == 0).all() and np.isneginf(lse[:, :, :2]).all()
+    assert (out[:, 2] == 1).all() and not np.isnan(out).any()
+    assert (k_cache.get()[:, 0] == 1).all() and np.isnan(k_cache.get()[:, 1:]).all()
+
+
+def test_nan_beyond_the_lengths_is_never_read():
+    """Cache positions past each sequence, and pool blocks no table entry names, are NaN;
+    table padding is -1. Nothing of them may reach the result."""
+    rng = np.random.default_rng(5)
+    case = DecodeCase("bfloat16", (100, 31, 0), Lq=2, L_new=1, Hk=2, group=2, D=32, Dv=32,
+                      causal=True, spare=20, block_size=16, seed=5)
+    q, k_cache, v_cache, seqlens, k_new, v_new = case.inputs()
+    for b, s in enumerate(seqlens):
+        k_cache[b, s:] = np.nan
+        v_cache[b, s:] = np.nan
+    keys = logical_keys(k_cache, seqlens, k_new)
+    values = logical_keys(v_cache, seqlens, v_new)
+    k_pool, v_pool, table = to_paged(case, rng, k_cache, v_cache)
+    k_pool[table.max() + 1:] = np.nan
+    v_pool[table.max() + 1:] = np.nan
+    for cache_k, cache_v, t in ((k_cache, v_cache, None), (k_pool, v_pool, table)):
+        out, lse, *_ = decode_both(q, cache_k, cache_v, seqlens, k_new=k_new, v_new=v_new,
+                                   block_table=t, causal=True, num_splits=4)
+        check_sequences(out, lse, q, keys, values, Hk=2, causal=True, scale=None)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_repeated_runs_are_bitwise_equal_and_paged_equals_contiguous(dtype):
+    cupy = _cupy()
+    case = DecodeCase(dtype, (700, 5, 0, 129), Lq=1, L_new=0, Hk=2, group=4, D=128, Dv=128,
+                      scale=30.0, block_size=16, seed=9)
+    q, k_cache, v_cache, seqlens, _, _ = case.inputs()
+    k_pool, v_pool, table = to_paged(case, np.random.default_rng(9), k_cache, v_cache)
+    gq, gk, gv, gs, gkp, gvp, gt = to_gpu(q, k_cache, v_cache, seqlens, k_pool, v_pool, table)
+    for num_splits in (1, 6, None):
+        runs = []
+        for paged in (False, True, False, True):
+            poison_pool()
+            args = (gq, gkp, gvp, gs) if paged else (gq, gk, gv, gs)
+            out, lse = cupyflash.attention_decode(*args, block_table=gt if paged else None,
+                                                  num_splits=num_splits, scale=30.0,
+                                                  return_lse=True)
+            runs.append((out.get().tobytes(), lse.get().tobytes()))
+        assert all(r == runs[0] for r in runs[1:]), f"num_splits={num_splits}"
+    with cupy.cuda.Stream(non_blocking=True) as stream:  # a stream of its own: same bits
+        out, lse = cupyflash.attention_decode(gq, gk, gv, gs, scale=30.0, return_lse=True)
+        stream.synchronize()
+    assert (out.get().tobytes(), lse.get().tobytes()) == runs[0]
+
+
+def test_zero_sizes_and_integer_dtypes():
+    """Lq = 0 still appends; B = 0; Dv = 0 still gives lse; int64 and int16 lengths and
+    tables are accepted."""
+    cupy = _cupy()
+    q = cupy.ones((2, 0, 2, 4), np.float32)
+    k_cache, v_cache = cupy.zeros((2, 5, 1, 4), np.float32), cupy.zeros((2, 5, 1, 4), np.float32)
+    out, lse = cupyflash.attention_decode(q, k_cache, v_cache, cupy.asarray([3, 0], np.int16),
+                                          k_new=cupy.full((2, 1, 1, 4), 2, np.float32),
+                                          v_new=cupy.full((2, 1, 1, 4), 2, np.float32),
+                                          return_lse=True)
+    assert out.shape == (2, 0, 2, 4) and lse.shape == (2, 2, 0)
+    assert (k_cache.get()[0, 3] == 2).all() and (k_cache.get()[1, 0] == 2).all()
+    out, lse = cupyflash.attention_decode(cupy.ones((0, 1, 2, 4), np.float32), k_cache[:0],
+                                          v_cache[:0], cupy.zeros(0, np.int32), return_lse=True)
+    assert out.shape == (0, 1, 2, 4) and lse.shape == (0, 2, 1)
+    out, lse = cupyflash.attention_decode(cupy.ones((2, 1, 2, 4), np.float32), k_cache,
+                                          cupy.zeros((2, 5, 1, 0), np.float32),
+                                          cupy.asarray([3, 0], np.int64), return_lse=True)
+    expected = cupyflash.attention_decode(np.ones((2, 1, 2, 4), np.float32), k_cache.get(),
+                                          np.zeros((2, 5, 1, 0), np.float32),
+                                          np.array([3, 0]), return_lse=True)
+    assert out.shape == (2, 1, 2, 0)
+    np.testing.assert_allclose(lse.get(), expected[1], rtol=1e-6)
+    pool = cupy.zeros((4, 2, 1, 4), np.float32)
+    table = cupy.asarray([[3, 1], [2, -1]], np.int64)
+    out = cupyflash.attention_decode(cupy.ones((2, 1, 2, 4), np.float32), pool, pool,
+                                     cupy.asarray([3, 1], np.int64), block_table=table,
+                                     k_new=cupy.ones((2, 1, 1, 4), np.float32),
+                                     v_new=cupy.ones((2, 1, 1, 4), np.float32))
+    assert (pool.get()[1, 1] == 1).all() and (pool.get()[2, 1] == 1).all()
+    assert np.isfinite(out.get()).all()
+
+
+def test_gpu_only_limits_raise_value_error():
+    cupy = _cupy()
+    q = cupy.ones((1, 1, 1, 300), np.float32)
+    cache = cupy.zeros((1, 4, 1, 300), np.float32)
+    with pytest.raises(ValueError, match="^attention_decode: head dims up to 256 are "
+                                         "supported on the GPU, got 300"):
+        cupyflash.attention_decode(q, cache, cache, cupy.asarray([2], np.int32))
