@@ -52,10 +52,12 @@ BWD_MMA_TILES = {
     "small": {32: (64, 8, 1, 2, 1), 64: (64, 8, 1, 2, 1), 96: (64, 4, 1, 1, 1), 128: (64, 4, 1, 1, 1),
               192: (32, 4, 2, 1, 1), 256: (32, 4, 2, 1, 1)},
 }
-# flash_bwd_mma_variants where the plain tiles leave no registers for the score modifier
-# (ptxas spills 16-20 bytes at d = 128 on sm_90a with BLOCK_M = 64; none with 32). Not yet
+# flash_bwd_mma_variants where the plain tiles leave no registers for the score modifier:
+# on sm_90a ptxas spills 16-20 bytes at d = 128 with BLOCK_M = 64 (none with 32) and 12
+# bytes for bf16 at d = 64 with BLOCK_M = 128 (none with 64: 196-208 registers). Not yet
 # measured on a GPU.
-BWD_MMA_VARIANT_TILES = {"hopper": {128: (32, 8, 1, 2, 1)}, "large": {}, "small": {}}
+BWD_MMA_VARIANT_TILES = {"hopper": {64: (64, 8, 1, 2, 1), 128: (32, 8, 1, 2, 1)},
+                         "large": {}, "small": {}}
 BWD_DQ_MMA_TILES = {
     "hopper": {32: (64, 64, 4), 64: (64, 64, 4), 96: (64, 64, 4), 128: (64, 64, 4),
                192: (64, 32, 4), 256: (64, 32, 4)},
