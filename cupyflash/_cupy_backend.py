@@ -202,6 +202,29 @@ def _kernel_bias(bias, dtype):
     return cupy.asarray(bias, dtype=np.float32), True
 
 
+def _expand(problem, x):
+    """x as a contiguous array of the broadcast batch shape (its last two dims kept): for a
+    batch that does not collapse into MAX_BATCH_DIMS dimensions."""
+    import cupy
+    return cupy.ascontiguousarray(cupy.broadcast_to(x, problem.batch_shape + x.shape[-2:]))
+
+
+def _variant_operands(problem, bias, mask, expand=False):
+    """``(kernel_bias, mask, extra)`` as the kernels read them: the bias as
+    :func:`_kernel_bias` gives it (``(array, is_float)``), the mask as a matrix view (None
+    where absent), and ``extra``, the arrays among them for ``_pack_params``. ``expand``:
+    both copied by :func:`_expand` first."""
+    kernel_bias = mask_m = None
+    if bias is not None:
+        b, is_float = _kernel_bias(_as_matrix_view(bias), problem.dtype)
+        kernel_bias = (_expand(problem, b) if expand else b, is_float)
+    if mask is not None:
+        mask_m = _as_matrix_view(mask)
+        mask_m = _expand(problem, mask_m) if expand else mask_m
+    extra = [x for x in (kernel_bias and kernel_bias[0], mask_m) if x is not None]
+    return kernel_bias, mask_m, extra
+
+
 def _pack_variants(problem, bias, mask, alibi_slopes, extra_strides):
     """Fill the ``VariantParams`` struct. ``bias`` (already as :func:`_kernel_bias` gives
     it, with its is_float flag) and ``mask`` are the matrix views whose batch strides
@@ -663,22 +686,11 @@ def attention_forward(q, k, v, problem, out=None, bias=None, mask=None, alibi_sl
                 cfg = _mma_config(max(problem.D, problem.Dv), problem.Dv, problem.dtype.name,
                                   cc, problem.causal)
         if args is None:
-            kernel_bias = (None if bias is None
-                           else _kernel_bias(_as_matrix_view(bias), problem.dtype))
-            mask_m = None if mask is None else _as_matrix_view(mask)
-            extra = [x for x in (None if bias is None else kernel_bias[0], mask_m)
-                     if x is not None]
+            kernel_bias, mask_m, extra = _variant_operands(problem, bias, mask)
             params, extra_strides = _pack_params(problem, *qk, o, lse, extra)
             if params is None:  # too many batch dims even after collapsing: copy to contiguous
-                full = problem.batch_shape
-                qk = [cupy.ascontiguousarray(cupy.broadcast_to(t, full + t.shape[-2:]))
-                      for t in qk]
-                extra = [cupy.ascontiguousarray(cupy.broadcast_to(t, full + t.shape[-2:]))
-                         for t in extra]
-                if bias is not None:
-                    kernel_bias = (extra[0], kernel_bias[1])
-                if mask is not None:
-                    mask_m = extra[-1]
+                qk = [_expand(problem, t) for t in qk]
+                kernel_bias, mask_m, extra = _variant_operands(problem, bias, mask, expand=True)
                 params, extra_strides = _pack_params(problem, *qk, o, lse, extra)
             args = (params,)
             if variants:

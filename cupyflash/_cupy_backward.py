@@ -22,9 +22,9 @@ import os
 import numpy as np
 
 from . import _kernels
-from ._cupy_backend import (_DTYPE_TO_CUDA, _as_matrix_view, _compute_capability, _device_of,
-                            _kernel_bias, _kernel_ready, _on_device, _pack_params,
-                            _pack_variants, has_variants, launch_grid)
+from ._cupy_backend import (_DTYPE_TO_CUDA, _compute_capability, _device_of, _expand,
+                            _kernel_ready, _on_device, _pack_params, _pack_variants,
+                            _variant_operands, has_variants, launch_grid)
 
 # struct BackwardParams of cuda/attention_common.cuh: 5 pointers and one int64.
 BACKWARD_PARAMS_DTYPE = np.dtype(
@@ -271,20 +271,12 @@ def attention_backward(dout, q, k, v, out, lse, problem, deterministic=False,
             o, do = (cupy.ascontiguousarray(x) for x in (o, do))
         acc = np.float64 if T == np.float64 else np.float32
         lse_c = cupy.ascontiguousarray(lse, dtype=acc)
-        kernel_bias = None if bias is None else _kernel_bias(_as_matrix_view(bias), T)
-        mask_m = None if mask is None else _as_matrix_view(mask)
-        extra = [x for x in (None if bias is None else kernel_bias[0], mask_m) if x is not None]
+        kernel_bias, mask_m, extra = _variant_operands(p, bias, mask)
         params, extra_strides = _pack_params(p, *qkv, o, lse_c, extra)
         if params is None:  # too many batch dims even after collapsing: copy to contiguous
-            full = p.batch_shape
-            qkv = [cupy.ascontiguousarray(cupy.broadcast_to(t, full + t.shape[-2:])) for t in qkv]
+            qkv = [_expand(p, t) for t in qkv]
             o, do = (cupy.ascontiguousarray(x) for x in (o, do))
-            extra = [cupy.ascontiguousarray(cupy.broadcast_to(t, full + t.shape[-2:]))
-                     for t in extra]
-            if bias is not None:
-                kernel_bias = (extra[0], kernel_bias[1])
-            if mask is not None:
-                mask_m = extra[-1]
+            kernel_bias, mask_m, extra = _variant_operands(p, bias, mask, expand=True)
             params, extra_strides = _pack_params(p, *qkv, o, lse_c, extra)
         vargs, slopes = (), None
         if variants:
