@@ -1,4 +1,5 @@
-// The attention variants of issue 6, as one score modifier shared by the forward kernels:
+// The attention variants of issue 6, as one score modifier shared by the forward and backward
+// kernels:
 //
 //   s_ij = scale * q_i . k_j                       (the plain score)
 //   s_ij = softcap * tanh(s_ij / softcap)          (softcap > 0)
