@@ -9,11 +9,21 @@ import dataclasses
 import os
 
 import numpy as np
+from hypothesis import settings
 from hypothesis import strategies as st
 
 from accuracy import DTYPES
 
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "cupyflash")
+
+# Examples per property of the files that count them (a few tens per property keeps each
+# under a minute on two cores); the thorough profile draws four times as many.
+SCALE_EXAMPLES = {"thorough": 4}.get(PROFILE, 1)
+
+
+def examples(n):
+    """Hypothesis settings with ``n`` examples, scaled by the profile."""
+    return settings(max_examples=n * SCALE_EXAMPLES)
 
 # Largest Lq or Lk drawn at random, and the largest batch * Lq * Lk * (D + Dv) drawn: the
 # float64 reference and the naive computation materialise the whole score matrix on the

@@ -20,7 +20,7 @@ import re
 
 import numpy as np
 import pytest
-from hypothesis import assume, example, given, settings
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 import cupyflash
@@ -30,20 +30,13 @@ from accuracy import (DTYPES, WIDE, _finite_abs_max, assert_within_budget,
                       true_attention_backward)
 from backends import requires_gpu
 from cupyflash import _api, _kernels, _numpy_backend, _philox, reference
-from strategies import PROFILE, AttentionCase, VariantCase, variant_cases
+from strategies import AttentionCase, VariantCase, examples, variant_cases
 from test_backward import FLOAT16_GRADIENT_MAX, draw_dout, finite_difference_gradients
 
 # See test_attention.py: OpenBLAS flags 0 * -inf on padding lanes; no NaN reaches a result.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered in matmul")
 
 ALL_DTYPES = pytest.mark.parametrize("dtype", list(DTYPES))
-
-# Examples per property: these counts keep this file to well under a minute on two cores.
-SCALE_EXAMPLES = {"thorough": 4}.get(PROFILE, 1)
-
-
-def examples(n):
-    return settings(max_examples=n * SCALE_EXAMPLES)
 
 
 DROPOUT_PS = st.sampled_from([0.1, 0.5, 0.9])

@@ -15,24 +15,17 @@ import re
 
 import numpy as np
 import pytest
-from hypothesis import example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import cupyflash
 from accuracy import DTYPES, accumulator_dtype, check_attention
 from backends import requires_gpu
 from cupyflash import reference
-from strategies import PROFILE
+from strategies import examples
 
 # See test_attention.py: OpenBLAS flags 0 * -inf on padding lanes; no NaN reaches a result.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered in matmul")
-
-# Examples per property: these counts keep this file to well under a minute on two cores.
-SCALE_EXAMPLES = {"thorough": 4}.get(PROFILE, 1)
-
-
-def examples(n):
-    return settings(max_examples=n * SCALE_EXAMPLES)
 
 
 # Scales: None (1/sqrt(D)), tiny logits, and logits of hundreds (exp overflows float32

@@ -17,7 +17,7 @@ import tracemalloc
 import ml_dtypes
 import numpy as np
 import pytest
-from hypothesis import example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import cupyflash
@@ -26,19 +26,12 @@ from accuracy import (DTYPES, WIDE, accumulator_dtype, assert_within_budget, che
                       unit_roundoff)
 from backends import requires_gpu, to_numpy, to_xp
 from cupyflash import _api, _numpy_backend, reference
-from strategies import MAX_LEN, PROFILE, AttentionCase, VariantCase, variant_cases
+from strategies import MAX_LEN, AttentionCase, VariantCase, examples, variant_cases
 
 # See test_attention.py: OpenBLAS flags 0 * -inf on padding lanes; no NaN reaches a result.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered in matmul")
 
 ALL_DTYPES = pytest.mark.parametrize("dtype", list(DTYPES))
-
-# Examples per property: these counts keep this file to well under a minute on two cores.
-SCALE_EXAMPLES = {"thorough": 4}.get(PROFILE, 1)
-
-
-def examples(n):
-    return settings(max_examples=n * SCALE_EXAMPLES)
 
 
 # Small blocks for the NumPy backend, and the longest sequence drawn with them.
