@@ -288,18 +288,17 @@ FWD_KERNELS = ("auto", "mma", "wgmma")
 def forward_kernel():
     """The fp16/bf16 forward kernel family that ``CUPYFLASH_FWD_KERNEL`` asks for.
 
-    ``auto`` (or unset): the mma.sync kernel everywhere, for now. ``wgmma``: the Hopper
-    kernel (cuda/flash_fwd_wgmma.cuh) wherever it applies: fp16/bf16 on a GPU of compute
-    capability 9.0, head dims up to 256, and q, k, v that tensor maps can describe
-    (otherwise the mma.sync kernel runs). ``mma``: the mma.sync kernel everywhere.
+    ``wgmma``: the Hopper kernel (cuda/flash_fwd_wgmma.cuh) wherever it applies: fp16/bf16
+    on a GPU of compute capability 9.0, head dims up to 256, and q, k, v that tensor maps
+    can describe (otherwise the mma.sync kernel runs). ``auto`` (or unset): as ``wgmma``
+    for head dims above 32 (``WGMMA_AUTO_MIN_HEAD_DIM``), the mma.sync kernel for the
+    rest. ``mma``: the mma.sync kernel everywhere.
     """
     choice = os.environ.get("CUPYFLASH_FWD_KERNEL", "auto").strip().lower() or "auto"
     if choice not in FWD_KERNELS:
         raise ValueError(f"attention: CUPYFLASH_FWD_KERNEL must be one of "
                          f"{', '.join(FWD_KERNELS)}, got {choice!r}")
-    # auto stays on mma.sync until the wgmma kernel has passed its first GPU run; then
-    # auto becomes wgmma on compute capability 9.0.
-    return "mma" if choice == "auto" else choice
+    return choice
 
 
 def attention_config(D, Dv, dtype_name, compute_capability, causal, variants=False):
@@ -319,7 +318,9 @@ def attention_config(D, Dv, dtype_name, compute_capability, causal, variants=Fal
 def _attention_config(D, Dv, dtype_name, compute_capability, causal, variants, _tiles_knob,
                       fwd_kernel):
     if dtype_name in ("float16", "bfloat16"):
-        if (fwd_kernel == "wgmma" and not variants and compute_capability == 90
+        wgmma = fwd_kernel == "wgmma" or (fwd_kernel == "auto"
+                                          and max(D, Dv) > WGMMA_AUTO_MIN_HEAD_DIM)
+        if (wgmma and not variants and compute_capability == 90
                 and max(D, Dv) <= WGMMA_HEAD_DIMS[-1]):
             return _wgmma_config(D, Dv, dtype_name, causal)
         return _mma_config(D, Dv, dtype_name, compute_capability, causal, variants)
@@ -409,6 +410,10 @@ def mma_attention_variants():
 #   d = 128: two consumers x 64 rows, BLOCK_N = 128, two stages (160 KiB of smem).
 #   d = 256: BLOCK_N = 64 (acc alone is 128 registers a thread), two stages (192 KiB).
 WGMMA_HEAD_DIMS = (64, 128, 256)
+# auto picks the wgmma kernel above this head dim. On an H100 (benchmarks/NOTES.md,
+# session 4) it beat the mma.sync kernel at d = 64, 128, 256, s = 1k..16k, causal and not
+# (1.0-2.3x); at d <= 32 padding to 64 would double the work of Q K^T.
+WGMMA_AUTO_MIN_HEAD_DIM = 32
 WGMMA_TILES = {64: (128, 3, 2), 128: (128, 2, 2), 256: (64, 2, 2)}
 
 

@@ -292,9 +292,13 @@ def test_runs_on_the_current_non_default_stream(launched):
 
 def test_dispatch_follows_the_environment(monkeypatch):
     monkeypatch.delenv("CUPYFLASH_FWD_KERNEL", raising=False)
-    assert _cupy_backend.attention_config(128, 128, "float16", 90, False).kernel == "mma"
-    monkeypatch.setenv("CUPYFLASH_FWD_KERNEL", "auto")  # mma until the first GPU run
-    assert _cupy_backend.attention_config(128, 128, "float16", 90, False).kernel == "mma"
+    assert _cupy_backend.attention_config(128, 128, "float16", 90, False).kernel == "wgmma"
+    monkeypatch.setenv("CUPYFLASH_FWD_KERNEL", "auto")  # wgmma above d = 32 on sm_90
+    assert _cupy_backend.attention_config(96, 96, "float16", 90, False).kernel == "wgmma"
+    assert _cupy_backend.attention_config(32, 32, "float16", 90, False).kernel == "mma"
+    assert _cupy_backend.attention_config(128, 128, "float16", 80, False).kernel == "mma"
+    assert _cupy_backend.attention_config(128, 128, "float16", 90, False,
+                                          variants=True).kernel == "mma"
     monkeypatch.setenv("CUPYFLASH_FWD_KERNEL", "wgmma")
     cfg = _cupy_backend.attention_config(100, 30, "bfloat16", 90, True)
     assert cfg.kernel == "wgmma" and cfg.source == WGMMA
