@@ -306,8 +306,7 @@ def attention_config(D, Dv, dtype_name, compute_capability, causal, variants=Fal
 
     ``variants``: the problem has a bias, mask, window, ALiBi slopes or softcap; the kernel
     is then built with ``VARIANTS`` (cuda/attention_variants.cuh), which also takes the
-    causal mask as part of its window, so ``causal`` is ignored. The Hopper kernel
-    (``CUPYFLASH_FWD_KERNEL=wgmma``) has no variants.
+    causal mask as part of its window, so ``causal`` is ignored.
     """
     return _attention_config(D, Dv, dtype_name, compute_capability, causal and not variants,
                              variants, os.environ.get("CUPYFLASH_MMA_TILES", ""),
@@ -320,9 +319,8 @@ def _attention_config(D, Dv, dtype_name, compute_capability, causal, variants, _
     if dtype_name in ("float16", "bfloat16"):
         wgmma = fwd_kernel == "wgmma" or (fwd_kernel == "auto"
                                           and max(D, Dv) > WGMMA_AUTO_MIN_HEAD_DIM)
-        if (wgmma and not variants and compute_capability == 90
-                and max(D, Dv) <= WGMMA_HEAD_DIMS[-1]):
-            return _wgmma_config(D, Dv, dtype_name, causal)
+        if wgmma and compute_capability == 90 and max(D, Dv) <= WGMMA_HEAD_DIMS[-1]:
+            return _wgmma_config(D, Dv, dtype_name, causal, variants)
         return _mma_config(D, Dv, dtype_name, compute_capability, causal, variants)
     return _simt_config(D, Dv, dtype_name, compute_capability, causal, variants)
 
@@ -415,6 +413,9 @@ WGMMA_HEAD_DIMS = (64, 128, 256)
 # (1.0-2.3x); at d <= 32 padding to 64 would double the work of Q K^T.
 WGMMA_AUTO_MIN_HEAD_DIM = 32
 WGMMA_TILES = {64: (128, 3, 2), 128: (128, 2, 2), 256: (64, 2, 2)}
+# With variants, d = 64 takes two consumers: the score modifier's registers do not fit in
+# the 160 a consumer thread has with three (ptxas spills 388 bytes), they do in 240.
+WGMMA_VARIANT_TILES = {**WGMMA_TILES, 64: (128, 2, 2)}
 
 
 def _wgmma_smem_bytes(head_dim, block_m, block_n, stages):
@@ -423,18 +424,20 @@ def _wgmma_smem_bytes(head_dim, block_m, block_n, stages):
     return 1024 + 2 * head_dim * (block_m + 2 * stages * block_n) + 8 * (1 + 4 * stages)
 
 
-def _wgmma_config(D, Dv, dtype_name, causal):
-    """The Hopper kernel of cuda/flash_fwd_wgmma.cuh for one problem (sm_90 only).
+def _wgmma_config(D, Dv, dtype_name, causal, variants=False):
+    """The Hopper kernel of cuda/flash_fwd_wgmma.cuh for one problem (sm_90 only);
+    ``flash_fwd_wgmma_variants`` with ``variants`` (``causal`` is then ignored).
 
     ``max(D, Dv)`` is padded up to a HEAD_DIM in WGMMA_HEAD_DIMS; the padding costs no
     copy, since the tensor maps fill columns past D (Dv) with zeros. q, k, v and out must
     have 16-byte aligned rows (``align_elems = pad_d_to = 8``), as for the mma kernel.
     """
     head_dim = next(h for h in WGMMA_HEAD_DIMS if h >= max(D, Dv))
-    block_n, consumers, stages = WGMMA_TILES[head_dim]
+    block_n, consumers, stages = (WGMMA_VARIANT_TILES if variants else WGMMA_TILES)[head_dim]
     block_m = 64 * consumers
-    name = (f"cupyflash::flash_fwd_wgmma<{_DTYPE_TO_CUDA[dtype_name]}, {head_dim}, {block_n}, "
-            f"{consumers}, {stages}, {'true' if causal else 'false'}>")
+    name = (f"cupyflash::flash_fwd_wgmma{'_variants' * variants}<{_DTYPE_TO_CUDA[dtype_name]}, "
+            f"{head_dim}, {block_n}, {consumers}, {stages}"
+            f"{'' if variants else ', ' + _cpp_bool(causal)}>")
     return KernelConfig("flash_fwd_wgmma.cuh", name, block_m, 128 * (consumers + 1),
                         _wgmma_smem_bytes(head_dim, block_m, block_n, stages),
                         align_elems=8, pad_d_to=8, kernel="wgmma", block_n=block_n)
@@ -443,16 +446,18 @@ def _wgmma_config(D, Dv, dtype_name, causal):
 def wgmma_attention_variants():
     """The (source, name_expression) of every Hopper forward variant (sm_90a only)."""
     return [(c.source, c.name_expression)
-            for c in (_wgmma_config(h, h, dt, causal)
+            for c in (_wgmma_config(h, h, dt, causal, variants)
                       for h in WGMMA_HEAD_DIMS for dt in ("float16", "bfloat16")
-                      for causal in (False, True))]
+                      for causal, variants in ((False, False), (True, False), (False, True)))]
 
 
-def _wgmma_arguments(problem, cfg, q, k, v, o, lse):
-    """The wgmma kernel's arguments ``(params, map_q, map_k, map_v)``, or None when
-    tensor maps cannot describe q, k or v (negative strides, broadcast rows, batch strides
-    that are not multiples of one another, more than MAX_BATCH_DIMS batch dimensions)
-    and the caller should use the mma.sync kernel instead.
+def _wgmma_arguments(problem, cfg, q, k, v, o, lse, extra=()):
+    """``(params, (map_q, map_k, map_v), extra_strides)``: the wgmma kernel's arguments
+    and the batch strides of ``extra`` (the variants' bias and mask, as for
+    ``_pack_params``); or None when tensor maps cannot describe q, k or v (negative
+    strides, broadcast rows, batch strides that are not multiples of one another, more
+    than MAX_BATCH_DIMS batch dimensions) and the caller should use the mma.sync kernel
+    instead.
 
     Each of q, k, v is read through a 3-D map (head dim, L, slices): its batch offsets,
     all multiples of its smallest non-zero batch stride, index slices of that stride
@@ -460,7 +465,7 @@ def _wgmma_arguments(problem, cfg, q, k, v, o, lse):
     packed in those units. o keeps element strides (the kernel writes it with plain
     stores).
     """
-    layout = _batch_layout(problem, (q, k, v, o))
+    layout = _batch_layout(problem, (q, k, v, o) + tuple(extra))
     if layout is None:
         return None
     sizes, strides = layout
@@ -475,8 +480,9 @@ def _wgmma_arguments(problem, cfg, q, k, v, o, lse):
             return None
         maps.append(tensor_map)
         units.append(in_slices)
-    params, _ = _pack_params(problem, q, k, v, o, lse, layout=(sizes, units + [strides[3]]))
-    return (params, *maps)
+    params, extra_strides = _pack_params(problem, q, k, v, o, lse, extra,
+                                         layout=(sizes, units + strides[3:]))
+    return params, tuple(maps), extra_strides
 
 
 @functools.lru_cache(maxsize=None)
@@ -684,24 +690,28 @@ def attention_forward(q, k, v, problem, out=None, bias=None, mask=None, alibi_sl
                                cc, problem.causal, variants)
         qk = [_kernel_ready(t, cfg.align_elems, cfg.pad_d_to) for t in (q, k, v)]
         o = _kernel_ready(result, cfg.align_elems, cfg.pad_d_to)
-        args, slopes = None, None
+        slopes, maps = None, ()
+        kernel_bias, mask_m, extra = _variant_operands(problem, bias, mask)
+        packed = None
         if cfg.kernel == "wgmma":
-            args = _wgmma_arguments(problem, cfg, *qk, o, lse)
-            if args is None:  # a layout tensor maps cannot describe: the mma.sync kernel
+            packed = _wgmma_arguments(problem, cfg, *qk, o, lse, extra)
+            if packed is None:  # a layout tensor maps cannot describe: the mma.sync kernel
                 cfg = _mma_config(max(problem.D, problem.Dv), problem.Dv, problem.dtype.name,
-                                  cc, problem.causal)
-        if args is None:
-            kernel_bias, mask_m, extra = _variant_operands(problem, bias, mask)
+                                  cc, problem.causal and not variants, variants)
+            else:
+                params, maps, extra_strides = packed
+        if packed is None:
             params, extra_strides = _pack_params(problem, *qk, o, lse, extra)
             if params is None:  # too many batch dims even after collapsing: copy to contiguous
                 qk = [_expand(problem, t) for t in qk]
                 kernel_bias, mask_m, extra = _variant_operands(problem, bias, mask, expand=True)
                 params, extra_strides = _pack_params(problem, *qk, o, lse, extra)
-            args = (params,)
-            if variants:
-                variant_params, slopes = _pack_variants(problem, kernel_bias, mask_m,
-                                                        alibi_slopes, extra_strides)
-                args = (params, variant_params)
+        args = (params,)
+        if variants:
+            variant_params, slopes = _pack_variants(problem, kernel_bias, mask_m,
+                                                    alibi_slopes, extra_strides)
+            args = (params, variant_params)
+        args += maps  # the wgmma kernel's tensor maps of q, k, v
 
         kernel = _kernels.get_function(device_id, cfg.source, cfg.name_expression,
                                        _kernels.arch_for(cc), cfg.smem_bytes)

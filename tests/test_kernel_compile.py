@@ -128,7 +128,8 @@ def test_compiles_without_spills(source, name, arch, resource_table):
         # setmaxnreg moves registers inside the block's pool, which holds what the block
         # was launched with: 65536 / threads, rounded down to 8 (FwdWgmmaTraits). With
         # fewer, the consumers' setmaxnreg.inc would wait forever for registers.
-        consumers = int(re.search(r"flash_fwd_wgmma<[^,]+, \d+, \d+, (\d+),", name).group(1))
+        consumers = int(re.search(r"flash_fwd_wgmma(?:_variants)?<[^,]+, \d+, \d+, (\d+),",
+                              name).group(1))
         threads = 128 * (consumers + 1)
         assert report["registers"] == 65536 // threads // 8 * 8, (
             f"{name}: {report['registers']} registers at launch, the register split of "
@@ -253,9 +254,10 @@ def test_wgmma_configs_match_the_kernel_traits():
     """_wgmma_config's block rows, threads and shared memory are FwdWgmmaTraits'."""
     asserts = []
     for head_dim in _cupy_backend.WGMMA_HEAD_DIMS:
-        for causal in (False, True):
-            cfg = _cupy_backend._wgmma_config(head_dim, head_dim, "bfloat16", causal)
-            block_n, consumers, stages = _cupy_backend.WGMMA_TILES[head_dim]
+        for causal, variants in ((False, False), (True, False), (False, True)):
+            cfg = _cupy_backend._wgmma_config(head_dim, head_dim, "bfloat16", causal, variants)
+            block_n, consumers, stages = (_cupy_backend.WGMMA_VARIANT_TILES if variants
+                                          else _cupy_backend.WGMMA_TILES)[head_dim]
             assert cfg.block_n == block_n and cfg.kernel == "wgmma"
             tr = (f"cupyflash::FwdWgmmaTraits<__nv_bfloat16, {head_dim}, {block_n}, "
                   f"{consumers}, {stages}>")
@@ -334,7 +336,8 @@ def test_wgmma_machine_code(source, name):
         assert counts.get(needed, 0) > 0, f"{name}: no {needed} in its SASS"
     for banned in ("LDL", "STL", "HMMA"):
         assert counts.get(banned, 0) == 0, f"{name}: {counts[banned]} {banned} in its SASS"
-    consumers = int(re.search(r"flash_fwd_wgmma<[^,]+, \d+, \d+, (\d+),", name).group(1))
+    consumers = int(re.search(r"flash_fwd_wgmma(?:_variants)?<[^,]+, \d+, \d+, (\d+),",
+                              name).group(1))
     limit = 240 if consumers == 2 else 160  # FwdWgmmaTraits::CONSUMER_REGS
     highest = max(int(r) for r in re.findall(r"\bR(\d+)\b", sass))
     assert highest < limit, f"{name}: register R{highest} used, {limit} granted"

@@ -297,8 +297,9 @@ def test_dispatch_follows_the_environment(monkeypatch):
     assert _cupy_backend.attention_config(96, 96, "float16", 90, False).kernel == "wgmma"
     assert _cupy_backend.attention_config(32, 32, "float16", 90, False).kernel == "mma"
     assert _cupy_backend.attention_config(128, 128, "float16", 80, False).kernel == "mma"
-    assert _cupy_backend.attention_config(128, 128, "float16", 90, False,
-                                          variants=True).kernel == "mma"
+    cfg = _cupy_backend.attention_config(64, 64, "float16", 90, True, variants=True)
+    assert cfg.kernel == "wgmma" and cfg.block_m == 128  # two consumers with variants
+    assert cfg.name_expression == "cupyflash::flash_fwd_wgmma_variants<__half, 64, 128, 2, 2>"
     monkeypatch.setenv("CUPYFLASH_FWD_KERNEL", "wgmma")
     cfg = _cupy_backend.attention_config(100, 30, "bfloat16", 90, True)
     assert cfg.kernel == "wgmma" and cfg.source == WGMMA
@@ -392,8 +393,8 @@ def test_wgmma_arguments_describe_q_k_v_as_slices(monkeypatch):
     o = _DeviceArray(np.zeros((B, H, G, Lq, D), np.float16), 4 << 20)
     lse = _DeviceArray(np.zeros((B, H, G, Lq), np.float32), 5 << 20)
     problem = AttentionProblem((B, H, G), Lq, Lk, D, D, np.dtype(np.float16), True, D ** -0.5)
-    params, *maps = _cupy_backend._wgmma_arguments(problem, cfg, q, k, v, o, lse)
-    assert maps == ["map"] * 3
+    params, maps, extra_strides = _cupy_backend._wgmma_arguments(problem, cfg, q, k, v, o, lse)
+    assert maps == ("map",) * 3 and extra_strides == []
     (_, *q_map), (_, *k_map), (_, *v_map) = encoded  # address, dims, byte strides, box
     assert q_map == [1 << 20, (D, Lq, B * H * G), (2 * D, 2 * D * Lq), (64, 128, 1)]
     assert k_map == [2 << 20, (D, Lk, B * H), (2 * D, 2 * D * Lk), (64, 128, 1)]

@@ -74,20 +74,23 @@ struct ScoreModifier {
         inv_cap_u = vp.softcap > 0 ? Acc(1) / cap_u : Acc(0);
     }
 
-    // Whether any score needs more than the band test (then modify() runs on every score).
+    // Whether any score may need more than the band test (the SIMT kernels' test).
     __device__ __forceinline__ bool changes_scores() const {
-        return vp.bias != nullptr || vp.mask != nullptr || vp.slopes != nullptr ||
-               vp.softcap > 0;
+        return changes_values() || vp.mask != nullptr;
     }
 
-    // Whether the per-score path is needed for key block [n0, n0 + block_n) of a warp
-    // whose block lies inside the band, decided by the whole warp (its result is
-    // warp-uniform). A mask broadcast along the rows (a (B, 1, 1, Lk) padding mask: row
-    // stride 0) that keeps every key of the block changes no score, so with no bias, ALiBi
-    // or softcap the block takes the plain path: the warp reads the block's mask bytes,
-    // block_n / 32 a lane, instead of one per score.
-    __device__ __forceinline__ bool warp_needs_per_score(long long n0, int block_n) const {
-        if (vp.bias != nullptr || vp.slopes != nullptr || vp.softcap > 0) return true;
+    // Whether every score needs a change (bias, ALiBi or softcap): then apply() runs on
+    // every key block, not only on those that cross the band or hold masked keys.
+    __device__ __forceinline__ bool changes_values() const {
+        return vp.bias != nullptr || vp.slopes != nullptr || vp.softcap > 0;
+    }
+
+    // Whether the mask can hide a key of block [n0, n0 + block_n) from this warp's rows,
+    // decided by the whole warp (the result is warp-uniform). A mask broadcast along the
+    // rows (a (B, 1, 1, Lk) padding mask: row stride 0) that keeps every key of the block
+    // hides none: the warp reads the block's bytes, block_n / 32 a lane, and skips the
+    // per-score test.
+    __device__ __forceinline__ bool warp_needs_mask(long long n0, int block_n) const {
         if (vp.mask == nullptr) return false;
         if (vp.mask_row_stride != 0) return true;
         const unsigned char* row = static_cast<const unsigned char*>(vp.mask) + mask_off;
@@ -97,6 +100,111 @@ struct ScoreModifier {
             kept &= j >= p.Lk || row[j * vp.mask_col_stride] != 0;
         }
         return !__all_sync(0xffffffffu, kept);
+    }
+
+    // The variants on one m16 x (8 N_TILES) tile of S in the accumulator layout of
+    // mma.sync and wgmma: this thread holds rows i0 and i0 + 8 (s[nt][0..1] and
+    // s[nt][2..3]) and columns n0 + 8 nt + 2 t + {0, 1}. Scores are in score units.
+    // band: the tile crosses the band's edges, Lk or Lq (block_inside is false); mask: the
+    // mask can hide a key here (warp_needs_mask). Each part is one pass over the tile
+    // behind a uniform test; the per-score work is 32-bit (column offsets inside the tile
+    // are compile-time constants plus 2 t), the 64-bit arithmetic is done once per row.
+    // Memory is read only for scores inside [0, Lq) x [0, Lk).
+    template <int N_TILES>
+    __device__ __forceinline__ void apply(float (&s)[N_TILES][4], long long i0, long long n0,
+                                          int t, bool band, bool mask) const {
+        constexpr int COLS = 8 * N_TILES;
+        const long long diag = p.Lk - p.Lq;
+        const long long j0 = n0 + 2 * t;  // the key of column offset 0 of this thread
+        // Columns c (offsets from j0) that exist: c < cols_in.
+        const int cols_in = static_cast<int>(p.Lk - j0 < COLS ? p.Lk - j0 : COLS);
+        if (cap_u > Acc(0)) {
+#pragma unroll
+            for (int nt = 0; nt < N_TILES; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[nt][e] = cap_u * tanh_(s[nt][e] * inv_cap_u);
+        }
+        if (vp.slopes != nullptr) {  // s -= slope |i + diag - j| = |slope (centre - j0) - slope c|
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const Acc a = slope_u * static_cast<Acc>(i0 + 8 * h + diag - j0);
+#pragma unroll
+                for (int nt = 0; nt < N_TILES; ++nt)
+#pragma unroll
+                    for (int e = 2 * h; e < 2 * h + 2; ++e)
+                        s[nt][e] -= fabs(a - slope_u * static_cast<Acc>(8 * nt + (e & 1)));
+            }
+        }
+        if (vp.bias != nullptr) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const long long i = i0 + 8 * h;
+                if (i >= p.Lq) continue;
+                const long long row = bias_off + i * vp.bias_row_stride + j0 * vp.bias_col_stride;
+                const long long cs = vp.bias_col_stride;
+#pragma unroll
+                for (int nt = 0; nt < N_TILES; ++nt)
+#pragma unroll
+                    for (int e = 2 * h; e < 2 * h + 2; ++e) {
+                        const int c = 8 * nt + (e & 1);
+                        if (c < cols_in) s[nt][e] += bias_at(row + c * cs) * UNIT;
+                    }
+            }
+        }
+        if (mask) {
+            const unsigned char* m = static_cast<const unsigned char*>(vp.mask) + mask_off;
+            const long long cs = vp.mask_col_stride;
+            if (vp.mask_row_stride == 0) {  // one byte per column serves both rows
+                const unsigned char* row = m + j0 * cs;
+#pragma unroll
+                for (int nt = 0; nt < N_TILES; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const int c = 8 * nt + e;
+                        if (!(c < cols_in && row[c * cs])) s[nt][e] = s[nt][e + 2] = -INFINITY;
+                    }
+            } else {
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const long long i = i0 + 8 * h;
+                    const unsigned char* row = m + i * vp.mask_row_stride + j0 * cs;
+                    const bool row_in = i < p.Lq;
+#pragma unroll
+                    for (int nt = 0; nt < N_TILES; ++nt)
+#pragma unroll
+                        for (int e = 2 * h; e < 2 * h + 2; ++e) {
+                            const int c = 8 * nt + (e & 1);
+                            if (!(row_in && c < cols_in && row[c * cs])) s[nt][e] = -INFINITY;
+                        }
+                }
+            }
+        }
+        if (band) {  // keys outside [i + diag - left, i + diag + right], past Lk; rows past Lq
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const long long i = i0 + 8 * h;
+                const long long centre = i + diag - j0;
+                // visible offsets [lo, hi], clamped into [-1, COLS] so that they fit an int
+                long long lo = centre - vp.window_left, hi = centre + vp.window_right;
+                hi = hi < cols_in - 1 ? hi : cols_in - 1;
+                if (i >= p.Lq) hi = -1;
+                lo = lo < 0 ? 0 : (lo > COLS ? COLS : lo);
+                hi = hi < -1 ? -1 : hi;
+                const int lo32 = static_cast<int>(lo), hi32 = static_cast<int>(hi);
+#pragma unroll
+                for (int nt = 0; nt < N_TILES; ++nt)
+#pragma unroll
+                    for (int e = 2 * h; e < 2 * h + 2; ++e) {
+                        const int c = 8 * nt + (e & 1);
+                        if (c < lo32 || c > hi32) s[nt][e] = -INFINITY;
+                    }
+            }
+        }
+    }
+
+    __device__ __forceinline__ Acc bias_at(long long at) const {
+        return vp.bias_is_float ? static_cast<Acc>(static_cast<const float*>(vp.bias)[at])
+                                : static_cast<Acc>(static_cast<const T*>(vp.bias)[at]);
     }
 
     // Key blocks [first, end) that can hold a visible key of query rows [m0, m_end).
@@ -160,11 +268,7 @@ struct ScoreModifier {
             s -= slope_u * static_cast<Acc>(dist);
         }
         if (vp.bias != nullptr) {
-            const long long at = bias_off + i * vp.bias_row_stride + j * vp.bias_col_stride;
-            const Acc x = vp.bias_is_float
-                              ? static_cast<Acc>(static_cast<const float*>(vp.bias)[at])
-                              : static_cast<Acc>(static_cast<const T*>(vp.bias)[at]);
-            s += x * UNIT;
+            s += bias_at(bias_off + i * vp.bias_row_stride + j * vp.bias_col_stride) * UNIT;
         }
         return s;
     }

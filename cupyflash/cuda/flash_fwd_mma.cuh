@@ -421,23 +421,16 @@ __device__ __forceinline__ void flash_fwd_mma_body(const AttentionParams& p,
                     for (int e = 0; e < 4; ++e) s[mt][nt][e] *= scale_log2;
         }
         if constexpr (VARIANTS) {
-            // Scores -> softcap, ALiBi, bias, band and mask, element by element, in the
-            // blocks that need it: those that cross the band's edges or Lk, and those
-            // where some score changes (a row-broadcast mask that keeps the whole block
-            // changes none: the warp checks its bytes first).
-            if (!mod.block_inside(m0, BLOCK_M, n0, BLOCK_N) ||
-                mod.warp_needs_per_score(n0, BLOCK_N)) {
+            // Scores -> softcap, ALiBi, bias, band and mask, in the blocks that need it:
+            // those that cross the band's edges or Lk for this warp's rows, those where
+            // the mask hides a key, and all of them with a bias, ALiBi or softcap.
+            const long long warp_m0 = m0 + warp_row0;
+            const bool band = !mod.block_inside(warp_m0, Tr::WARP_M, n0, BLOCK_N);
+            const bool mask = mod.warp_needs_mask(n0, BLOCK_N);
+            if (band || mask || mod.changes_values()) {
 #pragma unroll
                 for (int mt = 0; mt < M_TILES; ++mt)
-#pragma unroll
-                    for (int h = 0; h < 2; ++h) {
-                        const long long i = m0 + warp_row0 + mt * 16 + g + 8 * h;
-#pragma unroll
-                        for (int nt = 0; nt < S_N_TILES; ++nt)
-#pragma unroll
-                            for (int e = 2 * h; e < 2 * h + 2; ++e)
-                                s[mt][nt][e] = mod.modify(s[mt][nt][e], i, n0 + nt * 8 + 2 * t + (e & 1));
-                    }
+                    mod.apply(s[mt], warp_m0 + mt * 16 + g, n0, t, band, mask);
             }
         } else if (n0 + BLOCK_N > p.Lk || (IS_CAUSAL && n0 + BLOCK_N - 1 > m0 + diag)) {
             // Keys past Lk or above the causal diagonal -> -inf. Only blocks that cross the

@@ -283,11 +283,18 @@ struct WgmmaSoftmax {
 // ---------------------------------------------------------------------------------------
 // The kernel
 // ---------------------------------------------------------------------------------------
-template <typename T, int HEAD_DIM, int BLOCK_N, int NUM_CONSUMERS, int STAGES, bool IS_CAUSAL>
-__global__ void __launch_bounds__(128 * (NUM_CONSUMERS + 1), 1)
-flash_fwd_wgmma(const AttentionParams p, const __grid_constant__ TmaDescriptor tma_q,
-                const __grid_constant__ TmaDescriptor tma_k,
-                const __grid_constant__ TmaDescriptor tma_v) {
+// Two entry points share one body, as in flash_fwd_mma.cuh: flash_fwd_wgmma (plain or
+// causal) and flash_fwd_wgmma_variants, whose scores go through ScoreModifier
+// (attention_variants.cuh): bias, mask, window with the causal mask folded in, ALiBi,
+// softcap. The body reads vp only with VARIANTS.
+template <typename T, int HEAD_DIM, int BLOCK_N, int NUM_CONSUMERS, int STAGES, bool IS_CAUSAL,
+          bool VARIANTS>
+__device__ __forceinline__ void flash_fwd_wgmma_body(const AttentionParams& p,
+                                                     const VariantParams& vp,
+                                                     const TmaDescriptor& tma_q,
+                                                     const TmaDescriptor& tma_k,
+                                                     const TmaDescriptor& tma_v) {
+    static_assert(!(IS_CAUSAL && VARIANTS), "with variants the causal mask is the window's");
     using Tr = FwdWgmmaTraits<T, HEAD_DIM, BLOCK_N, NUM_CONSUMERS, STAGES>;
     using Mma = Wgmma<BLOCK_N, IsBf16<T>::value>;   // S = Q K^T: N = BLOCK_N
     using MmaO = Wgmma<HEAD_DIM, IsBf16<T>::value>; // acc += P V: N = HEAD_DIM
@@ -295,15 +302,29 @@ flash_fwd_wgmma(const AttentionParams p, const __grid_constant__ TmaDescriptor t
 
     const long long b = (long long)blockIdx.z * gridDim.y + blockIdx.y;  // batch element
     if (b >= p.n_batch) return;
-    // Causal: the longest query blocks (the last ones) start first.
-    const int m_block = IS_CAUSAL ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+    // Causal (or a window bounded on the right only): the longest query blocks, the last
+    // ones, start first.
+    const bool longest_last =
+        IS_CAUSAL || (VARIANTS && vp.window_right < UNBOUNDED && vp.window_left >= UNBOUNDED);
+    const int m_block = longest_last ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
     const long long m0 = (long long)m_block * BLOCK_M;
 
-    // Key blocks to visit: causal skips the blocks wholly above the diagonal.
+    // Key blocks to visit, [n_first, n_blocks), last to first: iteration it takes block
+    // n_blocks - 1 - it. Causal skips the blocks wholly above the diagonal, a window
+    // those wholly outside its band.
     const long long diag = p.Lk - p.Lq;  // query i sees key j iff j <= i + diag
-    long long n_end = p.Lk;
-    if (IS_CAUSAL) n_end = min(n_end, m0 + BLOCK_M + diag);
-    const int n_blocks = n_end > 0 ? (int)((n_end + BLOCK_N - 1) / BLOCK_N) : 0;
+    int n_first = 0, n_blocks;
+    if constexpr (VARIANTS) {
+        // (a modifier of its own: the consumers build theirs after setmaxnreg, so that
+        // nothing of it is live in the producer's few registers)
+        ScoreModifier<T, float>(p, vp, b).key_blocks(m0, min(m0 + BLOCK_M, p.Lq), BLOCK_N,
+                                                     n_first, n_blocks);
+    } else {
+        long long n_end = p.Lk;
+        if (IS_CAUSAL) n_end = min(n_end, m0 + BLOCK_M + diag);
+        n_blocks = n_end > 0 ? (int)((n_end + BLOCK_N - 1) / BLOCK_N) : 0;
+    }
+    const int n_iters = n_blocks - n_first;
 
     extern __shared__ unsigned char smem_raw[];
     const unsigned smem_raw_addr = smem_addr(smem_raw);
@@ -335,7 +356,7 @@ flash_fwd_wgmma(const AttentionParams p, const __grid_constant__ TmaDescriptor t
     if (warpgroup == 0) {
         // ------------------------------- producer -------------------------------------
         setmaxnreg_dec<Tr::PRODUCER_REGS>();
-        if (threadIdx.x == 0 && n_blocks > 0) {
+        if (threadIdx.x == 0 && n_iters > 0) {
             prefetch_tensor_map(tma_q);
             prefetch_tensor_map(tma_k);
             prefetch_tensor_map(tma_v);
@@ -359,8 +380,8 @@ flash_fwd_wgmma(const AttentionParams p, const __grid_constant__ TmaDescriptor t
                     tma_load_3d(tiles + st * Tr::KV_TILE_BYTES + s * BLOCK_N * 128, map, full,
                                 s * Tr::SLAB, n0, (int)slice);
             };
-            for (int it = 0; it <= n_blocks; ++it) {
-                if (it < n_blocks)
+            for (int it = 0; it <= n_iters; ++it) {
+                if (it < n_iters)
                     load_kv(tma_k, sK, k_full(it % STAGES), k_empty(it % STAGES), it, off.k);
                 if (it > 0)
                     load_kv(tma_v, sV, v_full((it - 1) % STAGES), v_empty((it - 1) % STAGES),
@@ -370,6 +391,8 @@ flash_fwd_wgmma(const AttentionParams p, const __grid_constant__ TmaDescriptor t
     } else {
         // ------------------------------- consumers ------------------------------------
         setmaxnreg_inc<Tr::CONSUMER_REGS>();
+        // The variants of batch element b (built and read only with VARIANTS).
+        const ScoreModifierIf<VARIANTS, T, float> mod(p, vp, b);
         constexpr int S_N_TILES = Tr::S_N_TILES, O_N_TILES = Tr::O_N_TILES;
         const int wg = warpgroup - 1;                // consumer index
         const int warp = (threadIdx.x / 32) % 4;     // warp inside the warpgroup
@@ -443,11 +466,23 @@ flash_fwd_wgmma(const AttentionParams p, const __grid_constant__ TmaDescriptor t
         // The softmax of the S just computed for key block j: scale, mask, update.
         auto softmax_step = [&](int it) {
             const long long n0 = (long long)(n_blocks - 1 - it) * BLOCK_N;
-            if (prescale) {  // scale <= 0: S *= scale * log2(e) before the mask and the max
+            if (VARIANTS || prescale) {  // S *= scale * log2(e) before the mask and the max
 #pragma unroll
                 for (int nt = 0; nt < S_N_TILES; ++nt)
 #pragma unroll
                     for (int e = 0; e < 4; ++e) s[nt][e] *= scale_log2;
+            }
+            if constexpr (VARIANTS) {
+                // Scores -> softcap, ALiBi, bias, band and mask, in the blocks that need
+                // it: those that cross the band's edges or Lk for this warp's 16 rows,
+                // those where the mask hides a key, and all with bias, ALiBi or softcap.
+                const long long warp_m0 = wg_row0 + 16 * warp;
+                const bool band = !mod.block_inside(warp_m0, 16, n0, BLOCK_N);
+                const bool mask = mod.warp_needs_mask(n0, BLOCK_N);
+                if (band || mask || mod.changes_values())
+                    mod.apply(s, warp_m0 + g, n0, t, band, mask);
+                softmax.update(s, 1.f);
+                return;
             }
             // Keys past Lk or above the causal diagonal -> -inf, only in blocks that cross
             // the Lk boundary or this warpgroup's diagonal; there row r sees the block's
@@ -479,7 +514,7 @@ flash_fwd_wgmma(const AttentionParams p, const __grid_constant__ TmaDescriptor t
             }
         };
 
-        if (n_blocks > 0) {
+        if (n_iters > 0) {
             mbarrier_wait(q_full, 0);
             if (wg == NUM_CONSUMERS - 1)  // open the first turn, consumer 0's
                 named_barrier_arrive(Tr::SCHED_BARRIER, 256);
@@ -495,9 +530,9 @@ flash_fwd_wgmma(const AttentionParams p, const __grid_constant__ TmaDescriptor t
             softmax_step(0);
             pack_p();
 
-            // Iterations 1..n_blocks-1: S_it, and P V of the block before, in flight
+            // Iterations 1..n_iters-1: S_it, and P V of the block before, in flight
             // together; the softmax of S_it runs while P V accumulates.
-            for (int it = 1; it < n_blocks; ++it) {
+            for (int it = 1; it < n_iters; ++it) {
                 const int st = it % STAGES, prev = (it - 1) % STAGES;
                 // Both tiles are in before this warpgroup takes its turn, so that it never
                 // holds the tensor cores' turn while waiting for a load.
@@ -519,9 +554,9 @@ flash_fwd_wgmma(const AttentionParams p, const __grid_constant__ TmaDescriptor t
             }
 
             // The last P V.
-            const int last = (n_blocks - 1) % STAGES;
+            const int last = (n_iters - 1) % STAGES;
             softmax.rescale_acc(acc);
-            mbarrier_wait(v_full(last), ((n_blocks - 1) / STAGES) & 1);
+            mbarrier_wait(v_full(last), ((n_iters - 1) / STAGES) & 1);
             wait_turn();
             issue_pv(last);
             pass_turn(/*last=*/true);
@@ -564,6 +599,25 @@ flash_fwd_wgmma(const AttentionParams p, const __grid_constant__ TmaDescriptor t
                     *reinterpret_cast<const uint4*>(sO + staged(r, chunk));
         }
     }
+}
+
+template <typename T, int HEAD_DIM, int BLOCK_N, int NUM_CONSUMERS, int STAGES, bool IS_CAUSAL>
+__global__ void __launch_bounds__(128 * (NUM_CONSUMERS + 1), 1)
+flash_fwd_wgmma(const AttentionParams p, const __grid_constant__ TmaDescriptor tma_q,
+                const __grid_constant__ TmaDescriptor tma_k,
+                const __grid_constant__ TmaDescriptor tma_v) {
+    flash_fwd_wgmma_body<T, HEAD_DIM, BLOCK_N, NUM_CONSUMERS, STAGES, IS_CAUSAL, false>(
+        p, VariantParams{}, tma_q, tma_k, tma_v);
+}
+
+template <typename T, int HEAD_DIM, int BLOCK_N, int NUM_CONSUMERS, int STAGES>
+__global__ void __launch_bounds__(128 * (NUM_CONSUMERS + 1), 1)
+flash_fwd_wgmma_variants(const AttentionParams p, const VariantParams vp,
+                         const __grid_constant__ TmaDescriptor tma_q,
+                         const __grid_constant__ TmaDescriptor tma_k,
+                         const __grid_constant__ TmaDescriptor tma_v) {
+    flash_fwd_wgmma_body<T, HEAD_DIM, BLOCK_N, NUM_CONSUMERS, STAGES, false, true>(
+        p, vp, tma_q, tma_k, tma_v);
 }
 
 }  // namespace cupyflash
