@@ -124,18 +124,33 @@ struct ScoreModifier {
 #pragma unroll
                 for (int e = 0; e < 4; ++e) s[nt][e] = cap_u * tanh_(s[nt][e] * inv_cap_u);
         }
-        if (vp.slopes != nullptr) {  // s -= slope |i + diag - j| = |slope (centre - j0) - slope c|
+        if (vp.slopes != nullptr) {  // s -= slope |i + diag - j|, j = j0 + c (slopes of any sign)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-                const Acc a = slope_u * static_cast<Acc>(i0 + 8 * h + diag - j0);
+                // exact while |i + diag - j0| < 2^24 (float), else within two roundings
+                const Acc a = static_cast<Acc>(i0 + 8 * h + diag - j0);
 #pragma unroll
                 for (int nt = 0; nt < N_TILES; ++nt)
 #pragma unroll
                     for (int e = 2 * h; e < 2 * h + 2; ++e)
-                        s[nt][e] -= fabs(a - slope_u * static_cast<Acc>(8 * nt + (e & 1)));
+                        s[nt][e] -= slope_u * fabs(a - static_cast<Acc>(8 * nt + (e & 1)));
             }
         }
-        if (vp.bias != nullptr) {
+        if (vp.bias != nullptr && vp.bias_row_stride == 0) {  // one value per column, both rows
+            const long long row = bias_off + j0 * vp.bias_col_stride;
+            const long long cs = vp.bias_col_stride;
+#pragma unroll
+            for (int nt = 0; nt < N_TILES; ++nt)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int c = 8 * nt + e;
+                    if (c < cols_in) {
+                        const Acc x = bias_at(row + c * cs) * UNIT;
+                        s[nt][e] += x;
+                        s[nt][e + 2] += x;
+                    }
+                }
+        } else if (vp.bias != nullptr) {
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 const long long i = i0 + 8 * h;
