@@ -39,6 +39,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 
 import numpy as np
 
@@ -88,15 +89,22 @@ class QueueTimer:
         self.cupy, self.calls, self.reps = cupy, calls, reps
         self.spin = cupy.RawKernel(SPIN_SOURCE, "spin")
 
-    def __call__(self, fns):
-        """Median over reps of (time of ``calls`` calls) / calls; ``fns`` are rotated."""
+    def __call__(self, fns, expected_ms=None):
+        """Median over reps of (time of ``calls`` calls) / calls; ``fns`` are rotated.
+
+        ``expected_ms`` (a guess of one call's time) shortens the queue of long calls to
+        what keeps ~20 ms of GPU work per queue (at least 4 calls, at most ``calls``): a
+        queue of 11 ms calls needs no 20 of them to hide the host."""
         cupy = self.cupy
+        calls = self.calls
+        if expected_ms:
+            calls = max(4, min(calls, int(20.0 / expected_ms)))
         stream = cupy.cuda.get_current_stream()
         for fn in fns:                                       # warm-up: compiles, caches
             fn()
         stream.synchronize()
         t0 = time.perf_counter()                             # the host's enqueue time
-        for i in range(self.calls):
+        for i in range(calls):
             fns[i % len(fns)]()
         host_s = time.perf_counter() - t0
         stream.synchronize()
@@ -107,7 +115,7 @@ class QueueTimer:
             self.spin((1,), (1,), (np.uint64(spin_ns),))
             start.record()
             t0 = time.perf_counter()
-            for i in range(self.calls):
+            for i in range(calls):
                 fns[i % len(fns)]()
             enqueue_s = time.perf_counter() - t0
             end.record()
@@ -115,7 +123,7 @@ class QueueTimer:
             if enqueue_s * 1e9 > spin_ns:
                 print(f"  warning: enqueueing took {enqueue_s * 1e3:.2f} ms, longer than "
                       f"the spin ({spin_ns / 1e6:.2f} ms): host time may show", flush=True)
-            times.append(cupy.cuda.get_elapsed_time(start, end) / self.calls)
+            times.append(cupy.cuda.get_elapsed_time(start, end) / calls)
         return statistics.median(times)
 
 
@@ -142,9 +150,28 @@ def copy_bandwidth(cupy, timer):
     return 2 * (1 << 30) / ms / 1e6
 
 
+# The math backend materialises K and V per query head in float32 and the scores; above
+# this many bytes it is skipped (at 128k keys and batch 64 it asked for 32 GiB and failed,
+# slowly). It is never the fastest backend for decoding.
+MATH_MAX_BYTES = 2 << 30
+
+
+def torch_can_run(name, B, H, Hk, L, D):
+    """Whether torch backend ``name`` is worth a try on one problem: the math backend
+    only while its float32 copies of K and V (expanded to H heads) stay below
+    MATH_MAX_BYTES; the efficient backend not with grouped-query heads (it rejects
+    them, through warnings, in every torch tried)."""
+    if name == "torch_math":
+        return 2 * B * H * L * D * 4 <= MATH_MAX_BYTES
+    if name == "torch_efficient":
+        return H == Hk
+    return True
+
+
 def torch_backends(stream):
     """``(torch, {name: sdpa(q, k, v, gqa)})`` for torch SDPA's backends, on CuPy's
-    stream; ``(None, {})`` without torch."""
+    stream; ``(None, {})`` without torch. torch's warnings (a backend explaining why it
+    declines a problem) are silenced: a refusal is reported by its exception."""
     try:
         import torch
         import torch.nn.functional as F
@@ -155,7 +182,8 @@ def torch_backends(stream):
 
     def backend(kind):
         def run(q, k, v, gqa):
-            with torch.cuda.stream(tstream), sdpa_kernel([kind]):
+            with torch.cuda.stream(tstream), sdpa_kernel([kind]), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
                 extra = {"enable_gqa": True} if gqa else {}
                 return F.scaled_dot_product_attention(q, k, v, **extra)
         return run
@@ -185,7 +213,8 @@ def bench_case(cupy, torch, backends, timer, gpu, run, copy_gbs, dtype_name, dt,
         return lambda: _cupy_decode.attention_decode(
             q, k, v, seqlens, None, None, None, num_splits=None,
             causal=False, scale=scale, max_keys=L)
-    ms = timer([launch(k, v) for k, v in caches])
+    expected_ms = kv_bytes / 2.5e9            # at 2.5 TB/s: sizes the timed queues
+    ms = timer([launch(k, v) for k, v in caches], expected_ms)
     api_ms = api_time_ms(cupy, lambda: cupyflash.attention_decode(
         q, caches[0][0], caches[0][1], seqlens), reps)
     cfg = _cupy_decode.decode_config(D, D, dtype_name, 90, H // Hk)
@@ -200,12 +229,15 @@ def bench_case(cupy, torch, backends, timer, gpu, run, copy_gbs, dtype_name, dt,
     best = None
     ours = None
     for name, sdpa in backends.items():
+        if not torch_can_run(name, B, H, Hk, L, D):
+            continue
         tq = as_torch(torch, q).transpose(1, 2)        # (B, H, 1, D)
         views = [(as_torch(torch, k).transpose(1, 2),  # (B, Hk, L, D)
                   as_torch(torch, v).transpose(1, 2)) for k, v in caches]
         try:
             ref = sdpa(tq, *views[0], H != Hk)
-            t_ms = timer([(lambda k=k, v=v: sdpa(tq, k, v, H != Hk)) for k, v in views])
+            t_ms = timer([(lambda k=k, v=v: sdpa(tq, k, v, H != Hk)) for k, v in views],
+                         expected_ms)
         except Exception as e:  # a backend that rejects the problem
             print(f"  {name}: {type(e).__name__}: {str(e)[:100]}")
             continue
@@ -238,12 +270,13 @@ def main(argv=None):
                     help="H/Hk pairs (query heads / kv heads)")
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--calls", type=int, default=20, help="calls per timed queue")
-    ap.add_argument("--reps", type=int, default=7, help="timed queues (median)")
+    ap.add_argument("--reps", type=int, default=5, help="timed queues (median)")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--out", default=None, help="JSON file to append records to")
     args = ap.parse_args(argv)
 
     import cupy
+    wall0 = time.perf_counter()
     batches = args.batch or ([1, 16] if args.quick else [1, 4, 16, 64])
     lengths = args.length or ([8192, 32768] if args.quick else [8192, 32768, 131072])
     heads = [tuple(int(x) for x in pair.split("/")) for pair in args.heads]
@@ -291,7 +324,7 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     old = json.loads(out.read_text()) if out.exists() else []
     out.write_text(json.dumps(old + records, indent=1))
-    print(f"wrote {len(records)} records to {out}")
+    print(f"wrote {len(records)} records to {out} ({time.perf_counter() - wall0:.0f} s)")
     print("ratio = torch's best time / cupyflash's time (> 1: cupyflash is faster); copy = "
           "fraction of the copy's bandwidth; api ms = one public call, host work included")
 
