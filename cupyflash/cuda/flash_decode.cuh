@@ -285,6 +285,82 @@ __device__ __forceinline__ void copy_vec(unsigned slot, const T* row, long long 
 
 }  // namespace decode
 
+namespace decode {
+
+// The warps' merge and the block's results. On entry warp w's (m_i, l_i, acc) over its keys
+// are in shared memory, acc (NUM_WARPS, ROWS, HEAD_DIM), then m and l (NUM_WARPS, ROWS), and
+// a barrier has made them visible; rows past M are ignored. The block writes its rows'
+// final out and lse (one split) or its split's normalised partial out and lse.
+template <typename T, int HEAD_DIM, int ROWS, int NUM_WARPS>
+__device__ __forceinline__ void merge_warps_and_store(const DecodeParams& p,
+                                                      unsigned char* smem_raw, long long b,
+                                                      int hk, int split, int rc) {
+    using Math = DecodeMath<T>;
+    using Acc = typename Math::Acc;
+    constexpr int NUM_THREADS = 32 * NUM_WARPS;
+    const int tid = threadIdx.x;
+    const int G = static_cast<int>(p.G), M = static_cast<int>(p.M);
+    Acc* acc_s = reinterpret_cast<Acc*>(smem_raw);                    // (NUM_WARPS, ROWS, HEAD_DIM)
+    Acc* m_s = acc_s + NUM_WARPS * ROWS * HEAD_DIM;                    // (NUM_WARPS, ROWS)
+    Acc* l_s = m_s + NUM_WARPS * ROWS;                                 // (NUM_WARPS, ROWS)
+    Acc* w_s = l_s + NUM_WARPS * ROWS;                                 // (ROWS, NUM_WARPS + 1)
+
+    // per row: M = max_w m_w, weight_w = exp(m_w - M) / l, l = sum_w l_w exp(m_w - M); the
+    // weights of a row that saw no key are 0 (zeros out, lse -inf)
+    const bool one_split = p.num_splits == 1;
+    Acc* lse_out = static_cast<Acc*>(one_split ? p.lse : p.lse_partial);
+    if (tid < ROWS) {
+        const int r = tid;
+        Acc m = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < NUM_WARPS; ++w) m = fmax(m, m_s[w * ROWS + r]);
+        const Acc m_safe = safe_max(m);
+        Acc l = Acc(0);
+        Acc e_w[NUM_WARPS];
+#pragma unroll
+        for (int w = 0; w < NUM_WARPS; ++w) {
+            e_w[w] = Math::exp(m_s[w * ROWS + r] - m_safe);
+            l += l_s[w * ROWS + r] * e_w[w];
+        }
+        const Acc inv_l = Math::inverse(l);
+#pragma unroll
+        for (int w = 0; w < NUM_WARPS; ++w) w_s[r * (NUM_WARPS + 1) + w] = e_w[w] * inv_l;
+        const int row = rc * ROWS + r;
+        if (row < M) {
+            const Acc lse = l == Acc(0) ? Acc(-INFINITY) : Math::lse(m_safe, l);
+            const int i = row / G, h = hk * G + row % G;
+            if (one_split)
+                lse_out[(b * p.H + h) * p.Lq + i] = lse;
+            else
+                lse_out[((b * p.Hk + hk) * p.num_splits + split) * p.M + row] = lse;
+        }
+    }
+    // the weights are in shared memory
+    __syncthreads();
+
+    // -- out = sum_w acc_w * weight_w: final (T) with one split, else this split's partial
+    const int dv = static_cast<int>(p.Dv);
+    for (int idx = tid; idx < ROWS * dv; idx += NUM_THREADS) {
+        const int r = idx / dv, c = idx % dv;
+        const int row = rc * ROWS + r;
+        if (row >= M) break;  // rows grow with idx: the rest are past M too
+        Acc o = Acc(0);
+#pragma unroll
+        for (int w = 0; w < NUM_WARPS; ++w)
+            o += acc_s[(w * ROWS + r) * HEAD_DIM + c] * w_s[r * (NUM_WARPS + 1) + w];
+        if (one_split) {
+            const int i = row / G, h = hk * G + row % G;
+            static_cast<T*>(p.out)[b * p.out_batch_stride + i * p.out_token_stride
+                                   + h * p.out_head_stride + c] = Math::from_acc(o);
+        } else {
+            static_cast<Acc*>(p.out_partial)[(((b * p.Hk + hk) * p.num_splits + split) * p.M + row)
+                                             * p.partial_row + c] = o;
+        }
+    }
+}
+
+}  // namespace decode
+
 // ----------------------------------------------------------------------------------------
 // The split kernel. Grid: B * Hk * num_splits * row_chunks blocks, one dimension.
 // ----------------------------------------------------------------------------------------
@@ -578,58 +654,7 @@ flash_decode(const DecodeParams p) {
     // every warp's (m, l, acc) is in shared memory
     __syncthreads();
 
-    // per row: M = max_w m_w, weight_w = exp(m_w - M) / l, l = sum_w l_w exp(m_w - M); the
-    // weights of a row that saw no key are 0 (zeros out, lse -inf)
-    const bool one_split = p.num_splits == 1;
-    Acc* lse_out = static_cast<Acc*>(one_split ? p.lse : p.lse_partial);
-    if (tid < ROWS) {
-        const int r = tid;
-        Acc m = -INFINITY;
-#pragma unroll
-        for (int w = 0; w < NUM_WARPS; ++w) m = fmax(m, m_s[w * ROWS + r]);
-        const Acc m_safe = safe_max(m);
-        Acc l = Acc(0);
-        Acc e_w[NUM_WARPS];
-#pragma unroll
-        for (int w = 0; w < NUM_WARPS; ++w) {
-            e_w[w] = Math::exp(m_s[w * ROWS + r] - m_safe);
-            l += l_s[w * ROWS + r] * e_w[w];
-        }
-        const Acc inv_l = Math::inverse(l);
-#pragma unroll
-        for (int w = 0; w < NUM_WARPS; ++w) w_s[r * (NUM_WARPS + 1) + w] = e_w[w] * inv_l;
-        const int row = rc * ROWS + r;
-        if (row < M) {
-            const Acc lse = l == Acc(0) ? Acc(-INFINITY) : Math::lse(m_safe, l);
-            const int i = row / G, h = hk * G + row % G;
-            if (one_split)
-                lse_out[(b * p.H + h) * p.Lq + i] = lse;
-            else
-                lse_out[((b * p.Hk + hk) * p.num_splits + split) * p.M + row] = lse;
-        }
-    }
-    // the weights are in shared memory
-    __syncthreads();
-
-    // -- out = sum_w acc_w * weight_w: final (T) with one split, else this split's partial
-    const int dv = static_cast<int>(p.Dv);
-    for (int idx = tid; idx < ROWS * dv; idx += NUM_THREADS) {
-        const int r = idx / dv, c = idx % dv;
-        const int row = rc * ROWS + r;
-        if (row >= M) break;  // rows grow with idx: the rest are past M too
-        Acc o = Acc(0);
-#pragma unroll
-        for (int w = 0; w < NUM_WARPS; ++w)
-            o += acc_s[(w * ROWS + r) * HEAD_DIM + c] * w_s[r * (NUM_WARPS + 1) + w];
-        if (one_split) {
-            const int i = row / G, h = hk * G + row % G;
-            static_cast<T*>(p.out)[b * p.out_batch_stride + i * p.out_token_stride
-                                   + h * p.out_head_stride + c] = Math::from_acc(o);
-        } else {
-            static_cast<Acc*>(p.out_partial)[(((b * p.Hk + hk) * p.num_splits + split) * p.M + row)
-                                             * p.partial_row + c] = o;
-        }
-    }
+    decode::merge_warps_and_store<T, HEAD_DIM, ROWS, NUM_WARPS>(p, smem_raw, b, hk, split, rc);
 }
 
 // ----------------------------------------------------------------------------------------
