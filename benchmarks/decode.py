@@ -218,9 +218,12 @@ def bench_case(cupy, torch, backends, timer, gpu, run, copy_gbs, dtype_name, dt,
     api_ms = api_time_ms(cupy, lambda: cupyflash.attention_decode(
         q, caches[0][0], caches[0][1], seqlens), reps)
     cfg = _cupy_decode.decode_config(D, D, dtype_name, 90, H // Hk)
+    device_id = cupy.cuda.Device().id
+    arch = _cupy_decode._kernels.arch_for(_cupy_decode._compute_capability(device_id))
     splits = _cupy_decode.launched_splits(   # what the call chose
         None, cfg, B * Hk * -(-(H // Hk) // cfg.rows), L, 2 * D * dt.itemsize,
-        _cupy_decode._num_sms(cupy.cuda.Device().id))
+        _cupy_decode._num_sms(device_id),
+        _cupy_decode.resident_blocks(device_id, cfg.name_expression, arch, cfg.smem_bytes))
     gbs = kv_bytes / ms / 1e6
     common = dict(gpu=gpu, run=run, dtype=dtype_name, b=B, h=H, hk=Hk, d=D,
                   l=L, copy_gbs=copy_gbs)

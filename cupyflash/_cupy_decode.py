@@ -102,23 +102,37 @@ APPEND_THREADS = 256          # APPEND_THREADS of the .cuh
 
 
 def max_rows(dtype_name, head_dim):
-    """The most query rows one block holds in registers: 8, or 4 for float64 at 256
+    """The most query rows one SIMT block holds in registers: 8, or 4 for float64 at 256
     (its q and acc take 32 registers per row per lane)."""
     return 4 if dtype_name == "float64" and head_dim == 256 else 8
 
 
-class DecodeConfig:
-    """One launchable variant of flash_decode and its companions.
+MMA_ROWS = 16                 # DecodeMmaTraits::ROWS: one m16 tile of query rows
+MMA_HEAD_DIMS = (32, 64, 128)  # the head dims of flash_decode_mma
+MMA_STAGES = 3                # DecodeMmaTraits::STAGES
 
-    ``rows``: query rows per block (ROWS); a kv head's ``G * Lq`` rows go in
+
+def uses_mma(dtype_name, head_dim, M):
+    """Whether a problem goes to the tensor-core kernel: fp16/bf16, HEAD_DIM up to 128,
+    and more than one query row per kv head (one row wastes nothing on the CUDA cores,
+    where the SIMT kernel reads at the copy's bandwidth)."""
+    return dtype_name in ("float16", "bfloat16") and head_dim in MMA_HEAD_DIMS and M > 1
+
+
+class DecodeConfig:
+    """One launchable variant of the split kernel and its companions.
+
+    ``name_expression``: ``flash_decode<T, HEAD_DIM, ROWS>`` (SIMT) or
+    ``flash_decode_mma<T, HEAD_DIM>`` (tensor cores, ROWS = 16); ``traits``: its traits
+    struct. ``rows``: query rows per block; a kv head's ``G * Lq`` rows go in
     ``ceil(G * Lq / rows)`` row chunks, each a block that reads the keys again (through
     L2: the chunks of one split are neighbouring blocks). ``block_n``: keys per block and
     tile; a split is a whole number of tiles. ``inflight_bytes``: K and V bytes a block
-    keeps in flight (STAGES - 1 tiles).
+    keeps in flight.
     """
 
-    __slots__ = ("name_expression", "combine_name", "append_name", "head_dim", "rows",
-                 "block_n", "num_threads", "smem_bytes", "inflight_bytes")
+    __slots__ = ("name_expression", "traits", "combine_name", "append_name", "head_dim",
+                 "rows", "block_n", "num_threads", "smem_bytes", "inflight_bytes")
 
     def __init__(self, **fields):
         for name in self.__slots__:
@@ -134,19 +148,36 @@ def decode_config(D, Dv, dtype_name, compute_capability, M):
     """Choose the variant for one problem: the one place tiles are chosen.
 
     ``max(D, Dv)`` is padded up to the next HEAD_DIM in (32, 64, 128, 256) (columns past D
-    and Dv are not read); ``M = G * Lq`` query rows per kv head picks ROWS = 1 (plain
-    decoding, no wasted arithmetic), 4 or 8. The tiles repeat ``DecodeTraits`` of the .cuh
-    (tests/test_kernel_compile.py checks that the two agree): 4 warps, each lane holding
+    and Dv are not read). fp16/bf16 with ``M = G * Lq > 1`` query rows per kv head and
+    HEAD_DIM up to 128 go to the tensor-core kernel (:func:`uses_mma`): 16 rows per block,
+    4 warps of WARP_N = 2048 / HEAD_DIM keys per tile (8 KiB of K and V), 3 stages. The
+    rest go to the SIMT kernel, whose ROWS = 1 (plain decoding, no wasted arithmetic), 4
+    or 8 by M; its tiles repeat ``DecodeTraits`` of the .cuh: 4 warps, each lane holding
     VECS_PER_LANE 16-byte vectors of a row (2 for ROWS <= 4, else 1, more for rows wider
     than 32 vectors; VEC = 16 / itemsize elements each), two K and two V vectors per lane
-    and tile, STAGES = 4. Every variant fits in
-    99 KiB of shared memory, so ``compute_capability`` does not change the choice.
+    and tile, STAGES = 4. tests/test_kernel_compile.py checks that both agree with the
+    .cuh. Every variant fits in 99 KiB of shared memory, so ``compute_capability`` does
+    not change the choice.
     """
     width = max(D, Dv)
     head_dim = next((h for h in DECODE_HEAD_DIMS if h >= width), None)
     if head_dim is None:
         raise ValueError(f"attention_decode: head dims up to {DECODE_HEAD_DIMS[-1]} are "
                          f"supported on the GPU, got {width}")
+    ctype = _DTYPE_TO_CUDA[dtype_name]
+    common = dict(combine_name=f"cupyflash::flash_decode_combine<{ctype}>",
+                  append_name=f"cupyflash::decode_append<{ctype}>",
+                  head_dim=head_dim, num_threads=NUM_THREADS)
+    if uses_mma(dtype_name, head_dim, M):
+        warp_n = 2048 // head_dim
+        warp_stage = 2 * warp_n * head_dim * 2            # K and V of a warp's tile
+        merge_bytes = (4 * MMA_ROWS * head_dim + 2 * 4 * MMA_ROWS + MMA_ROWS * 5) * 4
+        return DecodeConfig(
+            name_expression=f"cupyflash::flash_decode_mma<{ctype}, {head_dim}>",
+            traits=f"cupyflash::DecodeMmaTraits<{ctype}, {head_dim}>",
+            rows=MMA_ROWS, block_n=4 * warp_n,
+            smem_bytes=max(MMA_STAGES * 4 * warp_stage, merge_bytes),
+            inflight_bytes=(MMA_STAGES - 1) * 4 * warp_stage, **common)
     top = max_rows(dtype_name, head_dim)
     rows = 1 if M <= 1 else 4 if M <= 4 or top == 4 else 8
     itemsize = np.dtype(dtype_name).itemsize
@@ -161,14 +192,11 @@ def decode_config(D, Dv, dtype_name, compute_capability, M):
     stage_vecs = 2 * passes * vecs_per_lane
     pipe_bytes = STAGES * stage_vecs * NUM_THREADS * 16
     merge_bytes = (4 * rows * head_dim + 2 * 4 * rows + rows * 5) * acc_size
-    ctype = _DTYPE_TO_CUDA[dtype_name]
     return DecodeConfig(
         name_expression=f"cupyflash::flash_decode<{ctype}, {head_dim}, {rows}>",
-        combine_name=f"cupyflash::flash_decode_combine<{ctype}>",
-        append_name=f"cupyflash::decode_append<{ctype}>",
-        head_dim=head_dim, rows=rows, block_n=block_n, num_threads=NUM_THREADS,
-        smem_bytes=max(pipe_bytes, merge_bytes),
-        inflight_bytes=(STAGES - 1) * stage_vecs * NUM_THREADS * 16)
+        traits=f"cupyflash::DecodeTraits<{ctype}, {head_dim}, {rows}>",
+        rows=rows, block_n=block_n, smem_bytes=max(pipe_bytes, merge_bytes),
+        inflight_bytes=(STAGES - 1) * stage_vecs * NUM_THREADS * 16, **common)
 
 
 def decode_variants():
@@ -176,7 +204,7 @@ def decode_variants():
     variants = []
     for dtype_name in ("float16", "bfloat16", "float32", "float64"):
         for head_dim in DECODE_HEAD_DIMS:
-            for M in (1, 4, 8):
+            for M in (1, 4, 8, 16):
                 cfg = decode_config(head_dim, head_dim, dtype_name, 90, M)
                 variants.append((SOURCE, cfg.name_expression))
         variants += [(SOURCE, cfg.combine_name), (SOURCE, cfg.append_name)]
@@ -187,32 +215,39 @@ def decode_variants():
 # H100 needs ~25 KiB per SM: 3.35 TB/s times ~1 us of loaded DRAM latency, over 132 SMs;
 # twice that for margin), which takes `blocks_per_sm` blocks per SM. Without splitting,
 # B * Hk * row_chunks blocks may be fewer; then the keys are split so that there are WAVES
-# times as many blocks as that needs (spread evenly, a late block finds work), each split
-# at least MIN_SPLIT_BYTES of K and V, so that a block's start (q, the first DRAM latency)
-# and end (the warps' merge, the partial write) stay small beside its reading.
+# times as many blocks as that needs (spread evenly, a late block finds work), but never
+# more than the GPU holds at once (a second, partial wave of blocks would add a whole
+# block's time), each split at least MIN_SPLIT_BYTES of K and V, so that a block's start
+# (q, the first DRAM latency) and end (the warps' merge, the partial write) stay small
+# beside its reading.
 INFLIGHT_PER_SM = 48 * 1024
 WAVES = 2
 MIN_SPLIT_BYTES = 64 * 1024
 
 
-def choose_num_splits(base_blocks, max_keys, block_n, key_bytes, num_sms, inflight_bytes):
+def choose_num_splits(base_blocks, max_keys, block_n, key_bytes, num_sms, inflight_bytes,
+                      resident_per_sm=None):
     """The split count for ``num_splits=None``: a plain function of the problem.
 
     ``base_blocks = B * Hk * row_chunks`` blocks exist without splitting; ``max_keys`` is
     the longest sequence (cache plus appended keys), ``key_bytes`` the K and V bytes of one
-    key of one kv head, ``inflight_bytes`` what one block keeps in flight. With
-    ``need = num_sms * ceil(INFLIGHT_PER_SM / inflight_bytes)`` blocks keeping every SM
-    busy, returns 1 when ``base_blocks >= need``, else the smallest count that gives
-    ``WAVES * need`` blocks, with whole tiles of ``block_n`` keys per split, at least
-    MIN_SPLIT_BYTES per split and at most COMBINE_MAX_SPLITS; the count is then trimmed so
-    that no split of the longest sequence is empty.
+    key of one kv head, ``inflight_bytes`` what one block keeps in flight,
+    ``resident_per_sm`` how many blocks of the kernel an SM holds at once (None: no
+    limit). With ``need = num_sms * ceil(INFLIGHT_PER_SM / inflight_bytes)`` blocks
+    keeping every SM busy, returns 1 when ``base_blocks >= need``, else the smallest count
+    that gives ``WAVES * need`` blocks but at most ``num_sms * resident_per_sm`` (one
+    wave), with whole tiles of ``block_n`` keys per split, at least MIN_SPLIT_BYTES per
+    split and at most COMBINE_MAX_SPLITS; the count is then trimmed so that no split of the
+    longest sequence is empty.
 
-    >>> choose_num_splits(8, 8192, 16, 512, 132, 24576)      # B = 1, Hk = 8, d = 128 fp16
+    >>> choose_num_splits(8, 8192, 16, 512, 132, 24576, 6)     # B = 1, Hk = 8, d = 128 fp16
     64
-    >>> choose_num_splits(128, 8192, 16, 512, 132, 24576)    # B = 16: 5 splits, 640 blocks
+    >>> choose_num_splits(128, 8192, 16, 512, 132, 24576, 6)   # B = 16: 5 splits, 640 blocks
     5
-    >>> choose_num_splits(512, 8192, 16, 512, 132, 24576)    # B = 64: the GPU is full
+    >>> choose_num_splits(512, 8192, 16, 512, 132, 24576, 6)   # B = 64: the GPU is full
     1
+    >>> choose_num_splits(32, 8192, 64, 512, 132, 65536, 2)    # B = 4, G = 4: tensor cores
+    8
     """
     tiles = -(-max_keys // block_n)
     if tiles <= 1:
@@ -221,20 +256,33 @@ def choose_num_splits(base_blocks, max_keys, block_n, key_bytes, num_sms, inflig
     if base_blocks >= need:
         return 1
     splits = -(-WAVES * need // base_blocks)
+    if resident_per_sm:
+        splits = min(splits, num_sms * resident_per_sm // base_blocks)
     min_tiles = max(1, -(-MIN_SPLIT_BYTES // (block_n * key_bytes)))
     splits = max(1, min(splits, tiles // min_tiles, COMBINE_MAX_SPLITS))
     return -(-tiles // -(-tiles // splits))  # as many as whole-tile splits need
 
 
-def launched_splits(num_splits, cfg, base_blocks, max_keys, key_bytes, num_sms):
+def launched_splits(num_splits, cfg, base_blocks, max_keys, key_bytes, num_sms,
+                    resident_per_sm=None):
     """The split count a call launches: ``num_splits`` as given, or chosen when None;
     then at most the tiles of the longest sequence (more would be empty for every batch
     element) and COMBINE_MAX_SPLITS."""
     if num_splits is None:
         num_splits = choose_num_splits(base_blocks, max_keys, cfg.block_n, key_bytes, num_sms,
-                                       cfg.inflight_bytes)
+                                       cfg.inflight_bytes, resident_per_sm)
     tiles = max(1, -(-max_keys // cfg.block_n))
     return max(1, min(int(num_splits), tiles, COMBINE_MAX_SPLITS))
+
+
+@functools.lru_cache(maxsize=None)
+def resident_blocks(device_id, name_expression, arch, smem_bytes):
+    """How many blocks of a split kernel one SM holds at once (the driver's occupancy
+    calculator: registers and shared memory)."""
+    from cupy.cuda import driver
+    kernel = _kernels.get_function(device_id, SOURCE, name_expression, arch, smem_bytes)
+    return max(1, driver.occupancyMaxActiveBlocksPerMultiprocessor(kernel.ptr, NUM_THREADS,
+                                                                   smem_bytes))
 
 
 @functools.lru_cache(maxsize=None)
@@ -353,7 +401,9 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_tab
         row_chunks = -(-M // cfg.rows)
         base_blocks = B * Hk * row_chunks
         splits = launched_splits(num_splits, cfg, base_blocks, max_keys,
-                                 (D + Dv) * q.dtype.itemsize, _num_sms(device_id))
+                                 (D + Dv) * q.dtype.itemsize, _num_sms(device_id),
+                                 resident_blocks(device_id, cfg.name_expression, arch,
+                                                 cfg.smem_bytes))
         if base_blocks * splits >= 2**31 or B * Hk * M >= 2**31:
             raise ValueError(f"{fn}: {base_blocks * splits} thread blocks are more than one "
                              f"launch can have on the GPU")
