@@ -5,11 +5,15 @@
 
 1. ``decode_append`` (with ``k_new``): the new keys and values into the cache, in place,
    at positions ``cache_seqlens[b] .. + L_new`` (through the block table when paged);
-2. ``flash_decode``: one thread block per (batch element, kv head, split, row chunk); each
-   reads its split's keys and values once for all ``G * Lq`` query rows of its kv head and
-   writes the final out and lse (one split) or its partial out and lse in the accumulator
-   dtype (several);
-3. ``flash_decode_combine`` (several splits): merges the splits exactly through their lse.
+2. the split kernel, ``flash_decode_mma`` (fp16/bf16 with several query rows per kv head:
+   tensor cores) or ``flash_decode`` (the rest): one thread block per (batch element, kv
+   head, split, row chunk); each reads its split's keys and values once for all
+   ``G * Lq`` query rows of its kv head and writes the final out and lse (one split) or
+   its partial out and lse in the accumulator dtype (several); with several splits, the
+   last block of each (batch element, kv head, row chunk) to finish merges them exactly
+   through their lse (it counts the arrivals in :func:`split_counters`);
+3. ``flash_decode_combine``, only where that merge does not fit the split kernel's shared
+   memory (or with ``FUSE_COMBINE`` off): the same merge as a second launch.
 
 Nothing here waits for the device. The host synchronisation of a call is the validation's
 (``_sequences.attention_decode``): it reads ``cache_seqlens`` and ``block_table`` to the
@@ -20,7 +24,8 @@ is written. Those host values also give the longest sequence, which
 
 Memory: out and lse, the int32 copies of ``cache_seqlens`` and ``block_table`` when they
 are not int32 already, and with several splits the partial results,
-``B * Hk * num_splits * G * Lq * (Dv + 1)`` accumulator elements, all from CuPy's pool.
+``B * Hk * num_splits * G * Lq * (Dv + 1)`` accumulator elements (rows padded to 16
+bytes), all from CuPy's pool; and a persistent buffer of split counters per stream.
 Nothing of q, the cache, k_new or v_new is copied: the kernels read any strides (the
 cache with 16-byte vector copies where its rows allow, else element by element).
 """
@@ -43,7 +48,7 @@ SOURCE = "flash_decode.cuh"
 
 DECODE_PARAMS = (
     [(n, "Q") for n in ("q", "k", "v", "cache_seqlens", "block_table", "out", "lse",
-                        "out_partial", "lse_partial")]
+                        "out_partial", "lse_partial", "split_counters")]
     + [(n, "q") for n in (
         "q_batch_stride", "q_token_stride", "q_head_stride", "q_dim_stride",
         "k_page_stride", "k_token_stride", "k_head_stride", "k_dim_stride",
@@ -292,6 +297,36 @@ def _num_sms(device_id):
         cupy.cuda.runtime.cudaDevAttrMultiProcessorCount, device_id)
 
 
+# Split counters, per (device, stream): (B, Hk, row_chunks) int32 zeros that the split
+# kernel's blocks count their arrivals in; the last split of each resets its counter to 0,
+# so a buffer is zeros again after every launch. Calls on one stream run one after another
+# and share its buffer; calls on different streams never share one.
+_SPLIT_COUNTERS = {}
+
+
+def split_counters(device_id, stream_ptr, count):
+    """A zeroed int32 buffer of at least ``count`` counters for launches on one stream."""
+    import cupy
+    key = (device_id, stream_ptr)
+    buf = _SPLIT_COUNTERS.get(key)
+    if buf is None or buf.size < count:
+        buf = cupy.zeros(max(count, 1024), dtype=cupy.int32)  # enqueued on that stream
+        _SPLIT_COUNTERS[key] = buf
+    return buf
+
+
+# False: always merge the splits with flash_decode_combine (for tests and benchmarks).
+FUSE_COMBINE = True
+
+
+def fuses_combine(splits, cfg, M, acc_size):
+    """Whether the split kernel merges the splits itself (its last block per kv head and
+    row chunk does, see combine_splits in the .cuh) instead of flash_decode_combine: when
+    its shared memory holds the weights (splits, rows) and NUM_THREADS 16-byte sums."""
+    return (FUSE_COMBINE and splits > 1
+            and splits * min(cfg.rows, M) * acc_size + NUM_THREADS * 16 <= cfg.smem_bytes)
+
+
 def page_divisor(page_size):
     """``(mul, shift)`` with ``t // page_size == (t * mul >> 32) >> shift`` for every
     ``0 <= t < 2**31`` (``mul = 0`` for page_size 1, which the kernel special-cases):
@@ -407,9 +442,14 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_tab
         if base_blocks * splits >= 2**31 or B * Hk * M >= 2**31:
             raise ValueError(f"{fn}: {base_blocks * splits} thread blocks are more than one "
                              f"launch can have on the GPU")
+        acc_size = np.dtype(acc_dtype).itemsize
+        partial_row = -(-Dv * acc_size // 16) * 16 // acc_size  # rows of 16-byte vectors
+        fused = fuses_combine(splits, cfg, M, acc_size)
         if splits > 1:
-            out_partial = cupy.empty((B, Hk, splits, M, Dv), dtype=acc_dtype)
+            out_partial = cupy.empty((B, Hk, splits, M, partial_row), dtype=acc_dtype)
             lse_partial = cupy.empty((B, Hk, splits, M), dtype=acc_dtype)
+        counters = (split_counters(device_id, cupy.cuda.get_current_stream().ptr,
+                                   base_blocks) if fused else None)
         mul, shift = page_divisor(page["page_size"])
         q_st, out_st = _strides(q), _strides(out)
         params = _pack(DECODE_PARAMS, dict(
@@ -418,25 +458,28 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_tab
             out=out.data.ptr, lse=lse.data.ptr,
             out_partial=out_partial.data.ptr if splits > 1 else 0,
             lse_partial=lse_partial.data.ptr if splits > 1 else 0,
+            split_counters=counters.data.ptr if fused else 0,
             q_batch_stride=q_st[0], q_token_stride=q_st[1], q_head_stride=q_st[2],
             q_dim_stride=q_st[3], **cache_strides,
             out_batch_stride=out_st[0], out_token_stride=out_st[1], out_head_stride=out_st[2],
             B=B, Lq=Lq, H=H, Hk=Hk, G=G, M=M, D=D, Dv=Dv, L_new=L_new,
             page_size_mul=mul, page_size_shift=shift, **page,
-            num_splits=splits, row_chunks=row_chunks, partial_row=Dv, causal=int(causal),
+            num_splits=splits, row_chunks=row_chunks, partial_row=partial_row,
+            causal=int(causal),
             k_vectorized=int(_vectorized(k_cache)), v_vectorized=int(_vectorized(v_cache)),
             scale=scale, scale_log2=scale * math.log2(math.e)))
         kernel = _kernels.get_function(device_id, SOURCE, cfg.name_expression, arch,
                                        cfg.smem_bytes)
         kernel((base_blocks * splits,), (cfg.num_threads,), (params,), shared_mem=cfg.smem_bytes)
 
-        # -- 3. the merge of the splits
-        if splits > 1:
+        # -- 3. the merge of the splits, where the split kernel did not
+        if splits > 1 and not fused:
             params = _pack(COMBINE_PARAMS, dict(
                 out_partial=out_partial.data.ptr, lse_partial=lse_partial.data.ptr,
                 out=out.data.ptr, lse=lse.data.ptr, out_batch_stride=out_st[0],
                 out_token_stride=out_st[1], out_head_stride=out_st[2],
-                B=B, Lq=Lq, H=H, Hk=Hk, G=G, M=M, Dv=Dv, num_splits=splits, partial_row=Dv))
+                B=B, Lq=Lq, H=H, Hk=Hk, G=G, M=M, Dv=Dv, num_splits=splits,
+                partial_row=partial_row))
             combine = _kernels.get_function(device_id, SOURCE, cfg.combine_name, arch)
             combine((B * Hk * M,), (COMBINE_THREADS,), (params,))
         return out, lse

@@ -64,6 +64,8 @@ struct DecodeParams {
     void* lse;                  // (B, H, Lq) Acc, contiguous, written when num_splits == 1
     void* out_partial;          // (B, Hk, num_splits, M, partial_row) Acc, num_splits > 1
     void* lse_partial;          // (B, Hk, num_splits, M) Acc, num_splits > 1
+    int* split_counters;        // (B, Hk, row_chunks), zeros: the splits that have finished;
+                                // null: flash_decode_combine merges the splits instead
     long long q_batch_stride, q_token_stride, q_head_stride, q_dim_stride;
     long long k_page_stride, k_token_stride, k_head_stride, k_dim_stride;
     long long v_page_stride, v_token_stride, v_head_stride, v_dim_stride;
@@ -74,7 +76,8 @@ struct DecodeParams {
     long long L_new;            // keys appended: batch element b attends cache_seqlens[b] + L_new
     long long page_size;        // tokens per page; 0 for a contiguous cache
     long long page_size_mul, page_size_shift;  // t / page_size = umulhi(t, mul) >> shift
-    long long num_splits, row_chunks, partial_row;
+    long long num_splits, row_chunks;
+    long long partial_row;      // >= Dv, a multiple of 16 bytes: partial rows are vectors
     long long causal;           // bottom-right aligned: row i sees key t iff t <= i + n_b - Lq
     long long k_vectorized, v_vectorized;  // 1: rows are 16-byte aligned, last dim contiguous
     double scale, scale_log2;
@@ -288,6 +291,121 @@ __device__ __forceinline__ void copy_vec(unsigned slot, const T* row, long long 
 
 namespace decode {
 
+// 16 bytes of accumulators, for the partial rows' loads.
+template <typename Acc> struct AccVec16 { using type = float4; };
+template <> struct AccVec16<double> { using type = double2; };
+
+// The merge of the splits, by the block of the last split to finish: rows row0 ..
+// row0 + R - 1 of kv head hk of batch element b, as flash_decode_combine merges them
+//
+//     out = sum_s w_s out_s,   w_s = exp(lse_s - lse),   lse = m + log(sum_s exp(lse_s - m)),
+//
+// m = max_s lse_s (a split that saw no key has lse_s = -inf and w_s = 0; every split -inf
+// gives zeros and lse = -inf), in a fixed order whichever block runs it: reproducible.
+// Shared memory: w (S, R) Acc, then the groups' sums (at most NUM_THREADS 16-byte
+// vectors); the launcher fuses the merge only where they fit in the kernel's SMEM_BYTES.
+template <typename T, int NUM_WARPS>
+__device__ __forceinline__ void combine_splits(const DecodeParams& p, unsigned char* smem_raw,
+                                               long long b, int hk, int row0, int R) {
+    using Math = DecodeMath<T>;
+    using Acc = typename Math::Acc;
+    using Vec = typename AccVec16<Acc>::type;
+    constexpr int NUM_THREADS = 32 * NUM_WARPS;
+    constexpr int PER_VEC = 16 / int(sizeof(Acc));        // Acc per 16-byte vector
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int S = static_cast<int>(p.num_splits), M = static_cast<int>(p.M);
+    const int G = static_cast<int>(p.G);
+    const long long bhk = b * p.Hk + hk;
+    const Acc* lse_part = static_cast<const Acc*>(p.lse_partial) + bhk * S * M + row0;  // (S, M)
+    Acc* w_s = reinterpret_cast<Acc*>(smem_raw);          // (S, R)
+
+    // -- per row (a warp each): m, the weights exp(lse_s - m) / l, and the final lse
+    for (int r = warp; r < R; r += NUM_WARPS) {
+        Acc m = -INFINITY;
+#pragma unroll 4
+        for (int s = lane; s < S; s += 32) {
+            const Acc x = __ldcg(lse_part + s * M + r);  // L2: written by other blocks
+            w_s[s * R + r] = x;
+            m = fmax(m, x);
+        }
+#pragma unroll
+        for (int mask = 1; mask < 32; mask *= 2) m = fmax(m, __shfl_xor_sync(0xffffffffu, m, mask));
+        const Acc m_safe = m == -INFINITY ? Acc(0) : m;
+        Acc l = Acc(0);
+        for (int s = lane; s < S; s += 32) {
+            const Acc e = Math::exp_natural(w_s[s * R + r] - m_safe);  // 0 for lse_s = -inf
+            w_s[s * R + r] = e;
+            l += e;
+        }
+#pragma unroll
+        for (int mask = 1; mask < 32; mask *= 2) l += __shfl_xor_sync(0xffffffffu, l, mask);
+        const Acc inv_l = Math::inverse(l);
+        for (int s = lane; s < S; s += 32) w_s[s * R + r] *= inv_l;
+        if (lane == 0) {
+            const int row = row0 + r, i = row / G, h = hk * G + row % G;
+            static_cast<Acc*>(p.lse)[(b * p.H + h) * p.Lq + i] =
+                l == Acc(0) ? Acc(-INFINITY) : m_safe + Math::log_natural(l);
+        }
+    }
+    // every row's weights are in shared memory
+    __syncthreads();
+
+    // -- out: n_out 16-byte vectors (R rows of row_vecs); thread (group, o) sums vector o
+    // over the splits s = group, group + groups, ... (8 loads in flight), then group 0 adds
+    // the groups' sums in group order
+    const int row_vecs = static_cast<int>(p.partial_row) / PER_VEC;
+    const int n_out = R * row_vecs;
+    if (n_out == 0) return;  // Dv = 0: only the lse
+    const int groups = n_out >= NUM_THREADS ? 1 : NUM_THREADS / n_out;
+    const int group = groups == 1 ? 0 : tid / n_out;         // >= groups: a spare thread
+    const int o_first = groups == 1 ? tid : tid % n_out;
+    const int o_step = groups == 1 ? NUM_THREADS : n_out;    // groups > 1: one vector each
+    const Vec* out_part = reinterpret_cast<const Vec*>(p.out_partial)
+                          + (bhk * S * M + row0) * row_vecs;   // (S, M, row_vecs)
+    Acc* sums_s = w_s + S * R;                                // (groups, n_out, PER_VEC)
+    const int Dv = static_cast<int>(p.Dv);
+    for (int o = o_first; o < n_out && group < groups; o += o_step) {
+        const int r = o / row_vecs, cv = o % row_vecs;
+        Acc acc[PER_VEC];
+#pragma unroll
+        for (int e = 0; e < PER_VEC; ++e) acc[e] = Acc(0);
+#pragma unroll 8
+        for (int s = group; s < S; s += groups) {
+            const Acc w = w_s[s * R + r];
+            const Vec x = __ldcg(out_part + (static_cast<long long>(s) * M + r) * row_vecs + cv);
+            const Acc* xe = reinterpret_cast<const Acc*>(&x);
+#pragma unroll
+            for (int e = 0; e < PER_VEC; ++e) acc[e] += w * xe[e];
+        }
+        if (groups > 1) {
+#pragma unroll
+            for (int e = 0; e < PER_VEC; ++e) sums_s[(group * n_out + o) * PER_VEC + e] = acc[e];
+        } else {
+            const int row = row0 + r, i = row / G, h = hk * G + row % G;
+            T* out = static_cast<T*>(p.out) + b * p.out_batch_stride + i * p.out_token_stride
+                     + h * p.out_head_stride;
+#pragma unroll
+            for (int e = 0; e < PER_VEC; ++e)
+                if (cv * PER_VEC + e < Dv) out[cv * PER_VEC + e] = Math::from_acc(acc[e]);
+        }
+    }
+    if (groups == 1) return;
+    // every group's sums are in shared memory
+    __syncthreads();
+    for (int o = tid; o < n_out; o += NUM_THREADS) {
+        const int r = o / row_vecs, cv = o % row_vecs;
+        const int row = row0 + r, i = row / G, h = hk * G + row % G;
+        T* out = static_cast<T*>(p.out) + b * p.out_batch_stride + i * p.out_token_stride
+                 + h * p.out_head_stride;
+#pragma unroll
+        for (int e = 0; e < PER_VEC; ++e) {
+            Acc total = Acc(0);
+            for (int gi = 0; gi < groups; ++gi) total += sums_s[(gi * n_out + o) * PER_VEC + e];
+            if (cv * PER_VEC + e < Dv) out[cv * PER_VEC + e] = Math::from_acc(total);
+        }
+    }
+}
+
 // The warps' merge and the block's results. On entry warp w's (m_i, l_i, acc) over its keys
 // are in shared memory, acc (NUM_WARPS, ROWS, HEAD_DIM), then m and l (NUM_WARPS, ROWS), and
 // a barrier has made them visible; rows past M are ignored. The block writes its rows'
@@ -358,6 +476,24 @@ __device__ __forceinline__ void merge_warps_and_store(const DecodeParams& p,
                                              * p.partial_row + c] = o;
         }
     }
+    if (one_split || p.split_counters == nullptr) return;
+
+    // -- the last split of (b, hk, rc) to finish merges them all (no second launch)
+    __shared__ int is_last;
+    __threadfence();  // this thread's partial stores reach L2 before ...
+    // ... thread 0 counts the block as arrived, after every thread's stores and fences
+    __syncthreads();
+    if (tid == 0) {
+        int* counter = p.split_counters + (b * p.Hk + hk) * p.row_chunks + rc;
+        const int arrived = atomicAdd(counter, 1);
+        is_last = arrived == static_cast<int>(p.num_splits) - 1;
+        if (is_last) *counter = 0;  // every split has arrived: zero for the next launch
+    }
+    // is_last is set; the merge's shared memory (acc_s, w_s) is read by no one any more
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();  // the other splits' partials are read after their arrivals
+    combine_splits<T, NUM_WARPS>(p, smem_raw, b, hk, rc * ROWS, min(ROWS, M - rc * ROWS));
 }
 
 }  // namespace decode
