@@ -12,15 +12,19 @@ What is timed, and how:
 * **kernel time** (the bar): the GPU time per call of many calls enqueued back to back
   behind a spinning kernel, so that neither the host's launch cost nor its Python code
   shows (the GPU works through a full queue). cupyflash is called through
-  ``_cupy_decode.attention_decode``, the launch after validation (append, split kernel,
-  combine kernel); the public call adds the validation's host synchronisation (it reads
+  ``_cupy_decode.attention_decode``, the launch after validation (one split kernel, which
+  merges its splits itself; "2-launch" times the same call with the separate combine
+  kernel); the public call adds the validation's host synchronisation (it reads
   ``cache_seqlens`` to the host) and ~50 us of Python, reported separately as "api".
   Calls rotate over enough copies of the cache to exceed four times the L2 cache, so
-  every call reads its keys and values from DRAM. Median of ``--reps`` repetitions.
+  every call reads its keys and values from DRAM. Median of ``--reps`` repetitions of a
+  queue of ``--calls`` calls (fewer for long calls: ~20 ms of work per queue).
 * **bandwidth**: the K and V bytes the call must read, ``B * Hk * L * 2 * D * itemsize``,
   over the kernel time, against a device-to-device copy of 1 GiB (read + write bytes over
   its time) measured in the same run, and as a ratio to torch's best SDPA backend
   (flash, efficient, cuDNN, math: each that accepts the problem) timed the same way.
+  The math backend is skipped where it would need more than ``MATH_MAX_BYTES``, the
+  efficient one with grouped-query heads (it rejects them); the full grid takes ~1 min.
 
     python benchmarks/decode.py                 # the whole grid
     python benchmarks/decode.py --quick         # batch 1 and 16, 8k and 32k
@@ -201,7 +205,7 @@ def as_torch(torch, x):
 
 
 def bench_case(cupy, torch, backends, timer, gpu, run, copy_gbs, dtype_name, dt, B, H, Hk, L,
-               D, copies, kv_bytes, reps):
+               D, copies, kv_bytes, reps, compare_combine):
     """Time one problem; print its line and return its records."""
     q = _random(cupy, (B, 1, H, D), dt)
     caches = [(_random(cupy, (B, L, Hk, D), dt), _random(cupy, (B, L, Hk, D), dt))
@@ -224,11 +228,19 @@ def bench_case(cupy, torch, backends, timer, gpu, run, copy_gbs, dtype_name, dt,
         None, cfg, B * Hk * -(-(H // Hk) // cfg.rows), L, 2 * D * dt.itemsize,
         _cupy_decode._num_sms(device_id),
         _cupy_decode.resident_blocks(device_id, cfg.name_expression, arch, cfg.smem_bytes))
+    two_launch_ms = None   # the splits merged by flash_decode_combine, a second launch
+    if splits > 1 and compare_combine:
+        _cupy_decode.FUSE_COMBINE = False
+        try:
+            two_launch_ms = timer([launch(k, v) for k, v in caches], expected_ms)
+        finally:
+            _cupy_decode.FUSE_COMBINE = True
     gbs = kv_bytes / ms / 1e6
     common = dict(gpu=gpu, run=run, dtype=dtype_name, b=B, h=H, hk=Hk, d=D,
                   l=L, copy_gbs=copy_gbs)
     records = [dict(common, provider="cupyflash", ms=ms, kv_gbs=gbs,
-                    frac_of_copy=gbs / copy_gbs, num_splits=splits, api_ms=api_ms)]
+                    frac_of_copy=gbs / copy_gbs, num_splits=splits, api_ms=api_ms,
+                    kernel=cfg.name_expression, two_launch_ms=two_launch_ms)]
     best = None
     ours = None
     for name, sdpa in backends.items():
@@ -257,8 +269,9 @@ def bench_case(cupy, torch, backends, timer, gpu, run, copy_gbs, dtype_name, dt,
             best = (name, t_ms)
     torch_cells = (f"{best[0]:>16s} {best[1]:8.4f} {best[1] / ms:5.2f}"
                    if best else f"{'-':>16s} {'-':>8s} {'-':>5s}")
+    two = f"{two_launch_ms:8.4f}" if two_launch_ms else f"{'-':>8s}"
     print(f"{dtype_name:9s} {B:3d} {H:2d}/{Hk:<2d} {L:7d} | {splits:6d} "
-          f"{ms:8.4f} {gbs:6.0f} {gbs / copy_gbs:5.2f} {api_ms:7.3f} | "
+          f"{ms:8.4f} {gbs:6.0f} {gbs / copy_gbs:5.2f} {api_ms:7.3f} {two} | "
           f"{torch_cells}", flush=True)
     return records
 
@@ -275,6 +288,8 @@ def main(argv=None):
     ap.add_argument("--calls", type=int, default=20, help="calls per timed queue")
     ap.add_argument("--reps", type=int, default=5, help="timed queues (median)")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--no-compare-combine", action="store_true",
+                    help="do not also time the splits merged by a second launch")
     ap.add_argument("--out", default=None, help="JSON file to append records to")
     args = ap.parse_args(argv)
 
@@ -299,7 +314,8 @@ def main(argv=None):
               f"{l2_bytes >> 20} MiB; timer: {args.calls} calls queued behind a spin kernel, "
               f"median of {args.reps}")
         print(f"{'dtype':9s} {'B':>3s} {'H/Hk':>5s} {'L':>7s} | {'splits':>6s} {'ms':>8s} "
-              f"{'GB/s':>6s} {'copy':>5s} {'api ms':>7s} | {'torch best':>16s} {'ms':>8s} "
+              f"{'GB/s':>6s} {'copy':>5s} {'api ms':>7s} {'2-launch':>8s} | "
+              f"{'torch best':>16s} {'ms':>8s} "
               f"{'ratio':>5s}")
         records = []
         run = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
@@ -317,7 +333,7 @@ def main(argv=None):
                             continue
                         records += bench_case(cupy, torch, backends, timer, gpu, run, copy_gbs,
                                               dtype_name, dt, B, H, Hk, L, D, copies, kv_bytes,
-                                              args.reps)
+                                              args.reps, not args.no_compare_combine)
                         cupy.get_default_memory_pool().free_all_blocks()
                         if torch is not None:
                             torch.cuda.empty_cache()
@@ -329,7 +345,9 @@ def main(argv=None):
     out.write_text(json.dumps(old + records, indent=1))
     print(f"wrote {len(records)} records to {out} ({time.perf_counter() - wall0:.0f} s)")
     print("ratio = torch's best time / cupyflash's time (> 1: cupyflash is faster); copy = "
-          "fraction of the copy's bandwidth; api ms = one public call, host work included")
+          "fraction of the copy's bandwidth; api ms = one public call, host work included; "
+          "2-launch = kernel time with the splits merged by flash_decode_combine instead of "
+          "the split kernel's last block")
 
 
 if __name__ == "__main__":
