@@ -357,7 +357,8 @@ def test_decode_configs_match_the_kernel_traits():
                 else:
                     assert cfg.name_expression == (f"cupyflash::flash_decode<{ctype}, "
                                                    f"{head_dim}, {cfg.rows}>")
-                    assert cfg.traits == f"cupyflash::DecodeTraits<{ctype}, {head_dim}, {cfg.rows}>"
+                    assert cfg.traits == (f"cupyflash::DecodeTraits<{ctype}, {head_dim}, "
+                                          f"{cfg.rows}>")
                 tr = cfg.traits
                 asserts.append(f'static_assert({tr}::BLOCK_ROWS == {cfg.rows}, "{cfg.name_expression}");')
                 for what, value in (("BLOCK_N", cfg.block_n), ("NUM_THREADS", cfg.num_threads),

@@ -838,7 +838,7 @@ struct DecodeMmaTraits {
     static constexpr int QK_K_STEPS = HEAD_DIM / 16; // k16 steps of Q K^T
     static constexpr int PV_K_STEPS = WARP_N / 16;   // k16 steps of P V
     static constexpr int O_N_TILES = HEAD_DIM / 8;   // n8 tiles of acc
-    static constexpr int TILE_VECS = WARP_N * D_VECS;            // vectors of K (or V) per warp tile
+    static constexpr int TILE_VECS = WARP_N * D_VECS;  // vectors of K (or V) per warp tile
     static constexpr int LANE_VECS = TILE_VECS / 32;             // of them per lane
     static constexpr int STAGES = 3;
     static constexpr int WARP_STAGE_BYTES = 2 * TILE_VECS * 16;  // K, then V
@@ -890,7 +890,8 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const unsigned (&a)[4],
 
 // Two T in one register, x in the low half.
 __device__ __forceinline__ unsigned pack2(__half x, __half y) {
-    return static_cast<unsigned>(__half_as_ushort(x)) | (static_cast<unsigned>(__half_as_ushort(y)) << 16);
+    return static_cast<unsigned>(__half_as_ushort(x))
+           | (static_cast<unsigned>(__half_as_ushort(y)) << 16);
 }
 __device__ __forceinline__ unsigned pack2(__nv_bfloat16 x, __nv_bfloat16 y) {
     return static_cast<unsigned>(__bfloat16_as_ushort(x))
