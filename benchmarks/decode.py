@@ -235,12 +235,20 @@ def bench_case(cupy, torch, backends, timer, gpu, run, copy_gbs, dtype_name, dt,
             two_launch_ms = timer([launch(k, v) for k, v in caches], expected_ms)
         finally:
             _cupy_decode.FUSE_COMBINE = True
+    mma_ms = None          # one row per kv head on the tensor-core kernel
+    if splits > 1 and compare_combine and H == Hk and dtype_name in ("float16", "bfloat16"):
+        _cupy_decode.MMA_ONE_ROW = True
+        try:
+            mma_ms = timer([launch(k, v) for k, v in caches], expected_ms)
+        finally:
+            _cupy_decode.MMA_ONE_ROW = False
     gbs = kv_bytes / ms / 1e6
     common = dict(gpu=gpu, run=run, dtype=dtype_name, b=B, h=H, hk=Hk, d=D,
                   l=L, copy_gbs=copy_gbs)
     records = [dict(common, provider="cupyflash", ms=ms, kv_gbs=gbs,
                     frac_of_copy=gbs / copy_gbs, num_splits=splits, api_ms=api_ms,
-                    kernel=cfg.name_expression, two_launch_ms=two_launch_ms)]
+                    kernel=cfg.name_expression, two_launch_ms=two_launch_ms,
+                    mma_one_row_ms=mma_ms)]
     best = None
     ours = None
     for name, sdpa in backends.items():
@@ -270,8 +278,9 @@ def bench_case(cupy, torch, backends, timer, gpu, run, copy_gbs, dtype_name, dt,
     torch_cells = (f"{best[0]:>16s} {best[1]:8.4f} {best[1] / ms:5.2f}"
                    if best else f"{'-':>16s} {'-':>8s} {'-':>5s}")
     two = f"{two_launch_ms:8.4f}" if two_launch_ms else f"{'-':>8s}"
+    mma = f"{mma_ms:8.4f}" if mma_ms else f"{'-':>8s}"
     print(f"{dtype_name:9s} {B:3d} {H:2d}/{Hk:<2d} {L:7d} | {splits:6d} "
-          f"{ms:8.4f} {gbs:6.0f} {gbs / copy_gbs:5.2f} {api_ms:7.3f} {two} | "
+          f"{ms:8.4f} {gbs:6.0f} {gbs / copy_gbs:5.2f} {api_ms:7.3f} {two} {mma} | "
           f"{torch_cells}", flush=True)
     return records
 
@@ -289,7 +298,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=5, help="timed queues (median)")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--no-compare-combine", action="store_true",
-                    help="do not also time the splits merged by a second launch")
+                    help="do not also time the splits merged by a second launch, nor one "
+                         "row per kv head on the tensor-core kernel")
     ap.add_argument("--out", default=None, help="JSON file to append records to")
     args = ap.parse_args(argv)
 
@@ -314,7 +324,7 @@ def main(argv=None):
               f"{l2_bytes >> 20} MiB; timer: {args.calls} calls queued behind a spin kernel, "
               f"median of {args.reps}")
         print(f"{'dtype':9s} {'B':>3s} {'H/Hk':>5s} {'L':>7s} | {'splits':>6s} {'ms':>8s} "
-              f"{'GB/s':>6s} {'copy':>5s} {'api ms':>7s} {'2-launch':>8s} | "
+              f"{'GB/s':>6s} {'copy':>5s} {'api ms':>7s} {'2-launch':>8s} {'mma 1row':>8s} | "
               f"{'torch best':>16s} {'ms':>8s} "
               f"{'ratio':>5s}")
         records = []
@@ -347,7 +357,8 @@ def main(argv=None):
     print("ratio = torch's best time / cupyflash's time (> 1: cupyflash is faster); copy = "
           "fraction of the copy's bandwidth; api ms = one public call, host work included; "
           "2-launch = kernel time with the splits merged by flash_decode_combine instead of "
-          "the split kernel's last block")
+          "the split kernel's last block; mma 1row = one query row per kv head on the "
+          "tensor-core kernel instead of the SIMT one (both where the call splits)")
 
 
 if __name__ == "__main__":

@@ -117,11 +117,17 @@ MMA_HEAD_DIMS = (32, 64, 128)  # the head dims of flash_decode_mma
 MMA_STAGES = 3                # DecodeMmaTraits::STAGES
 
 
+# True: one query row per kv head goes to the tensor-core kernel too (for benchmarks).
+MMA_ONE_ROW = False
+
+
 def uses_mma(dtype_name, head_dim, M):
     """Whether a problem goes to the tensor-core kernel: fp16/bf16, HEAD_DIM up to 128,
     and more than one query row per kv head (one row wastes nothing on the CUDA cores,
-    where the SIMT kernel reads at the copy's bandwidth)."""
-    return dtype_name in ("float16", "bfloat16") and head_dim in MMA_HEAD_DIMS and M > 1
+    where the SIMT kernel reads at the copy's bandwidth at batch 64; ``MMA_ONE_ROW``
+    sends one row there too)."""
+    return (dtype_name in ("float16", "bfloat16") and head_dim in MMA_HEAD_DIMS
+            and (M > 1 or MMA_ONE_ROW))
 
 
 class DecodeConfig:

@@ -432,6 +432,22 @@ def test_tensor_core_kernel(dtype, D, Dv):
         check_decode(case, out, lse, q, k_before, v_before, k_new, v_new)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_tensor_core_kernel_with_one_row(dtype, monkeypatch):
+    """MMA_ONE_ROW (what benchmarks/decode.py compares): one query row per kv head, 15
+    zero rows of padding, on the tensor-core kernel."""
+    from cupyflash import _cupy_decode
+    monkeypatch.setattr(_cupy_decode, "MMA_ONE_ROW", True)
+    assert _cupy_decode.decode_config(128, 128, dtype, 90, 1).rows == 16
+    case = DecodeCase(dtype, (0, 5, 64, 2000), L_new=1, Hk=3, D=128, Dv=128, spare=4,
+                      block_size=16, seed=3)
+    q, k_cache, v_cache, lens, k_new, v_new = case.inputs()
+    for num_splits in (None, 1, 5):
+        out, lse, *_ = decode_both(q, k_cache, v_cache, lens, k_new=k_new, v_new=v_new,
+                                   num_splits=num_splits)
+        check_decode(case, out, lse, q, k_cache, v_cache, k_new, v_new)
+
+
 @pytest.mark.parametrize("dtype, group, Lq", [("float16", 1, 1), ("bfloat16", 4, 1),
                                               ("float16", 5, 4), ("float32", 1, 1),
                                               ("float32", 8, 1), ("float64", 4, 1)])
