@@ -236,7 +236,7 @@ def bench_case(cupy, torch, backends, timer, gpu, run, copy_gbs, dtype_name, dt,
         finally:
             _cupy_decode.FUSE_COMBINE = True
     mma_ms = None          # one row per kv head on the tensor-core kernel
-    if splits > 1 and compare_combine and H == Hk and dtype_name in ("float16", "bfloat16"):
+    if compare_combine and H == Hk and dtype_name in ("float16", "bfloat16"):
         _cupy_decode.MMA_ONE_ROW = True
         try:
             mma_ms = timer([launch(k, v) for k, v in caches], expected_ms)
@@ -358,7 +358,7 @@ def main(argv=None):
           "fraction of the copy's bandwidth; api ms = one public call, host work included; "
           "2-launch = kernel time with the splits merged by flash_decode_combine instead of "
           "the split kernel's last block; mma 1row = one query row per kv head on the "
-          "tensor-core kernel instead of the SIMT one (both where the call splits)")
+          "tensor-core kernel instead of the SIMT one (H = Hk)")
 
 
 if __name__ == "__main__":

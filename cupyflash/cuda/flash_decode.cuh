@@ -979,9 +979,30 @@ flash_decode_mma(const DecodeParams p) {
         return (key * D_VECS + (col ^ ((key / Tr::SWIZZLE_ROWS) & Tr::SWIZZLE_MASK))) * 16;
     };
 
+    // A contiguous cache of 16-byte rows (the common case) takes a short path: one
+    // address per lane and tile, a constant step per key, no branch per vector.
+    const bool direct = !paged && k_vec && v_vec;
+    const long long k_step = KEYS_PER_COPY * p.k_token_stride;
+    const long long v_step = KEYS_PER_COPY * p.v_token_stride;
+
     // Start copying this warp's part of tile j into stage j % STAGES.
     auto load_tile = [&](int j) {
-        if (j < num_tiles) {
+        if (j < num_tiles && direct) {
+            const unsigned stage = warp_pipe + (j % STAGES) * Tr::WARP_STAGE_BYTES;
+            const int t0 = k_begin + j * BLOCK_N + warp * WARP_N + copy_key;  // key i = 0
+            const T* k_row = k_base + static_cast<long long>(t0) * p.k_token_stride
+                             + copy_col * VEC;
+            const T* v_row = v_base + static_cast<long long>(t0) * p.v_token_stride
+                             + copy_col * VEC;
+#pragma unroll
+            for (int i = 0; i < LANE_VECS; ++i) {
+                const bool valid = t0 + i * KEYS_PER_COPY < k_end;
+                const unsigned dst = stage + swizzled(i * KEYS_PER_COPY + copy_key, copy_col);
+                decode::cp_async_16(dst, valid ? k_row + i * k_step : p.k, valid ? k_bytes : 0);
+                decode::cp_async_16(dst + TILE_BYTES, valid ? v_row + i * v_step : p.v,
+                                    valid ? v_bytes : 0);
+            }
+        } else if (j < num_tiles) {  // paged, or rows copied element by element
             const unsigned stage = warp_pipe + (j % STAGES) * Tr::WARP_STAGE_BYTES;
             const int t_first = k_begin + j * BLOCK_N + warp * WARP_N;
 #pragma unroll
