@@ -995,12 +995,14 @@ flash_decode_mma(const DecodeParams p) {
             const T* v_row = v_base + static_cast<long long>(t0) * p.v_token_stride
                              + copy_col * VEC;
 #pragma unroll
-            for (int i = 0; i < LANE_VECS; ++i) {
+            for (int i = 0; i < LANE_VECS; ++i) {  // (no address past a row is formed)
                 const bool valid = t0 + i * KEYS_PER_COPY < k_end;
+                const bool k_valid = valid && k_bytes > 0, v_valid = valid && v_bytes > 0;
                 const unsigned dst = stage + swizzled(i * KEYS_PER_COPY + copy_key, copy_col);
-                decode::cp_async_16(dst, valid ? k_row + i * k_step : p.k, valid ? k_bytes : 0);
-                decode::cp_async_16(dst + TILE_BYTES, valid ? v_row + i * v_step : p.v,
-                                    valid ? v_bytes : 0);
+                decode::cp_async_16(dst, k_valid ? k_row + i * k_step : p.k,
+                                    k_valid ? k_bytes : 0);
+                decode::cp_async_16(dst + TILE_BYTES, v_valid ? v_row + i * v_step : p.v,
+                                    v_valid ? v_bytes : 0);
             }
         } else if (j < num_tiles) {  // paged, or rows copied element by element
             const unsigned stage = warp_pipe + (j % STAGES) * Tr::WARP_STAGE_BYTES;
