@@ -26,7 +26,13 @@
 //   end:   each warp holds (m_i, l_i, acc) of its keys; the warps merge through shared
 //          memory, and the block writes either the final out (input dtype) and lse when
 //          there is one split, or its split's normalised partial out and lse in the
-//          accumulator type, which flash_decode_combine merges exactly through the lse.
+//          accumulator type; the last split block of a kv head to finish merges the splits
+//          exactly through the lse (combine_splits; flash_decode_combine, a second launch,
+//          where that merge does not fit the block's shared memory).
+//
+// fp16/bf16 with several query rows per kv head go to flash_decode_mma (below), which
+// does the same on tensor cores; this SIMT kernel keeps one row (where it reads at the
+// copy's bandwidth), fp32, fp64 and HEAD_DIM = 256.
 //
 // Bytes in flight: a tile is STAGE_VECS 16-byte vectors per lane (K and V); STAGES - 1
 // tiles are in flight per warp, 24 KiB per block of 4 warps for every type and head dim
