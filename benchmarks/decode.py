@@ -12,15 +12,19 @@ What is timed, and how:
 * **kernel time** (the bar): the GPU time per call of many calls enqueued back to back
   behind a spinning kernel, so that neither the host's launch cost nor its Python code
   shows (the GPU works through a full queue). cupyflash is called through
-  ``_cupy_decode.attention_decode``, the launch after validation (append, split kernel,
-  combine kernel); the public call adds the validation's host synchronisation (it reads
+  ``_cupy_decode.attention_decode``, the launch after validation (one split kernel, which
+  merges its splits itself; "2-launch" times the same call with the separate combine
+  kernel); the public call adds the validation's host synchronisation (it reads
   ``cache_seqlens`` to the host) and ~50 us of Python, reported separately as "api".
   Calls rotate over enough copies of the cache to exceed four times the L2 cache, so
-  every call reads its keys and values from DRAM. Median of ``--reps`` repetitions.
+  every call reads its keys and values from DRAM. Median of ``--reps`` repetitions of a
+  queue of ``--calls`` calls (fewer for long calls: ~20 ms of work per queue).
 * **bandwidth**: the K and V bytes the call must read, ``B * Hk * L * 2 * D * itemsize``,
   over the kernel time, against a device-to-device copy of 1 GiB (read + write bytes over
   its time) measured in the same run, and as a ratio to torch's best SDPA backend
   (flash, efficient, cuDNN, math: each that accepts the problem) timed the same way.
+  The math backend is skipped where it would need more than ``MATH_MAX_BYTES``, the
+  efficient one with grouped-query heads (it rejects them); the full grid takes ~1 min.
 
     python benchmarks/decode.py                 # the whole grid
     python benchmarks/decode.py --quick         # batch 1 and 16, 8k and 32k
@@ -39,6 +43,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 
 import numpy as np
 
@@ -88,15 +93,22 @@ class QueueTimer:
         self.cupy, self.calls, self.reps = cupy, calls, reps
         self.spin = cupy.RawKernel(SPIN_SOURCE, "spin")
 
-    def __call__(self, fns):
-        """Median over reps of (time of ``calls`` calls) / calls; ``fns`` are rotated."""
+    def __call__(self, fns, expected_ms=None):
+        """Median over reps of (time of ``calls`` calls) / calls; ``fns`` are rotated.
+
+        ``expected_ms`` (a guess of one call's time) shortens the queue of long calls to
+        what keeps ~20 ms of GPU work per queue (at least 4 calls, at most ``calls``): a
+        queue of 11 ms calls needs no 20 of them to hide the host."""
         cupy = self.cupy
+        calls = self.calls
+        if expected_ms:
+            calls = max(4, min(calls, int(20.0 / expected_ms)))
         stream = cupy.cuda.get_current_stream()
         for fn in fns:                                       # warm-up: compiles, caches
             fn()
         stream.synchronize()
         t0 = time.perf_counter()                             # the host's enqueue time
-        for i in range(self.calls):
+        for i in range(calls):
             fns[i % len(fns)]()
         host_s = time.perf_counter() - t0
         stream.synchronize()
@@ -107,7 +119,7 @@ class QueueTimer:
             self.spin((1,), (1,), (np.uint64(spin_ns),))
             start.record()
             t0 = time.perf_counter()
-            for i in range(self.calls):
+            for i in range(calls):
                 fns[i % len(fns)]()
             enqueue_s = time.perf_counter() - t0
             end.record()
@@ -115,7 +127,7 @@ class QueueTimer:
             if enqueue_s * 1e9 > spin_ns:
                 print(f"  warning: enqueueing took {enqueue_s * 1e3:.2f} ms, longer than "
                       f"the spin ({spin_ns / 1e6:.2f} ms): host time may show", flush=True)
-            times.append(cupy.cuda.get_elapsed_time(start, end) / self.calls)
+            times.append(cupy.cuda.get_elapsed_time(start, end) / calls)
         return statistics.median(times)
 
 
@@ -142,9 +154,28 @@ def copy_bandwidth(cupy, timer):
     return 2 * (1 << 30) / ms / 1e6
 
 
+# The math backend materialises K and V per query head in float32 and the scores; above
+# this many bytes it is skipped (at 128k keys and batch 64 it asked for 32 GiB and failed,
+# slowly). It is never the fastest backend for decoding.
+MATH_MAX_BYTES = 2 << 30
+
+
+def torch_can_run(name, B, H, Hk, L, D):
+    """Whether torch backend ``name`` is worth a try on one problem: the math backend
+    only while its float32 copies of K and V (expanded to H heads) stay below
+    MATH_MAX_BYTES; the efficient backend not with grouped-query heads (it rejects
+    them, through warnings, in every torch tried)."""
+    if name == "torch_math":
+        return 2 * B * H * L * D * 4 <= MATH_MAX_BYTES
+    if name == "torch_efficient":
+        return H == Hk
+    return True
+
+
 def torch_backends(stream):
     """``(torch, {name: sdpa(q, k, v, gqa)})`` for torch SDPA's backends, on CuPy's
-    stream; ``(None, {})`` without torch."""
+    stream; ``(None, {})`` without torch. torch's warnings (a backend explaining why it
+    declines a problem) are silenced: a refusal is reported by its exception."""
     try:
         import torch
         import torch.nn.functional as F
@@ -155,7 +186,8 @@ def torch_backends(stream):
 
     def backend(kind):
         def run(q, k, v, gqa):
-            with torch.cuda.stream(tstream), sdpa_kernel([kind]):
+            with torch.cuda.stream(tstream), sdpa_kernel([kind]), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
                 extra = {"enable_gqa": True} if gqa else {}
                 return F.scaled_dot_product_attention(q, k, v, **extra)
         return run
@@ -173,7 +205,7 @@ def as_torch(torch, x):
 
 
 def bench_case(cupy, torch, backends, timer, gpu, run, copy_gbs, dtype_name, dt, B, H, Hk, L,
-               D, copies, kv_bytes, reps):
+               D, copies, kv_bytes, reps, compare_combine):
     """Time one problem; print its line and return its records."""
     q = _random(cupy, (B, 1, H, D), dt)
     caches = [(_random(cupy, (B, L, Hk, D), dt), _random(cupy, (B, L, Hk, D), dt))
@@ -185,27 +217,50 @@ def bench_case(cupy, torch, backends, timer, gpu, run, copy_gbs, dtype_name, dt,
         return lambda: _cupy_decode.attention_decode(
             q, k, v, seqlens, None, None, None, num_splits=None,
             causal=False, scale=scale, max_keys=L)
-    ms = timer([launch(k, v) for k, v in caches])
+    expected_ms = kv_bytes / 2.5e9            # at 2.5 TB/s: sizes the timed queues
+    ms = timer([launch(k, v) for k, v in caches], expected_ms)
     api_ms = api_time_ms(cupy, lambda: cupyflash.attention_decode(
         q, caches[0][0], caches[0][1], seqlens), reps)
     cfg = _cupy_decode.decode_config(D, D, dtype_name, 90, H // Hk)
+    device_id = cupy.cuda.Device().id
+    arch = _cupy_decode._kernels.arch_for(_cupy_decode._compute_capability(device_id))
     splits = _cupy_decode.launched_splits(   # what the call chose
         None, cfg, B * Hk * -(-(H // Hk) // cfg.rows), L, 2 * D * dt.itemsize,
-        _cupy_decode._num_sms(cupy.cuda.Device().id))
+        _cupy_decode._num_sms(device_id),
+        _cupy_decode.resident_blocks(device_id, cfg.name_expression, arch, cfg.smem_bytes))
+    two_launch_ms = None   # the splits merged by flash_decode_combine, a second launch
+    if splits > 1 and compare_combine:
+        _cupy_decode.FUSE_COMBINE = False
+        try:
+            two_launch_ms = timer([launch(k, v) for k, v in caches], expected_ms)
+        finally:
+            _cupy_decode.FUSE_COMBINE = True
+    mma_ms = None          # one row per kv head on the tensor-core kernel
+    if compare_combine and H == Hk and dtype_name in ("float16", "bfloat16"):
+        _cupy_decode.MMA_ONE_ROW = True
+        try:
+            mma_ms = timer([launch(k, v) for k, v in caches], expected_ms)
+        finally:
+            _cupy_decode.MMA_ONE_ROW = False
     gbs = kv_bytes / ms / 1e6
     common = dict(gpu=gpu, run=run, dtype=dtype_name, b=B, h=H, hk=Hk, d=D,
                   l=L, copy_gbs=copy_gbs)
     records = [dict(common, provider="cupyflash", ms=ms, kv_gbs=gbs,
-                    frac_of_copy=gbs / copy_gbs, num_splits=splits, api_ms=api_ms)]
+                    frac_of_copy=gbs / copy_gbs, num_splits=splits, api_ms=api_ms,
+                    kernel=cfg.name_expression, two_launch_ms=two_launch_ms,
+                    mma_one_row_ms=mma_ms)]
     best = None
     ours = None
     for name, sdpa in backends.items():
+        if not torch_can_run(name, B, H, Hk, L, D):
+            continue
         tq = as_torch(torch, q).transpose(1, 2)        # (B, H, 1, D)
         views = [(as_torch(torch, k).transpose(1, 2),  # (B, Hk, L, D)
                   as_torch(torch, v).transpose(1, 2)) for k, v in caches]
         try:
             ref = sdpa(tq, *views[0], H != Hk)
-            t_ms = timer([(lambda k=k, v=v: sdpa(tq, k, v, H != Hk)) for k, v in views])
+            t_ms = timer([(lambda k=k, v=v: sdpa(tq, k, v, H != Hk)) for k, v in views],
+                         expected_ms)
         except Exception as e:  # a backend that rejects the problem
             print(f"  {name}: {type(e).__name__}: {str(e)[:100]}")
             continue
@@ -222,8 +277,10 @@ def bench_case(cupy, torch, backends, timer, gpu, run, copy_gbs, dtype_name, dt,
             best = (name, t_ms)
     torch_cells = (f"{best[0]:>16s} {best[1]:8.4f} {best[1] / ms:5.2f}"
                    if best else f"{'-':>16s} {'-':>8s} {'-':>5s}")
+    two = f"{two_launch_ms:8.4f}" if two_launch_ms else f"{'-':>8s}"
+    mma = f"{mma_ms:8.4f}" if mma_ms else f"{'-':>8s}"
     print(f"{dtype_name:9s} {B:3d} {H:2d}/{Hk:<2d} {L:7d} | {splits:6d} "
-          f"{ms:8.4f} {gbs:6.0f} {gbs / copy_gbs:5.2f} {api_ms:7.3f} | "
+          f"{ms:8.4f} {gbs:6.0f} {gbs / copy_gbs:5.2f} {api_ms:7.3f} {two} {mma} | "
           f"{torch_cells}", flush=True)
     return records
 
@@ -238,12 +295,16 @@ def main(argv=None):
                     help="H/Hk pairs (query heads / kv heads)")
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--calls", type=int, default=20, help="calls per timed queue")
-    ap.add_argument("--reps", type=int, default=7, help="timed queues (median)")
+    ap.add_argument("--reps", type=int, default=5, help="timed queues (median)")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--no-compare-combine", action="store_true",
+                    help="do not also time the splits merged by a second launch, nor one "
+                         "row per kv head on the tensor-core kernel")
     ap.add_argument("--out", default=None, help="JSON file to append records to")
     args = ap.parse_args(argv)
 
     import cupy
+    wall0 = time.perf_counter()
     batches = args.batch or ([1, 16] if args.quick else [1, 4, 16, 64])
     lengths = args.length or ([8192, 32768] if args.quick else [8192, 32768, 131072])
     heads = [tuple(int(x) for x in pair.split("/")) for pair in args.heads]
@@ -263,7 +324,8 @@ def main(argv=None):
               f"{l2_bytes >> 20} MiB; timer: {args.calls} calls queued behind a spin kernel, "
               f"median of {args.reps}")
         print(f"{'dtype':9s} {'B':>3s} {'H/Hk':>5s} {'L':>7s} | {'splits':>6s} {'ms':>8s} "
-              f"{'GB/s':>6s} {'copy':>5s} {'api ms':>7s} | {'torch best':>16s} {'ms':>8s} "
+              f"{'GB/s':>6s} {'copy':>5s} {'api ms':>7s} {'2-launch':>8s} {'mma 1row':>8s} | "
+              f"{'torch best':>16s} {'ms':>8s} "
               f"{'ratio':>5s}")
         records = []
         run = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
@@ -281,7 +343,7 @@ def main(argv=None):
                             continue
                         records += bench_case(cupy, torch, backends, timer, gpu, run, copy_gbs,
                                               dtype_name, dt, B, H, Hk, L, D, copies, kv_bytes,
-                                              args.reps)
+                                              args.reps, not args.no_compare_combine)
                         cupy.get_default_memory_pool().free_all_blocks()
                         if torch is not None:
                             torch.cuda.empty_cache()
@@ -291,9 +353,12 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     old = json.loads(out.read_text()) if out.exists() else []
     out.write_text(json.dumps(old + records, indent=1))
-    print(f"wrote {len(records)} records to {out}")
+    print(f"wrote {len(records)} records to {out} ({time.perf_counter() - wall0:.0f} s)")
     print("ratio = torch's best time / cupyflash's time (> 1: cupyflash is faster); copy = "
-          "fraction of the copy's bandwidth; api ms = one public call, host work included")
+          "fraction of the copy's bandwidth; api ms = one public call, host work included; "
+          "2-launch = kernel time with the splits merged by flash_decode_combine instead of "
+          "the split kernel's last block; mma 1row = one query row per kv head on the "
+          "tensor-core kernel instead of the SIMT one (H = Hk)")
 
 
 if __name__ == "__main__":

@@ -5,11 +5,15 @@
 
 1. ``decode_append`` (with ``k_new``): the new keys and values into the cache, in place,
    at positions ``cache_seqlens[b] .. + L_new`` (through the block table when paged);
-2. ``flash_decode``: one thread block per (batch element, kv head, split, row chunk); each
-   reads its split's keys and values once for all ``G * Lq`` query rows of its kv head and
-   writes the final out and lse (one split) or its partial out and lse in the accumulator
-   dtype (several);
-3. ``flash_decode_combine`` (several splits): merges the splits exactly through their lse.
+2. the split kernel, ``flash_decode_mma`` (fp16/bf16 with several query rows per kv head:
+   tensor cores) or ``flash_decode`` (the rest): one thread block per (batch element, kv
+   head, split, row chunk); each reads its split's keys and values once for all
+   ``G * Lq`` query rows of its kv head and writes the final out and lse (one split) or
+   its partial out and lse in the accumulator dtype (several); with several splits, the
+   last block of each (batch element, kv head, row chunk) to finish merges them exactly
+   through their lse (it counts the arrivals in :func:`split_counters`);
+3. ``flash_decode_combine``, only where that merge does not fit the split kernel's shared
+   memory (or with ``FUSE_COMBINE`` off): the same merge as a second launch.
 
 Nothing here waits for the device. The host synchronisation of a call is the validation's
 (``_sequences.attention_decode``): it reads ``cache_seqlens`` and ``block_table`` to the
@@ -20,7 +24,8 @@ is written. Those host values also give the longest sequence, which
 
 Memory: out and lse, the int32 copies of ``cache_seqlens`` and ``block_table`` when they
 are not int32 already, and with several splits the partial results,
-``B * Hk * num_splits * G * Lq * (Dv + 1)`` accumulator elements, all from CuPy's pool.
+``B * Hk * num_splits * G * Lq * (Dv + 1)`` accumulator elements (rows padded to 16
+bytes), all from CuPy's pool; and a persistent buffer of split counters per stream.
 Nothing of q, the cache, k_new or v_new is copied: the kernels read any strides (the
 cache with 16-byte vector copies where its rows allow, else element by element).
 """
@@ -43,7 +48,7 @@ SOURCE = "flash_decode.cuh"
 
 DECODE_PARAMS = (
     [(n, "Q") for n in ("q", "k", "v", "cache_seqlens", "block_table", "out", "lse",
-                        "out_partial", "lse_partial")]
+                        "out_partial", "lse_partial", "split_counters")]
     + [(n, "q") for n in (
         "q_batch_stride", "q_token_stride", "q_head_stride", "q_dim_stride",
         "k_page_stride", "k_token_stride", "k_head_stride", "k_dim_stride",
@@ -102,23 +107,43 @@ APPEND_THREADS = 256          # APPEND_THREADS of the .cuh
 
 
 def max_rows(dtype_name, head_dim):
-    """The most query rows one block holds in registers: 8, or 4 for float64 at 256
+    """The most query rows one SIMT block holds in registers: 8, or 4 for float64 at 256
     (its q and acc take 32 registers per row per lane)."""
     return 4 if dtype_name == "float64" and head_dim == 256 else 8
 
 
-class DecodeConfig:
-    """One launchable variant of flash_decode and its companions.
+MMA_ROWS = 16                 # DecodeMmaTraits::ROWS: one m16 tile of query rows
+MMA_HEAD_DIMS = (32, 64, 128)  # the head dims of flash_decode_mma
+MMA_STAGES = 3                # DecodeMmaTraits::STAGES
 
-    ``rows``: query rows per block (ROWS); a kv head's ``G * Lq`` rows go in
+
+# True: one query row per kv head goes to the tensor-core kernel too (for benchmarks).
+MMA_ONE_ROW = False
+
+
+def uses_mma(dtype_name, head_dim, M):
+    """Whether a problem goes to the tensor-core kernel: fp16/bf16, HEAD_DIM up to 128,
+    and more than one query row per kv head (one row wastes nothing on the CUDA cores,
+    where the SIMT kernel reads at the copy's bandwidth at batch 64; ``MMA_ONE_ROW``
+    sends one row there too)."""
+    return (dtype_name in ("float16", "bfloat16") and head_dim in MMA_HEAD_DIMS
+            and (M > 1 or MMA_ONE_ROW))
+
+
+class DecodeConfig:
+    """One launchable variant of the split kernel and its companions.
+
+    ``name_expression``: ``flash_decode<T, HEAD_DIM, ROWS>`` (SIMT) or
+    ``flash_decode_mma<T, HEAD_DIM>`` (tensor cores, ROWS = 16); ``traits``: its traits
+    struct. ``rows``: query rows per block; a kv head's ``G * Lq`` rows go in
     ``ceil(G * Lq / rows)`` row chunks, each a block that reads the keys again (through
     L2: the chunks of one split are neighbouring blocks). ``block_n``: keys per block and
     tile; a split is a whole number of tiles. ``inflight_bytes``: K and V bytes a block
-    keeps in flight (STAGES - 1 tiles).
+    keeps in flight.
     """
 
-    __slots__ = ("name_expression", "combine_name", "append_name", "head_dim", "rows",
-                 "block_n", "num_threads", "smem_bytes", "inflight_bytes")
+    __slots__ = ("name_expression", "traits", "combine_name", "append_name", "head_dim",
+                 "rows", "block_n", "num_threads", "smem_bytes", "inflight_bytes")
 
     def __init__(self, **fields):
         for name in self.__slots__:
@@ -134,19 +159,36 @@ def decode_config(D, Dv, dtype_name, compute_capability, M):
     """Choose the variant for one problem: the one place tiles are chosen.
 
     ``max(D, Dv)`` is padded up to the next HEAD_DIM in (32, 64, 128, 256) (columns past D
-    and Dv are not read); ``M = G * Lq`` query rows per kv head picks ROWS = 1 (plain
-    decoding, no wasted arithmetic), 4 or 8. The tiles repeat ``DecodeTraits`` of the .cuh
-    (tests/test_kernel_compile.py checks that the two agree): 4 warps, each lane holding
+    and Dv are not read). fp16/bf16 with ``M = G * Lq > 1`` query rows per kv head and
+    HEAD_DIM up to 128 go to the tensor-core kernel (:func:`uses_mma`): 16 rows per block,
+    4 warps of WARP_N = 2048 / HEAD_DIM keys per tile (8 KiB of K and V), 3 stages. The
+    rest go to the SIMT kernel, whose ROWS = 1 (plain decoding, no wasted arithmetic), 4
+    or 8 by M; its tiles repeat ``DecodeTraits`` of the .cuh: 4 warps, each lane holding
     VECS_PER_LANE 16-byte vectors of a row (2 for ROWS <= 4, else 1, more for rows wider
     than 32 vectors; VEC = 16 / itemsize elements each), two K and two V vectors per lane
-    and tile, STAGES = 4. Every variant fits in
-    99 KiB of shared memory, so ``compute_capability`` does not change the choice.
+    and tile, STAGES = 4. tests/test_kernel_compile.py checks that both agree with the
+    .cuh. Every variant fits in 99 KiB of shared memory, so ``compute_capability`` does
+    not change the choice.
     """
     width = max(D, Dv)
     head_dim = next((h for h in DECODE_HEAD_DIMS if h >= width), None)
     if head_dim is None:
         raise ValueError(f"attention_decode: head dims up to {DECODE_HEAD_DIMS[-1]} are "
                          f"supported on the GPU, got {width}")
+    ctype = _DTYPE_TO_CUDA[dtype_name]
+    common = dict(combine_name=f"cupyflash::flash_decode_combine<{ctype}>",
+                  append_name=f"cupyflash::decode_append<{ctype}>",
+                  head_dim=head_dim, num_threads=NUM_THREADS)
+    if uses_mma(dtype_name, head_dim, M):
+        warp_n = 2048 // head_dim
+        warp_stage = 2 * warp_n * head_dim * 2            # K and V of a warp's tile
+        merge_bytes = (4 * MMA_ROWS * head_dim + 2 * 4 * MMA_ROWS + MMA_ROWS * 5) * 4
+        return DecodeConfig(
+            name_expression=f"cupyflash::flash_decode_mma<{ctype}, {head_dim}>",
+            traits=f"cupyflash::DecodeMmaTraits<{ctype}, {head_dim}>",
+            rows=MMA_ROWS, block_n=4 * warp_n,
+            smem_bytes=max(MMA_STAGES * 4 * warp_stage, merge_bytes),
+            inflight_bytes=(MMA_STAGES - 1) * 4 * warp_stage, **common)
     top = max_rows(dtype_name, head_dim)
     rows = 1 if M <= 1 else 4 if M <= 4 or top == 4 else 8
     itemsize = np.dtype(dtype_name).itemsize
@@ -161,14 +203,11 @@ def decode_config(D, Dv, dtype_name, compute_capability, M):
     stage_vecs = 2 * passes * vecs_per_lane
     pipe_bytes = STAGES * stage_vecs * NUM_THREADS * 16
     merge_bytes = (4 * rows * head_dim + 2 * 4 * rows + rows * 5) * acc_size
-    ctype = _DTYPE_TO_CUDA[dtype_name]
     return DecodeConfig(
         name_expression=f"cupyflash::flash_decode<{ctype}, {head_dim}, {rows}>",
-        combine_name=f"cupyflash::flash_decode_combine<{ctype}>",
-        append_name=f"cupyflash::decode_append<{ctype}>",
-        head_dim=head_dim, rows=rows, block_n=block_n, num_threads=NUM_THREADS,
-        smem_bytes=max(pipe_bytes, merge_bytes),
-        inflight_bytes=(STAGES - 1) * stage_vecs * NUM_THREADS * 16)
+        traits=f"cupyflash::DecodeTraits<{ctype}, {head_dim}, {rows}>",
+        rows=rows, block_n=block_n, smem_bytes=max(pipe_bytes, merge_bytes),
+        inflight_bytes=(STAGES - 1) * stage_vecs * NUM_THREADS * 16, **common)
 
 
 def decode_variants():
@@ -176,7 +215,7 @@ def decode_variants():
     variants = []
     for dtype_name in ("float16", "bfloat16", "float32", "float64"):
         for head_dim in DECODE_HEAD_DIMS:
-            for M in (1, 4, 8):
+            for M in (1, 4, 8, 16):
                 cfg = decode_config(head_dim, head_dim, dtype_name, 90, M)
                 variants.append((SOURCE, cfg.name_expression))
         variants += [(SOURCE, cfg.combine_name), (SOURCE, cfg.append_name)]
@@ -187,32 +226,39 @@ def decode_variants():
 # H100 needs ~25 KiB per SM: 3.35 TB/s times ~1 us of loaded DRAM latency, over 132 SMs;
 # twice that for margin), which takes `blocks_per_sm` blocks per SM. Without splitting,
 # B * Hk * row_chunks blocks may be fewer; then the keys are split so that there are WAVES
-# times as many blocks as that needs (spread evenly, a late block finds work), each split
-# at least MIN_SPLIT_BYTES of K and V, so that a block's start (q, the first DRAM latency)
-# and end (the warps' merge, the partial write) stay small beside its reading.
+# times as many blocks as that needs (spread evenly, a late block finds work), but never
+# more than the GPU holds at once (a second, partial wave of blocks would add a whole
+# block's time), each split at least MIN_SPLIT_BYTES of K and V, so that a block's start
+# (q, the first DRAM latency) and end (the warps' merge, the partial write) stay small
+# beside its reading.
 INFLIGHT_PER_SM = 48 * 1024
 WAVES = 2
 MIN_SPLIT_BYTES = 64 * 1024
 
 
-def choose_num_splits(base_blocks, max_keys, block_n, key_bytes, num_sms, inflight_bytes):
+def choose_num_splits(base_blocks, max_keys, block_n, key_bytes, num_sms, inflight_bytes,
+                      resident_per_sm=None):
     """The split count for ``num_splits=None``: a plain function of the problem.
 
     ``base_blocks = B * Hk * row_chunks`` blocks exist without splitting; ``max_keys`` is
     the longest sequence (cache plus appended keys), ``key_bytes`` the K and V bytes of one
-    key of one kv head, ``inflight_bytes`` what one block keeps in flight. With
-    ``need = num_sms * ceil(INFLIGHT_PER_SM / inflight_bytes)`` blocks keeping every SM
-    busy, returns 1 when ``base_blocks >= need``, else the smallest count that gives
-    ``WAVES * need`` blocks, with whole tiles of ``block_n`` keys per split, at least
-    MIN_SPLIT_BYTES per split and at most COMBINE_MAX_SPLITS; the count is then trimmed so
-    that no split of the longest sequence is empty.
+    key of one kv head, ``inflight_bytes`` what one block keeps in flight,
+    ``resident_per_sm`` how many blocks of the kernel an SM holds at once (None: no
+    limit). With ``need = num_sms * ceil(INFLIGHT_PER_SM / inflight_bytes)`` blocks
+    keeping every SM busy, returns 1 when ``base_blocks >= need``, else the smallest count
+    that gives ``WAVES * need`` blocks but at most ``num_sms * resident_per_sm`` (one
+    wave), with whole tiles of ``block_n`` keys per split, at least MIN_SPLIT_BYTES per
+    split and at most COMBINE_MAX_SPLITS; the count is then trimmed so that no split of the
+    longest sequence is empty.
 
-    >>> choose_num_splits(8, 8192, 16, 512, 132, 24576)      # B = 1, Hk = 8, d = 128 fp16
+    >>> choose_num_splits(8, 8192, 16, 512, 132, 24576, 6)     # B = 1, Hk = 8, d = 128 fp16
     64
-    >>> choose_num_splits(128, 8192, 16, 512, 132, 24576)    # B = 16: 5 splits, 640 blocks
+    >>> choose_num_splits(128, 8192, 16, 512, 132, 24576, 6)   # B = 16: 5 splits, 640 blocks
     5
-    >>> choose_num_splits(512, 8192, 16, 512, 132, 24576)    # B = 64: the GPU is full
+    >>> choose_num_splits(512, 8192, 16, 512, 132, 24576, 6)   # B = 64: the GPU is full
     1
+    >>> choose_num_splits(32, 8192, 64, 512, 132, 65536, 2)    # B = 4, G = 4: tensor cores
+    8
     """
     tiles = -(-max_keys // block_n)
     if tiles <= 1:
@@ -221,20 +267,33 @@ def choose_num_splits(base_blocks, max_keys, block_n, key_bytes, num_sms, inflig
     if base_blocks >= need:
         return 1
     splits = -(-WAVES * need // base_blocks)
+    if resident_per_sm:
+        splits = min(splits, num_sms * resident_per_sm // base_blocks)
     min_tiles = max(1, -(-MIN_SPLIT_BYTES // (block_n * key_bytes)))
     splits = max(1, min(splits, tiles // min_tiles, COMBINE_MAX_SPLITS))
     return -(-tiles // -(-tiles // splits))  # as many as whole-tile splits need
 
 
-def launched_splits(num_splits, cfg, base_blocks, max_keys, key_bytes, num_sms):
+def launched_splits(num_splits, cfg, base_blocks, max_keys, key_bytes, num_sms,
+                    resident_per_sm=None):
     """The split count a call launches: ``num_splits`` as given, or chosen when None;
     then at most the tiles of the longest sequence (more would be empty for every batch
     element) and COMBINE_MAX_SPLITS."""
     if num_splits is None:
         num_splits = choose_num_splits(base_blocks, max_keys, cfg.block_n, key_bytes, num_sms,
-                                       cfg.inflight_bytes)
+                                       cfg.inflight_bytes, resident_per_sm)
     tiles = max(1, -(-max_keys // cfg.block_n))
     return max(1, min(int(num_splits), tiles, COMBINE_MAX_SPLITS))
+
+
+@functools.lru_cache(maxsize=None)
+def resident_blocks(device_id, name_expression, arch, smem_bytes):
+    """How many blocks of a split kernel one SM holds at once (the driver's occupancy
+    calculator: registers and shared memory)."""
+    from cupy.cuda import driver
+    kernel = _kernels.get_function(device_id, SOURCE, name_expression, arch, smem_bytes)
+    return max(1, driver.occupancyMaxActiveBlocksPerMultiprocessor(kernel.ptr, NUM_THREADS,
+                                                                   smem_bytes))
 
 
 @functools.lru_cache(maxsize=None)
@@ -242,6 +301,36 @@ def _num_sms(device_id):
     import cupy
     return cupy.cuda.runtime.deviceGetAttribute(
         cupy.cuda.runtime.cudaDevAttrMultiProcessorCount, device_id)
+
+
+# Split counters, per (device, stream): (B, Hk, row_chunks) int32 zeros that the split
+# kernel's blocks count their arrivals in; the last split of each resets its counter to 0,
+# so a buffer is zeros again after every launch. Calls on one stream run one after another
+# and share its buffer; calls on different streams never share one.
+_SPLIT_COUNTERS = {}
+
+
+def split_counters(device_id, stream_ptr, count):
+    """A zeroed int32 buffer of at least ``count`` counters for launches on one stream."""
+    import cupy
+    key = (device_id, stream_ptr)
+    buf = _SPLIT_COUNTERS.get(key)
+    if buf is None or buf.size < count:
+        buf = cupy.zeros(max(count, 1024), dtype=cupy.int32)  # enqueued on that stream
+        _SPLIT_COUNTERS[key] = buf
+    return buf
+
+
+# False: always merge the splits with flash_decode_combine (for tests and benchmarks).
+FUSE_COMBINE = True
+
+
+def fuses_combine(splits, cfg, M, acc_size):
+    """Whether the split kernel merges the splits itself (its last block per kv head and
+    row chunk does, see combine_splits in the .cuh) instead of flash_decode_combine: when
+    its shared memory holds the weights (splits, rows) and NUM_THREADS 16-byte sums."""
+    return (FUSE_COMBINE and splits > 1
+            and splits * min(cfg.rows, M) * acc_size + NUM_THREADS * 16 <= cfg.smem_bytes)
 
 
 def page_divisor(page_size):
@@ -353,13 +442,20 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_tab
         row_chunks = -(-M // cfg.rows)
         base_blocks = B * Hk * row_chunks
         splits = launched_splits(num_splits, cfg, base_blocks, max_keys,
-                                 (D + Dv) * q.dtype.itemsize, _num_sms(device_id))
+                                 (D + Dv) * q.dtype.itemsize, _num_sms(device_id),
+                                 resident_blocks(device_id, cfg.name_expression, arch,
+                                                 cfg.smem_bytes))
         if base_blocks * splits >= 2**31 or B * Hk * M >= 2**31:
             raise ValueError(f"{fn}: {base_blocks * splits} thread blocks are more than one "
                              f"launch can have on the GPU")
+        acc_size = np.dtype(acc_dtype).itemsize
+        partial_row = -(-Dv * acc_size // 16) * 16 // acc_size  # rows of 16-byte vectors
+        fused = fuses_combine(splits, cfg, M, acc_size)
         if splits > 1:
-            out_partial = cupy.empty((B, Hk, splits, M, Dv), dtype=acc_dtype)
+            out_partial = cupy.empty((B, Hk, splits, M, partial_row), dtype=acc_dtype)
             lse_partial = cupy.empty((B, Hk, splits, M), dtype=acc_dtype)
+        counters = (split_counters(device_id, cupy.cuda.get_current_stream().ptr,
+                                   base_blocks) if fused else None)
         mul, shift = page_divisor(page["page_size"])
         q_st, out_st = _strides(q), _strides(out)
         params = _pack(DECODE_PARAMS, dict(
@@ -368,25 +464,28 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_tab
             out=out.data.ptr, lse=lse.data.ptr,
             out_partial=out_partial.data.ptr if splits > 1 else 0,
             lse_partial=lse_partial.data.ptr if splits > 1 else 0,
+            split_counters=counters.data.ptr if fused else 0,
             q_batch_stride=q_st[0], q_token_stride=q_st[1], q_head_stride=q_st[2],
             q_dim_stride=q_st[3], **cache_strides,
             out_batch_stride=out_st[0], out_token_stride=out_st[1], out_head_stride=out_st[2],
             B=B, Lq=Lq, H=H, Hk=Hk, G=G, M=M, D=D, Dv=Dv, L_new=L_new,
             page_size_mul=mul, page_size_shift=shift, **page,
-            num_splits=splits, row_chunks=row_chunks, partial_row=Dv, causal=int(causal),
+            num_splits=splits, row_chunks=row_chunks, partial_row=partial_row,
+            causal=int(causal),
             k_vectorized=int(_vectorized(k_cache)), v_vectorized=int(_vectorized(v_cache)),
             scale=scale, scale_log2=scale * math.log2(math.e)))
         kernel = _kernels.get_function(device_id, SOURCE, cfg.name_expression, arch,
                                        cfg.smem_bytes)
         kernel((base_blocks * splits,), (cfg.num_threads,), (params,), shared_mem=cfg.smem_bytes)
 
-        # -- 3. the merge of the splits
-        if splits > 1:
+        # -- 3. the merge of the splits, where the split kernel did not
+        if splits > 1 and not fused:
             params = _pack(COMBINE_PARAMS, dict(
                 out_partial=out_partial.data.ptr, lse_partial=lse_partial.data.ptr,
                 out=out.data.ptr, lse=lse.data.ptr, out_batch_stride=out_st[0],
                 out_token_stride=out_st[1], out_head_stride=out_st[2],
-                B=B, Lq=Lq, H=H, Hk=Hk, G=G, M=M, Dv=Dv, num_splits=splits, partial_row=Dv))
+                B=B, Lq=Lq, H=H, Hk=Hk, G=G, M=M, Dv=Dv, num_splits=splits,
+                partial_row=partial_row))
             combine = _kernels.get_function(device_id, SOURCE, cfg.combine_name, arch)
             combine((B * Hk * M,), (COMBINE_THREADS,), (params,))
         return out, lse

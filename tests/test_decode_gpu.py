@@ -393,3 +393,95 @@ def test_gpu_only_limits_raise_value_error():
     with pytest.raises(ValueError, match="^attention_decode: head dims up to 256 are "
                                          "supported on the GPU, got 300"):
         cupyflash.attention_decode(q, cache, cache, cupy.asarray([2], np.int32))
+
+
+# ----------------------------------------------------------------------------------------
+# the tensor-core kernel (fp16/bf16, several rows per kv head) and the fused merge
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("D, Dv", [(128, 128), (64, 64), (32, 32), (100, 75), (20, 64)])
+def test_tensor_core_kernel(dtype, D, Dv):
+    """flash_decode_mma: G * Lq from 2 to 33 rows (row chunks of 16 past 16; rows of one
+    chunk padded), lengths around its tiles (BLOCK_N = 4 * 2048 / HEAD_DIM keys), paged
+    and contiguous, causal, split counts from 1 to more than the tiles; fresh random
+    inputs, against the float64 reference."""
+    from cupyflash import _cupy_decode
+    assert _cupy_decode.decode_config(D, Dv, dtype, 90, 2).name_expression.startswith(
+        "cupyflash::flash_decode_mma")
+    rng = np.random.default_rng(D * 1000 + Dv)
+    seqlens = (0, 1, 63, 64, 65, 257, 1100)
+    for group, Lq, causal, paged, num_splits in [(4, 1, False, False, None),
+                                                 (2, 1, False, True, 7),
+                                                 (16, 1, False, False, 3),
+                                                 (8, 2, True, True, None),
+                                                 (11, 3, True, False, 1),
+                                                 (4, 1, False, True, 1000)]:
+        case = DecodeCase(dtype, seqlens, Lq=Lq, L_new=1, Hk=2, group=group, D=D, Dv=Dv,
+                          causal=causal, spare=5, block_size=16,
+                          seed=int(rng.integers(2**16)))
+        q, k_cache, v_cache, lens, k_new, v_new = case.inputs()
+        k_before, v_before = k_cache.copy(), v_cache.copy()
+        extra = {}
+        if paged:
+            k_cache, v_cache, table = to_paged(case, rng, k_cache, v_cache)
+            extra["block_table"] = table
+        out, lse, *_ = decode_both(q, k_cache, v_cache, lens, k_new=k_new, v_new=v_new,
+                                   causal=causal, num_splits=num_splits, **extra)
+        assert not np.isnan(out).any() and not np.isnan(lse).any()
+        check_decode(case, out, lse, q, k_before, v_before, k_new, v_new)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_tensor_core_kernel_with_one_row(dtype, monkeypatch):
+    """MMA_ONE_ROW (what benchmarks/decode.py compares): one query row per kv head, 15
+    zero rows of padding, on the tensor-core kernel."""
+    from cupyflash import _cupy_decode
+    monkeypatch.setattr(_cupy_decode, "MMA_ONE_ROW", True)
+    assert _cupy_decode.decode_config(128, 128, dtype, 90, 1).rows == 16
+    case = DecodeCase(dtype, (0, 5, 64, 2000), L_new=1, Hk=3, D=128, Dv=128, spare=4,
+                      block_size=16, seed=3)
+    q, k_cache, v_cache, lens, k_new, v_new = case.inputs()
+    for num_splits in (None, 1, 5):
+        out, lse, *_ = decode_both(q, k_cache, v_cache, lens, k_new=k_new, v_new=v_new,
+                                   num_splits=num_splits)
+        check_decode(case, out, lse, q, k_cache, v_cache, k_new, v_new)
+
+
+@pytest.mark.parametrize("dtype, group, Lq", [("float16", 1, 1), ("bfloat16", 4, 1),
+                                              ("float16", 5, 4), ("float32", 1, 1),
+                                              ("float32", 8, 1), ("float64", 4, 1)])
+def test_fused_merge_matches_the_combine_kernel(dtype, group, Lq, monkeypatch):
+    """The split kernel's own merge (the last block of each kv head) and the separate
+    flash_decode_combine both meet the accuracy rule and agree; the split counters are
+    all zero again after every call, on the default stream and on another."""
+    from cupyflash import _cupy_decode
+    cupy = _cupy()
+    rng = np.random.default_rng(group * 10 + Lq)
+    seqlens = np.array([3000, 0, 700, 64], dtype=np.int32)
+    B, Hk, D = len(seqlens), 2, 128
+    q = rng.standard_normal((B, Lq, Hk * group, D)).astype(DTYPES[dtype])
+    k_cache = rng.standard_normal((B, 3001, Hk, D)).astype(DTYPES[dtype])
+    v_cache = rng.standard_normal((B, 3001, Hk, D)).astype(DTYPES[dtype])
+    keys = logical_keys(k_cache, seqlens, None)
+    values = logical_keys(v_cache, seqlens, None)
+    tol = {"float16": 2e-3, "bfloat16": 2e-2, "float32": 1e-5, "float64": 1e-12}[dtype]
+    for num_splits in (None, 2, 9, 64):
+        results = []
+        for fuse in (True, False):
+            monkeypatch.setattr(_cupy_decode, "FUSE_COMBINE", fuse)
+            out, lse, *_ = decode_both(q, k_cache, v_cache, seqlens, num_splits=num_splits)
+            check_sequences(out, lse, q, keys, values, Hk=Hk, causal=False, scale=None)
+            results.append((out.astype(np.float64), lse))
+        np.testing.assert_allclose(results[0][0], results[1][0], rtol=tol, atol=tol)
+        np.testing.assert_allclose(results[0][1], results[1][1], rtol=tol, atol=tol)
+    monkeypatch.setattr(_cupy_decode, "FUSE_COMBINE", True)
+    gq, gk, gv, gs = to_gpu(q, k_cache, v_cache, seqlens)
+    with cupy.cuda.Stream(non_blocking=True) as stream:
+        other = cupyflash.attention_decode(gq, gk, gv, gs, num_splits=9)
+        stream.synchronize()
+    same = cupyflash.attention_decode(gq, gk, gv, gs, num_splits=9)
+    cupy.cuda.Device().synchronize()
+    assert other.get().tobytes() == same.get().tobytes()
+    for buf in _cupy_decode._SPLIT_COUNTERS.values():
+        assert not buf.get().any(), "split counters left non-zero"

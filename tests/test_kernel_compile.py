@@ -353,9 +353,17 @@ def test_decode_configs_match_the_kernel_traits():
             for M in (1, 2, 4, 5, 8, 9, 64):
                 cfg = _cupy_decode.decode_config(head_dim - 3, head_dim, dtype, 90, M)
                 assert cfg.head_dim == head_dim
-                assert cfg.name_expression == (f"cupyflash::flash_decode<{ctype}, {head_dim}, "
-                                               f"{cfg.rows}>")
-                tr = f"cupyflash::DecodeTraits<{ctype}, {head_dim}, {cfg.rows}>"
+                if _cupy_decode.uses_mma(dtype, head_dim, M):
+                    assert cfg.name_expression == (f"cupyflash::flash_decode_mma<{ctype}, "
+                                                   f"{head_dim}>")
+                    assert cfg.traits == f"cupyflash::DecodeMmaTraits<{ctype}, {head_dim}>"
+                else:
+                    assert cfg.name_expression == (f"cupyflash::flash_decode<{ctype}, "
+                                                   f"{head_dim}, {cfg.rows}>")
+                    assert cfg.traits == (f"cupyflash::DecodeTraits<{ctype}, {head_dim}, "
+                                          f"{cfg.rows}>")
+                tr = cfg.traits
+                asserts.append(f'static_assert({tr}::BLOCK_ROWS == {cfg.rows}, "{cfg.name_expression}");')
                 for what, value in (("BLOCK_N", cfg.block_n), ("NUM_THREADS", cfg.num_threads),
                                     ("SMEM_BYTES", cfg.smem_bytes),
                                     ("INFLIGHT_BYTES", cfg.inflight_bytes)):
@@ -391,7 +399,13 @@ def test_decode_config_pads_the_head_dim_and_chooses_rows():
     assert (cfg.head_dim, cfg.rows) == (64, 1)
     assert _cupy_decode.decode_config(64, 65, "float32", 90, 3).name_expression == (
         "cupyflash::flash_decode<float, 128, 4>")
-    assert _cupy_decode.decode_config(128, 128, "bfloat16", 90, 32).rows == 8
+    assert _cupy_decode.decode_config(128, 128, "bfloat16", 90, 32).rows == 16  # tensor cores
+    assert _cupy_decode.decode_config(128, 128, "bfloat16", 90, 1).rows == 1
+    assert _cupy_decode.decode_config(256, 256, "float16", 90, 4).name_expression == (
+        "cupyflash::flash_decode<__half, 256, 4>")
+    assert _cupy_decode.decode_config(100, 100, "float16", 90, 2).name_expression == (
+        "cupyflash::flash_decode_mma<__half, 128>")
+    assert _cupy_decode.decode_config(128, 128, "float32", 90, 32).rows == 8
     assert _cupy_decode.decode_config(256, 256, "float64", 90, 32).rows == 4
     with pytest.raises(ValueError, match="^attention_decode: head dims up to 256"):
         _cupy_decode.decode_config(257, 64, "float32", 90, 1)

@@ -26,7 +26,13 @@
 //   end:   each warp holds (m_i, l_i, acc) of its keys; the warps merge through shared
 //          memory, and the block writes either the final out (input dtype) and lse when
 //          there is one split, or its split's normalised partial out and lse in the
-//          accumulator type, which flash_decode_combine merges exactly through the lse.
+//          accumulator type; the last split block of a kv head to finish merges the splits
+//          exactly through the lse (combine_splits; flash_decode_combine, a second launch,
+//          where that merge does not fit the block's shared memory).
+//
+// fp16/bf16 with several query rows per kv head go to flash_decode_mma (below), which
+// does the same on tensor cores; this SIMT kernel keeps one row (where it reads at the
+// copy's bandwidth), fp32, fp64 and HEAD_DIM = 256.
 //
 // Bytes in flight: a tile is STAGE_VECS 16-byte vectors per lane (K and V); STAGES - 1
 // tiles are in flight per warp, 24 KiB per block of 4 warps for every type and head dim
@@ -64,6 +70,8 @@ struct DecodeParams {
     void* lse;                  // (B, H, Lq) Acc, contiguous, written when num_splits == 1
     void* out_partial;          // (B, Hk, num_splits, M, partial_row) Acc, num_splits > 1
     void* lse_partial;          // (B, Hk, num_splits, M) Acc, num_splits > 1
+    int* split_counters;        // (B, Hk, row_chunks), zeros: the splits that have finished;
+                                // null: flash_decode_combine merges the splits instead
     long long q_batch_stride, q_token_stride, q_head_stride, q_dim_stride;
     long long k_page_stride, k_token_stride, k_head_stride, k_dim_stride;
     long long v_page_stride, v_token_stride, v_head_stride, v_dim_stride;
@@ -74,7 +82,8 @@ struct DecodeParams {
     long long L_new;            // keys appended: batch element b attends cache_seqlens[b] + L_new
     long long page_size;        // tokens per page; 0 for a contiguous cache
     long long page_size_mul, page_size_shift;  // t / page_size = umulhi(t, mul) >> shift
-    long long num_splits, row_chunks, partial_row;
+    long long num_splits, row_chunks;
+    long long partial_row;      // >= Dv, a multiple of 16 bytes: partial rows are vectors
     long long causal;           // bottom-right aligned: row i sees key t iff t <= i + n_b - Lq
     long long k_vectorized, v_vectorized;  // 1: rows are 16-byte aligned, last dim contiguous
     double scale, scale_log2;
@@ -150,6 +159,7 @@ template <> struct DecodeMath<double> {
 template <typename T, int HEAD_DIM, int ROWS>
 struct DecodeTraits {
     using Acc = typename DecodeMath<T>::Acc;
+    static constexpr int BLOCK_ROWS = ROWS;          // query rows per block
     static constexpr int NUM_WARPS = 4;
     static constexpr int NUM_THREADS = 32 * NUM_WARPS;
     // Two blocks per SM keep 2 x 24 KiB in flight, what choose_num_splits counts on; it
@@ -281,6 +291,215 @@ __device__ __forceinline__ void copy_vec(unsigned slot, const T* row, long long 
             sts(slot + e * int(sizeof(T)),
                 valid && c0 + e < n_cols ? row[(c0 + e) * dim_stride] : T(0.0f));
     }
+}
+
+}  // namespace decode
+
+namespace decode {
+
+// 16 bytes of accumulators, for the partial rows' loads.
+template <typename Acc> struct AccVec16 { using type = float4; };
+template <> struct AccVec16<double> { using type = double2; };
+
+// The merge of the splits, by the block of the last split to finish: rows row0 ..
+// row0 + R - 1 of kv head hk of batch element b, as flash_decode_combine merges them
+//
+//     out = sum_s w_s out_s,   w_s = exp(lse_s - lse),   lse = m + log(sum_s exp(lse_s - m)),
+//
+// m = max_s lse_s (a split that saw no key has lse_s = -inf and w_s = 0; every split -inf
+// gives zeros and lse = -inf), in a fixed order whichever block runs it: reproducible.
+// Shared memory: w (S, R) Acc, then the groups' sums (at most NUM_THREADS 16-byte
+// vectors); the launcher fuses the merge only where they fit in the kernel's SMEM_BYTES.
+template <typename T, int NUM_WARPS>
+__device__ __forceinline__ void combine_splits(const DecodeParams& p, unsigned char* smem_raw,
+                                               long long b, int hk, int row0, int R) {
+    using Math = DecodeMath<T>;
+    using Acc = typename Math::Acc;
+    using Vec = typename AccVec16<Acc>::type;
+    constexpr int NUM_THREADS = 32 * NUM_WARPS;
+    constexpr int PER_VEC = 16 / int(sizeof(Acc));        // Acc per 16-byte vector
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int S = static_cast<int>(p.num_splits), M = static_cast<int>(p.M);
+    const int G = static_cast<int>(p.G);
+    const long long bhk = b * p.Hk + hk;
+    const Acc* lse_part = static_cast<const Acc*>(p.lse_partial) + bhk * S * M + row0;  // (S, M)
+    Acc* w_s = reinterpret_cast<Acc*>(smem_raw);          // (S, R)
+
+    // -- per row (a warp each): m, the weights exp(lse_s - m) / l, and the final lse
+    for (int r = warp; r < R; r += NUM_WARPS) {
+        Acc m = -INFINITY;
+#pragma unroll 4
+        for (int s = lane; s < S; s += 32) {
+            const Acc x = __ldcg(lse_part + s * M + r);  // L2: written by other blocks
+            w_s[s * R + r] = x;
+            m = fmax(m, x);
+        }
+#pragma unroll
+        for (int mask = 1; mask < 32; mask *= 2) m = fmax(m, __shfl_xor_sync(0xffffffffu, m, mask));
+        const Acc m_safe = m == -INFINITY ? Acc(0) : m;
+        Acc l = Acc(0);
+        for (int s = lane; s < S; s += 32) {
+            const Acc e = Math::exp_natural(w_s[s * R + r] - m_safe);  // 0 for lse_s = -inf
+            w_s[s * R + r] = e;
+            l += e;
+        }
+#pragma unroll
+        for (int mask = 1; mask < 32; mask *= 2) l += __shfl_xor_sync(0xffffffffu, l, mask);
+        const Acc inv_l = Math::inverse(l);
+        for (int s = lane; s < S; s += 32) w_s[s * R + r] *= inv_l;
+        if (lane == 0) {
+            const int row = row0 + r, i = row / G, h = hk * G + row % G;
+            static_cast<Acc*>(p.lse)[(b * p.H + h) * p.Lq + i] =
+                l == Acc(0) ? Acc(-INFINITY) : m_safe + Math::log_natural(l);
+        }
+    }
+    // every row's weights are in shared memory
+    __syncthreads();
+
+    // -- out: n_out 16-byte vectors (R rows of row_vecs); thread (group, o) sums vector o
+    // over the splits s = group, group + groups, ... (8 loads in flight), then group 0 adds
+    // the groups' sums in group order
+    const int row_vecs = static_cast<int>(p.partial_row) / PER_VEC;
+    const int n_out = R * row_vecs;
+    if (n_out == 0) return;  // Dv = 0: only the lse
+    const int groups = n_out >= NUM_THREADS ? 1 : NUM_THREADS / n_out;
+    const int group = groups == 1 ? 0 : tid / n_out;         // >= groups: a spare thread
+    const int o_first = groups == 1 ? tid : tid % n_out;
+    const int o_step = groups == 1 ? NUM_THREADS : n_out;    // groups > 1: one vector each
+    const Vec* out_part = reinterpret_cast<const Vec*>(p.out_partial)
+                          + (bhk * S * M + row0) * row_vecs;   // (S, M, row_vecs)
+    Acc* sums_s = w_s + S * R;                                // (groups, n_out, PER_VEC)
+    const int Dv = static_cast<int>(p.Dv);
+    for (int o = o_first; o < n_out && group < groups; o += o_step) {
+        const int r = o / row_vecs, cv = o % row_vecs;
+        Acc acc[PER_VEC];
+#pragma unroll
+        for (int e = 0; e < PER_VEC; ++e) acc[e] = Acc(0);
+#pragma unroll 8
+        for (int s = group; s < S; s += groups) {
+            const Acc w = w_s[s * R + r];
+            const Vec x = __ldcg(out_part + (static_cast<long long>(s) * M + r) * row_vecs + cv);
+            const Acc* xe = reinterpret_cast<const Acc*>(&x);
+#pragma unroll
+            for (int e = 0; e < PER_VEC; ++e) acc[e] += w * xe[e];
+        }
+        if (groups > 1) {
+#pragma unroll
+            for (int e = 0; e < PER_VEC; ++e) sums_s[(group * n_out + o) * PER_VEC + e] = acc[e];
+        } else {
+            const int row = row0 + r, i = row / G, h = hk * G + row % G;
+            T* out = static_cast<T*>(p.out) + b * p.out_batch_stride + i * p.out_token_stride
+                     + h * p.out_head_stride;
+#pragma unroll
+            for (int e = 0; e < PER_VEC; ++e)
+                if (cv * PER_VEC + e < Dv) out[cv * PER_VEC + e] = Math::from_acc(acc[e]);
+        }
+    }
+    if (groups == 1) return;
+    // every group's sums are in shared memory
+    __syncthreads();
+    for (int o = tid; o < n_out; o += NUM_THREADS) {
+        const int r = o / row_vecs, cv = o % row_vecs;
+        const int row = row0 + r, i = row / G, h = hk * G + row % G;
+        T* out = static_cast<T*>(p.out) + b * p.out_batch_stride + i * p.out_token_stride
+                 + h * p.out_head_stride;
+#pragma unroll
+        for (int e = 0; e < PER_VEC; ++e) {
+            Acc total = Acc(0);
+            for (int gi = 0; gi < groups; ++gi) total += sums_s[(gi * n_out + o) * PER_VEC + e];
+            if (cv * PER_VEC + e < Dv) out[cv * PER_VEC + e] = Math::from_acc(total);
+        }
+    }
+}
+
+// The warps' merge and the block's results. On entry warp w's (m_i, l_i, acc) over its keys
+// are in shared memory, acc (NUM_WARPS, ROWS, HEAD_DIM), then m and l (NUM_WARPS, ROWS), and
+// a barrier has made them visible; rows past M are ignored. The block writes its rows'
+// final out and lse (one split) or its split's normalised partial out and lse.
+template <typename T, int HEAD_DIM, int ROWS, int NUM_WARPS>
+__device__ __forceinline__ void merge_warps_and_store(const DecodeParams& p,
+                                                      unsigned char* smem_raw, long long b,
+                                                      int hk, int split, int rc) {
+    using Math = DecodeMath<T>;
+    using Acc = typename Math::Acc;
+    constexpr int NUM_THREADS = 32 * NUM_WARPS;
+    const int tid = threadIdx.x;
+    const int G = static_cast<int>(p.G), M = static_cast<int>(p.M);
+    Acc* acc_s = reinterpret_cast<Acc*>(smem_raw);                    // (NUM_WARPS, ROWS, HEAD_DIM)
+    Acc* m_s = acc_s + NUM_WARPS * ROWS * HEAD_DIM;                    // (NUM_WARPS, ROWS)
+    Acc* l_s = m_s + NUM_WARPS * ROWS;                                 // (NUM_WARPS, ROWS)
+    Acc* w_s = l_s + NUM_WARPS * ROWS;                                 // (ROWS, NUM_WARPS + 1)
+
+    // per row: M = max_w m_w, weight_w = exp(m_w - M) / l, l = sum_w l_w exp(m_w - M); the
+    // weights of a row that saw no key are 0 (zeros out, lse -inf)
+    const bool one_split = p.num_splits == 1;
+    Acc* lse_out = static_cast<Acc*>(one_split ? p.lse : p.lse_partial);
+    if (tid < ROWS) {
+        const int r = tid;
+        Acc m = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < NUM_WARPS; ++w) m = fmax(m, m_s[w * ROWS + r]);
+        const Acc m_safe = safe_max(m);
+        Acc l = Acc(0);
+        Acc e_w[NUM_WARPS];
+#pragma unroll
+        for (int w = 0; w < NUM_WARPS; ++w) {
+            e_w[w] = Math::exp(m_s[w * ROWS + r] - m_safe);
+            l += l_s[w * ROWS + r] * e_w[w];
+        }
+        const Acc inv_l = Math::inverse(l);
+#pragma unroll
+        for (int w = 0; w < NUM_WARPS; ++w) w_s[r * (NUM_WARPS + 1) + w] = e_w[w] * inv_l;
+        const int row = rc * ROWS + r;
+        if (row < M) {
+            const Acc lse = l == Acc(0) ? Acc(-INFINITY) : Math::lse(m_safe, l);
+            const int i = row / G, h = hk * G + row % G;
+            if (one_split)
+                lse_out[(b * p.H + h) * p.Lq + i] = lse;
+            else
+                lse_out[((b * p.Hk + hk) * p.num_splits + split) * p.M + row] = lse;
+        }
+    }
+    // the weights are in shared memory
+    __syncthreads();
+
+    // -- out = sum_w acc_w * weight_w: final (T) with one split, else this split's partial
+    const int dv = static_cast<int>(p.Dv);
+    for (int idx = tid; idx < ROWS * dv; idx += NUM_THREADS) {
+        const int r = idx / dv, c = idx % dv;
+        const int row = rc * ROWS + r;
+        if (row >= M) break;  // rows grow with idx: the rest are past M too
+        Acc o = Acc(0);
+#pragma unroll
+        for (int w = 0; w < NUM_WARPS; ++w)
+            o += acc_s[(w * ROWS + r) * HEAD_DIM + c] * w_s[r * (NUM_WARPS + 1) + w];
+        if (one_split) {
+            const int i = row / G, h = hk * G + row % G;
+            static_cast<T*>(p.out)[b * p.out_batch_stride + i * p.out_token_stride
+                                   + h * p.out_head_stride + c] = Math::from_acc(o);
+        } else {
+            static_cast<Acc*>(p.out_partial)[(((b * p.Hk + hk) * p.num_splits + split) * p.M + row)
+                                             * p.partial_row + c] = o;
+        }
+    }
+    if (one_split || p.split_counters == nullptr) return;
+
+    // -- the last split of (b, hk, rc) to finish merges them all (no second launch)
+    __shared__ int is_last;
+    __threadfence();  // this thread's partial stores reach L2 before ...
+    // ... thread 0 counts the block as arrived, after every thread's stores and fences
+    __syncthreads();
+    if (tid == 0) {
+        int* counter = p.split_counters + (b * p.Hk + hk) * p.row_chunks + rc;
+        const int arrived = atomicAdd(counter, 1);
+        is_last = arrived == static_cast<int>(p.num_splits) - 1;
+        if (is_last) *counter = 0;  // every split has arrived: zero for the next launch
+    }
+    // is_last is set; the merge's shared memory (acc_s, w_s) is read by no one any more
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();  // the other splits' partials are read after their arrivals
+    combine_splits<T, NUM_WARPS>(p, smem_raw, b, hk, rc * ROWS, min(ROWS, M - rc * ROWS));
 }
 
 }  // namespace decode
@@ -578,58 +797,426 @@ flash_decode(const DecodeParams p) {
     // every warp's (m, l, acc) is in shared memory
     __syncthreads();
 
-    // per row: M = max_w m_w, weight_w = exp(m_w - M) / l, l = sum_w l_w exp(m_w - M); the
-    // weights of a row that saw no key are 0 (zeros out, lse -inf)
-    const bool one_split = p.num_splits == 1;
-    Acc* lse_out = static_cast<Acc*>(one_split ? p.lse : p.lse_partial);
-    if (tid < ROWS) {
-        const int r = tid;
-        Acc m = -INFINITY;
-#pragma unroll
-        for (int w = 0; w < NUM_WARPS; ++w) m = fmax(m, m_s[w * ROWS + r]);
-        const Acc m_safe = safe_max(m);
-        Acc l = Acc(0);
-        Acc e_w[NUM_WARPS];
-#pragma unroll
-        for (int w = 0; w < NUM_WARPS; ++w) {
-            e_w[w] = Math::exp(m_s[w * ROWS + r] - m_safe);
-            l += l_s[w * ROWS + r] * e_w[w];
-        }
-        const Acc inv_l = Math::inverse(l);
-#pragma unroll
-        for (int w = 0; w < NUM_WARPS; ++w) w_s[r * (NUM_WARPS + 1) + w] = e_w[w] * inv_l;
-        const int row = rc * ROWS + r;
-        if (row < M) {
-            const Acc lse = l == Acc(0) ? Acc(-INFINITY) : Math::lse(m_safe, l);
-            const int i = row / G, h = hk * G + row % G;
-            if (one_split)
-                lse_out[(b * p.H + h) * p.Lq + i] = lse;
-            else
-                lse_out[((b * p.Hk + hk) * p.num_splits + split) * p.M + row] = lse;
-        }
-    }
-    // the weights are in shared memory
-    __syncthreads();
+    decode::merge_warps_and_store<T, HEAD_DIM, ROWS, NUM_WARPS>(p, smem_raw, b, hk, split, rc);
+}
 
-    // -- out = sum_w acc_w * weight_w: final (T) with one split, else this split's partial
-    const int dv = static_cast<int>(p.Dv);
-    for (int idx = tid; idx < ROWS * dv; idx += NUM_THREADS) {
-        const int r = idx / dv, c = idx % dv;
-        const int row = rc * ROWS + r;
-        if (row >= M) break;  // rows grow with idx: the rest are past M too
-        Acc o = Acc(0);
+// ----------------------------------------------------------------------------------------
+// The tensor-core split kernel: fp16/bf16, 2..16 query rows per kv head (grouped-query
+// heads, several new tokens).
+//
+// The SIMT kernel does ROWS multiply-adds per K and V element on the CUDA cores, so its
+// time per key grows with G * Lq (ROWS = 4: ~480 instructions per warp and 2 KiB, about
+// what an SM can issue while HBM delivers them; measured 0.6 of the copy's bandwidth at
+// G = 4, against 1.0 at G = 1). Here a block's query rows are one m16 tile, padded with
+// zero rows, and both products run on mma.sync m16n8k16 with fp32 accumulators:
+//
+//     S (16, WARP_N)   = Q (16, HEAD_DIM) K^T            Q in registers, K by ldmatrix
+//     P~               = exp2(S * scale_log2 - m_new)    rows g and g + 8 of each lane
+//     acc (16, HEAD_DIM) = alpha * acc + P~ V           P~ rounded to T, V by ldmatrix.trans
+//
+// so a key costs the same for 1 or 16 rows: per warp and WARP_N keys (8 KiB of K and V),
+// 2 * HEAD_DIM / 8 * WARP_N / 16 mma (32 at d = 128), 2 * WARP_N * HEAD_DIM / 256 ldmatrix.x4,
+// and ~60 softmax instructions, against ~1900 for the SIMT loop at ROWS = 4.
+//
+//   grid:  as the SIMT kernel's (row chunks of 16 rows)
+//   block: NUM_WARPS = 4 warps, each with a pipeline of its own: tile j of the block is
+//          BLOCK_N keys, warp w's WARP_N of them at j * BLOCK_N + w * WARP_N; its lanes copy
+//          them global -> shared (16-byte cp.async, rows XOR-swizzled so that ldmatrix is
+//          free of bank conflicts) STAGES tiles deep, one commit group per tile. A warp
+//          reads only its own stages: cp.async.wait_group then __syncwarp orders copy and
+//          use, with no block barrier inside the loop.
+//   end:   the warps' (m_i, l_i, acc) merge as the SIMT kernel's (merge_warps_and_store).
+// ----------------------------------------------------------------------------------------
+template <typename T, int HEAD_DIM>
+struct DecodeMmaTraits {
+    using Acc = float;
+    static constexpr int ROWS = 16;                  // query rows per block: one m16 tile
+    static constexpr int BLOCK_ROWS = ROWS;
+    static constexpr int NUM_WARPS = 4;
+    static constexpr int NUM_THREADS = 32 * NUM_WARPS;
+    static constexpr int MIN_BLOCKS = 2;             // 2 x 96 KiB of shared memory on an H100
+    static constexpr int VEC = 8;                    // elements per 16-byte vector
+    static constexpr int D_VECS = HEAD_DIM / VEC;    // vectors per row
+    // Keys per warp and tile: 8 KiB of K and V per warp and stage for every head dim
+    static constexpr int WARP_N = 2048 / HEAD_DIM;
+    static constexpr int BLOCK_N = NUM_WARPS * WARP_N;
+    static constexpr int S_N_TILES = WARP_N / 8;     // n8 tiles of S
+    static constexpr int QK_K_STEPS = HEAD_DIM / 16; // k16 steps of Q K^T
+    static constexpr int PV_K_STEPS = WARP_N / 16;   // k16 steps of P V
+    static constexpr int O_N_TILES = HEAD_DIM / 8;   // n8 tiles of acc
+    static constexpr int TILE_VECS = WARP_N * D_VECS;  // vectors of K (or V) per warp tile
+    static constexpr int LANE_VECS = TILE_VECS / 32;             // of them per lane
+    static constexpr int STAGES = 3;
+    static constexpr int WARP_STAGE_BYTES = 2 * TILE_VECS * 16;  // K, then V
+    static constexpr int PIPE_BYTES = STAGES * NUM_WARPS * WARP_STAGE_BYTES;
+    static constexpr int INFLIGHT_BYTES = (STAGES - 1) * NUM_WARPS * WARP_STAGE_BYTES;
+    static constexpr int MERGE_BYTES =
+        (NUM_WARPS * ROWS * HEAD_DIM + 2 * NUM_WARPS * ROWS + ROWS * (NUM_WARPS + 1)) * 4;
+    static constexpr int SMEM_BYTES = PIPE_BYTES > MERGE_BYTES ? PIPE_BYTES : MERGE_BYTES;
+    // The XOR swizzle: the 8 rows one ldmatrix phase reads (same logical vector column)
+    // land in 8 different 16-byte bank groups. Rows of 8 or more vectors XOR the column
+    // with row % 8; rows of 4 vectors (two per 128 bytes) with (row / 2) % 4.
+    static constexpr int SWIZZLE_ROWS = D_VECS >= 8 ? 1 : 8 / D_VECS;  // rows per swizzle step
+    static constexpr int SWIZZLE_MASK = (D_VECS >= 8 ? 8 : D_VECS) - 1;
+
+    static_assert(sizeof(T) == 2, "fp16 or bf16");
+    static_assert(HEAD_DIM == 32 || HEAD_DIM == 64 || HEAD_DIM == 128,
+                  "the tensor-core kernel takes HEAD_DIM 32, 64 or 128");
+    static_assert(WARP_N % 16 == 0 && TILE_VECS % 32 == 0 && 32 % D_VECS == 0, "tile shape");
+    static_assert(O_N_TILES % 2 == 0 && S_N_TILES % 2 == 0, "ldmatrix.x4 loads n-tile pairs");
+    static_assert(SMEM_BYTES <= 99 * 1024, "must fit the smallest opt-in shared memory (sm_86)");
+};
+
+namespace decode {
+
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], unsigned addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], unsigned addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+
+// d += a b for one m16n8k16 tile: a row-major (4 registers), b column-major (2), fp32 d.
+__device__ __forceinline__ void mma_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0,
+                                          unsigned b1, __half) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, "
+                 "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void mma_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0,
+                                          unsigned b1, __nv_bfloat16) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
+                 "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two T in one register, x in the low half.
+__device__ __forceinline__ unsigned pack2(__half x, __half y) {
+    return static_cast<unsigned>(__half_as_ushort(x))
+           | (static_cast<unsigned>(__half_as_ushort(y)) << 16);
+}
+__device__ __forceinline__ unsigned pack2(__nv_bfloat16 x, __nv_bfloat16 y) {
+    return static_cast<unsigned>(__bfloat16_as_ushort(x))
+           | (static_cast<unsigned>(__bfloat16_as_ushort(y)) << 16);
+}
+__device__ __forceinline__ unsigned pack2_rn(float x, float y, __half) {
+    return pack2(__float2half_rn(x), __float2half_rn(y));
+}
+__device__ __forceinline__ unsigned pack2_rn(float x, float y, __nv_bfloat16) {
+    return pack2(__float2bfloat16_rn(x), __float2bfloat16_rn(y));
+}
+
+// 2^x on the special-function unit (2^-inf = 0); P~ is rounded to T right after.
+__device__ __forceinline__ float exp2_approx(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+}  // namespace decode
+
+template <typename T, int HEAD_DIM>
+__global__ void __launch_bounds__(DecodeMmaTraits<T, HEAD_DIM>::NUM_THREADS,
+                                  DecodeMmaTraits<T, HEAD_DIM>::MIN_BLOCKS)
+flash_decode_mma(const DecodeParams p) {
+    using Tr = DecodeMmaTraits<T, HEAD_DIM>;
+    constexpr int ROWS = Tr::ROWS, NUM_WARPS = Tr::NUM_WARPS, NUM_THREADS = Tr::NUM_THREADS;
+    constexpr int VEC = Tr::VEC, D_VECS = Tr::D_VECS, WARP_N = Tr::WARP_N;
+    constexpr int BLOCK_N = Tr::BLOCK_N, STAGES = Tr::STAGES, LANE_VECS = Tr::LANE_VECS;
+    constexpr int S_N_TILES = Tr::S_N_TILES, O_N_TILES = Tr::O_N_TILES;
+    constexpr int QK_K_STEPS = Tr::QK_K_STEPS, PV_K_STEPS = Tr::PV_K_STEPS;
+    constexpr int TILE_BYTES = Tr::TILE_VECS * 16;   // K (or V) of one warp tile
+
+    unsigned dynamic_smem;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dynamic_smem));
+    if (dynamic_smem < static_cast<unsigned>(Tr::SMEM_BYTES) || blockDim.x != NUM_THREADS)
+        __trap();
+
+    // -- which block: (b, hk, split, row chunk), as the SIMT kernel's
+    const int G = static_cast<int>(p.G), M = static_cast<int>(p.M);
+    unsigned id = blockIdx.x;
+    const int rc = static_cast<int>(id % static_cast<unsigned>(p.row_chunks));
+    id /= static_cast<unsigned>(p.row_chunks);
+    const int split = static_cast<int>(id % static_cast<unsigned>(p.num_splits));
+    id /= static_cast<unsigned>(p.num_splits);
+    const int hk = static_cast<int>(id % static_cast<unsigned>(p.Hk));
+    const long long b = id / static_cast<unsigned>(p.Hk);
+    if (b >= p.B) return;
+
+    const int tid = threadIdx.x;
+    const int warp = tid / 32;
+    const int lane = tid % 32;
+
+    // -- this split's keys, in whole tiles of BLOCK_N
+    const int n = p.cache_seqlens[b] + static_cast<int>(p.L_new);
+    const int n_tiles = (n + BLOCK_N - 1) / BLOCK_N;
+    const int num_splits = static_cast<int>(p.num_splits);
+    const int tiles_per_split = (n_tiles + num_splits - 1) / num_splits;
+    const int k_begin = split * tiles_per_split * BLOCK_N;
+    const int k_end = min(k_begin + tiles_per_split * BLOCK_N, n);
+    const int num_tiles = k_end > k_begin ? (k_end - k_begin + BLOCK_N - 1) / BLOCK_N : 0;
+
+    // -- a lane's copies: vector i of its warp tile is (key i * 32 / D_VECS + lane / D_VECS,
+    // column vector lane % D_VECS): the same column in every key, 32 / D_VECS keys per
+    // instruction, each row read whole by consecutive lanes
+    const bool paged = p.page_size > 0;
+    const int* table_row = paged ? p.block_table + b * p.table_stride : nullptr;
+    const T* k_base = static_cast<const T*>(p.k) + hk * p.k_head_stride
+                      + (paged ? 0 : b * p.k_page_stride);
+    const T* v_base = static_cast<const T*>(p.v) + hk * p.v_head_stride
+                      + (paged ? 0 : b * p.v_page_stride);
+    const bool k_vec = p.k_vectorized != 0, v_vec = p.v_vectorized != 0;
+    const int D = static_cast<int>(p.D), Dv = static_cast<int>(p.Dv);
+    const int copy_col = lane % D_VECS;                      // this lane's column vector
+    const int copy_key = lane / D_VECS;                      // its key in each group
+    constexpr int KEYS_PER_COPY = 32 / D_VECS;               // keys per copy instruction
+    const int k_bytes = max(0, min(D - copy_col * VEC, VEC)) * 2;  // 0: zero-filled
+    const int v_bytes = max(0, min(Dv - copy_col * VEC, VEC)) * 2;
+
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    // (NUM_WARPS, STAGES, K then V, WARP_N keys, D_VECS swizzled vectors): this warp's part
+    const unsigned warp_pipe = static_cast<unsigned>(__cvta_generic_to_shared(smem_raw))
+                               + warp * STAGES * Tr::WARP_STAGE_BYTES;
+    auto swizzled = [](int key, int col) {                   // byte offset in a K or V tile
+        return (key * D_VECS + (col ^ ((key / Tr::SWIZZLE_ROWS) & Tr::SWIZZLE_MASK))) * 16;
+    };
+
+    // A contiguous cache of 16-byte rows (the common case) takes a short path: one
+    // address per lane and tile, a constant step per key, no branch per vector.
+    const bool direct = !paged && k_vec && v_vec;
+    const long long k_step = KEYS_PER_COPY * p.k_token_stride;
+    const long long v_step = KEYS_PER_COPY * p.v_token_stride;
+
+    // Start copying this warp's part of tile j into stage j % STAGES.
+    auto load_tile = [&](int j) {
+        if (j < num_tiles && direct) {
+            const unsigned stage = warp_pipe + (j % STAGES) * Tr::WARP_STAGE_BYTES;
+            const int t0 = k_begin + j * BLOCK_N + warp * WARP_N + copy_key;  // key i = 0
+            const T* k_row = k_base + static_cast<long long>(t0) * p.k_token_stride
+                             + copy_col * VEC;
+            const T* v_row = v_base + static_cast<long long>(t0) * p.v_token_stride
+                             + copy_col * VEC;
 #pragma unroll
-        for (int w = 0; w < NUM_WARPS; ++w)
-            o += acc_s[(w * ROWS + r) * HEAD_DIM + c] * w_s[r * (NUM_WARPS + 1) + w];
-        if (one_split) {
-            const int i = row / G, h = hk * G + row % G;
-            static_cast<T*>(p.out)[b * p.out_batch_stride + i * p.out_token_stride
-                                   + h * p.out_head_stride + c] = Math::from_acc(o);
-        } else {
-            static_cast<Acc*>(p.out_partial)[(((b * p.Hk + hk) * p.num_splits + split) * p.M + row)
-                                             * p.partial_row + c] = o;
+            for (int i = 0; i < LANE_VECS; ++i) {  // (no address past a row is formed)
+                const bool valid = t0 + i * KEYS_PER_COPY < k_end;
+                const bool k_valid = valid && k_bytes > 0, v_valid = valid && v_bytes > 0;
+                const unsigned dst = stage + swizzled(i * KEYS_PER_COPY + copy_key, copy_col);
+                decode::cp_async_16(dst, k_valid ? k_row + i * k_step : p.k,
+                                    k_valid ? k_bytes : 0);
+                decode::cp_async_16(dst + TILE_BYTES, v_valid ? v_row + i * v_step : p.v,
+                                    v_valid ? v_bytes : 0);
+            }
+        } else if (j < num_tiles) {  // paged, or rows copied element by element
+            const unsigned stage = warp_pipe + (j % STAGES) * Tr::WARP_STAGE_BYTES;
+            const int t_first = k_begin + j * BLOCK_N + warp * WARP_N;
+#pragma unroll
+            for (int i = 0; i < LANE_VECS; ++i) {
+                const int key = i * KEYS_PER_COPY + copy_key;
+                const int t = t_first + key;
+                const bool valid = t < k_end;
+                const T* k_row = k_base + static_cast<long long>(t) * p.k_token_stride;
+                const T* v_row = v_base + static_cast<long long>(t) * p.v_token_stride;
+                if (paged && valid) {
+                    const decode::KeyPlace at = decode::paged_place(p, table_row, t);
+                    k_row = k_base + at.page * p.k_page_stride + at.pos * p.k_token_stride;
+                    v_row = v_base + at.page * p.v_page_stride + at.pos * p.v_token_stride;
+                }
+                // every vector is written (zeros past D, Dv and k_end): ldmatrix reads all
+                const unsigned dst = stage + swizzled(key, copy_col);
+                decode::copy_vec(dst, k_row, p.k_dim_stride, copy_col * VEC, k_bytes, D,
+                                 valid && k_bytes > 0, k_vec, p.k);
+                decode::copy_vec(dst + TILE_BYTES, v_row, p.v_dim_stride, copy_col * VEC, v_bytes,
+                                 Dv, valid && v_bytes > 0, v_vec, p.v);
+            }
+        }
+        decode::cp_async_commit();  // one group per tile, possibly empty: wait counts match
+    };
+
+    // -- prologue: the first STAGES - 1 tiles on their way while q is read
+#pragma unroll
+    for (int j = 0; j < STAGES - 1; ++j) load_tile(j);
+
+    // Fragment coordinates: a lane holds rows g and g + 8 of the m16 tile, columns
+    // 2 * t4 + {0, 1} of each n8 tile (k16 step: and + 8).
+    const int g = lane / 4, t4 = lane % 4;
+
+    // q_frag: the A operand of every k16 step of Q K^T, rows rc * 16 + {g, g + 8}, as T
+    // (unscaled: the scale multiplies S in fp32); zero rows past M, zero columns past D
+    unsigned q_frag[QK_K_STEPS][4];
+    {
+        const T* qb = static_cast<const T*>(p.q) + b * p.q_batch_stride;
+        const T* q_rows[2];
+        bool row_valid[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int row = rc * ROWS + g + 8 * h;
+            row_valid[h] = row < M;
+            q_rows[h] = qb + (row / G) * p.q_token_stride + (hk * G + row % G) * p.q_head_stride;
+        }
+        auto q_at = [&](int h, int c) {
+            return row_valid[h] && c < D ? q_rows[h][c * p.q_dim_stride] : T(0.0f);
+        };
+#pragma unroll
+        for (int ks = 0; ks < QK_K_STEPS; ++ks) {
+            const int c = ks * 16 + 2 * t4;
+            q_frag[ks][0] = decode::pack2(q_at(0, c), q_at(0, c + 1));
+            q_frag[ks][1] = decode::pack2(q_at(1, c), q_at(1, c + 1));
+            q_frag[ks][2] = decode::pack2(q_at(0, c + 8), q_at(0, c + 9));
+            q_frag[ks][3] = decode::pack2(q_at(1, c + 8), q_at(1, c + 9));
         }
     }
+    const float scale_log2 = static_cast<float>(p.scale_log2);
+    // causal: row r (token (rc * 16 + r) / G) sees key t iff t <= its diag
+    const int Lq = static_cast<int>(p.Lq);
+    int diag[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) diag[h] = (rc * ROWS + g + 8 * h) / G + n - Lq;
+    const int diag0 = rc * ROWS / G + n - Lq;  // the block's smallest
+
+    float m_i[2] = {-INFINITY, -INFINITY};  // running max of rows g, g + 8 (log2 units)
+    float l_i[2] = {0.0f, 0.0f};            // running sum over this lane's columns
+    float acc[O_N_TILES][4];                // unnormalised out, (16, HEAD_DIM) as n8 tiles
+#pragma unroll
+    for (int nt = 0; nt < O_N_TILES; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[nt][e] = 0.0f;
+
+    // ldmatrix addresses within a tile: lane l gives row l % 8 of matrix l / 8.
+    // K (non-transposed, rows = keys): matrices (keys +0/+8) x (columns +0/+8), key-pair first
+    const int k_ld_key = (lane / 16) * 8 + lane % 8, k_ld_col = (lane / 8) % 2;
+    // V (transposed, rows = keys): matrices (keys +0/+8) x (columns +0/+8), key half first
+    const int v_ld_key = ((lane / 8) % 2) * 8 + lane % 8, v_ld_col = lane / 16;
+
+    for (int j = 0; j < num_tiles; ++j) {
+        // this lane's copies of tile j have landed; after the barrier every lane's have,
+        // and every lane is done reading tile j - 1's stage, which is refilled next
+        decode::cp_async_wait<STAGES - 2>();
+        __syncwarp();
+        load_tile(j + STAGES - 1);
+        const unsigned k_tile = warp_pipe + (j % STAGES) * Tr::WARP_STAGE_BYTES;
+        const unsigned v_tile = k_tile + TILE_BYTES;
+        const int t_first = k_begin + j * BLOCK_N + warp * WARP_N;  // this warp's first key
+
+        // -- S = Q K^T (fp32), then * scale_log2
+        float s[S_N_TILES][4];
+#pragma unroll
+        for (int nt = 0; nt < S_N_TILES; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[nt][e] = 0.0f;
+#pragma unroll
+        for (int ks = 0; ks < QK_K_STEPS; ++ks)
+#pragma unroll
+            for (int np = 0; np < S_N_TILES / 2; ++np) {
+                unsigned kb[4];  // b0, b1 of n-tiles 2 np and 2 np + 1
+                decode::ldmatrix_x4(kb, k_tile + swizzled(np * 16 + k_ld_key, ks * 2 + k_ld_col));
+                decode::mma_16816(s[2 * np], q_frag[ks], kb[0], kb[1], T());
+                decode::mma_16816(s[2 * np + 1], q_frag[ks], kb[2], kb[3], T());
+            }
+#pragma unroll
+        for (int nt = 0; nt < S_N_TILES; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[nt][e] *= scale_log2;
+
+        // -- keys past the split's end, and above a row's diagonal when causal, score -inf;
+        // only the last tile and tiles that reach the diagonal need it
+        const int t_last = t_first + WARP_N - 1;
+        if (t_last >= k_end || (p.causal && t_last > diag0)) {
+#pragma unroll
+            for (int nt = 0; nt < S_N_TILES; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int t = t_first + nt * 8 + 2 * t4 + (e & 1);
+                    if (t >= k_end || (p.causal && t > diag[e / 2])) s[nt][e] = -INFINITY;
+                }
+        }
+
+        // -- update m_i and l_i; P~ = exp2(S - m_new); rescale acc by alpha = exp2(m_i - m_new)
+        float m_new[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            m_new[h] = m_i[h];
+#pragma unroll
+            for (int nt = 0; nt < S_N_TILES; ++nt)
+                m_new[h] = fmaxf(m_new[h], fmaxf(s[nt][2 * h], s[nt][2 * h + 1]));
+            m_new[h] = fmaxf(m_new[h], __shfl_xor_sync(0xffffffffu, m_new[h], 1));  // the quad
+            m_new[h] = fmaxf(m_new[h], __shfl_xor_sync(0xffffffffu, m_new[h], 2));  // holds a row
+        }
+        // rescale only when some row's max grew (after the first tiles, rarely); a row whose
+        // max stayed -inf shifts by 0: exp2(-inf) = 0, never exp2(-inf + inf) = NaN
+        const float m_safe[2] = {safe_max(m_new[0]), safe_max(m_new[1])};
+        if (__any_sync(0xffffffffu, m_new[0] > m_i[0] || m_new[1] > m_i[1])) {
+            const float alpha[2] = {decode::exp2_approx(m_i[0] - m_safe[0]),
+                                    decode::exp2_approx(m_i[1] - m_safe[1])};
+#pragma unroll
+            for (int h = 0; h < 2; ++h) l_i[h] *= alpha[h];
+#pragma unroll
+            for (int nt = 0; nt < O_N_TILES; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[nt][e] *= alpha[e / 2];
+        }
+        m_i[0] = m_new[0];
+        m_i[1] = m_new[1];
+#pragma unroll
+        for (int nt = 0; nt < S_N_TILES; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                s[nt][e] = decode::exp2_approx(s[nt][e] - m_safe[e / 2]);  // s now holds P~
+                l_i[e / 2] += s[nt][e];
+            }
+
+        // -- acc += P~ V: P~'s n8 tiles 2 kk, 2 kk + 1 are the A operand of k16 step kk
+#pragma unroll
+        for (int kk = 0; kk < PV_K_STEPS; ++kk) {
+            unsigned pa[4];
+            pa[0] = decode::pack2_rn(s[2 * kk][0], s[2 * kk][1], T());
+            pa[1] = decode::pack2_rn(s[2 * kk][2], s[2 * kk][3], T());
+            pa[2] = decode::pack2_rn(s[2 * kk + 1][0], s[2 * kk + 1][1], T());
+            pa[3] = decode::pack2_rn(s[2 * kk + 1][2], s[2 * kk + 1][3], T());
+#pragma unroll
+            for (int dp = 0; dp < O_N_TILES / 2; ++dp) {
+                unsigned vb[4];  // b0, b1 of n-tiles 2 dp and 2 dp + 1
+                decode::ldmatrix_x4_trans(vb, v_tile + swizzled(kk * 16 + v_ld_key,
+                                                                 dp * 2 + v_ld_col));
+                decode::mma_16816(acc[2 * dp], pa, vb[0], vb[1], T());
+                decode::mma_16816(acc[2 * dp + 1], pa, vb[2], vb[3], T());
+            }
+        }
+    }
+
+    // -- the rows' sums over the quad's columns
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        l_i[h] += __shfl_xor_sync(0xffffffffu, l_i[h], 1);
+        l_i[h] += __shfl_xor_sync(0xffffffffu, l_i[h], 2);
+    }
+
+    // -- merge the warps through shared memory (the pipeline's, now idle)
+    decode::cp_async_wait<0>();
+    // every thread's copies have landed and every warp is done reading its stages
+    __syncthreads();
+    float* acc_s = reinterpret_cast<float*>(smem_raw);   // (NUM_WARPS, ROWS, HEAD_DIM)
+    float* m_s = acc_s + NUM_WARPS * ROWS * HEAD_DIM;     // (NUM_WARPS, ROWS)
+    float* l_s = m_s + NUM_WARPS * ROWS;                  // (NUM_WARPS, ROWS)
+#pragma unroll
+    for (int nt = 0; nt < O_N_TILES; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+            acc_s[(warp * ROWS + g + 8 * (e / 2)) * HEAD_DIM + nt * 8 + 2 * t4 + (e & 1)] =
+                acc[nt][e];
+    if (t4 == 0) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            m_s[warp * ROWS + g + 8 * h] = m_i[h];
+            l_s[warp * ROWS + g + 8 * h] = l_i[h];
+        }
+    }
+    // every warp's (m, l, acc) is in shared memory
+    __syncthreads();
+    decode::merge_warps_and_store<T, HEAD_DIM, ROWS, NUM_WARPS>(p, smem_raw, b, hk, split, rc);
 }
 
 // ----------------------------------------------------------------------------------------
