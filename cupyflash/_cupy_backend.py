@@ -171,7 +171,7 @@ def _pack_params(problem, q, k, v, o, lse, extra=(), layout=None):
 
 # The layout of ``struct VariantParams`` in cuda/attention_variants.cuh (8-byte fields).
 VARIANT_PARAMS_DTYPE = np.dtype(
-    [(name, np.uint64) for name in ("bias", "mask", "slopes")]
+    [(name, np.uint64) for name in ("bias", "mask", "slopes", "key_end")]
     + [(name, np.int64, (MAX_BATCH_DIMS,)) for name in ("bias_batch_stride", "mask_batch_stride")]
     + [(name, np.int64) for name in (
         "bias_row_stride", "bias_col_stride", "mask_row_stride", "mask_col_stride",
@@ -415,7 +415,7 @@ WGMMA_AUTO_MIN_HEAD_DIM = 32
 WGMMA_TILES = {64: (128, 3, 2), 128: (128, 2, 2), 256: (64, 2, 2)}
 # With variants, d = 64 takes two consumers: the score modifier's registers do not fit in
 # the 160 a consumer thread has with three (ptxas spills 388 bytes), they do in 240.
-WGMMA_VARIANT_TILES = {**WGMMA_TILES, 64: (128, 2, 2)}
+WGMMA_VARIANT_TILES = {**WGMMA_TILES, 64: (64, 3, 2)}
 
 
 def _wgmma_smem_bytes(head_dim, block_m, block_n, stages):
@@ -647,7 +647,7 @@ def simt_backward_variants():
 
 def all_attention_variants():
     """Every (source, name_expression) the library can request, for the CI compile check."""
-    return mma_attention_variants()
+    return mma_attention_variants() + [MASK_KEY_END]
 
 
 def launch_grid(num_m_blocks, n_batch):
@@ -655,6 +655,24 @@ def launch_grid(num_m_blocks, n_batch):
     ``blockIdx.z * gridDim.y + blockIdx.y`` (blocks past ``n_batch`` return at once)."""
     y = min(n_batch, 65535)
     return (num_m_blocks, y, -(-n_batch // y))
+
+
+def _mask_key_end(device_id, cc, params, variant_params):
+    """For a mask broadcast along the rows: one past the last key it keeps, per batch
+    element, as an int64 device array (``mask_key_end`` of cuda/attention_variants.cuh),
+    so that the forward kernels skip the key blocks of a padding mask's padding."""
+    import cupy
+    n_batch = int(params["n_batch"])
+    key_end = cupy.empty(n_batch, dtype=np.int64)
+    kernel = _kernels.get_function(device_id, MASK_KEY_END[0], MASK_KEY_END[1],
+                                   _kernels.arch_for(cc), 0)
+    kernel((min(n_batch, 1 << 16), 1, 1), (MASK_KEY_END_THREADS, 1, 1),
+           (params, variant_params, key_end))
+    return key_end
+
+
+MASK_KEY_END_THREADS = 256
+MASK_KEY_END = ("attention_variants.cuh", f"cupyflash::mask_key_end<{MASK_KEY_END_THREADS}>")
 
 
 def has_variants(problem, bias=None, mask=None, alibi_slopes=None):
@@ -707,9 +725,13 @@ def attention_forward(q, k, v, problem, out=None, bias=None, mask=None, alibi_sl
                 kernel_bias, mask_m, extra = _variant_operands(problem, bias, mask, expand=True)
                 params, extra_strides = _pack_params(problem, *qk, o, lse, extra)
         args = (params,)
+        key_end = None
         if variants:
             variant_params, slopes = _pack_variants(problem, kernel_bias, mask_m,
                                                     alibi_slopes, extra_strides)
+            if mask_m is not None and variant_params["mask_row_stride"] == 0:
+                key_end = _mask_key_end(device_id, cc, params, variant_params)
+                variant_params["key_end"] = key_end.data.ptr
             args = (params, variant_params)
         args += maps  # the wgmma kernel's tensor maps of q, k, v
 
@@ -719,7 +741,7 @@ def attention_forward(q, k, v, problem, out=None, bias=None, mask=None, alibi_sl
             _check_register_split(kernel, cfg)
         grid = launch_grid(-(-problem.Lq // cfg.block_m), math.prod(problem.batch_shape))
         kernel(grid, (cfg.num_threads, 1, 1), args, shared_mem=cfg.smem_bytes)
-        del slopes  # (the pool reuses its memory only for later work on this stream)
+        del slopes, key_end  # (the pool reuses memory only for later work on this stream)
         if o is not result:
             result[...] = o[..., :problem.Dv]
         return result, lse

@@ -874,6 +874,31 @@ def test_windows_on_gpu(vc):
 
 
 @gpu_only
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_padding_masks_skip_their_padding_on_gpu(dtype, causal):
+    """A (B, 1, 1, Lk) mask: the kernels stop at one past its last kept key
+    (mask_key_end), including keeping nothing (zeros, lse = -inf), a single key, keys
+    around the 64- and 128-key block edges, and everything; keys kept after a gap count."""
+    rng = np.random.default_rng()
+    Lq, Lk, D = 150, 700, 128
+    ends = [0, 1, 127, 128, 129, 300, 700]
+    q = rng.standard_normal((len(ends), 2, Lq, D)).astype(_np_dtype(dtype))
+    k = rng.standard_normal((len(ends), 2, Lk, D)).astype(_np_dtype(dtype))
+    v = rng.standard_normal((len(ends), 2, Lk, D)).astype(_np_dtype(dtype))
+    mask = np.arange(Lk) < np.array(ends)[:, None, None, None]   # (B, 1, 1, Lk)
+    mask[5, ..., 200:260] = False                                 # a gap before the end
+    mask[6, ..., 650] = False
+    out, lse = attend_on_gpu(q, k, v, None, {"mask": mask}, causal=causal)
+    check_attention(out, lse, q, k, v, causal=causal, scale=None, mask=mask)
+    assert not np.isnan(out.astype(np.float32)).any()
+
+
+def _np_dtype(name):
+    return ml_dtypes.bfloat16 if name == "bfloat16" else np.dtype(name)
+
+
+@gpu_only
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
 def test_variants_on_gpu_are_bitwise_repeatable(dtype):
     vc = VariantCase(AttentionCase(dtype, Lq=333, Lk=444, D=64, Dv=64, causal=True, seed=21),

@@ -33,6 +33,8 @@ struct VariantParams {
     const void* bias;                              // null, or (batch..., Lq, Lk) strided
     const void* mask;                              // null, or bool (one byte) (batch..., Lq, Lk)
     const void* slopes;                            // null, or (n_batch,) contiguous, the Acc type
+    const long long* key_end;  // null, or (n_batch,): keys past key_end[b] are masked out
+                               // (mask_key_end's output, for a row-broadcast mask)
     long long bias_batch_stride[MAX_BATCH_DIMS];
     long long mask_batch_stride[MAX_BATCH_DIMS];
     long long bias_row_stride, bias_col_stride;
@@ -57,6 +59,7 @@ struct ScoreModifier {
     long long bias_off, mask_off;  // element offsets of batch element b in bias and mask
     Acc slope_u;                   // slope * UNIT (0 without ALiBi)
     Acc cap_u, inv_cap_u;          // softcap * UNIT and its inverse (0 without softcap)
+    long long key_end;             // keys past it are masked out for every row (<= Lk)
 
     __device__ __forceinline__ ScoreModifier(const AttentionParams& p_, const VariantParams& vp_,
                                              long long b)
@@ -72,6 +75,7 @@ struct ScoreModifier {
         slope_u = vp.slopes != nullptr ? static_cast<const Acc*>(vp.slopes)[b] * UNIT : Acc(0);
         cap_u = static_cast<Acc>(vp.softcap) * UNIT;
         inv_cap_u = vp.softcap > 0 ? Acc(1) / cap_u : Acc(0);
+        key_end = vp.key_end != nullptr ? vp.key_end[b] : p.Lk;
     }
 
     // Whether any score may need more than the band test (the SIMT kernels' test).
@@ -229,7 +233,7 @@ struct ScoreModifier {
         long long lo = m0 + diag - vp.window_left;            // first key of the first row
         long long hi = (m_end - 1) + diag + vp.window_right + 1;  // past the last row's last
         lo = lo < 0 ? 0 : lo;
-        hi = hi > p.Lk ? p.Lk : hi;
+        hi = hi > key_end ? key_end : hi;
         if (hi <= lo) {
             first = end = 0;
             return;
@@ -317,5 +321,36 @@ template <typename T, typename Acc> struct ScoreModifierSelect<false, T, Acc> {
 };
 template <bool VARIANTS, typename T, typename Acc>
 using ScoreModifierIf = typename ScoreModifierSelect<VARIANTS, T, Acc>::type;
+
+// For a mask broadcast along the rows (a (B, 1, 1, Lk) padding mask): one past the last
+// key it keeps, per batch element b of AttentionParams' batch (0 if it keeps none). The
+// forward kernels take it as VariantParams::key_end and skip the key blocks past it, so
+// that padding costs no products. One block of THREADS per batch element (grid-stride).
+// (A template only so that the modules which include this header do not all build it.)
+template <int MASK_KEY_END_THREADS>
+__global__ void __launch_bounds__(MASK_KEY_END_THREADS)
+mask_key_end(const AttentionParams p, const VariantParams vp, long long* key_end) {
+    __shared__ long long warp_last[MASK_KEY_END_THREADS / 32];
+    for (long long b = blockIdx.x; b < p.n_batch; b += gridDim.x) {
+        const ScoreModifier<float, float> mod(p, vp, b);
+        const unsigned char* row = static_cast<const unsigned char*>(vp.mask) + mod.mask_off;
+        long long last = -1;
+        for (long long j = threadIdx.x; j < p.Lk; j += MASK_KEY_END_THREADS)
+            if (row[j * vp.mask_col_stride]) last = j;
+#pragma unroll
+        for (int offset = 16; offset > 0; offset /= 2) {
+            const long long other = __shfl_xor_sync(0xffffffffu, last, offset);
+            last = other > last ? other : last;
+        }
+        if (threadIdx.x % 32 == 0) warp_last[threadIdx.x / 32] = last;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            for (int w = 1; w < MASK_KEY_END_THREADS / 32; ++w)
+                last = warp_last[w] > last ? warp_last[w] : last;
+            key_end[b] = last + 1;
+        }
+        __syncthreads();  // warp_last is read before the next b overwrites it
+    }
+}
 
 }  // namespace cupyflash
