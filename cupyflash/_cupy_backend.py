@@ -413,8 +413,8 @@ WGMMA_HEAD_DIMS = (64, 128, 256)
 # (1.0-2.3x); at d <= 32 padding to 64 would double the work of Q K^T.
 WGMMA_AUTO_MIN_HEAD_DIM = 32
 WGMMA_TILES = {64: (128, 3, 2), 128: (128, 2, 2), 256: (64, 2, 2)}
-# With variants, d = 64 takes two consumers: the score modifier's registers do not fit in
-# the 160 a consumer thread has with three (ptxas spills 388 bytes), they do in 240.
+# With variants, d = 64 takes 64-key blocks: with 128 the score modifier's registers do
+# not fit in the 160 a consumer thread has with three consumers (ptxas spills 388 bytes).
 WGMMA_VARIANT_TILES = {**WGMMA_TILES, 64: (64, 3, 2)}
 
 

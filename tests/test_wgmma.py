@@ -298,8 +298,8 @@ def test_dispatch_follows_the_environment(monkeypatch):
     assert _cupy_backend.attention_config(32, 32, "float16", 90, False).kernel == "mma"
     assert _cupy_backend.attention_config(128, 128, "float16", 80, False).kernel == "mma"
     cfg = _cupy_backend.attention_config(64, 64, "float16", 90, True, variants=True)
-    assert cfg.kernel == "wgmma" and cfg.block_m == 128  # two consumers with variants
-    assert cfg.name_expression == "cupyflash::flash_fwd_wgmma_variants<__half, 64, 128, 2, 2>"
+    assert cfg.kernel == "wgmma" and cfg.block_m == 192 and cfg.block_n == 64
+    assert cfg.name_expression == "cupyflash::flash_fwd_wgmma_variants<__half, 64, 64, 3, 2>"
     monkeypatch.setenv("CUPYFLASH_FWD_KERNEL", "wgmma")
     cfg = _cupy_backend.attention_config(100, 30, "bfloat16", 90, True)
     assert cfg.kernel == "wgmma" and cfg.source == WGMMA
