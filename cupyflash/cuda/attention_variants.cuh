@@ -108,7 +108,8 @@ struct ScoreModifier {
 
     // The variants on one m16 x (8 N_TILES) tile of S in the accumulator layout of
     // mma.sync and wgmma: this thread holds rows i0 and i0 + 8 (s[nt][0..1] and
-    // s[nt][2..3]) and columns n0 + 8 nt + 2 t + {0, 1}. Scores are in score units.
+    // s[nt][2..3]) and columns n0 + 8 nt + 2 t + {0, 1}. Scores are in score units (the
+    // mask and the band alone, which only set -inf, also take unscaled scores).
     // band: the tile crosses the band's edges, Lk or Lq (block_inside is false); mask: the
     // mask can hide a key here (warp_needs_mask). Each part is one pass over the tile
     // behind a uniform test; the per-score work is 32-bit (column offsets inside the tile

@@ -356,6 +356,10 @@ __device__ __forceinline__ void flash_fwd_mma_body(const AttentionParams& p,
     const float scale_log2 = static_cast<float>(p.scale_log2);
     const bool prescale = !(scale_log2 > 0.f);
     const float c = prescale ? 1.f : scale_log2;
+    // Bias, ALiBi and softcap work on scaled scores, so with them S is scaled first; a mask
+    // or a window only sets -inf, which the exponent's FFMA keeps (scale > 0).
+    bool scale_first = prescale;
+    if constexpr (VARIANTS) scale_first = prescale || mod.changes_values();
     const int warp_row0 = warp * Tr::WARP_M;  // first row of this warp inside the block
 
     // Key block j lives in buffer j % KV_BUFFERS of K and of V.
@@ -412,7 +416,7 @@ __device__ __forceinline__ void flash_fwd_mma_body(const AttentionParams& p,
 #pragma unroll 2
         for (int kk = 1; kk < Tr::QK_K_STEPS; ++kk) qk_step(kk, /*first=*/BoolConst<false>{});
 
-        if (VARIANTS || prescale) {  // S *= scale * log2(e) before the mask and the max
+        if (scale_first) {  // S *= scale * log2(e) before the variants, the mask and the max
 #pragma unroll
             for (int mt = 0; mt < M_TILES; ++mt)
 #pragma unroll
@@ -451,7 +455,7 @@ __device__ __forceinline__ void flash_fwd_mma_body(const AttentionParams& p,
                 }
         }
 
-        softmax.update(s, acc, VARIANTS ? 1.f : c);  // S becomes P; acc rescaled
+        softmax.update(s, acc, scale_first ? 1.f : c);  // S becomes P; acc rescaled
 
         // P rounded to T, already in the A-operand layout of P V: the accumulator layout of
         // the n8 tiles 2kk and 2kk+1 of S is the A fragment of k16 step kk.

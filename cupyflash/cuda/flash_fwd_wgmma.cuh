@@ -415,6 +415,10 @@ __device__ __forceinline__ void flash_fwd_wgmma_body(const AttentionParams& p,
         const float scale_log2 = static_cast<float>(p.scale_log2);
         const bool prescale = !(scale_log2 > 0.f);
         const float c = prescale ? 1.f : scale_log2;
+        // Bias, ALiBi and softcap work on scaled scores, so with them S is scaled first; a
+        // mask or a window only sets -inf, which the exponent's FFMA keeps (scale > 0).
+        bool scale_first = prescale;
+        if constexpr (VARIANTS) scale_first = prescale || mod.changes_values();
 
         // Descriptors: this warpgroup's 64 rows of Q (K-major), buffer 0 of K (K-major)
         // and of V (MN-major: N steps by slab); a k16 step moves them as the comment of
@@ -466,7 +470,7 @@ __device__ __forceinline__ void flash_fwd_wgmma_body(const AttentionParams& p,
         // The softmax of the S just computed for key block j: scale, mask, update.
         auto softmax_step = [&](int it) {
             const long long n0 = (long long)(n_blocks - 1 - it) * BLOCK_N;
-            if (VARIANTS || prescale) {  // S *= scale * log2(e) before the mask and the max
+            if (scale_first) {  // S *= scale * log2(e) before the variants, mask and max
 #pragma unroll
                 for (int nt = 0; nt < S_N_TILES; ++nt)
 #pragma unroll
@@ -481,7 +485,7 @@ __device__ __forceinline__ void flash_fwd_wgmma_body(const AttentionParams& p,
                 const bool mask = mod.warp_needs_mask(n0, BLOCK_N);
                 if (band || mask || mod.changes_values())
                     mod.apply(s, warp_m0 + g, n0, t, band, mask);
-                softmax.update(s, 1.f);
+                softmax.update(s, scale_first ? 1.f : c);
                 return;
             }
             // Keys past Lk or above the causal diagonal -> -inf, only in blocks that cross
