@@ -162,10 +162,6 @@ struct DecodeTraits {
     static constexpr int BLOCK_ROWS = ROWS;          // query rows per block
     static constexpr int NUM_WARPS = 4;
     static constexpr int NUM_THREADS = 32 * NUM_WARPS;
-    // Two blocks per SM keep 2 x 24 KiB in flight, what choose_num_splits counts on; it
-    // also lets ptxas use up to 255 registers (ROWS = 8 needs ~240). Without a minimum,
-    // ptxas aimed at 16 blocks per SM (32 registers) and spilled.
-    static constexpr int MIN_BLOCKS = 2;
     static constexpr int VEC = 16 / int(sizeof(T));                  // elements per 16 bytes
     static constexpr int D_VECS = HEAD_DIM / VEC;                    // vectors per padded row
     // A lane owns VECS_PER_LANE vectors of each K and V row (the same columns in every key):
@@ -191,6 +187,13 @@ struct DecodeTraits {
     static constexpr int STAGE_VECS = 2 * KV_VECS;                   // K, then V
     static constexpr int PIPE_BYTES = STAGES * STAGE_VECS * NUM_THREADS * 16;
     static constexpr int INFLIGHT_BYTES = (STAGES - 1) * STAGE_VECS * NUM_THREADS * 16;
+    // Blocks per SM that ptxas must allow (it sizes registers to fit them). Two keep 2 x 24
+    // KiB in flight, what choose_num_splits counts on, and let ROWS = 8 use ~240 registers
+    // (without a minimum ptxas aimed at 16 blocks per SM, 32 registers, and spilled). One
+    // row with a 32 KiB pipeline asks for six: 80 registers or fewer, as the first H100
+    // run's kernel had (80: 6 blocks per SM, 1.00 of the copy at batch 64); the fused
+    // merge had taken it to 93 (5 blocks per SM) and batch 16-64 ran 8-10% slower.
+    static constexpr int MIN_BLOCKS = ROWS == 1 && PIPE_BYTES <= 32 * 1024 ? 6 : 2;
     // The warps' merge: acc (NUM_WARPS, ROWS, HEAD_DIM), then m and l (NUM_WARPS, ROWS),
     // and the per-row weights (ROWS, NUM_WARPS + 1); in the pipeline's memory.
     static constexpr int MERGE_ACC = NUM_WARPS * ROWS * HEAD_DIM;
