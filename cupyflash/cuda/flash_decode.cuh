@@ -221,9 +221,13 @@ struct alignas(16) Vec16 {
 // generic 64-bit pointer kept for the slow path's stores was spilled by ptxas).
 
 // 16-byte asynchronous copy global -> shared of the first `src_bytes` bytes (0..16); the
-// rest of the 16 bytes is zero-filled, and with src_bytes = 0 nothing is read.
+// rest of the 16 bytes is zero-filled, and with src_bytes = 0 nothing is read. L2::256B:
+// a miss brings the 256 aligned bytes around the vector from DRAM in one request (a key
+// row of d = 128 in 16-bit types, which the warp reads whole at once anyway; TMA's
+// L2_PROMOTION_256B does the same for the forward kernel's tiles), fewer, larger DRAM
+// requests for the same bytes.
 __device__ __forceinline__ void cp_async_16(unsigned smem_dst, const void* gmem_src, int src_bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n"
                  :: "r"(smem_dst), "l"(gmem_src), "r"(src_bytes) : "memory");
 }
 
