@@ -162,10 +162,6 @@ struct DecodeTraits {
     static constexpr int BLOCK_ROWS = ROWS;          // query rows per block
     static constexpr int NUM_WARPS = 4;
     static constexpr int NUM_THREADS = 32 * NUM_WARPS;
-    // Two blocks per SM keep 2 x 24 KiB in flight, what choose_num_splits counts on; it
-    // also lets ptxas use up to 255 registers (ROWS = 8 needs ~240). Without a minimum,
-    // ptxas aimed at 16 blocks per SM (32 registers) and spilled.
-    static constexpr int MIN_BLOCKS = 2;
     static constexpr int VEC = 16 / int(sizeof(T));                  // elements per 16 bytes
     static constexpr int D_VECS = HEAD_DIM / VEC;                    // vectors per padded row
     // A lane owns VECS_PER_LANE vectors of each K and V row (the same columns in every key):
@@ -191,6 +187,13 @@ struct DecodeTraits {
     static constexpr int STAGE_VECS = 2 * KV_VECS;                   // K, then V
     static constexpr int PIPE_BYTES = STAGES * STAGE_VECS * NUM_THREADS * 16;
     static constexpr int INFLIGHT_BYTES = (STAGES - 1) * STAGE_VECS * NUM_THREADS * 16;
+    // Blocks per SM that ptxas must allow (it sizes registers to fit them). Two keep 2 x 24
+    // KiB in flight, what choose_num_splits counts on, and let ROWS = 8 use ~240 registers
+    // (without a minimum ptxas aimed at 16 blocks per SM, 32 registers, and spilled). One
+    // row with a 32 KiB pipeline asks for six: 80 registers or fewer, as the first H100
+    // run's kernel had (80: 6 blocks per SM, 1.00 of the copy at batch 64); the fused
+    // merge had taken it to 93 (5 blocks per SM) and batch 16-64 ran 8-10% slower.
+    static constexpr int MIN_BLOCKS = ROWS == 1 && PIPE_BYTES <= 32 * 1024 ? 6 : 2;
     // The warps' merge: acc (NUM_WARPS, ROWS, HEAD_DIM), then m and l (NUM_WARPS, ROWS),
     // and the per-row weights (ROWS, NUM_WARPS + 1); in the pipeline's memory.
     static constexpr int MERGE_ACC = NUM_WARPS * ROWS * HEAD_DIM;
@@ -218,9 +221,13 @@ struct alignas(16) Vec16 {
 // generic 64-bit pointer kept for the slow path's stores was spilled by ptxas).
 
 // 16-byte asynchronous copy global -> shared of the first `src_bytes` bytes (0..16); the
-// rest of the 16 bytes is zero-filled, and with src_bytes = 0 nothing is read.
+// rest of the 16 bytes is zero-filled, and with src_bytes = 0 nothing is read. L2::256B:
+// a miss brings the 256 aligned bytes around the vector from DRAM in one request (a key
+// row of d = 128 in 16-bit types, which the warp reads whole at once anyway; TMA's
+// L2_PROMOTION_256B does the same for the forward kernel's tiles), fewer, larger DRAM
+// requests for the same bytes.
 __device__ __forceinline__ void cp_async_16(unsigned smem_dst, const void* gmem_src, int src_bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n"
                  :: "r"(smem_dst), "l"(gmem_src), "r"(src_bytes) : "memory");
 }
 
