@@ -1,0 +1,74 @@
+"""Packed variable-length attention on the GPU against a dense batch of the same tokens.
+
+Issue 6's bar, on an H100: ``cupyflash.attention_varlen`` over sequences of random
+lengths 1..4k runs at >= 0.9x the speed of the same total tokens in one dense batch.
+
+Lengths are drawn uniformly from 1..max_len until ``--tokens`` are packed (q, k, v of
+shape ``(total, H, D)``, H = 2048 // D). Speed is FLOP/s with FlashAttention's count per
+sequence, ``4 * H * L_i^2 * D`` (halved when causal), so that short and long sequences
+weigh what they cost. The dense batch is ``(total // s, H, s, D)`` with s the mean
+length, in the (B, L, H, D) layout the packed arrays have. Each call is timed whole
+(host work included: attention_varlen reads its offsets on the host and launches one
+kernel per sequence), as a user sees it.
+
+    python benchmarks/varlen.py [--tokens 65536] [--max-len 4096] [--d 128]
+"""
+
+import argparse
+import pathlib
+import sys
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import cupyflash  # noqa: E402
+from cupyflash import _measure  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from attention import _dtype, _random, make_timer  # noqa: E402
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=65536)
+    parser.add_argument("--max-len", type=int, default=4096)
+    parser.add_argument("--d", type=int, nargs="*", default=[64, 128])
+    parser.add_argument("--dtype", default="bfloat16")
+    args = parser.parse_args(argv)
+
+    import cupy
+    timer, how = make_timer()
+    print(f"GPU: {_measure.gpu_name()}; timer: {how}")
+    rng = np.random.default_rng(0)
+    lengths = []
+    while sum(lengths) < args.tokens:
+        lengths.append(int(rng.integers(1, args.max_len + 1)))
+    lengths = np.array(lengths)
+    cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    total = int(cu[-1])
+    s = int(round(lengths.mean()))
+    print(f"{len(lengths)} sequences, lengths 1..{args.max_len} (mean {s}), {total} tokens")
+    print(f"{'dtype':9s} {'d':>4s} {'causal':>6s} | {'varlen ms':>9s} {'TFLOP/s':>8s} | "
+          f"{'dense ms':>9s} {'TFLOP/s':>8s} (b x s) | ratio")
+    dtype = _dtype(args.dtype)
+    cu_gpu = cupy.asarray(cu)
+    for d in args.d:
+        h = 2048 // d
+        q, k, v = (_random(cupy, (total, h, d), dtype) for _ in range(3))
+        b = total // s
+        dq, dk, dv = (x[: b * s].reshape(b, s, h, d).transpose(0, 2, 1, 3) for x in (q, k, v))
+        for causal in (False, True):
+            half = 0.5 if causal else 1.0
+            flops_varlen = half * 4 * h * d * float((lengths.astype(np.float64) ** 2).sum())
+            flops_dense = half * 4 * b * h * s * s * d
+            t_var = timer(lambda: cupyflash.attention_varlen(q, k, v, cu_gpu, cu_gpu,
+                                                             causal=causal))
+            t_dense = timer(lambda: cupyflash.attention(dq, dk, dv, causal=causal))
+            tf_var, tf_dense = flops_varlen / t_var / 1e9, flops_dense / t_dense / 1e9
+            print(f"{args.dtype:9s} {d:4d} {str(causal):>6s} | {t_var:9.3f} {tf_var:8.1f} | "
+                  f"{t_dense:9.3f} {tf_dense:8.1f} ({b} x {s}) | {tf_var / tf_dense:5.2f}")
+
+
+if __name__ == "__main__":
+    main()
