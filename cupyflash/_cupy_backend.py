@@ -346,7 +346,7 @@ MMA_TILES = {
 # needs registers the plain tiles do not have (they sit at 238-255 already): with them
 # ptxas spills 0.6-2 KiB per thread at d <= 128. Eight warps of 16 rows halve each warp's
 # S and O accumulators; no variant spills on sm_80 or sm_90a (ptxas -v, 2026-11-22).
-# Not measured on a GPU yet.
+# On an H100 they serve head dims <= 32 and CUPYFLASH_FWD_KERNEL=mma; elsewhere all.
 VARIANT_MMA_TILES = {
     32: (128, 128, 8, 1, 1),
     64: (128, 128, 8, 1, 1),
@@ -401,8 +401,9 @@ def mma_attention_variants():
 
 # Hopper tiles per padded head dim: (BLOCK_N, NUM_CONSUMERS, STAGES) of
 # cuda/flash_fwd_wgmma.cuh; BLOCK_M = 64 * NUM_CONSUMERS query rows per block, plus one
-# producer warpgroup. Not yet measured: FlashAttention-3's shapes, adapted to fit without
-# spills (registers per consumer thread: 240 with two consumers, 160 with three).
+# producer warpgroup. FlashAttention-3's shapes, adapted to fit without spills (registers
+# per consumer thread: 240 with two consumers, 160 with three); measured on an H100 in
+# benchmarks/NOTES.md (session 4), not tuned further.
 #   d = 64: three consumers (BLOCK_M = 192), as FA3: at d = 64 the products are short
 #           and the softmax relatively long, so more warpgroups take turns.
 #   d = 128: two consumers x 64 rows, BLOCK_N = 128, two stages (160 KiB of smem).
