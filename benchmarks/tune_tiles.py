@@ -1,11 +1,14 @@
 """Time the tensor-core forward kernel under several tile shapes (a lab tool).
 
-Each candidate ``HEAD_DIM:BLOCK_M,BLOCK_N,NUM_WARPS`` is selected through the
-``CUPYFLASH_MMA_TILES`` knob of cupyflash/_cupy_backend.py and timed on FlashAttention's
-grid (16k tokens, model dim 2048) with triton's do_bench (median). The winners go into
-``MMA_TILES``; the table goes into benchmarks/NOTES.md.
+mma.sync (default): each candidate ``BLOCK_M,BLOCK_N,NUM_WARPS[,KV_BUFFERS,MIN_BLOCKS]``
+is selected through the ``CUPYFLASH_MMA_TILES`` knob of cupyflash/_cupy_backend.py.
+``--kernel wgmma`` (sm_90): each candidate is ``BLOCK_N,NUM_CONSUMERS,STAGES``, set into
+``_cupy_backend.WGMMA_TILES`` for the run. Timed on FlashAttention's grid (16k tokens,
+model dim 2048) with triton's do_bench (median). The winners go into ``MMA_TILES`` or
+``WGMMA_TILES``; the table goes into benchmarks/NOTES.md.
 
     python benchmarks/tune_tiles.py --d 64 --tiles 128,64,4 128,128,4 64,64,4
+    python benchmarks/tune_tiles.py --kernel wgmma --d 128 --tiles 128,2,2 128,2,3
 """
 
 import argparse
@@ -27,7 +30,10 @@ def main():
     ap.add_argument("--tiles", nargs="+", required=True, help="BLOCK_M,BLOCK_N,NUM_WARPS")
     ap.add_argument("--s", type=int, nargs="*", default=[1024, 4096, 16384])
     ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--kernel", choices=("mma", "wgmma"), default="mma")
     args = ap.parse_args()
+    from cupyflash import _cupy_backend
+    os.environ["CUPYFLASH_FWD_KERNEL"] = args.kernel
 
     import cupy
     from triton.testing import do_bench
@@ -36,7 +42,11 @@ def main():
     print(f"GPU: {_measure.gpu_name()}; d={args.d} {args.dtype}; TFLOP/s (do_bench median)")
     print(f"{'tiles':>14s} " + " ".join(f"{f'{s}/{c}':>9s}" for c in ("F", "C") for s in args.s))
     for tiles in args.tiles:
-        os.environ["CUPYFLASH_MMA_TILES"] = f"{args.d}:{tiles}"
+        if args.kernel == "wgmma":
+            _cupy_backend.WGMMA_TILES[args.d] = tuple(int(x) for x in tiles.split(","))
+            _cupy_backend._attention_config.cache_clear()
+        else:
+            os.environ["CUPYFLASH_MMA_TILES"] = f"{args.d}:{tiles}"
         row = []
         for causal in (False, True):
             for s in args.s:
