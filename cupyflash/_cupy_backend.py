@@ -452,19 +452,20 @@ def wgmma_attention_variants():
                       for causal, variants in ((False, False), (True, False), (False, True)))]
 
 
-# attention_varlen's packed kernels (flash_fwd_{mma,wgmma}_varlen): the variants' tiles, for
-# head dims up to this. Above it the sequences' own pointers and lengths, held in registers,
-# spill the d = 192 / 256 kernels (ptxas -v, 2026-11-22); attention_varlen then runs the
-# forward per sequence.
+# attention_varlen's fp16/bf16 packed kernels (flash_fwd_{mma,wgmma}_varlen): the variants'
+# tiles, for head dims up to this. Above it the sequences' own pointers and lengths, held in
+# registers, spill the d = 192 / 256 kernels (ptxas -v, 2026-11-22); attention_varlen then
+# runs the forward per sequence. (flash_fwd_simt_varlen, float32/float64, has every head dim.)
 VARLEN_MAX_HEAD_DIM = 128
 
 
 def varlen_config(D, Dv, dtype_name, compute_capability):
-    """The packed-sequence forward for fp16/bf16 (``flash_fwd_mma_varlen`` or, where
-    :func:`attention_config` picks the Hopper kernel, ``flash_fwd_wgmma_varlen``): the
-    variants kernel's tiles and launch, under the varlen entry point. None for other dtypes
-    and for head dims above VARLEN_MAX_HEAD_DIM."""
-    if dtype_name not in ("float16", "bfloat16") or max(D, Dv) > VARLEN_MAX_HEAD_DIM:
+    """The packed-sequence forward: ``flash_fwd_mma_varlen`` or, where
+    :func:`attention_config` picks the Hopper kernel, ``flash_fwd_wgmma_varlen`` for
+    fp16/bf16; ``flash_fwd_simt_varlen`` for float32/float64. The variants kernel's tiles
+    and launch, under the varlen entry point. None for fp16/bf16 head dims above
+    VARLEN_MAX_HEAD_DIM."""
+    if dtype_name in ("float16", "bfloat16") and max(D, Dv) > VARLEN_MAX_HEAD_DIM:
         return None
     cfg = attention_config(D, Dv, dtype_name, compute_capability, False, variants=True)
     return _as_varlen(cfg)
@@ -487,7 +488,11 @@ def varlen_attention_variants():
              for c in (_as_varlen(_wgmma_config(h, h, dt, False, variants=True))
                        for h in WGMMA_HEAD_DIMS if h <= VARLEN_MAX_HEAD_DIM
                        for dt in ("float16", "bfloat16"))]
-    return mma + wgmma
+    simt = [(c.source, c.name_expression, arch)
+            for arch in ("sm_80", "sm_90a")
+            for c in (_as_varlen(_simt_config(h, h, dt, 90, False, variants=True))
+                      for dt in ("float32", "float64") for h in (32, 64, 128, 256))]
+    return mma + wgmma + simt
 
 
 def _wgmma_arguments(problem, cfg, q, k, v, o, lse, extra=()):
@@ -789,15 +794,14 @@ def attention_forward(q, k, v, problem, out=None, bias=None, mask=None, alibi_sl
 def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                              max_seqlen_k, causal, scale, out, lse):
     """The forward of ``attention_varlen`` over all packed sequences in one launch
-    (``flash_fwd_mma_varlen`` or ``flash_fwd_wgmma_varlen``); returns False, having
-    launched nothing, where no packed kernel applies (float32/float64, head dims above
-    VARLEN_MAX_HEAD_DIM, tensors that cannot be read in place): the caller then runs the
-    forward per sequence.
+    (:func:`varlen_config`); returns False, having launched nothing, where no packed
+    kernel applies (fp16/bf16 head dims above VARLEN_MAX_HEAD_DIM, tensors tensor maps
+    cannot describe): the caller then runs the forward per sequence.
 
     Validated arguments: q ``(total_q, H, D)``, k ``(total_k, Hk, D)``, v ``(total_k, Hk,
     Dv)``, ``cu_seqlens_q`` and ``cu_seqlens_k`` int32 device arrays ``(n_seq + 1,)``,
     the longest lengths, and ``out`` ``(total_q, H, Dv)`` and ``lse`` ``(H, total_q)``
-    (float32, contiguous) to write.
+    (float32, float64 for float64; contiguous) to write.
 
     Layout: the batch is ``(1, n_seq, Hk, G)`` (``G = H // Hk``) with a sequence stride of
     0, the grid is sized by the longest sequence, and each block moves to the first rows

@@ -16,8 +16,8 @@ algorithm of the GPU kernels.
 CuPy arrays are validated like NumPy arrays (the same checks, the same messages, on host
 copies of the integer arrays); then ``attention_decode`` runs the kernels of
 ``_cupy_decode`` and ``attention_varlen`` runs all sequences in one launch of the packed
-fp16/bf16 kernels (``_cupy_backend.attention_varlen_forward``), or, for float32, float64
-and head dims above 128, the GPU forward per sequence on the same views.
+kernels (``_cupy_backend.attention_varlen_forward``), or, for fp16/bf16 head dims above
+128, the GPU forward per sequence on the same views.
 """
 
 import numbers
@@ -143,7 +143,8 @@ def _check_max_seqlen(fn, name, value, lengths):
 def _packed_forward(q, k, v, given_cu, host_cu, max_seqlen_q, max_seqlen_k, causal, scale,
                     out, lse):
     """attention_varlen on CuPy arrays in one launch of the packed-sequence kernels
-    (``_cupy_backend.attention_varlen_forward``); False where they do not apply. The
+    (``_cupy_backend.attention_varlen_forward``); False where they do not apply (then
+    nothing was launched). The
     kernels read int32 offsets: the caller's device arrays when they are int32 and
     contiguous, else a copy of the host offsets (all below 2^31: they index rows that a
     tensor map or an int row coordinate reaches)."""
@@ -224,11 +225,11 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
     Notes
     -----
     On NumPy arrays each sequence runs the tiled forward of :func:`attention` on views
-    of the packed arrays (no ``Lq x Lk`` matrix). On CuPy arrays of float16 or bfloat16
-    with head dims up to 128, one launch of the fused kernel covers every sequence: a
-    grid sized by the longest sequence over ``(n_seq, H)``, each block moved to its own
-    sequence's rows (FlashAttention's varlen kernel); otherwise the fused kernel runs
-    once per non-empty sequence on strided views. The offsets are read on the host,
+    of the packed arrays (no ``Lq x Lk`` matrix). On CuPy arrays one launch of the fused
+    kernel covers every sequence: a grid sized by the longest sequence over
+    ``(n_seq, H)``, each block moved to its own sequence's rows (FlashAttention's varlen
+    kernel); only float16/bfloat16 with head dims above 128 run the fused kernel once
+    per non-empty sequence on strided views. The offsets are read on the host,
     which for CuPy offsets synchronises with the GPU once. ``cupyflash.reference.attention_varlen`` is the float64 truth.
 
     Examples

@@ -511,8 +511,8 @@ def test_mixed_numpy_and_lists_are_accepted_for_offsets():
 
 
 # ----------------------------------------------------------------------------------------
-# the GPU: the same validation; varlen runs every sequence in one launch for fp16/bf16
-# and d <= 128, the fused forward per sequence otherwise (decode: test_decode_gpu.py)
+# the GPU: the same validation; varlen runs every sequence in one launch (fp16/bf16 above
+# d = 128: the fused forward per sequence) (decode: test_decode_gpu.py)
 # ----------------------------------------------------------------------------------------
 
 def gpu_only(test):
@@ -597,7 +597,9 @@ EDGE_LENGTHS_K = (64, 7, 0, 129, 128, 65, 127, 300, 0, 192, 2, 1, 257, 64)
     ("float16", 128, 1, 4, False),
     ("bfloat16", 96, 2, 2, True),
     ("float16", 32, 3, 1, True),
-    ("float32", 64, 2, 2, True),   # the float32 path: the forward per sequence
+    ("float32", 64, 2, 2, True),   # flash_fwd_simt_varlen
+    ("float64", 32, 1, 2, False),
+    ("bfloat16", 256, 1, 2, True),  # above VARLEN_MAX_HEAD_DIM: the forward per sequence
 ])
 def test_varlen_on_gpu_at_tile_edges(monkeypatch, fwd_kernel, dtype, D, Hk, group, causal):
     """Many sequences in one launch: each one exactly as attention on its own, whatever
@@ -617,10 +619,11 @@ def test_varlen_on_gpu_at_tile_edges(monkeypatch, fwd_kernel, dtype, D, Hk, grou
 
 
 @gpu_only
-@pytest.mark.parametrize("dtype, D", [("float16", 64), ("bfloat16", 128), ("float16", 24)])
+@pytest.mark.parametrize("dtype, D", [("float16", 64), ("bfloat16", 128), ("float16", 24),
+                                      ("float32", 64), ("float64", 40)])
 def test_varlen_on_gpu_is_one_launch(monkeypatch, dtype, D):
-    """fp16/bf16 take the packed kernel: one launch for every sequence, int64 offsets
-    and offsets on the host side (max_seqlen given) included."""
+    """The packed kernels take every sequence in one launch, with int64 offsets and a
+    max_seqlen above the longest too."""
     import cupy
     from cupyflash import _kernels
     launches = []
