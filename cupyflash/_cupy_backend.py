@@ -467,7 +467,8 @@ def varlen_config(D, Dv, dtype_name, compute_capability):
     VARLEN_MAX_HEAD_DIM."""
     if dtype_name in ("float16", "bfloat16") and max(D, Dv) > VARLEN_MAX_HEAD_DIM:
         return None
-    cfg = attention_config(D, Dv, dtype_name, compute_capability, False, variants=True)
+    cfg = attention_config(max(D, Dv), Dv, dtype_name, compute_capability, False,
+                           variants=True)
     return _as_varlen(cfg)
 
 

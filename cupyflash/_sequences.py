@@ -144,10 +144,9 @@ def _packed_forward(q, k, v, given_cu, host_cu, max_seqlen_q, max_seqlen_k, caus
                     out, lse):
     """attention_varlen on CuPy arrays in one launch of the packed-sequence kernels
     (``_cupy_backend.attention_varlen_forward``); False where they do not apply (then
-    nothing was launched). The
-    kernels read int32 offsets: the caller's device arrays when they are int32 and
-    contiguous, else a copy of the host offsets (all below 2^31: they index rows that a
-    tensor map or an int row coordinate reaches)."""
+    nothing was launched). The kernels read int32 offsets: the caller's device arrays
+    when they are int32 and contiguous, else a copy of the host offsets (all below 2^31:
+    they index rows that a tensor map or an int row coordinate reaches)."""
     import cupy
 
     from . import _cupy_backend
@@ -229,8 +228,9 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
     kernel covers every sequence: a grid sized by the longest sequence over
     ``(n_seq, H)``, each block moved to its own sequence's rows (FlashAttention's varlen
     kernel); only float16/bfloat16 with head dims above 128 run the fused kernel once
-    per non-empty sequence on strided views. The offsets are read on the host,
-    which for CuPy offsets synchronises with the GPU once. ``cupyflash.reference.attention_varlen`` is the float64 truth.
+    per non-empty sequence on strided views. The offsets are read on the host, which
+    for CuPy offsets synchronises with the GPU once.
+    ``cupyflash.reference.attention_varlen`` is the float64 truth.
 
     Examples
     --------

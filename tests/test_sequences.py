@@ -567,6 +567,8 @@ DECODE_CASES_ON_GPU = [
                          seed=4))
 @example(case=VarlenCase("float64", (33, 7), (7, 33), Hk=2, group=1, D=20, Dv=5,
                          causal=True, seed=5))
+@example(case=VarlenCase("float16", (70, 0, 129, 1), (129, 3, 64, 0), Hk=2, group=2, D=128,
+                         Dv=64, causal=True, seed=6))
 def test_varlen_on_gpu_matches_each_sequence(case):
     import cupy
     q, k, v, cu_q, cu_k = case.inputs()
