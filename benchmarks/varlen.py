@@ -8,8 +8,8 @@ shape ``(total, H, D)``, H = 2048 // D). Speed is FLOP/s with FlashAttention's c
 sequence, ``4 * H * L_i^2 * D`` (halved when causal), so that short and long sequences
 weigh what they cost. The dense batch is ``(total // s, H, s, D)`` with s the mean
 length, in the (B, L, H, D) layout the packed arrays have. Each call is timed whole
-(host work included: attention_varlen reads its offsets on the host and launches one
-kernel per sequence), as a user sees it.
+(host work included: attention_varlen reads its offsets on the host and, up to d = 128
+for fp16/bf16, launches one kernel for all sequences), as a user sees it.
 
     python benchmarks/varlen.py [--tokens 65536] [--max-len 4096] [--d 128]
 """

@@ -176,7 +176,8 @@ VARIANT_PARAMS_DTYPE = np.dtype(
     + [(name, np.int64) for name in (
         "bias_row_stride", "bias_col_stride", "mask_row_stride", "mask_col_stride",
         "bias_is_float", "window_left", "window_right")]
-    + [("softcap", np.float64)])
+    + [("softcap", np.float64)]
+    + [(name, np.uint64) for name in ("cu_seqlens_q", "cu_seqlens_k")])
 UNBOUNDED = 1 << 62  # as in cuda/attention_variants.cuh: a window side that is not given
 
 
@@ -450,6 +451,50 @@ def wgmma_attention_variants():
             for c in (_wgmma_config(h, h, dt, causal, variants)
                       for h in WGMMA_HEAD_DIMS for dt in ("float16", "bfloat16")
                       for causal, variants in ((False, False), (True, False), (False, True)))]
+
+
+# attention_varlen's fp16/bf16 packed kernels (flash_fwd_{mma,wgmma}_varlen): the variants'
+# tiles, for head dims up to this. Above it the sequences' own pointers and lengths, held in
+# registers, spill the d = 192 / 256 kernels (ptxas -v, 2026-11-22); attention_varlen then
+# runs the forward per sequence. (flash_fwd_simt_varlen, float32/float64, has every head dim.)
+VARLEN_MAX_HEAD_DIM = 128
+
+
+def varlen_config(D, Dv, dtype_name, compute_capability):
+    """The packed-sequence forward: ``flash_fwd_mma_varlen`` or, where
+    :func:`attention_config` picks the Hopper kernel, ``flash_fwd_wgmma_varlen`` for
+    fp16/bf16; ``flash_fwd_simt_varlen`` for float32/float64. The variants kernel's tiles
+    and launch, under the varlen entry point. None for fp16/bf16 head dims above
+    VARLEN_MAX_HEAD_DIM."""
+    if dtype_name in ("float16", "bfloat16") and max(D, Dv) > VARLEN_MAX_HEAD_DIM:
+        return None
+    cfg = attention_config(max(D, Dv), Dv, dtype_name, compute_capability, False,
+                           variants=True)
+    return _as_varlen(cfg)
+
+
+def _as_varlen(cfg):
+    name = cfg.name_expression.replace("_variants<", "_varlen<")
+    return KernelConfig(cfg.source, name, cfg.block_m, cfg.num_threads, cfg.smem_bytes,
+                        cfg.align_elems, cfg.pad_d_to, cfg.kernel, cfg.block_n)
+
+
+def varlen_attention_variants():
+    """The (source, name_expression, arch) of every packed-sequence forward."""
+    mma = [(c.source, c.name_expression, arch)
+           for arch in ("sm_80", "sm_90a")
+           for c in (_as_varlen(_mma_config(h, h, dt, 90, False, variants=True))
+                     for h in MMA_HEAD_DIMS if h <= VARLEN_MAX_HEAD_DIM
+                     for dt in ("float16", "bfloat16"))]
+    wgmma = [(c.source, c.name_expression, "sm_90a")
+             for c in (_as_varlen(_wgmma_config(h, h, dt, False, variants=True))
+                       for h in WGMMA_HEAD_DIMS if h <= VARLEN_MAX_HEAD_DIM
+                       for dt in ("float16", "bfloat16"))]
+    simt = [(c.source, c.name_expression, arch)
+            for arch in ("sm_80", "sm_90a")
+            for c in (_as_varlen(_simt_config(h, h, dt, 90, False, variants=True))
+                      for dt in ("float32", "float64") for h in (32, 64, 128, 256))]
+    return mma + wgmma + simt
 
 
 def _wgmma_arguments(problem, cfg, q, k, v, o, lse, extra=()):
@@ -746,6 +791,85 @@ def attention_forward(q, k, v, problem, out=None, bias=None, mask=None, alibi_sl
         if o is not result:
             result[...] = o[..., :problem.Dv]
         return result, lse
+
+
+def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                             max_seqlen_k, causal, scale, out, lse):
+    """The forward of ``attention_varlen`` over all packed sequences in one launch
+    (:func:`varlen_config`); returns False, having launched nothing, where no packed
+    kernel applies (fp16/bf16 head dims above VARLEN_MAX_HEAD_DIM, tensors tensor maps
+    cannot describe): the caller then runs the forward per sequence.
+
+    Validated arguments: q ``(total_q, H, D)``, k ``(total_k, Hk, D)``, v ``(total_k, Hk,
+    Dv)``, ``cu_seqlens_q`` and ``cu_seqlens_k`` int32 device arrays ``(n_seq + 1,)``,
+    the longest lengths, and ``out`` ``(total_q, H, Dv)`` and ``lse`` ``(H, total_q)``
+    (float32, float64 for float64; contiguous) to write.
+
+    Layout: the batch is ``(1, n_seq, Hk, G)`` (``G = H // Hk``) with a sequence stride of
+    0, the grid is sized by the longest sequence, and each block moves to the first rows
+    of its own sequence (``sequence_params`` in cuda/attention_variants.cuh). The causal
+    mask is the window ``(None, 0)``, aligned per sequence to its bottom-right corner.
+    """
+    fn = "attention_varlen"
+    total_q, H, D = q.shape
+    total_k, Hk, Dv = v.shape
+    if total_q == 0:
+        return True
+    device_id = _device_of(fn, [("q", q), ("k", k), ("v", v), ("out", out),
+                                ("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)])
+    with _on_device(device_id):
+        cc = _compute_capability(device_id)
+        cfg = varlen_config(D, Dv, q.dtype.name, cc)
+        if cfg is None:
+            return False
+        if total_k == 0:  # no key at all: zeros, lse = -inf (no kernel needed)
+            out.fill(0)
+            lse.fill(-np.inf)
+            return True
+        qkv = [_kernel_ready(t, cfg.align_elems, cfg.pad_d_to) for t in (q, k, v)]
+        o = _kernel_ready(out, cfg.align_elems, cfg.pad_d_to)
+        q, k, v = qkv
+        G = H // Hk
+        item = q.itemsize
+        row = [t.strides[0] // item for t in (q, k, v, o)]
+        head = [t.strides[1] // item for t in (q, k, v, o)]
+        maps = ()
+        if cfg.kernel == "wgmma":
+            # (D, total rows, heads) maps; batch strides count heads (slices)
+            units = [[0, 0, G, 1], [0, 0, 1, 0], [0, 0, 1, 0]]
+            for x, h_stride, rows in zip((q, k, v), head[:3],
+                                         (cfg.block_m, cfg.block_n, cfg.block_n)):
+                tensor_map = _tensor_map.attention_map(x.transpose(1, 0, 2), h_stride,
+                                                       x.shape[1], rows)
+                if tensor_map is None:
+                    return False
+                maps += (tensor_map,)
+        else:
+            units = [[0, 0, G * head[0], head[0]], [0, 0, head[1], 0], [0, 0, head[2], 0]]
+        fields = [q.data.ptr, k.data.ptr, v.data.ptr, o.data.ptr, lse.data.ptr]
+        fields += [1, len(cu_seqlens_q) - 1, Hk, G]
+        for st in units + [[0, 0, G * head[3], head[3]]]:
+            fields += st
+        fields += row
+        fields += [(len(cu_seqlens_q) - 1) * H, max_seqlen_q, max_seqlen_k,
+                   q.shape[-1], v.shape[-1], scale, scale * _LOG2_E]
+        params = np.frombuffer(_PARAMS_STRUCT.pack(*fields), dtype=ATTENTION_PARAMS_DTYPE)[0]
+        vp = np.zeros((), dtype=VARIANT_PARAMS_DTYPE)
+        vp["window_left"] = UNBOUNDED
+        vp["window_right"] = 0 if causal else UNBOUNDED
+        vp["cu_seqlens_q"] = cu_seqlens_q.data.ptr
+        vp["cu_seqlens_k"] = cu_seqlens_k.data.ptr
+
+        kernel = _kernels.get_function(device_id, cfg.source, cfg.name_expression,
+                                       _kernels.arch_for(cc), cfg.smem_bytes)
+        if cfg.kernel == "wgmma":
+            _check_register_split(kernel, cfg)
+        grid = launch_grid(-(-max_seqlen_q // cfg.block_m), int(params["n_batch"]))
+        kernel(grid, (cfg.num_threads, 1, 1), (params, vp[()]) + maps,
+               shared_mem=cfg.smem_bytes)
+        if o is not out:
+            out[...] = o[..., :Dv]
+        return True
 
 
 # ----------------------------------------------------------------------------------------

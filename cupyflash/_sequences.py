@@ -15,8 +15,9 @@ algorithm of the GPU kernels.
 
 CuPy arrays are validated like NumPy arrays (the same checks, the same messages, on host
 copies of the integer arrays); then ``attention_decode`` runs the kernels of
-``_cupy_decode`` and ``attention_varlen`` runs the GPU forward per sequence on the same
-views.
+``_cupy_decode`` and ``attention_varlen`` runs all sequences in one launch of the packed
+kernels (``_cupy_backend.attention_varlen_forward``), or, for fp16/bf16 head dims above
+128, the GPU forward per sequence on the same views.
 """
 
 import numbers
@@ -139,6 +140,29 @@ def _check_max_seqlen(fn, name, value, lengths):
     return int(value)
 
 
+def _packed_forward(q, k, v, given_cu, host_cu, max_seqlen_q, max_seqlen_k, causal, scale,
+                    out, lse):
+    """attention_varlen on CuPy arrays in one launch of the packed-sequence kernels
+    (``_cupy_backend.attention_varlen_forward``); False where they do not apply (then
+    nothing was launched). The kernels read int32 offsets: the caller's device arrays
+    when they are int32 and contiguous, else a copy of the host offsets (all below 2^31:
+    they index rows that a tensor map or an int row coordinate reaches)."""
+    import cupy
+
+    from . import _cupy_backend
+    if max(q.shape[0], k.shape[0]) >= 2**31:
+        return False
+    cu = []
+    for given, host in zip(given_cu, host_cu):
+        if given.dtype == np.int32 and given.flags.c_contiguous:
+            cu.append(given)
+        else:
+            with cupy.cuda.Device(q.data.device_id):  # beside q, whatever is current
+                cu.append(cupy.asarray(host.astype(np.int32)))
+    return _cupy_backend.attention_varlen_forward(q, k, v, cu[0], cu[1], max_seqlen_q,
+                                                  max_seqlen_k, bool(causal), scale, out, lse)
+
+
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
                      max_seqlen_k=None, causal=False, scale=None, return_lse=False,
                      out=None):
@@ -199,11 +223,14 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
 
     Notes
     -----
-    Each sequence runs the forward of :func:`attention` on views of the packed arrays
-    (the tiled NumPy forward, or one launch of the fused GPU kernel per non-empty
-    sequence for CuPy arrays, reading the views through their strides; no ``Lq x Lk``
-    matrix). The offsets are read on the host, which for CuPy offsets synchronises with
-    the GPU once. ``cupyflash.reference.attention_varlen`` is the float64 truth.
+    On NumPy arrays each sequence runs the tiled forward of :func:`attention` on views
+    of the packed arrays (no ``Lq x Lk`` matrix). On CuPy arrays one launch of the fused
+    kernel covers every sequence: a grid sized by the longest sequence over
+    ``(n_seq, H)``, each block moved to its own sequence's rows (FlashAttention's varlen
+    kernel); only float16/bfloat16 with head dims above 128 run the fused kernel once
+    per non-empty sequence on strided views. The offsets are read on the host, which
+    for CuPy offsets synchronises with the GPU once.
+    ``cupyflash.reference.attention_varlen`` is the float64 truth.
 
     Examples
     --------
@@ -235,11 +262,12 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
     if cu_q.shape != cu_k.shape:
         raise ValueError(f"{fn}: cu_seqlens_q {tuple(cu_q.shape)} and cu_seqlens_k "
                          f"{tuple(cu_k.shape)} must have one shape (n_seq + 1,)")
+    given_cu = (cu_q, cu_k)
     cu_q, cu_k = _host(cu_q), _host(cu_k)
     _check_cu_seqlens(fn, "cu_seqlens_q", cu_q, q.shape[0], "q.shape[0]")
     _check_cu_seqlens(fn, "cu_seqlens_k", cu_k, k.shape[0], "k.shape[0]")
-    _check_max_seqlen(fn, "max_seqlen_q", max_seqlen_q, np.diff(cu_q))
-    _check_max_seqlen(fn, "max_seqlen_k", max_seqlen_k, np.diff(cu_k))
+    max_seqlen_q = _check_max_seqlen(fn, "max_seqlen_q", max_seqlen_q, np.diff(cu_q))
+    max_seqlen_k = _check_max_seqlen(fn, "max_seqlen_k", max_seqlen_k, np.diff(cu_k))
     scale = _check_options(fn, causal, scale, return_lse, q.shape[-1])
     total_q, H, _ = q.shape
     Hk, Dv = k.shape[1], v.shape[-1]
@@ -253,6 +281,9 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
     if out is None:
         out = xp.empty((total_q, H, Dv), dtype=q.dtype)
     lse = xp.empty((H, total_q), dtype=_api.accumulator_dtype(q.dtype))
+    if xp_name == "cupy" and _packed_forward(q, k, v, given_cu, (cu_q, cu_k), max_seqlen_q,
+                                             max_seqlen_k, causal, scale, out, lse):
+        return (out, lse) if return_lse else out
     for a, b, c, d in zip(cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:]):
         if a == b:
             continue

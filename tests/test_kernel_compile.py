@@ -54,7 +54,8 @@ def _variants():
     return [(source, name, arch) for arch in ARCHS
             for source, name in every_arch + _cupy_backward.mma_backward_variants(arch)
             ] + [(source, name, "sm_90a")
-                 for source, name in _cupy_backend.wgmma_attention_variants()]
+                 for source, name in _cupy_backend.wgmma_attention_variants()
+                 ] + _cupy_backend.varlen_attention_variants()
 
 
 def _short(name):
@@ -128,7 +129,7 @@ def test_compiles_without_spills(source, name, arch, resource_table):
         # setmaxnreg moves registers inside the block's pool, which holds what the block
         # was launched with: 65536 / threads, rounded down to 8 (FwdWgmmaTraits). With
         # fewer, the consumers' setmaxnreg.inc would wait forever for registers.
-        consumers = int(re.search(r"flash_fwd_wgmma(?:_variants)?<[^,]+, \d+, \d+, (\d+),",
+        consumers = int(re.search(r"flash_fwd_wgmma(?:_variants|_varlen)?<[^,]+, \d+, \d+, (\d+),",
                               name).group(1))
         threads = 128 * (consumers + 1)
         assert report["registers"] == 65536 // threads // 8 * 8, (
@@ -313,7 +314,9 @@ def _cuobjdump():
     return path
 
 
-WGMMA_VARIANTS = _cupy_backend.wgmma_attention_variants()
+WGMMA_VARIANTS = _cupy_backend.wgmma_attention_variants() + [
+    (source, name) for source, name, _ in _cupy_backend.varlen_attention_variants()
+    if "wgmma" in name]
 
 
 @pytest.mark.parametrize("source, name", WGMMA_VARIANTS,
@@ -336,7 +339,7 @@ def test_wgmma_machine_code(source, name):
         assert counts.get(needed, 0) > 0, f"{name}: no {needed} in its SASS"
     for banned in ("LDL", "STL", "HMMA"):
         assert counts.get(banned, 0) == 0, f"{name}: {counts[banned]} {banned} in its SASS"
-    consumers = int(re.search(r"flash_fwd_wgmma(?:_variants)?<[^,]+, \d+, \d+, (\d+),",
+    consumers = int(re.search(r"flash_fwd_wgmma(?:_variants|_varlen)?<[^,]+, \d+, \d+, (\d+),",
                               name).group(1))
     limit = 240 if consumers == 2 else 160  # FwdWgmmaTraits::CONSUMER_REGS
     highest = max(int(r) for r in re.findall(r"\bR(\d+)\b", sass))
@@ -409,3 +412,17 @@ def test_decode_config_pads_the_head_dim_and_chooses_rows():
     assert _cupy_decode.decode_config(256, 256, "float64", 90, 32).rows == 4
     with pytest.raises(ValueError, match="^attention_decode: head dims up to 256"):
         _cupy_decode.decode_config(257, 64, "float32", 90, 1)
+
+
+def test_param_structs_match_the_python_layout():
+    """Every field of AttentionParams and VariantParams (the packed-sequence offsets
+    included) sits at the offset of the NumPy dtype _cupy_backend packs it with."""
+    asserts = []
+    for struct_name, dtype in (("AttentionParams", _cupy_backend.ATTENTION_PARAMS_DTYPE),
+                               ("VariantParams", _cupy_backend.VARIANT_PARAMS_DTYPE)):
+        c = f"cupyflash::{struct_name}"
+        asserts.append(f'static_assert(sizeof({c}) == {dtype.itemsize}, "{struct_name} size");')
+        for name in dtype.names:
+            asserts.append(f'static_assert(__builtin_offsetof({c}, {name}) == '
+                           f'{dtype.fields[name][1]}, "{struct_name}::{name}");')
+    _compile_asserts("attention_variants.cuh", asserts)

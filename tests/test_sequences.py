@@ -511,8 +511,8 @@ def test_mixed_numpy_and_lists_are_accepted_for_offsets():
 
 
 # ----------------------------------------------------------------------------------------
-# the GPU: the same validation; varlen runs the fused forward per sequence (decode:
-# test_decode_gpu.py)
+# the GPU: the same validation; varlen runs every sequence in one launch (fp16/bf16 above
+# d = 128: the fused forward per sequence) (decode: test_decode_gpu.py)
 # ----------------------------------------------------------------------------------------
 
 def gpu_only(test):
@@ -567,6 +567,8 @@ DECODE_CASES_ON_GPU = [
                          seed=4))
 @example(case=VarlenCase("float64", (33, 7), (7, 33), Hk=2, group=1, D=20, Dv=5,
                          causal=True, seed=5))
+@example(case=VarlenCase("float16", (70, 0, 129, 1), (129, 3, 64, 0), Hk=2, group=2, D=128,
+                         Dv=64, causal=True, seed=6))
 def test_varlen_on_gpu_matches_each_sequence(case):
     import cupy
     q, k, v, cu_q, cu_k = case.inputs()
@@ -578,3 +580,74 @@ def test_varlen_on_gpu_matches_each_sequence(case):
     for before, after in zip((q, k, v, cu_q, cu_k), (gq, gk, gv, gcu_q, gcu_k)):
         assert before.tobytes() == after.get().tobytes(), "attention_varlen modified an input"
     check_varlen(case, out.get(), lse.get(), q, k, v, cu_q, cu_k)
+
+
+# Lengths that end on, just before and just after the 64- and 128-row tiles of the packed
+# kernels (their BLOCK_M is 128 or 192 and BLOCK_N 64 or 128), empty queries, empty keys
+# and both, and one sequence longer than three tiles; keys of a different length per
+# sequence, so the causal diagonal moves.
+EDGE_LENGTHS_Q = (64, 0, 63, 65, 127, 128, 129, 1, 0, 191, 193, 5, 400, 2)
+EDGE_LENGTHS_K = (64, 7, 0, 129, 128, 65, 127, 300, 0, 192, 2, 1, 257, 64)
+
+
+@gpu_only
+@pytest.mark.parametrize("fwd_kernel", ["auto", "mma"])
+@pytest.mark.parametrize("dtype, D, Hk, group, causal", [
+    ("float16", 64, 2, 2, True),
+    ("bfloat16", 64, 1, 3, False),
+    ("bfloat16", 128, 2, 1, True),
+    ("float16", 128, 1, 4, False),
+    ("bfloat16", 96, 2, 2, True),
+    ("float16", 32, 3, 1, True),
+    ("float32", 64, 2, 2, True),   # flash_fwd_simt_varlen
+    ("float64", 32, 1, 2, False),
+    ("bfloat16", 256, 1, 2, True),  # above VARLEN_MAX_HEAD_DIM: the forward per sequence
+])
+def test_varlen_on_gpu_at_tile_edges(monkeypatch, fwd_kernel, dtype, D, Hk, group, causal):
+    """Many sequences in one launch: each one exactly as attention on its own, whatever
+    the packed kernel reads past its end (the next sequence's rows)."""
+    import cupy
+    monkeypatch.setenv("CUPYFLASH_FWD_KERNEL", fwd_kernel)
+    case = VarlenCase(dtype, EDGE_LENGTHS_Q, EDGE_LENGTHS_K, Hk=Hk, group=group, D=D, Dv=D,
+                      causal=causal, seed=D + group)
+    q, k, v, cu_q, cu_k = case.inputs()
+    out, lse = cupyflash.attention_varlen(*(cupy.asarray(x) for x in (q, k, v, cu_q, cu_k)),
+                                          causal=causal, return_lse=True)
+    out, lse = out.get(), lse.get()
+    check_varlen(case, out, lse, q, k, v, cu_q, cu_k)
+    for a, b, c, d in zip(cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:]):
+        if c == d:  # no key: zeros and -inf, never NaN
+            assert (out[a:b] == 0).all() and (lse[:, a:b] == -np.inf).all()
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype, D", [("float16", 64), ("bfloat16", 128), ("float16", 24),
+                                      ("float32", 64), ("float64", 40)])
+def test_varlen_on_gpu_is_one_launch(monkeypatch, dtype, D):
+    """The packed kernels take every sequence in one launch, with int64 offsets and a
+    max_seqlen above the longest too."""
+    import cupy
+    from cupyflash import _kernels
+    launches = []
+    get_function = _kernels.get_function
+
+    def counting(*args, **kwargs):
+        kernel = get_function(*args, **kwargs)
+
+        def launch(*a, **kw):
+            launches.append(args[2])
+            return kernel(*a, **kw)
+        launch.ptr = kernel.ptr
+        return launch
+    monkeypatch.setattr(_kernels, "get_function", counting)
+    case = VarlenCase(dtype, (3, 0, 70, 129), (5, 9, 0, 200), Hk=2, group=2, D=D, Dv=D,
+                      causal=True, seed=7)
+    q, k, v, cu_q, cu_k = case.inputs()
+    for offsets in (np.int32, np.int64):
+        launches.clear()
+        gq, gk, gv = (cupy.asarray(x) for x in (q, k, v))
+        out, lse = cupyflash.attention_varlen(
+            gq, gk, gv, cupy.asarray(cu_q.astype(offsets)), cupy.asarray(cu_k.astype(offsets)),
+            max_seqlen_q=200, max_seqlen_k=300, causal=True, return_lse=True)
+        assert len(launches) == 1 and "_varlen<" in launches[0], launches
+        check_varlen(case, out.get(), lse.get(), q, k, v, cu_q, cu_k)

@@ -43,7 +43,40 @@ struct VariantParams {
     long long window_left;      // query i sees keys [i + diag - left, i + diag + right];
     long long window_right;     // UNBOUNDED where a side is not limited
     double softcap;             // > 0: scores -> softcap * tanh(scores / softcap); 0: none
+    // Packed sequences of attention_varlen (null for a dense batch): (n_seq + 1,) int32
+    // prefix sums of the query and key lengths. The batch is then (1, n_seq, Hk, G) with a
+    // sequence stride of 0, Lq and Lk are the longest lengths (they size the grid), and
+    // each block attends the sequence of its batch element (sequence_params).
+    const int* cu_seqlens_q;
+    const int* cu_seqlens_k;
 };
+
+// The AttentionParams of batch element b = (seq, h) of a packed batch (vp.cu_seqlens_q not
+// null): the lengths of sequence seq, q, k, v and o moved to its first rows, and lse moved
+// so that its row r of head h lands at lse[h * total_q + cu_q[seq] + r], FlashAttention's
+// (H, total_q) layout (the kernels write row r of batch element b at lse + b * Lq + r).
+// q_row0 and k_row0 get the first query and key row, for kernels that read through tensor
+// maps. A local copy: only the fields the kernels read survive, in registers.
+template <typename T, typename LseT>
+__device__ __forceinline__ AttentionParams sequence_params(const AttentionParams& p,
+                                                           const VariantParams& vp, long long b,
+                                                           long long& q_row0, long long& k_row0) {
+    const long long heads = p.batch_size[MAX_BATCH_DIMS - 2] * p.batch_size[MAX_BATCH_DIMS - 1];
+    const long long seq = b / heads, h = b - seq * heads;
+    const long long total_q = vp.cu_seqlens_q[p.batch_size[MAX_BATCH_DIMS - 3]];  // cu_q[n_seq]
+    q_row0 = vp.cu_seqlens_q[seq];
+    k_row0 = vp.cu_seqlens_k[seq];
+    AttentionParams s = p;
+    s.Lq = vp.cu_seqlens_q[seq + 1] - q_row0;
+    s.Lk = vp.cu_seqlens_k[seq + 1] - k_row0;
+    s.q = static_cast<const T*>(p.q) + q_row0 * p.q_row_stride;
+    s.k = static_cast<const T*>(p.k) + k_row0 * p.k_row_stride;
+    s.v = static_cast<const T*>(p.v) + k_row0 * p.v_row_stride;
+    s.o = static_cast<T*>(p.o) + q_row0 * p.o_row_stride;
+    // (the offset may be negative for b * Lq past the target: only the sum is dereferenced)
+    s.lse = static_cast<LseT*>(p.lse) + (h * total_q + q_row0 - b * s.Lq);
+    return s;
+}
 
 // The modifier of one batch element, in score units of Acc (float: log2, double: natural).
 // T is the kernel's element type (a bias either has it or is float). It keeps only what

@@ -310,6 +310,8 @@ __device__ __forceinline__ void flash_fwd_mma_body(const AttentionParams& p,
         IS_CAUSAL || (VARIANTS && vp.window_right < UNBOUNDED && vp.window_left >= UNBOUNDED);
     const int m_block = longest_last ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
     const long long m0 = (long long)m_block * BLOCK_M;
+    // A packed sequence (flash_fwd_mma_varlen) shorter than the grid's longest: no rows here.
+    if (VARIANTS && m0 >= p.Lq) return;
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane / 4;  // mma "group": this lane holds rows g and g + 8 of each m16 tile
@@ -540,6 +542,23 @@ template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int NUM_WARPS, int
 __global__ void __launch_bounds__(NUM_WARPS * 32, MIN_BLOCKS)
 flash_fwd_mma_variants(const AttentionParams p, const VariantParams vp) {
     flash_fwd_mma_body<T, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_WARPS, KV_BUFFERS, false, true>(p, vp);
+}
+
+// The variants over packed sequences (attention_varlen; vp.cu_seqlens_q and cu_seqlens_k
+// set): each block attends the sequence of its batch element as a problem of its own
+// (sequence_params). An entry point of its own rather than a branch in the one above: the
+// sequence's pointers and lengths live in registers, not in the parameter space, which
+// cost the dense variants up to 23 registers a thread and spilled them at d = 256 (ptxas
+// -v, sm_80 and sm_90a, 2026-11-22).
+template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int NUM_WARPS, int KV_BUFFERS,
+          int MIN_BLOCKS>
+__global__ void __launch_bounds__(NUM_WARPS * 32, MIN_BLOCKS)
+flash_fwd_mma_varlen(const AttentionParams p, const VariantParams vp) {
+    const long long b = (long long)blockIdx.z * gridDim.y + blockIdx.y;  // (sequence, head)
+    if (b >= p.n_batch) return;
+    long long q_row0, k_row0;
+    const AttentionParams ps = sequence_params<T, float>(p, vp, b, q_row0, k_row0);
+    flash_fwd_mma_body<T, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_WARPS, KV_BUFFERS, false, true>(ps, vp);
 }
 
 }  // namespace cupyflash

@@ -214,6 +214,8 @@ __device__ __forceinline__ void flash_fwd_simt_body(const AttentionParams& p,
         IS_CAUSAL || (VARIANTS && vp.window_right < UNBOUNDED && vp.window_left >= UNBOUNDED);
     const long long m_block = longest_last ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
     const long long m0 = m_block * BLOCK_M;
+    // A packed sequence (flash_fwd_simt_varlen) shorter than the grid's longest: no rows here.
+    if (VARIANTS && m0 >= p.Lq) return;
     const BatchPointers<T, T> ptr = batch_pointers<T, T>(p, b);
     const T* q = ptr.q;
     const T* k = ptr.k;
@@ -465,6 +467,18 @@ template <typename T, int HEAD_DIM>
 __global__ void __launch_bounds__(SimtTraits<T, HEAD_DIM>::NUM_THREADS, 2)
 flash_fwd_simt_variants(const AttentionParams p, const VariantParams vp) {
     flash_fwd_simt_body<T, HEAD_DIM, false, true>(p, vp);
+}
+
+// The variants over packed sequences (attention_varlen), as flash_fwd_mma_varlen: each
+// block attends the sequence of its batch element (sequence_params; lse in T).
+template <typename T, int HEAD_DIM>
+__global__ void __launch_bounds__(SimtTraits<T, HEAD_DIM>::NUM_THREADS, 2)
+flash_fwd_simt_varlen(const AttentionParams p, const VariantParams vp) {
+    const long long b = static_cast<long long>(blockIdx.z) * gridDim.y + blockIdx.y;
+    if (b >= p.n_batch) return;
+    long long q_row0, k_row0;
+    const AttentionParams ps = sequence_params<T, T>(p, vp, b, q_row0, k_row0);
+    flash_fwd_simt_body<T, HEAD_DIM, false, true>(ps, vp);
 }
 
 }  // namespace cupyflash

@@ -293,7 +293,8 @@ __device__ __forceinline__ void flash_fwd_wgmma_body(const AttentionParams& p,
                                                      const VariantParams& vp,
                                                      const TmaDescriptor& tma_q,
                                                      const TmaDescriptor& tma_k,
-                                                     const TmaDescriptor& tma_v) {
+                                                     const TmaDescriptor& tma_v,
+                                                     long long q_row0, long long k_row0) {
     static_assert(!(IS_CAUSAL && VARIANTS), "with variants the causal mask is the window's");
     using Tr = FwdWgmmaTraits<T, HEAD_DIM, BLOCK_N, NUM_CONSUMERS, STAGES>;
     using Mma = Wgmma<BLOCK_N, IsBf16<T>::value>;   // S = Q K^T: N = BLOCK_N
@@ -308,6 +309,9 @@ __device__ __forceinline__ void flash_fwd_wgmma_body(const AttentionParams& p,
         IS_CAUSAL || (VARIANTS && vp.window_right < UNBOUNDED && vp.window_left >= UNBOUNDED);
     const int m_block = longest_last ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
     const long long m0 = (long long)m_block * BLOCK_M;
+    // A packed sequence (flash_fwd_wgmma_varlen) shorter than the grid's longest: the whole
+    // block leaves before any mbarrier or named barrier exists, so no warp waits on it.
+    if (VARIANTS && m0 >= p.Lq) return;
 
     // Key blocks to visit, [n_first, n_blocks), last to first: iteration it takes block
     // n_blocks - 1 - it. Causal skips the blocks wholly above the diagonal, a window
@@ -364,8 +368,8 @@ __device__ __forceinline__ void flash_fwd_wgmma_body(const AttentionParams& p,
             mbarrier_arrive_expect_tx(q_full, Tr::Q_TILE_BYTES);
 #pragma unroll
             for (int s = 0; s < SLABS; ++s)
-                tma_load_3d(sQ + s * BLOCK_M * 128, tma_q, q_full, s * Tr::SLAB, (int)m0,
-                            (int)off.q);
+                tma_load_3d(sQ + s * BLOCK_M * 128, tma_q, q_full, s * Tr::SLAB,
+                            (int)(q_row0 + m0), (int)off.q);
             // Key block of iteration it is j = n_blocks - 1 - it, in buffer it % STAGES.
             // Order K_0, then K_it and V_{it-1}: the consumers need K_it for S before
             // they need V_{it-1} for P V.
@@ -374,7 +378,8 @@ __device__ __forceinline__ void flash_fwd_wgmma_body(const AttentionParams& p,
                 const int st = it % STAGES;
                 mbarrier_wait(empty, ((it / STAGES) & 1) ^ 1);  // the buffer was handed back
                 mbarrier_arrive_expect_tx(full, Tr::KV_TILE_BYTES);
-                const int n0 = (n_blocks - 1 - it) * BLOCK_N;
+                // (rows past a packed sequence's Lk are the next sequence's: masked to P = 0)
+                const int n0 = (int)k_row0 + (n_blocks - 1 - it) * BLOCK_N;
 #pragma unroll
                 for (int s = 0; s < SLABS; ++s)
                     tma_load_3d(tiles + st * Tr::KV_TILE_BYTES + s * BLOCK_N * 128, map, full,
@@ -611,7 +616,7 @@ flash_fwd_wgmma(const AttentionParams p, const __grid_constant__ TmaDescriptor t
                 const __grid_constant__ TmaDescriptor tma_k,
                 const __grid_constant__ TmaDescriptor tma_v) {
     flash_fwd_wgmma_body<T, HEAD_DIM, BLOCK_N, NUM_CONSUMERS, STAGES, IS_CAUSAL, false>(
-        p, VariantParams{}, tma_q, tma_k, tma_v);
+        p, VariantParams{}, tma_q, tma_k, tma_v, /*q_row0=*/0, /*k_row0=*/0);
 }
 
 template <typename T, int HEAD_DIM, int BLOCK_N, int NUM_CONSUMERS, int STAGES>
@@ -621,7 +626,26 @@ flash_fwd_wgmma_variants(const AttentionParams p, const VariantParams vp,
                          const __grid_constant__ TmaDescriptor tma_k,
                          const __grid_constant__ TmaDescriptor tma_v) {
     flash_fwd_wgmma_body<T, HEAD_DIM, BLOCK_N, NUM_CONSUMERS, STAGES, false, true>(
-        p, vp, tma_q, tma_k, tma_v);
+        p, vp, tma_q, tma_k, tma_v, /*q_row0=*/0, /*k_row0=*/0);
+}
+
+// The variants over packed sequences (attention_varlen), as flash_fwd_mma_varlen: each
+// block attends the sequence of its batch element (sequence_params), reading q, k and v
+// through (D, total rows, heads) maps from the sequence's first rows on. Rows past the
+// sequence's end are the next sequence's, not zeros: keys there are past its Lk (P = 0
+// exactly, so their V rows add nothing), queries there are never stored.
+template <typename T, int HEAD_DIM, int BLOCK_N, int NUM_CONSUMERS, int STAGES>
+__global__ void __launch_bounds__(128 * (NUM_CONSUMERS + 1), 1)
+flash_fwd_wgmma_varlen(const AttentionParams p, const VariantParams vp,
+                       const __grid_constant__ TmaDescriptor tma_q,
+                       const __grid_constant__ TmaDescriptor tma_k,
+                       const __grid_constant__ TmaDescriptor tma_v) {
+    const long long b = (long long)blockIdx.z * gridDim.y + blockIdx.y;  // (sequence, head)
+    if (b >= p.n_batch) return;
+    long long q_row0, k_row0;
+    const AttentionParams ps = sequence_params<T, float>(p, vp, b, q_row0, k_row0);
+    flash_fwd_wgmma_body<T, HEAD_DIM, BLOCK_N, NUM_CONSUMERS, STAGES, false, true>(
+        ps, vp, tma_q, tma_k, tma_v, q_row0, k_row0);
 }
 
 }  // namespace cupyflash
