@@ -403,18 +403,21 @@ def mma_attention_variants():
 # Hopper tiles per padded head dim: (BLOCK_N, NUM_CONSUMERS, STAGES) of
 # cuda/flash_fwd_wgmma.cuh; BLOCK_M = 64 * NUM_CONSUMERS query rows per block, plus one
 # producer warpgroup. FlashAttention-3's shapes, adapted to fit without spills (registers
-# per consumer thread: 240 with two consumers, 160 with three); measured on an H100 in
-# benchmarks/NOTES.md (session 4), not tuned further.
+# per consumer thread: 240 with two consumers, 160 with three). Stages measured on an H100
+# (benchmarks/tune_tiles.py --kernel wgmma, NOTES.md session 4): a third K/V stage is
+# 0-11% faster at d = 128 (most at s = 1k, causal) and 1-3% at d = 64; (64 keys, 4
+# stages) at d = 128 is 5-15% slower.
 #   d = 64: three consumers (BLOCK_M = 192), as FA3: at d = 64 the products are short
-#           and the softmax relatively long, so more warpgroups take turns.
-#   d = 128: two consumers x 64 rows, BLOCK_N = 128, two stages (160 KiB of smem).
-#   d = 256: BLOCK_N = 64 (acc alone is 128 registers a thread), two stages (192 KiB).
+#           and the softmax relatively long, so more warpgroups take turns; 3 stages.
+#   d = 128: two consumers x 64 rows, BLOCK_N = 128, three stages (225 KiB of smem).
+#   d = 256: BLOCK_N = 64 (acc alone is 128 registers a thread), two stages (192 KiB;
+#            a third does not fit).
 WGMMA_HEAD_DIMS = (64, 128, 256)
 # auto picks the wgmma kernel above this head dim. On an H100 (benchmarks/NOTES.md,
 # session 4) it beat the mma.sync kernel at d = 64, 128, 256, s = 1k..16k, causal and not
 # (1.0-2.3x); at d <= 32 padding to 64 would double the work of Q K^T.
 WGMMA_AUTO_MIN_HEAD_DIM = 32
-WGMMA_TILES = {64: (128, 3, 2), 128: (128, 2, 2), 256: (64, 2, 2)}
+WGMMA_TILES = {64: (128, 3, 3), 128: (128, 2, 3), 256: (64, 2, 2)}
 # With variants, d = 64 takes 64-key blocks: with 128 the score modifier's registers do
 # not fit in the 160 a consumer thread has with three consumers (ptxas spills 388 bytes).
 WGMMA_VARIANT_TILES = {**WGMMA_TILES, 64: (64, 3, 2)}

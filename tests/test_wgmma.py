@@ -303,7 +303,7 @@ def test_dispatch_follows_the_environment(monkeypatch):
     monkeypatch.setenv("CUPYFLASH_FWD_KERNEL", "wgmma")
     cfg = _cupy_backend.attention_config(100, 30, "bfloat16", 90, True)
     assert cfg.kernel == "wgmma" and cfg.source == WGMMA
-    assert cfg.name_expression == "cupyflash::flash_fwd_wgmma<__nv_bfloat16, 128, 128, 2, 2, true>"
+    assert cfg.name_expression == "cupyflash::flash_fwd_wgmma<__nv_bfloat16, 128, 128, 2, 3, true>"
     assert (cfg.block_m, cfg.num_threads) == (128, 384)
     assert _cupy_backend.attention_config(64, 64, "float16", 90, False).block_m == 192
     # elsewhere the other kernels: not Hopper, fp32, head dims past 256
