@@ -166,6 +166,23 @@ def finite_difference_gradients(loss, arrays, h=1e-6):
     return grads
 
 
+def assert_gradients_are_the_derivative(grads, dout, q, k, v, *, causal, options):
+    """float64 ``grads`` (dq, dk, dv[, dbias]) of sum(dout * attention(q, k, v, causal,
+    **options)): equal to its central differences (rtol 1e-6) and to
+    cupyflash.reference.attention_backward (rtol 1e-12)."""
+    def loss():
+        return float(np.sum(dout * cupyflash.attention(q, k, v, causal=causal, **options)))
+
+    inputs = (q, k, v) + ((options["bias"],) if "bias" in options else ())
+    for name, got, fd in zip(("dq", "dk", "dv", "dbias"), grads,
+                             finite_difference_gradients(loss, inputs)):
+        np.testing.assert_allclose(got, fd, rtol=1e-6, atol=1e-8, err_msg=name)
+    expected = reference.attention_backward(dout, q, k, v, causal=causal,
+                                            return_dbias="bias" in options, **options)
+    for got, e in zip(grads, expected):
+        np.testing.assert_allclose(got, e, rtol=1e-12, atol=1e-13)
+
+
 @pytest.mark.parametrize("shapes, causal, scale", [
     (((4, 3), (5, 3), (5, 2)), False, None),
     (((6, 3), (4, 3), (4, 2)), True, 0.7),                        # Lq > Lk: rows see nothing

@@ -21,9 +21,9 @@ import cupyflash
 from accuracy import (DTYPES, _finite_abs_max, check_attention_backward,
                       true_attention_backward)
 from backends import requires_gpu
-from cupyflash import _api, _numpy_backend, reference
+from cupyflash import _api, _numpy_backend
 from strategies import AttentionCase, VariantCase, examples, variant_cases
-from test_backward import FLOAT16_GRADIENT_MAX, draw_dout, finite_difference_gradients
+from test_backward import FLOAT16_GRADIENT_MAX, assert_gradients_are_the_derivative, draw_dout
 
 # See test_attention.py: OpenBLAS flags 0 * -inf on padding lanes; no NaN reaches a result.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered in matmul")
@@ -187,18 +187,7 @@ def test_gradients_match_finite_differences(options, causal):
         options["mask"] = rng.random((Lq, Lk)) < 0.7
     dout = rng.standard_normal((B, Lq, Dv))
     grads = gradients(dout, q, k, v, None, options, causal=causal)
-
-    def loss():
-        return float(np.sum(dout * cupyflash.attention(q, k, v, causal=causal, **options)))
-
-    inputs = (q, k, v) + ((options["bias"],) if "bias" in options else ())
-    for name, got, fd in zip(("dq", "dk", "dv", "dbias"), grads,
-                             finite_difference_gradients(loss, inputs)):
-        np.testing.assert_allclose(got, fd, rtol=1e-6, atol=1e-8, err_msg=name)
-    expected = reference.attention_backward(dout, q, k, v, causal=causal,
-                                            return_dbias="bias" in options, **options)
-    for got, e in zip(grads, expected):
-        np.testing.assert_allclose(got, e, rtol=1e-12, atol=1e-13)
+    assert_gradients_are_the_derivative(grads, dout, q, k, v, causal=causal, options=options)
 
 
 # ----------------------------------------------------------------------------------------
