@@ -20,18 +20,19 @@ import re
 
 import numpy as np
 import pytest
-from hypothesis import assume, example, given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import cupyflash
-from accuracy import (DTYPES, WIDE, _finite_abs_max, assert_within_budget,
+from accuracy import (DTYPES, WIDE, assert_within_budget,
                       backward_floors_and_slacks, check_attention, check_attention_backward,
                       lse_floor, out_floor, score_rounding_slack, true_attention,
                       true_attention_backward)
 from backends import requires_gpu
 from cupyflash import _api, _kernels, _numpy_backend, _philox, reference
 from strategies import AttentionCase, VariantCase, examples, variant_cases
-from test_backward import FLOAT16_GRADIENT_MAX, assert_gradients_are_the_derivative, draw_dout
+from test_backward import assert_gradients_are_the_derivative, draw_dout
+from test_variants_backward import check_variant_gradients
 
 # See test_attention.py: OpenBLAS flags 0 * -inf on padding lanes; no NaN reaches a result.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered in matmul")
@@ -344,17 +345,7 @@ def check_backward(vc, dropout_p, seed, blocks=None, dout_scale=1.0):
         dout_scale = min(dout_scale, 1.0 / vc.case.v_scale)
     dout = draw_dout(vc.case, dout_scale)
     grads = gradients(dout, q, k, v, scale, options, causal=vc.case.causal, blocks=blocks)
-    dbias = grads[3] if len(grads) == 4 else None
-    # float16 gradients must stay far from 65504, or the naive float16 computation
-    # overflows and the test would be judging the test (as in test_variants_backward)
-    halves = [vc.case.dtype == "float16"] * 3 + [vc.bias_dtype == "float16"]
-    if any(halves[:len(grads)]):
-        truth = true_attention_backward(dout, q, k, v, causal=vc.case.causal, scale=scale,
-                                        return_dbias=dbias is not None, **options)
-        assume(all(_finite_abs_max(g) < FLOAT16_GRADIENT_MAX
-                   for g, half in zip(truth, halves) if half))
-    check_attention_backward(*grads[:3], dout, q, k, v, causal=vc.case.causal, scale=scale,
-                             dbias=dbias, **options)
+    check_variant_gradients(vc, grads, dout, q, k, v, scale, options)
 
 
 def backward_cases(**kwargs):

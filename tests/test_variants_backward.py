@@ -79,7 +79,11 @@ def check_case(vc, dout_scale=1.0, blocks=None):
     q, k, v, scale, options = vc.inputs()
     dout = draw_dout(vc.case, dout_scale)
     grads = gradients(dout, q, k, v, scale, options, causal=vc.case.causal, blocks=blocks)
-    dq, dk, dv = grads[:3]
+    check_variant_gradients(vc, grads, dout, q, k, v, scale, options)
+
+
+def check_variant_gradients(vc, grads, dout, q, k, v, scale, options):
+    """``grads`` (dq, dk, dv[, dbias]) of the case ``vc`` against the accuracy rule."""
     dbias = grads[3] if len(grads) == 4 else None
     # float16 gradients (or dbias of a float16 bias) must stay far from 65504, or the
     # naive float16 computation overflows and the test would be judging the test
@@ -89,7 +93,7 @@ def check_case(vc, dout_scale=1.0, blocks=None):
                                         return_dbias=dbias is not None, **options)
         assume(all(_finite_abs_max(g) < FLOAT16_GRADIENT_MAX
                    for g, half in zip(truth, halves) if half))
-    check_attention_backward(dq, dk, dv, dout, q, k, v, causal=vc.case.causal, scale=scale,
+    check_attention_backward(*grads[:3], dout, q, k, v, causal=vc.case.causal, scale=scale,
                              dbias=dbias, **options)
 
 
