@@ -16,7 +16,9 @@ else with CUDA events around each call (median). Ratios are against torch SDPA's
 
 Providers ``cupyflash_wgmma`` and ``cupyflash_mma`` are cupyflash with
 ``CUPYFLASH_FWD_KERNEL`` set to ``wgmma`` (the Hopper kernel, sm_90 only) or ``mma``
-while they are timed; ``cupyflash`` uses whatever the environment says. The ratio
+while they are timed, ``cupyflash_bwd_wgmma`` and ``cupyflash_bwd_mma`` likewise with
+``CUPYFLASH_BWD_KERNEL`` (the backward's kernel); ``cupyflash`` uses whatever the
+environment says. The ratio
 columns compare each cupyflash provider with torch SDPA's flash and cuDNN backends.
 
 Results are appended as JSON records to ``benchmarks/results/attention_<gpu>.json``:
@@ -96,25 +98,30 @@ def torch_providers():
 
 OP_FLOPS = {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5}  # times the forward's FLOPs
 
-# cupyflash providers: the CUPYFLASH_FWD_KERNEL each is timed under (None: the caller's).
-CUPYFLASH_PROVIDERS = {"cupyflash": None, "cupyflash_mma": "mma", "cupyflash_wgmma": "wgmma"}
+# cupyflash providers: the environment each is timed under (besides the caller's).
+CUPYFLASH_PROVIDERS = {
+    "cupyflash": {},
+    "cupyflash_mma": {"CUPYFLASH_FWD_KERNEL": "mma"},
+    "cupyflash_wgmma": {"CUPYFLASH_FWD_KERNEL": "wgmma"},
+    "cupyflash_bwd_mma": {"CUPYFLASH_BWD_KERNEL": "mma"},
+    "cupyflash_bwd_wgmma": {"CUPYFLASH_BWD_KERNEL": "wgmma"},
+}
 
 
 @contextlib.contextmanager
-def forward_kernel(kind):
-    """CUPYFLASH_FWD_KERNEL = kind inside the block (unchanged for None)."""
-    if kind is None:
-        yield
-        return
-    old = os.environ.get("CUPYFLASH_FWD_KERNEL")
-    os.environ["CUPYFLASH_FWD_KERNEL"] = kind
+def forward_kernel(settings):
+    """The environment variables ``settings`` (a dict, or None) inside the block."""
+    settings = settings or {}
+    old = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
     try:
         yield
     finally:
-        if old is None:
-            del os.environ["CUPYFLASH_FWD_KERNEL"]
-        else:
-            os.environ["CUPYFLASH_FWD_KERNEL"] = old
+        for name, value in old.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
 
 
 def _cupyflash_fn(cupy, op, q, k, v, causal, deterministic):
@@ -192,7 +199,8 @@ def main(argv=None):
     print(f"op {args.op}{' (deterministic)' if args.deterministic else ''}; timer: "
           f"{timer_desc}. FLOPs = {OP_FLOPS[args.op]} * 4*b*h*s^2*d (halved when causal); "
           f"grid: b = 16384 // s, h = 2048 // d; "
-          f"CUPYFLASH_FWD_KERNEL={os.environ.get('CUPYFLASH_FWD_KERNEL', '(unset)')}")
+          f"CUPYFLASH_FWD_KERNEL={os.environ.get('CUPYFLASH_FWD_KERNEL', '(unset)')}, "
+          f"CUPYFLASH_BWD_KERNEL={os.environ.get('CUPYFLASH_BWD_KERNEL', '(unset)')}")
 
     records = []
     run = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())

@@ -9,6 +9,7 @@ prints a histogram of the instructions that matter for attention: tensor-core op
     python benchmarks/sass.py                         # the d=64 and d=128 fp16 variants
     python benchmarks/sass.py --filter "__nv_bfloat16, 256" --arch sm_90a
     python benchmarks/sass.py --kernel wgmma          # the Hopper kernel (sm_90a)
+    python benchmarks/sass.py --kernel wgmma_bwd      # the Hopper backward (sm_90a)
 
 For the Hopper kernel it also counts what marks it (HGMMA, UTMALDG, SYNCS, USETMAXREG,
 WARPGROUP barriers), reports the highest register index (a consumer thread may use at
@@ -25,10 +26,11 @@ import tempfile
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from cupyflash import _cupy_backend, _kernels  # noqa: E402
+from cupyflash import _cupy_backend, _cupy_backward, _kernels  # noqa: E402
 
-WATCH = ("HMMA", "HGMMA", "LDSM", "LDGSTS", "UTMALDG", "LDS", "STS", "LDG", "STG", "MUFU.EX2",
-         "BAR.SYNC", "BAR.ARV", "SHFL", "LDL", "STL", "SYNCS", "USETMAXREG", "WARPGROUP")
+WATCH = ("HMMA", "HGMMA", "LDSM", "LDGSTS", "UTMALDG", "UBLKRED", "LDS", "STS", "LDG", "STG",
+         "MUFU.EX2", "BAR.SYNC", "BAR.ARV", "SHFL", "LDL", "STL", "SYNCS", "USETMAXREG",
+         "WARPGROUP")
 
 
 def histogram(sass):
@@ -49,12 +51,16 @@ def main():
     ap.add_argument("--arch", default="sm_90a")
     ap.add_argument("--dump", default=None, help="folder to write the full SASS into")
     ap.add_argument("--cuobjdump", default="cuobjdump")
-    ap.add_argument("--kernel", choices=("mma", "wgmma"), default="mma",
-                    help="the mma.sync forward variants, or the Hopper (wgmma) ones")
+    ap.add_argument("--kernel", choices=("mma", "wgmma", "wgmma_bwd"), default="mma",
+                    help="the mma.sync forward variants, the Hopper (wgmma) ones, or the "
+                         "Hopper backward")
     args = ap.parse_args()
     if args.kernel == "wgmma":
         args.arch = "sm_90a"
         pool = _cupy_backend.wgmma_attention_variants()
+    elif args.kernel == "wgmma_bwd":
+        args.arch = "sm_90a"
+        pool = _cupy_backward.wgmma_backward_variants()
     else:
         pool = _cupy_backend.all_attention_variants()
     variants = [v for v in pool if args.filter in v[1]]

@@ -7,6 +7,12 @@
    in float32 atomics to a zeroed ``dq_accum``;
 3. with ``deterministic=True``, the dQ kernel instead, one thread block per query block,
    summing over key blocks in a fixed order (no atomics: bitwise reproducible);
+
+On a GPU of compute capability 9.0 the main kernel of fp16/bf16 problems at head dims
+33..128 without variants is the Hopper one (``flash_bwd_wgmma``: wgmma, TMA, warp
+specialisation; it adds dQ by bulk reduce-adds), unless ``CUPYFLASH_BWD_KERNEL=mma``;
+``deterministic=True`` and the variants keep the mma.sync kernels. See
+:func:`backward_kernel`.
 4. ``scale_convert``: ``dq = dq_accum * scale`` in the inputs' dtype, and the sums of
    the gradients over broadcast batch dimensions (grouped-query attention) in float32.
 
@@ -22,9 +28,11 @@ import os
 import numpy as np
 
 from . import _kernels
-from ._cupy_backend import (_DTYPE_TO_CUDA, _compute_capability, _device_of, _expand,
-                            _kernel_ready, _on_device, _pack_params, _pack_variants,
-                            _variant_operands, has_variants, launch_grid)
+from . import _tensor_map
+from ._cupy_backend import (_DTYPE_TO_CUDA, _batch_layout, _compute_capability, _device_of,
+                            _expand, _kernel_ready, _launch_registers, _on_device,
+                            _pack_params, _pack_variants, _variant_operands, has_variants,
+                            launch_grid)
 
 # struct BackwardParams of cuda/attention_common.cuh: 5 pointers and one int64.
 BACKWARD_PARAMS_DTYPE = np.dtype(
@@ -77,15 +85,73 @@ def _smem_class(compute_capability):
 
 
 class BackwardConfig:
-    """The kernels of one backward problem and how to launch them."""
+    """The kernels of one backward problem and how to launch them. ``kernel``: the main
+    kernel's family ("mma", "wgmma" or "simt"); ``block_m``: the query rows of its inner
+    step (the rows of the wgmma kernel's Q and dO tensor-map boxes)."""
 
     __slots__ = ("head_dim", "main_source", "main_name", "main_threads", "main_smem",
                  "block_n", "dq_source", "dq_name", "dq_threads", "dq_smem", "block_m_dq",
-                 "align_elems", "pad_d_to")
+                 "align_elems", "pad_d_to", "kernel", "block_m")
 
     def __init__(self, **kw):
         for name in self.__slots__:
             setattr(self, name, kw[name])
+
+
+BWD_KERNELS = ("auto", "mma", "wgmma")
+
+
+def backward_kernel():
+    """The fp16/bf16 backward kernel family that ``CUPYFLASH_BWD_KERNEL`` asks for.
+
+    ``wgmma``: the Hopper kernel (cuda/flash_bwd_wgmma.cuh) wherever it applies: fp16/bf16
+    on a GPU of compute capability 9.0, head dims up to 128, no variants, not
+    deterministic, and q, k, v, dout that tensor maps can describe (otherwise the
+    mma.sync kernel runs). ``auto`` (or unset): as ``wgmma`` for head dims above 32; at
+    32 and below padding to 64 would double the work. ``mma``: the mma.sync kernel
+    everywhere.
+    """
+    choice = os.environ.get("CUPYFLASH_BWD_KERNEL", "auto").strip().lower() or "auto"
+    if choice not in BWD_KERNELS:
+        raise ValueError(f"attention_backward: CUPYFLASH_BWD_KERNEL must be one of "
+                         f"{', '.join(BWD_KERNELS)}, got {choice!r}")
+    return choice
+
+
+# cuda/flash_bwd_wgmma.cuh: BwdWgmmaTraits' fixed shape (two consumer warpgroups of 64
+# keys, 64 query rows a step) and its Q/dO stages per head dim.
+WGMMA_BWD_HEAD_DIMS = (64, 128)
+WGMMA_BWD_BLOCK_M, WGMMA_BWD_BLOCK_N = 64, 128
+WGMMA_BWD_STAGES = {64: 2, 128: 2}
+WGMMA_BWD_AUTO_MIN_HEAD_DIM = 32
+
+
+def _wgmma_bwd_smem_bytes(head_dim, stages):
+    """As BwdWgmmaTraits::SMEM_BYTES."""
+    bm, bn = WGMMA_BWD_BLOCK_M, WGMMA_BWD_BLOCK_N
+    dq_stage = 64 * (64 + 8) * 4 * (head_dim // 64)
+    return (1024 + 2 * bn * head_dim * 2 + 2 * stages * bm * head_dim * 2 + 2 * bn * bm * 2
+            + dq_stage + 2 * stages * bm * 4 + 8 * (1 + 2 * stages))
+
+
+@functools.lru_cache(maxsize=64)
+def _wgmma_backward_config(D, dtype_name, causal):
+    head_dim = next(h for h in WGMMA_BWD_HEAD_DIMS if h >= D)
+    stages = WGMMA_BWD_STAGES[head_dim]
+    return BackwardConfig(
+        head_dim=head_dim, main_source="flash_bwd_wgmma.cuh",
+        main_name=(f"cupyflash::flash_bwd_wgmma<{_DTYPE_TO_CUDA[dtype_name]}, {head_dim}, "
+                   f"{stages}, {'true' if causal else 'false'}>"),
+        main_threads=384, main_smem=_wgmma_bwd_smem_bytes(head_dim, stages),
+        block_n=WGMMA_BWD_BLOCK_N, dq_source=None, dq_name=None, dq_threads=0, dq_smem=0,
+        block_m_dq=0, align_elems=8, pad_d_to=8, kernel="wgmma", block_m=WGMMA_BWD_BLOCK_M)
+
+
+def wgmma_backward_variants():
+    """The (source, name_expression) of every Hopper backward kernel (sm_90a only)."""
+    return [(c.main_source, c.main_name)
+            for c in (_wgmma_backward_config(h, dt, causal) for h in WGMMA_BWD_HEAD_DIMS
+                      for dt in ("float16", "bfloat16") for causal in (False, True))]
 
 
 def _tile_knob(name):
@@ -136,15 +202,23 @@ def _mma_backward_config(D, dtype_name, compute_capability, causal, deterministi
         dq_source="flash_bwd_mma.cuh",
         dq_name=dq_name,
         dq_threads=32 * dq_warps, dq_smem=(2 * dq_m + 4 * dq_n) * smem_row * 2,
-        block_m_dq=dq_m, align_elems=8, pad_d_to=8)
+        block_m_dq=dq_m, align_elems=8, pad_d_to=8, kernel="mma", block_m=block_m)
 
 
-def backward_config(D, dtype_name, compute_capability, causal, deterministic, variants=False):
+def backward_config(D, dtype_name, compute_capability, causal, deterministic, variants=False,
+                    hopper=True):
     """Choose the backward kernels for one problem: the one place their tiles are chosen.
     ``variants``: built with VARIANTS (bias, mask, window, ALiBi; the causal mask is then
-    part of the window and ``causal`` is ignored)."""
+    part of the window and ``causal`` is ignored). ``hopper=False``: not the wgmma kernel
+    (the launcher's fallback where tensor maps cannot describe the operands)."""
     causal = causal and not variants
     if dtype_name in ("float16", "bfloat16"):
+        choice = backward_kernel()
+        if (hopper and int(compute_capability) == 90 and not deterministic and not variants
+                and D <= WGMMA_BWD_HEAD_DIMS[-1]
+                and (choice == "wgmma"
+                     or (choice == "auto" and D > WGMMA_BWD_AUTO_MIN_HEAD_DIM))):
+            return _wgmma_backward_config(D, dtype_name, causal)
         return _mma_backward_config(D, dtype_name, compute_capability, causal, deterministic,
                                     os.environ.get("CUPYFLASH_BWD_TILES", ""), variants)
     from ._cupy_backend import _simt_backward_config
@@ -155,7 +229,7 @@ def backward_config(D, dtype_name, compute_capability, causal, deterministic, va
         main_threads=s.num_threads, main_smem=s.dkdv_smem_bytes, block_n=s.block_n,
         dq_source="flash_bwd_simt.cuh", dq_name=s.dq_name, dq_threads=s.num_threads,
         dq_smem=s.dq_smem_bytes, block_m_dq=s.block_m, align_elems=s.align_elems,
-        pad_d_to=s.pad_d_to)
+        pad_d_to=s.pad_d_to, kernel="simt", block_m=s.block_m)
 
 
 def mma_backward_variants(arch):
@@ -233,6 +307,48 @@ def _finish(device_id, buf, row, full_shape, cols, scale, target, result):
         result[...] = tmp
 
 
+def _wgmma_backward_arguments(problem, cfg, q, k, v, dout, lse):
+    """``(params, (map_q, map_k, map_v, map_do))`` of flash_bwd_wgmma, or None when tensor
+    maps cannot describe q, k, v or dout (then the mma.sync kernel runs).
+
+    As ``_cupy_backend._wgmma_arguments``: each operand is read through a 3-D map (head
+    dim, L, slices) whose boxes have the kernel's rows (BLOCK_M for q and dout, BLOCK_N for
+    k and v), and the batch strides of ``AttentionParams`` count slices; dout takes o's
+    place (the kernel reads neither o nor its pointer)."""
+    layout = _batch_layout(problem, (q, k, v, dout))
+    if layout is None:
+        return None
+    sizes, strides = layout
+    maps, units = [], []
+    for x, st, rows in zip((q, k, v, dout), strides,
+                           (cfg.block_m, cfg.block_n, cfg.block_n, cfg.block_m)):
+        sliced = _tensor_map.slice_layout(sizes, st)
+        if sliced is None:
+            return None
+        slice_stride, n_slices, in_slices = sliced
+        tensor_map = _tensor_map.attention_map(x, slice_stride, n_slices, rows)
+        if tensor_map is None:
+            return None
+        maps.append(tensor_map)
+        units.append(in_slices)
+    params, _ = _pack_params(problem, q, k, v, dout, lse, layout=(sizes, units))
+    return params, tuple(maps)
+
+
+def _check_register_split(kernel, cfg):
+    """As ``_cupy_backend._check_register_split``: BwdWgmmaTraits' setmaxnreg split needs
+    the kernel launched with exactly 65536 / 384 registers a thread, rounded down to 8
+    (168); with fewer the consumers' setmaxnreg.inc would wait forever."""
+    expected = 65536 // cfg.main_threads // 8 * 8
+    got = _launch_registers(kernel.ptr)
+    if got != expected:
+        raise RuntimeError(
+            f"attention_backward: {cfg.main_name} was compiled to {got} registers a thread, "
+            f"but its setmaxnreg split needs exactly {expected} (this NVRTC's ptxas differs "
+            f"from the one it was checked with); launching it would hang. Set "
+            f"CUPYFLASH_BWD_KERNEL=mma to use the mma.sync kernel")
+
+
 def _params_buffer(bp):
     return np.frombuffer(np.array(bp, dtype=BACKWARD_PARAMS_DTYPE).tobytes(),
                          dtype=BACKWARD_PARAMS_DTYPE)[0]
@@ -271,6 +387,12 @@ def attention_backward(dout, q, k, v, out, lse, problem, deterministic=False,
             o, do = (cupy.ascontiguousarray(x) for x in (o, do))
         acc = np.float64 if T == np.float64 else np.float32
         lse_c = cupy.ascontiguousarray(lse, dtype=acc)
+        main_args = None
+        if cfg.kernel == "wgmma":
+            main_args = _wgmma_backward_arguments(p, cfg, *qkv, do, lse_c)
+            if main_args is None:  # a layout tensor maps cannot describe: mma.sync
+                cfg = backward_config(max(p.D, p.Dv), T.name, cc, p.causal,
+                                      bool(deterministic), variants, hopper=False)
         kernel_bias, mask_m, extra = _variant_operands(p, bias, mask)
         params, extra_strides = _pack_params(p, *qkv, o, lse_c, extra)
         if params is None:  # too many batch dims even after collapsing: copy to contiguous
@@ -303,8 +425,14 @@ def attention_backward(dout, q, k, v, out, lse, problem, deterministic=False,
                   f"cupyflash::flash_bwd_preprocess<{_DTYPE_TO_CUDA[T.name]}, {acc_name}>", arch)
         pre(launch_grid(-(-p.Lq // 8), n_batch), (256, 1, 1), (params, bparams))
         main = get(cfg.main_source, cfg.main_name, arch, cfg.main_smem)
-        main(launch_grid(-(-p.Lk // cfg.block_n), n_batch), (cfg.main_threads, 1, 1),
-             (params, bparams) + vargs, shared_mem=cfg.main_smem)
+        if main_args is not None:  # the Hopper kernel: its params and tensor maps
+            _check_register_split(main, cfg)
+            wparams, maps = main_args
+            args = (wparams, bparams) + maps
+        else:
+            args = (params, bparams) + vargs
+        main(launch_grid(-(-p.Lk // cfg.block_n), n_batch), (cfg.main_threads, 1, 1), args,
+             shared_mem=cfg.main_smem)
         if deterministic:
             dq_kernel = get(cfg.dq_source, cfg.dq_name, arch, cfg.dq_smem)
             dq_kernel(launch_grid(-(-p.Lq // cfg.block_m_dq), n_batch), (cfg.dq_threads, 1, 1),

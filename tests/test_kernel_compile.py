@@ -55,6 +55,7 @@ def _variants():
             for source, name in every_arch + _cupy_backward.mma_backward_variants(arch)
             ] + [(source, name, "sm_90a")
                  for source, name in _cupy_backend.wgmma_attention_variants()
+                 + _cupy_backward.wgmma_backward_variants()
                  ] + _cupy_backend.varlen_attention_variants()
 
 
@@ -123,6 +124,12 @@ def test_compiles_without_spills(source, name, arch, resource_table):
     lost = _WGMMA_WARNINGS.findall(compiled.log)
     assert not lost, (f"{name} on {arch}: ptxas reports a lost wgmma pipeline or register "
                       f"split:\n{compiled.log}")
+    if "flash_bwd_wgmma" in name:  # BwdWgmmaTraits: 384 threads, 168 registers at launch
+        warnings = [line for line in compiled.log.splitlines() if "warning" in line.lower()]
+        assert not warnings, f"{name}: ptxas warnings:\n{compiled.log}"
+        assert report["registers"] == 168, (
+            f"{name}: {report['registers']} registers at launch, the register split of "
+            f"BwdWgmmaTraits assumes 168")
     if "flash_fwd_wgmma" in name:
         warnings = [line for line in compiled.log.splitlines() if "warning" in line.lower()]
         assert not warnings, f"{name}: ptxas warnings:\n{compiled.log}"
@@ -268,6 +275,22 @@ def test_wgmma_configs_match_the_kernel_traits():
                 asserts.append(f'static_assert({tr}::{what} == {value}, '
                                f'"HEAD_DIM {head_dim}: {what} != {value}");')
     _compile_asserts("flash_fwd_wgmma.cuh", asserts)
+
+
+def test_wgmma_backward_configs_match_the_kernel_traits():
+    """_wgmma_backward_config's keys per block, threads and shared memory are
+    BwdWgmmaTraits'."""
+    asserts = []
+    for head_dim in _cupy_backward.WGMMA_BWD_HEAD_DIMS:
+        cfg = _cupy_backward._wgmma_backward_config(head_dim, "float16", False)
+        assert cfg.kernel == "wgmma" and cfg.head_dim == head_dim
+        tr = (f"cupyflash::BwdWgmmaTraits<__half, {head_dim}, "
+              f"{_cupy_backward.WGMMA_BWD_STAGES[head_dim]}>")
+        for what, value in (("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n),
+                            ("NUM_THREADS", cfg.main_threads), ("SMEM_BYTES", cfg.main_smem)):
+            asserts.append(f'static_assert({tr}::{what} == {value}, '
+                           f'"HEAD_DIM {head_dim}: {what} != {value}");')
+    _compile_asserts("flash_bwd_wgmma.cuh", asserts)
 
 
 def test_the_wgmma_pipeline_check_catches_what_ptxas_reports():

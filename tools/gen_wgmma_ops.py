@@ -13,8 +13,9 @@ import pathlib
 
 HEADER = pathlib.Path(__file__).resolve().parents[1] / "cupyflash" / "cuda" / "wgmma_ops.cuh"
 
-# N of the instructions the kernel issues: S = Q K^T has N = BLOCK_N, O += P V has
-# N = HEAD_DIM (cupyflash/cuda/flash_fwd_wgmma.cuh, FwdWgmmaTraits).
+# N of the instructions the kernels issue: S = Q K^T has N = BLOCK_N, O += P V has
+# N = HEAD_DIM (cupyflash/cuda/flash_fwd_wgmma.cuh, FwdWgmmaTraits); the backward's
+# products have N = BLOCK_M, HEAD_DIM and 64 (cupyflash/cuda/flash_bwd_wgmma.cuh).
 SHAPES = (64, 128, 256)
 
 PREAMBLE = """\
@@ -27,6 +28,9 @@ PREAMBLE = """\
 //   Wgmma<N, BF16>::rs(d, a, b_desc, accumulate)        D (64 x N) (+)= A (64 x 16) B (16 x N)
 //       A in registers (the mma.sync m16k16 A layout, rows 16w..16w+15 in warp w), B in
 //       shared memory MN-major (16 rows of N N-contiguous values: imm-trans-b = 1)
+//   Wgmma<N, BF16>::ss_mn(d, a_desc, b_desc, accumulate)  D (64 x N) (+)= A (64 x 16) B (16 x N)
+//       A and B in shared memory, both MN-major (A stored as 16 rows of 64 M-contiguous
+//       values: imm-trans-a = 1; B as for rs): the backward's dQ = dS K from dS^T and K
 //
 // d[i][0..3] holds columns 8i + 2t, 8i + 2t + 1 of rows g and g + 8 of the warp's 16 rows
 // (g = lane / 4, t = lane % 4), as an m16n8 accumulator of mma.sync. accumulate = 0 makes
@@ -77,6 +81,16 @@ struct Wgmma<{n}, {'true' if bf16 else 'false'}> {{
             {head}
             {acc}
             "%{nd}, %{nd + 1}, p, 1, 1, 0, 0;\\n}}\\n"
+            : {d_ops}
+            : "l"(a_desc), "l"(b_desc), "r"(accumulate));
+    }}
+    static __device__ __forceinline__ void ss_mn(float (&d)[{n // 8}][4], unsigned long long a_desc,
+                                                 unsigned long long b_desc, int accumulate) {{
+        asm volatile(
+            "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{nd + 2}, 0;\\n"
+            {head}
+            {acc}
+            "%{nd}, %{nd + 1}, p, 1, 1, 1, 1;\\n}}\\n"
             : {d_ops}
             : "l"(a_desc), "l"(b_desc), "r"(accumulate));
     }}

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# GPU runs of the Hopper backward (cuda/flash_bwd_wgmma.cuh), stage by stage, each under
+# its own time limit, logs and summary.txt under $OUT:
+#
+#     OUT=/tmp/run bash benchmarks/hopper_bwd_run.sh first    # SASS, spot check, bench, tests
+#     OUT=/tmp/run bash benchmarks/hopper_bwd_run.sh bench    # the backward grid, both dtypes
+set -u
+OUT=${OUT:-/tmp/hopper_bwd}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PYTHON:-python3}
+
+stage() {  # stage NAME LIMIT_SECONDS LOGFILE COMMAND...
+    local name=$1 limit=$2 log=$3
+    shift 3
+    local start=$SECONDS
+    echo "== $name (limit ${limit}s): $*" | tee -a "$log"
+    timeout -k 5 "$limit" "$@" >>"$log" 2>&1
+    local status=$?
+    echo "$name: exit $status after $((SECONDS - start)) s" | tee -a "$OUT/summary.txt" "$log"
+    return "$status"
+}
+
+nvidia-smi --query-gpu=name,driver_version --format=csv >"$OUT/versions.txt" 2>&1
+BENCH="$PY benchmarks/attention.py --op bwd --providers cupyflash_bwd_wgmma cupyflash_bwd_mma torch_flash torch_cudnn"
+
+case "${1:-first}" in
+first)
+    stage "sass" 60 "$OUT/sass.txt" $PY benchmarks/sass.py --kernel wgmma_bwd --filter "" \
+        --dump "$OUT/sass"
+    stage "spot check" 150 "$OUT/check.txt" $PY benchmarks/check_backward.py || exit 1
+    stage "bench" 150 "$OUT/bench.txt" $BENCH --dtype bfloat16 --d 64 128 \
+        --s 1024 4096 16384 --out "$OUT/bwd.json"
+    stage "tests" 200 "$OUT/tests.txt" $PY -m pytest -m gpu -q -p no:cacheprovider -x \
+        tests/test_backward.py
+    ;;
+bench)
+    stage "bench" 500 "$OUT/bench.txt" $BENCH --d 64 128 --out "$OUT/bwd.json"
+    ;;
+*)
+    echo "usage: $0 first|bench" >&2
+    exit 2
+    ;;
+esac
