@@ -393,8 +393,6 @@ def attention(q, k, v, *, causal=False, scale=None, bias=None, mask=None, window
         shape, a ``dropout_p`` outside ``[0, 1)``, a ``seed`` outside ``[0, 2**64)``
         or missing with ``dropout_p > 0``, or an ``out`` of the wrong shape or that
         overlaps an input.
-    NotImplementedError
-        CuPy arrays with ``dropout_p > 0``: the GPU kernels do not have dropout yet.
 
     Notes
     -----
@@ -428,9 +426,12 @@ def attention(q, k, v, *, causal=False, scale=None, bias=None, mask=None, window
     with the key ``(seed & 0xFFFFFFFF, seed >> 32)`` and the counter
     ``(j >> 2, i, b & 0xFFFFFFFF, b >> 32)``, output word ``j & 3`` is a uniform
     uint32, and the score is dropped iff that word is below
-    ``floor(dropout_p * 2**32)``. The NumPy backend draws the mask block by block,
-    never ``Lq x Lk`` of it; ``cupyflash.reference.dropout_mask`` returns the whole of
-    it, and ``reference.attention`` takes ``dropout_p`` and ``seed`` too.
+    ``floor(dropout_p * 2**32)``. The NumPy backend draws the mask block by block and
+    the GPU kernels tile by tile, never ``Lq x Lk`` of it, and both draw the same mask
+    bit for bit; ``cupyflash.reference.dropout_mask`` returns the whole of it, and
+    ``reference.attention`` takes ``dropout_p`` and ``seed`` too. On CuPy arrays dropout
+    runs in the variants kernels (fp16/bf16 in the mma.sync kernel, also on Hopper,
+    where the wgmma kernel has no dropout).
 
     A score of ``-inf`` gives its key zero weight, so a row of only ``-inf`` scores
     gives zeros and ``lse = -inf``, never NaN. NaN or ``+inf`` scores give NaN
@@ -517,7 +518,6 @@ def attention(q, k, v, *, causal=False, scale=None, bias=None, mask=None, window
     if out is not None:
         check_out(fn, out, xp_name, problem.out_shape, problem.dtype, list(given.items()))
     variants = dict(bias=bias, mask=mask, alibi_slopes=alibi_slopes)
-    _refuse_dropout_on_gpu(fn, xp_name, problem)
     result, lse = _forward(xp_name, q, k, v, problem, out, **variants)
     return (result, lse) if return_lse else result
 
@@ -545,13 +545,6 @@ def _refuse_variants_on_gpu(fn, xp_name, problem, return_dbias=False):
     if return_dbias:
         raise NotImplementedError(f"{fn}: return_dbias=True is not implemented on the GPU "
                                   f"yet; the NumPy backend has it")
-
-
-def _refuse_dropout_on_gpu(fn, xp_name, problem):
-    """NotImplementedError for CuPy arrays with dropout: the kernels lack it yet."""
-    if xp_name == "cupy" and problem.dropout_p > 0:
-        raise NotImplementedError(f"{fn}: dropout_p is not implemented on the GPU yet; "
-                                  f"the NumPy backend has it")
 
 
 def _check_bool(fn, name, x):
@@ -599,7 +592,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, bia
         The forward pass's options, as for :func:`attention`, validated the same way.
         They must be the forward's own: the probabilities are recomputed from them,
         and with ``dropout_p > 0`` the keep mask from ``seed``.
-        The variants and dropout run on NumPy arrays only, as in the forward.
+        On CuPy arrays every option but ``softcap`` runs (dropout included).
     return_dbias : bool, optional
         Also return the gradient of ``bias`` (which must then be given): an array of
         bias's shape and dtype, ``dS`` summed over the dimensions along which bias was
@@ -636,9 +629,9 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, bia
         :func:`attention`, or a ``dq``, ``dk``, ``dv`` of the wrong shape or that
         overlaps an input or another output.
     NotImplementedError
-        CuPy arrays with ``softcap``, ``return_dbias=True`` or ``dropout_p > 0``: the
-        GPU backward kernels do not have them yet (``bias``, ``mask``, ``window`` and
-        ``alibi_slopes`` run).
+        CuPy arrays with ``softcap`` or ``return_dbias=True``: the GPU backward kernels
+        do not have them yet (``bias``, ``mask``, ``window``, ``alibi_slopes`` and
+        dropout run).
 
     Notes
     -----
@@ -752,7 +745,6 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, bia
     _check_backward_arrays(fn, xp_name, problem, dout, q, k, v, out, lse, deterministic,
                            dq, dk, dv, variants)
     _refuse_variants_on_gpu(fn, xp_name, problem, return_dbias)
-    _refuse_dropout_on_gpu(fn, xp_name, problem)
     return _backward(xp_name, dout, q, k, v, out, lse, problem, deterministic, dq, dk, dv,
                      variants, return_dbias)
 
@@ -836,7 +828,7 @@ def attention_vjp(q, k, v, *, causal=False, scale=None, bias=None, mask=None, wi
         without a bias, a ValueError); ``vjp`` raises as :func:`attention_backward`
         for a bad ``dout``. Every message names ``attention_vjp``.
     NotImplementedError
-        CuPy arrays with ``softcap``, ``return_dbias=True`` or ``dropout_p > 0``, as in
+        CuPy arrays with ``softcap`` or ``return_dbias=True``, as in
         :func:`attention_backward` (raised before the forward runs).
 
     Examples
@@ -870,7 +862,6 @@ def attention_vjp(q, k, v, *, causal=False, scale=None, bias=None, mask=None, wi
     _check_return_dbias(fn, return_dbias, variants["bias"])
     _check_bool(fn, "deterministic", deterministic)
     _refuse_variants_on_gpu(fn, xp_name, problem, return_dbias)
-    _refuse_dropout_on_gpu(fn, xp_name, problem)
     out, lse = _forward(xp_name, q, k, v, problem, None, **variants)
 
     def vjp(dout):

@@ -18,7 +18,7 @@ import struct
 
 import numpy as np
 
-from . import _kernels, _tensor_map
+from . import _kernels, _philox, _tensor_map
 
 MAX_BATCH_DIMS = 4  # as in cuda/attention_common.cuh
 SOFTMAX_CLUSTER = 8  # blocks per row of softmax_cluster (cuda/online_softmax.cuh)
@@ -177,7 +177,9 @@ VARIANT_PARAMS_DTYPE = np.dtype(
         "bias_row_stride", "bias_col_stride", "mask_row_stride", "mask_col_stride",
         "bias_is_float", "window_left", "window_right")]
     + [("softcap", np.float64)]
-    + [(name, np.uint64) for name in ("cu_seqlens_q", "cu_seqlens_k")])
+    + [(name, np.uint64) for name in ("cu_seqlens_q", "cu_seqlens_k")]
+    + [("dropout_seed", np.uint64), ("dropout_threshold", np.int64),
+       ("dropout_scale", np.float64)])
 UNBOUNDED = 1 << 62  # as in cuda/attention_variants.cuh: a window side that is not given
 
 
@@ -255,6 +257,10 @@ def _pack_variants(problem, bias, mask, alibi_slopes, extra_strides):
     fields["window_left"] = UNBOUNDED if left is None else min(left, UNBOUNDED)
     fields["window_right"] = UNBOUNDED if right is None else min(right, UNBOUNDED)
     fields["softcap"] = problem.softcap or 0.0
+    if problem.dropout_p > 0:  # the keep mask of _philox.py, drawn in the kernel
+        fields["dropout_seed"] = problem.seed
+        fields["dropout_threshold"] = _philox.dropout_threshold(problem.dropout_p)
+        fields["dropout_scale"] = 1.0 / (1.0 - problem.dropout_p)
     return fields[()], slopes  # slopes: kept alive by the caller until the launch
 
 
@@ -302,24 +308,27 @@ def forward_kernel():
     return choice
 
 
-def attention_config(D, Dv, dtype_name, compute_capability, causal, variants=False):
+def attention_config(D, Dv, dtype_name, compute_capability, causal, variants=False,
+                     dropout=False):
     """Choose the kernel variant for one problem: the one place tile sizes are chosen.
 
-    ``variants``: the problem has a bias, mask, window, ALiBi slopes or softcap; the kernel
-    is then built with ``VARIANTS`` (cuda/attention_variants.cuh), which also takes the
-    causal mask as part of its window, so ``causal`` is ignored.
+    ``variants``: the problem has a bias, mask, window, ALiBi slopes, softcap or dropout;
+    the kernel is then built with ``VARIANTS`` (cuda/attention_variants.cuh), which also
+    takes the causal mask as part of its window, so ``causal`` is ignored. ``dropout``
+    (which needs ``variants``): the Hopper kernel has no dropout, so fp16/bf16 take the
+    mma.sync variants kernel on every GPU.
     """
     return _attention_config(D, Dv, dtype_name, compute_capability, causal and not variants,
                              variants, os.environ.get("CUPYFLASH_MMA_TILES", ""),
-                             forward_kernel())
+                             forward_kernel(), dropout)
 
 
 @functools.lru_cache(maxsize=512)
 def _attention_config(D, Dv, dtype_name, compute_capability, causal, variants, _tiles_knob,
-                      fwd_kernel):
+                      fwd_kernel, dropout=False):
     if dtype_name in ("float16", "bfloat16"):
-        wgmma = fwd_kernel == "wgmma" or (fwd_kernel == "auto"
-                                          and max(D, Dv) > WGMMA_AUTO_MIN_HEAD_DIM)
+        wgmma = not dropout and (fwd_kernel == "wgmma" or (
+            fwd_kernel == "auto" and max(D, Dv) > WGMMA_AUTO_MIN_HEAD_DIM))
         if wgmma and compute_capability == 90 and max(D, Dv) <= WGMMA_HEAD_DIMS[-1]:
             return _wgmma_config(D, Dv, dtype_name, causal, variants)
         return _mma_config(D, Dv, dtype_name, compute_capability, causal, variants)
@@ -725,9 +734,10 @@ MASK_KEY_END = ("attention_variants.cuh", f"cupyflash::mask_key_end<{MASK_KEY_EN
 
 
 def has_variants(problem, bias=None, mask=None, alibi_slopes=None):
-    """Whether a problem needs the kernels built with VARIANTS."""
+    """Whether a problem needs the kernels built with VARIANTS (dropout included)."""
     return (bias is not None or mask is not None or alibi_slopes is not None
-            or problem.window is not None or problem.softcap is not None)
+            or problem.window is not None or problem.softcap is not None
+            or problem.dropout_p > 0)
 
 
 def attention_forward(q, k, v, problem, out=None, bias=None, mask=None, alibi_slopes=None):
@@ -754,7 +764,7 @@ def attention_forward(q, k, v, problem, out=None, bias=None, mask=None, alibi_sl
         variants = has_variants(problem, bias, mask, alibi_slopes)
         cc = _compute_capability(device_id)
         cfg = attention_config(max(problem.D, problem.Dv), problem.Dv, problem.dtype.name,
-                               cc, problem.causal, variants)
+                               cc, problem.causal, variants, dropout=problem.dropout_p > 0)
         qk = [_kernel_ready(t, cfg.align_elems, cfg.pad_d_to) for t in (q, k, v)]
         o = _kernel_ready(result, cfg.align_elems, cfg.pad_d_to)
         slopes, maps = None, ()

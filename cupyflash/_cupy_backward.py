@@ -62,10 +62,12 @@ BWD_MMA_TILES = {
 }
 # flash_bwd_mma_variants where the plain tiles leave no registers for the score modifier:
 # on sm_90a ptxas spills 16-20 bytes at d = 128 with BLOCK_M = 64 (none with 32) and 12
-# bytes for bf16 at d = 64 with BLOCK_M = 128 (none with 64: 196-208 registers). Not yet
-# measured on a GPU.
+# bytes for bf16 at d = 64 with BLOCK_M = 128 (none with 64: 196-208 registers). On GPUs
+# with 99 KiB, d = 128 takes BLOCK_M = 32: with dropout's keep mask (held in the same
+# kernel behind a runtime switch) BLOCK_M = 64 spills 4 bytes on sm_80. Not yet measured
+# on a GPU.
 BWD_MMA_VARIANT_TILES = {"hopper": {64: (64, 8, 1, 2, 1), 128: (32, 8, 1, 2, 1)},
-                         "large": {}, "small": {}}
+                         "large": {}, "small": {128: (32, 4, 1, 1, 1)}}
 BWD_DQ_MMA_TILES = {
     "hopper": {32: (64, 64, 4), 64: (64, 64, 4), 96: (64, 64, 4), 128: (64, 64, 4),
                192: (64, 32, 4), 256: (64, 32, 4)},

@@ -10,11 +10,14 @@ compared with :func:`cupyflash.reference.dropout_mask` (drawn for the whole matr
 
 Accuracy follows ``accuracy.py``'s rule, the truth and the naive same-dtype computation
 applying the same mask (their ``dropout_p`` and ``seed`` options). Dropout runs on the
-NumPy backend only: CuPy inputs raise NotImplementedError (checked under the ``gpu``
-marker), and the GPU half of the mask, ``cuda/philox.cuh``, is compared with the NumPy
-mask bit for bit by a tiny kernel, also under the ``gpu`` marker.
+NumPy backend and, under the ``gpu`` marker, on the CuPy kernels (the variants kernels,
+which draw the mask of ``cuda/philox.cuh``): their mask is read back through attention and
+its backward as above and compared with the NumPy mask bit for bit, their results meet the
+accuracy rule with the same seed, and a tiny kernel compares ``cuda/philox.cuh`` with the
+NumPy generator directly.
 """
 
+import functools
 import math
 import re
 
@@ -641,7 +644,7 @@ def test_the_reference_needs_a_seed():
 
 
 # ----------------------------------------------------------------------------------------
-# the GPU: refused for now; the mask of cuda/philox.cuh is the NumPy mask
+# the GPU: the mask of cuda/philox.cuh is the NumPy mask
 # ----------------------------------------------------------------------------------------
 
 # One thread per score of n_batch batch elements starting at b0: keep[x] for
@@ -718,13 +721,163 @@ def test_gpu_keep_mask_is_the_numpy_mask_bit_for_bit(seed, dropout_p, b0, n_batc
                               reference.dropout_mask(seed, dropout_p, (n_batch,), Lq, Lk))
 
 
-@gpu_only
-@FUNCTIONS
-def test_dropout_is_not_implemented_on_the_gpu(fn):
+# ----------------------------------------------------------------------------------------
+# the kernels: dropout in flash_fwd_{mma,simt}_variants and flash_bwd_*_variants
+# ----------------------------------------------------------------------------------------
+
+def test_dropout_routes_fp16_and_bf16_to_the_mma_variants_kernel():
+    """The Hopper forward has no dropout: with dropout, fp16/bf16 take the mma.sync
+    variants kernel on sm_90 too; float32/float64 keep the SIMT variants kernel."""
+    from cupyflash import _cupy_backend
+    for dtype in ("float16", "bfloat16"):
+        for d in (64, 128, 256):
+            plain = _cupy_backend.attention_config(d, d, dtype, 90, True, variants=True)
+            dropped = _cupy_backend.attention_config(d, d, dtype, 90, True, variants=True,
+                                                     dropout=True)
+            assert plain.kernel == "wgmma"
+            assert dropped.kernel == "mma"
+            assert dropped.name_expression.startswith("cupyflash::flash_fwd_mma_variants<")
+            on_ampere = _cupy_backend.attention_config(d, d, dtype, 80, True, variants=True,
+                                                       dropout=True)
+            assert on_ampere.name_expression == dropped.name_expression
+    for dtype in ("float32", "float64"):
+        cfg = _cupy_backend.attention_config(64, 64, dtype, 90, False, variants=True,
+                                             dropout=True)
+        assert cfg.name_expression.startswith("cupyflash::flash_fwd_simt_variants<")
+
+
+def test_dropout_is_a_variant_and_fills_the_variant_params():
+    """A problem with dropout goes to the VARIANTS kernels, and VariantParams carries the
+    seed, the threshold of _philox.py and 1 / (1 - dropout_p); without dropout they are
+    zero (the kernels' switch)."""
+    from cupyflash import _cupy_backend
+    q, k, v = qkv("float32")[:3]
+    problem = _problem("attention", q, k, v, False, None, dict(dropout_p=0.3, seed=2**40 + 3))
+    assert _cupy_backend.has_variants(problem)
+    fields, _ = _cupy_backend._pack_variants(problem, None, None, None, [])
+    assert int(fields["dropout_seed"]) == 2**40 + 3
+    assert int(fields["dropout_threshold"]) == _philox.dropout_threshold(0.3)
+    assert float(fields["dropout_scale"]) == 1.0 / (1.0 - 0.3)
+    none = _problem("attention", q, k, v, False, None, dict(dropout_p=0.0, seed=5))
+    assert not _cupy_backend.has_variants(none)
+    fields, _ = _cupy_backend._pack_variants(none, None, None, None, [])
+    assert (int(fields["dropout_seed"]), int(fields["dropout_threshold"]),
+            float(fields["dropout_scale"])) == (0, 0, 0.0)
+
+
+def on_gpu(dout, q, k, v, scale, options, *, causal, deterministic):
+    """The CuPy forward's out and lse and the CuPy backward's dq, dk, dv (NaN-filled
+    beforehand, so a skipped element shows), all as NumPy arrays; no input changes."""
     import cupy
-    q, k, v = (cupy.asarray(x) for x in qkv("float32", batch=(2,), Lq=4, Lk=6)[:3])
-    with raises(NotImplementedError, f"{fn}: dropout_p is not implemented on the GPU yet; "
-                                     f"the NumPy backend has it"):
-        call(fn, q, k, v, dropout_p=0.1, seed=1)
-    # dropout_p = 0 (a seed or not) is no dropout: it runs
-    call(fn, q, k, v, dropout_p=0.0, seed=1)
+    gpu = {n: cupy.asarray(x) if isinstance(x, np.ndarray) else x for n, x in options.items()}
+    arrays = [cupy.asarray(x) for x in (dout, q, k, v)]
+    watched = arrays + [x for x in gpu.values() if isinstance(x, cupy.ndarray)]
+    before = [x.get().tobytes() for x in watched]
+    d_out, gq, gk, gv = arrays
+    out, lse = cupyflash.attention(gq, gk, gv, causal=causal, scale=scale, return_lse=True,
+                                   **gpu)
+    grads = [cupy.full(x.shape, np.nan, dtype=x.dtype) for x in (gq, gk, gv)]
+    cupyflash.attention_backward(d_out, gq, gk, gv, out, lse, causal=causal, scale=scale,
+                                 deterministic=deterministic, dq=grads[0], dk=grads[1],
+                                 dv=grads[2], **gpu)
+    assert [x.get().tobytes() for x in watched] == before, "the GPU modified an input"
+    return [x.get() for x in (out, lse, *grads)]
+
+
+@gpu_only
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("causal, window", [(False, None), (True, None), (False, (30, 7))])
+@ALL_DTYPES
+def test_gpu_kernels_draw_the_reference_mask(dtype, causal, window, deterministic):
+    """Bit for bit on the GPU, as for the NumPy backend: scale 0 and v = I make
+    ``out > 0`` the forward kernel's keep mask, and dout = I makes ``dv^T > 0`` the
+    backward kernel's. D = 64 is a head dim that the Hopper kernel would take without
+    dropout; 150 keys cross several key blocks and end inside a group of four."""
+    batch, Lq, Lk, seed, dropout_p = (2, 3), 97, 150, 2**40 + 17, 0.4
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal(batch + (Lq, 64)).astype(dtype)
+    k = rng.standard_normal(batch + (Lk, 64)).astype(dtype)
+    options = dict(dropout_p=dropout_p, seed=seed)
+    if window is not None:
+        options["window"] = window
+    expected = reference.dropout_mask(seed, dropout_p, batch, Lq, Lk)
+    band = reference.causal_mask(Lq, Lk) if causal else np.ones((Lq, Lk), bool)
+    if window is not None:
+        band &= reference.window_mask(Lq, Lk, window)
+    v = np.broadcast_to(np.eye(Lk, dtype=dtype), batch + (Lk, Lk))
+    dout = np.zeros(batch + (Lq, Lk), dtype)
+    out = on_gpu(dout, q, k, v, 0.0, options, causal=causal, deterministic=deterministic)[0]
+    assert np.array_equal(out > 0, expected & band)
+    # the backward: dv = W^T dout = W^T for dout = I (Dv = Lq)
+    v = rng.standard_normal(batch + (Lk, Lq)).astype(dtype)
+    dout = np.broadcast_to(np.eye(Lq, dtype=dtype), batch + (Lq, Lq)).copy()
+    _, _, dq, dk, dv = on_gpu(dout, q, k, v, 0.0, options, causal=causal,
+                              deterministic=deterministic)
+    assert np.array_equal(np.swapaxes(dv, -1, -2) > 0, expected & band)
+    assert np.all(dk == 0) and np.all(dq == 0)  # scale 0: the scores depend on neither
+
+
+def check_on_gpu(vc, dropout_p, seed, deterministic, dout_scale=1.0):
+    """Forward and backward on the GPU against the accuracy rule, the truth and the naive
+    computation drawing the same mask from the same seed."""
+    q, k, v, scale, options = with_dropout(vc, dropout_p, seed)
+    dout = draw_dout(vc.case, dout_scale)
+    out, lse, dq, dk, dv = on_gpu(dout, q, k, v, scale, options, causal=vc.case.causal,
+                                  deterministic=deterministic)
+    check_attention(out, lse, q, k, v, causal=vc.case.causal, scale=scale, **options)
+    check_variant_gradients(vc, (dq, dk, dv), dout, q, k, v, scale, options)
+
+
+# Awkward sizes for the GPU tiles (64 and 128 query rows, 32..128 keys per block): lengths
+# that miss the blocks, Lq != Lk, a single query row, odd head dims, a broadcast batch.
+GPU_SIZES = [
+    dict(Lq=113, Lk=97, D=59, Dv=59),
+    dict(Lq=1, Lk=257, D=64, Dv=64),
+    dict(Lq=300, Lk=129, D=111, Dv=96, q_batch=(2, 2), k_batch=(2, 1), v_batch=(2, 1)),
+    dict(Lq=70, Lk=150, D=256, Dv=256),
+]
+
+
+@gpu_only
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("size", range(len(GPU_SIZES)))
+@pytest.mark.parametrize("causal", [False, True])
+@ALL_DTYPES
+def test_gpu_matches_reference(dtype, causal, size, deterministic):
+    vc = VariantCase(AttentionCase(dtype, causal=causal, neg_inf="none", seed=40 + size,
+                                   **GPU_SIZES[size]))
+    check_on_gpu(vc, 0.3 if size % 2 else 0.1, 2**64 - 1 - size, deterministic)
+
+
+# bias, mask, window and ALiBi with dropout (softcap has no GPU backward yet)
+GPU_OPTIONS = ("bias", "mask", "window", "alibi_slopes")
+
+
+@gpu_only
+@examples(40)
+@given(vc=variant_cases(options=GPU_OPTIONS, neg_inf=st.just("none"), max_len=300,
+                        max_work=4 * 10**6),
+       dropout_p=DROPOUT_PS, seed=SEEDS, deterministic=st.booleans(),
+       dout_scale=st.sampled_from([1.0, 1e-3, 1e3]))
+def test_gpu_matches_reference_with_variants(vc, dropout_p, seed, deterministic, dout_scale):
+    check_on_gpu(vc, dropout_p, seed, deterministic, dout_scale)
+
+
+@gpu_only
+@ALL_DTYPES
+def test_gpu_dropout_is_bitwise_repeatable(dtype):
+    """The same seed gives the same bits on the GPU (forward, and the deterministic
+    backward); another seed gives another out and other gradients, and the same lse
+    (dropout leaves l_i alone)."""
+    vc = VariantCase(AttentionCase(dtype, Lq=200, Lk=230, D=64, Dv=64, causal=True,
+                                   neg_inf="none", seed=36))
+    q, k, v, scale, options = with_dropout(vc, 0.25, 2**33 + 1)
+    dout = draw_dout(vc.case, 1.0)
+    run = functools.partial(on_gpu, dout, q, k, v, scale, causal=True, deterministic=True)
+    first, second = run(options), run(options)
+    assert [x.tobytes() for x in first] == [x.tobytes() for x in second]
+    other = run(dict(options, seed=2**33 + 2))
+    out, lse, dq, dk, dv = range(5)
+    for i in (out, dq, dk, dv):
+        assert other[i].tobytes() != first[i].tobytes()
+    assert other[lse].tobytes() == first[lse].tobytes()

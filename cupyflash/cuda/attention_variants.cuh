@@ -7,7 +7,9 @@
 //   s_ij = s_ij + bias_b[i, j]                     (additive bias, any broadcast)
 //   s_ij = -inf  unless  i + diag - left <= j <= i + diag + right  and  mask_b[i, j]
 //
-// in that order, as cupyflash.reference._scores applies them. The causal mask is the band
+// in that order, as cupyflash.reference._scores applies them. Dropout acts after the
+// softmax: the weights of O = W V are W = P * Z / (1 - dropout_p), with the keep mask Z of
+// philox.cuh, while l_i and lse are P's (see the Dropout section below). The causal mask is the band
 // with right = 0 (the launcher folds it into window_right), so a kernel built with
 // variants needs no IS_CAUSAL of its own.
 //
@@ -17,6 +19,7 @@
 #pragma once
 
 #include "attention_common.cuh"
+#include "philox.cuh"
 
 namespace cupyflash {
 
@@ -49,6 +52,13 @@ struct VariantParams {
     // each block attends the sequence of its batch element (sequence_params).
     const int* cu_seqlens_q;
     const int* cu_seqlens_k;
+    // Dropout on the probabilities (a runtime switch: only kernels launched with it pay for
+    // Philox): dropout_scale = 1 / (1 - dropout_p), or 0 without dropout; a score is kept
+    // iff its Philox word >= dropout_threshold = floor(dropout_p * 2^32) under the key
+    // dropout_seed (philox.cuh).
+    unsigned long long dropout_seed;
+    long long dropout_threshold;
+    double dropout_scale;
 };
 
 // The AttentionParams of batch element b = (seq, h) of a packed batch (vp.cu_seqlens_q not
@@ -341,6 +351,89 @@ struct ScoreModifier {
     }
     static __device__ __forceinline__ double tanh_(double x) { return tanh(x); }
 };
+
+// ---------------------------------------------------------------------------------------
+// Dropout (VariantParams::dropout_scale > 0). The kernels keep l_i, lse and dS's P
+// undropped and draw the keep mask Z of philox.cuh where the scores are: one
+// philox4x32_10 call gives the words of four neighbouring keys 4u .. 4u + 3 of one query
+// row, so the lanes that hold those keys split the calls between them and swap the keep
+// bits by shuffles: one call per four scores a thread holds. Every helper below is called
+// by all 32 lanes of a warp (shuffles), behind a test of vp that is uniform.
+// ---------------------------------------------------------------------------------------
+__device__ __forceinline__ bool dropout_on(const VariantParams& vp) {
+    return vp.dropout_scale > 0;
+}
+
+// Keep bits of keys j4 .. j4 + 3 (j4 % 4 == 0) of query row i of batch element b: bit w
+// for key j4 + w.
+__device__ __forceinline__ unsigned dropout_keep4(const VariantParams& vp, long long b,
+                                                  long long i, long long j4) {
+    const uint4 counter = make_uint4(static_cast<unsigned>(j4 >> 2), static_cast<unsigned>(i),
+                                     static_cast<unsigned>(b),
+                                     static_cast<unsigned>(static_cast<unsigned long long>(b) >> 32));
+    const uint4 r = philox4x32_10(counter, make_uint2(static_cast<unsigned>(vp.dropout_seed),
+                                                      static_cast<unsigned>(vp.dropout_seed >> 32)));
+    const unsigned th = static_cast<unsigned>(vp.dropout_threshold);
+    return static_cast<unsigned>(r.x >= th) | static_cast<unsigned>(r.y >= th) << 1 |
+           static_cast<unsigned>(r.z >= th) << 2 | static_cast<unsigned>(r.w >= th) << 3;
+}
+
+// Keep bits of one m16 x n8 tile in the mma.sync accumulator layout with queries as rows
+// (the forward, the deterministic dQ): bit e for element e, row i0 + 8 (e >> 1) (i0 the
+// row of lane group g) and key j0 + 2 t + (e & 1) (j0 = the tile's first key, a multiple
+// of 8). Lanes t and t ^ 1 hold the four keys j0 + 4 (t >> 1) + 0..3 of both rows: lane
+// t draws row i0 + 8 (t & 1), and each passes the other its nibble.
+__device__ __forceinline__ unsigned dropout_keep_mma(const VariantParams& vp, long long b,
+                                                     long long i0, long long j0, int t) {
+    const int w = t & 1;
+    unsigned both = dropout_keep4(vp, b, i0 + 8 * w, j0 + 4 * (t >> 1)) << (4 * w);
+    both |= __shfl_xor_sync(0xffffffffu, both, 1);  // nibble h: row i0 + 8h
+    // element e: nibble e >> 1, key 2w + (e & 1) of the group
+    return ((both >> (2 * w)) & 3u) | (((both >> (4 + 2 * w)) & 3u) << 2);
+}
+
+// The same for the transposed layout of flash_bwd_mma (keys as rows): bit e for key
+// j0 + g + 8 (e >> 1) (j0 = the warp's first key, a multiple of 4) and query
+// i0 + 2 t + (e & 1) (i0 = the tile's first query). The lanes g = 4v .. 4v + 3 of one t
+// hold keys j0 + 4v + 0..3 and j0 + 4v + 8 + 0..3 of two queries, four groups: lane g
+// draws group g & 3 (query i0 + 2 t + (g & 1), keys + 8 (g >> 1 & 1)), and two shuffles
+// give every lane all four nibbles.
+__device__ __forceinline__ unsigned dropout_keep_mma_t(const VariantParams& vp, long long b,
+                                                       long long i0, long long j0, int g,
+                                                       int t) {
+    const int w = g & 3;
+    unsigned all = dropout_keep4(vp, b, i0 + 2 * t + (w & 1), j0 + (g & ~3) + 8 * (w >> 1))
+                   << (4 * w);
+    all |= __shfl_xor_sync(0xffffffffu, all, 4);  // lane 4g + t: xor 4 flips g's bit 0
+    all |= __shfl_xor_sync(0xffffffffu, all, 8);  // and xor 8 its bit 1
+    // element e: nibble e, bit w (key g & 3 of the group)
+    return ((all >> w) & 1u) | ((all >> (3 + w)) & 2u) | ((all >> (6 + w)) & 4u) |
+           ((all >> (9 + w)) & 8u);
+}
+
+// Keep bits of the TM x TN scores of a SIMT thread: bit i * TN + jj for query row(i) and
+// key key(jj), where key(jj) % 4 == lane4 and the lanes lane ^ 1, lane ^ 2, lane ^ 3
+// hold the other keys of the same groups for the same rows (THREADS_PER_ROW a multiple
+// of 4, tiles starting at multiples of 4). The four lanes draw the TM x TN groups in
+// turns of four, one each (a turn past the end repeats the last group).
+template <int TM, int TN, typename RowOf, typename KeyOf>
+__device__ __forceinline__ unsigned dropout_keep_simt(const VariantParams& vp, long long b,
+                                                      RowOf row, KeyOf key, int lane4) {
+    constexpr int N = TM * TN;
+    static_assert(N <= 32, "one bit per score in a 32-bit word");
+    unsigned bits = 0;
+#pragma unroll
+    for (int turn = 0; turn < (N + 3) / 4; ++turn) {
+        const int q = 4 * turn + lane4 < N ? 4 * turn + lane4 : N - 1;  // this lane's group
+        unsigned all = dropout_keep4(vp, b, row(q / TN), key(q % TN) & ~3LL) << (4 * lane4);
+        all |= __shfl_xor_sync(0xffffffffu, all, 1);
+        all |= __shfl_xor_sync(0xffffffffu, all, 2);
+#pragma unroll
+        for (int k = 0; k < 4; ++k)  // score 4 turn + k: nibble k, bit lane4
+            if (4 * turn + k < N) bits |= ((all >> (4 * k + lane4)) & 1u) << (4 * turn + k);
+    }
+    return bits;
+}
 
 // ScoreModifier with VARIANTS, else an empty stand-in (nothing computed, nothing read).
 struct NoScoreModifier {

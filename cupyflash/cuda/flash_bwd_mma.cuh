@@ -239,7 +239,9 @@ __device__ __forceinline__ void store_tile(typename Tr::T* dst, const typename T
 // dK, dV (and, with ATOMIC_DQ, dQ): one thread block per key block
 // ---------------------------------------------------------------------------------------
 // flash_bwd_mma and flash_bwd_mma_variants (bias, mask, window with causal folded in,
-// ALiBi: attention_variants.cuh; vp is read only with VARIANTS) share this body.
+// ALiBi, dropout: attention_variants.cuh; vp is read only with VARIANTS) share this body.
+// Dropout redraws the forward's keep mask Z: dV_j += (P^T * Z^T) dO_i / (1 - dropout_p) and
+// dS^T = P^T * (dP^T * Z^T / (1 - dropout_p) - delta_i), delta from the dropped O.
 template <typename T, int HEAD_DIM, int BLOCK_M, int NUM_WARPS, int D_SPLIT, int Q_BUFFERS,
           bool IS_CAUSAL, bool ATOMIC_DQ, bool VARIANTS>
 __device__ __forceinline__ void flash_bwd_mma_body(const AttentionParams& p,
@@ -425,14 +427,48 @@ __device__ __forceinline__ void flash_bwd_mma_body(const AttentionParams& p,
             }
         }
 
+        // Dropout: the keep mask Z^T of this warp's keys, 4 bits (e) per n8 tile nt, in
+        // keep[nt / 8] at bit 4 (nt % 8) + e; all ones without dropout.
+        constexpr int KEEP_WORDS = VARIANTS ? (S_N_TILES + 7) / 8 : 1;
+        unsigned keep[KEEP_WORDS];
+        float drop_scale = 1.f;  // 1 / (1 - dropout_p)
+#pragma unroll
+        for (int w = 0; w < KEEP_WORDS; ++w) keep[w] = ~0u;
+        if constexpr (VARIANTS) {
+            if (dropout_on(vp)) {
+                drop_scale = static_cast<float>(vp.dropout_scale);
+#pragma unroll
+                for (int w = 0; w < KEEP_WORDS; ++w) keep[w] = 0u;
+#pragma unroll
+                for (int nt = 0; nt < S_N_TILES; ++nt)
+                    keep[nt / 8] |= dropout_keep_mma_t(vp, b, m0 + nt * 8, n0 + key_row0, g, t)
+                                    << (4 * (nt % 8));
+            }
+        }
+
         // dV_j += P^T dO_i, with P^T rounded to T: its A fragments (half the registers of
-        // the fp32 scores, which are dead from here on).
+        // the fp32 scores, which are dead from here on). Dropout: dV_j += (P^T * Z^T) dO_i,
+        // times 1 / (1 - dropout_p) when dV is stored.
         unsigned a[Tr::M_K_STEPS][4];
         to_a_fragments<T>(s, a);
-        gemm_ab_reg<Tr, Tr::M_K_STEPS, Tr::KV_N_TILES>(dv, a, sdO, kv_col_tile0);
+        if constexpr (VARIANTS) {
+            unsigned a_kept[Tr::M_K_STEPS][4];  // a with the dropped halves zeroed
+#pragma unroll
+            for (int kk = 0; kk < Tr::M_K_STEPS; ++kk)
+#pragma unroll
+                for (int r = 0; r < 4; ++r) {  // elements 2 (r % 2) + {0, 1} of tile 2kk + r/2
+                    const int nt = 2 * kk + r / 2;
+                    const unsigned z = keep[nt / 8] >> (4 * (nt % 8) + 2 * (r % 2));
+                    a_kept[kk][r] = a[kk][r] & ((z & 1u ? 0x0000ffffu : 0u) |
+                                                (z & 2u ? 0xffff0000u : 0u));
+                }
+            gemm_ab_reg<Tr, Tr::M_K_STEPS, Tr::KV_N_TILES>(dv, a_kept, sdO, kv_col_tile0);
+        } else {
+            gemm_ab_reg<Tr, Tr::M_K_STEPS, Tr::KV_N_TILES>(dv, a, sdO, kv_col_tile0);
+        }
 
-        // dP^T = V_j dO_i^T; dS^T = P^T * (dP^T - delta_i) (P^T as rounded for dV); then
-        // dK_j += dS^T Q_i
+        // dP^T = V_j dO_i^T; dS^T = P^T * (dP^T - delta_i) (P^T as rounded for dV; with
+        // dropout dP^T * Z^T / (1 - dropout_p) in place of dP^T); then dK_j += dS^T Q_i
         float ds[S_N_TILES][4];
         gemm_abt<Tr, S_N_TILES>(ds, sV, key_row0, sdO);
 #pragma unroll
@@ -442,8 +478,14 @@ __device__ __forceinline__ void flash_bwd_mma_body(const AttentionParams& p,
                 const float2 pp = unpack2<T>(a[kk][r]);
                 const int nt = 2 * kk + r / 2, e = 2 * (r % 2);
                 const float2 dl = *reinterpret_cast<const float2*>(sDelta + nt * 8 + 2 * t);
-                ds[nt][e] = pp.x * (ds[nt][e] - dl.x);
-                ds[nt][e + 1] = pp.y * (ds[nt][e + 1] - dl.y);
+                if constexpr (VARIANTS) {
+                    const unsigned z = keep[nt / 8] >> (4 * (nt % 8) + e);
+                    ds[nt][e] = pp.x * fmaf(ds[nt][e], z & 1u ? drop_scale : 0.f, -dl.x);
+                    ds[nt][e + 1] = pp.y * fmaf(ds[nt][e + 1], z & 2u ? drop_scale : 0.f, -dl.y);
+                } else {
+                    ds[nt][e] = pp.x * (ds[nt][e] - dl.x);
+                    ds[nt][e + 1] = pp.y * (ds[nt][e + 1] - dl.y);
+                }
             }
         to_a_fragments<T>(ds, a);
         gemm_ab_reg<Tr, Tr::M_K_STEPS, Tr::KV_N_TILES>(dk, a, sQ, kv_col_tile0);
@@ -475,7 +517,9 @@ __device__ __forceinline__ void flash_bwd_mma_body(const AttentionParams& p,
     cp_async_wait_all();
     __syncthreads();
     stage_rows<Tr, Tr::KV_N_TILES>(sK, dk, key_row0, kv_col_tile0, static_cast<float>(p.scale));
-    stage_rows<Tr, Tr::KV_N_TILES>(sV, dv, key_row0, kv_col_tile0, 1.f);
+    float dv_scale = 1.f;  // dropout: the 1 / (1 - dropout_p) of W = P * Z / (1 - dropout_p)
+    if constexpr (VARIANTS) dv_scale = dropout_on(vp) ? static_cast<float>(vp.dropout_scale) : 1.f;
+    stage_rows<Tr, Tr::KV_N_TILES>(sV, dv, key_row0, kv_col_tile0, dv_scale);
     __syncthreads();
     T* dk_out = static_cast<T*>(bp.dk) + b * p.Lk * bp.grad_row;
     T* dv_out = static_cast<T*>(bp.dv) + b * p.Lk * bp.grad_row;
@@ -603,10 +647,26 @@ __device__ __forceinline__ void flash_bwd_dq_mma_body(const AttentionParams& p,
             }
         float ds[S_N_TILES][4];
         gemm_abt<Tr, S_N_TILES>(ds, sdO, row0, sV);  // dP = dO_i V_j^T
+        if constexpr (VARIANTS) {
+            // dS = P * (dP * Z / (1 - dropout_p) - delta); Z = 1 and the factor 1 without
+            // dropout, where the FMA gives the bits of dP - delta
+            const bool dropout = dropout_on(vp);
+            const float drop_scale = dropout ? static_cast<float>(vp.dropout_scale) : 1.f;
 #pragma unroll
-        for (int nt = 0; nt < S_N_TILES; ++nt)
+            for (int nt = 0; nt < S_N_TILES; ++nt) {
+                unsigned keep = 0xfu;
+                if (dropout) keep = dropout_keep_mma(vp, b, m0 + row0 + g, n0 + 8 * nt, t);
 #pragma unroll
-            for (int e = 0; e < 4; ++e) ds[nt][e] = s[nt][e] * (ds[nt][e] - row_delta[e >> 1]);
+                for (int e = 0; e < 4; ++e)
+                    ds[nt][e] = s[nt][e] * fmaf(ds[nt][e], (keep >> e) & 1u ? drop_scale : 0.f,
+                                                -row_delta[e >> 1]);
+            }
+        } else {  // dS = P * (dP - delta)
+#pragma unroll
+            for (int nt = 0; nt < S_N_TILES; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) ds[nt][e] = s[nt][e] * (ds[nt][e] - row_delta[e >> 1]);
+        }
         unsigned a[Tr::N_K_STEPS][4];
         to_a_fragments<T>(ds, a);
         gemm_ab_reg<Tr, Tr::N_K_STEPS, Tr::DQ_N_TILES>(dq, a, sK, 0);  // dQ_i += dS K_j

@@ -8,6 +8,9 @@
 //   dS = P * (dP - delta)          (elementwise; delta is broadcast along the keys)
 //   dV = P^T dO        dK = scale * dS^T Q        dQ = scale * dS K
 //
+// (with dropout, the variants kernels: W = P * Z / (1 - dropout_p) with the forward's keep
+// mask Z, dV = W^T dO and dS = P * (dP * Z / (1 - dropout_p) - delta))
+//
 // flash_bwd_simt: one thread block owns BLOCK_N keys of one batch element. K_j and V_j
 // stay in shared memory and dK_j, dV_j in registers while the query tiles stream past:
 //
@@ -370,12 +373,16 @@ __device__ __forceinline__ void softmax_backward(const T (&s)[L::TM][L::TN],
 
 // -- the same with the variants: the exponent is ScoreModifier's final score (score units)
 // minus lse; a score it sets to -inf (outside the band, masked, past Lk) gives P = 0.
+// Dropout: keep holds the keep bits Z (bit i * TN + jj; all ones without dropout) and
+// drop_scale 1 / (1 - dropout_p) (1 without): Ps gets the weights W = P * Z * drop_scale
+// of dV += W^T dO, and dS = P * (dP * Z * drop_scale - delta).
 template <class L, class Mod, typename T>
 __device__ __forceinline__ void softmax_backward_variants(const T (&s)[L::TM][L::TN],
                                                           const T (&dp)[L::TM][L::TN],
                                                           const RowStats<L, T>& st, T exp_scale,
                                                           const Mod& mod, long long m0,
-                                                          long long n0, T* Ps, T* dSs, int tr,
+                                                          long long n0, unsigned keep,
+                                                          T drop_scale, T* Ps, T* dSs, int tr,
                                                           int tc) {
 #pragma unroll
     for (int i = 0; i < L::TM; ++i) {
@@ -386,11 +393,28 @@ __device__ __forceinline__ void softmax_backward_variants(const T (&s)[L::TM][L:
             const T x = mod.modify(s[i][jj] * exp_scale, m0 + r, n0 + c);
             const bool visible = st.live[i] && x != T(-INFINITY);
             const T p_ij = visible ? SimtMath<T>::exp(x - st.lse[i]) : T(0);
-            const T ds_ij = visible ? p_ij * (dp[i][jj] - st.delta[i]) : T(0);
-            if (Ps != nullptr) Ps[r * L::P_STRIDE + c] = p_ij;
+            const T z = (keep >> (i * L::TN + jj)) & 1u ? drop_scale : T(0);  // Z / (1 - p)
+            const T ds_ij = visible ? p_ij * fma(dp[i][jj], z, -st.delta[i]) : T(0);
+            if (Ps != nullptr) Ps[r * L::P_STRIDE + c] = p_ij * z;
             dSs[r * L::P_STRIDE + c] = ds_ij;
         }
     }
+}
+
+// The keep bits of a thread's (TM, TN) scores for softmax_backward_variants (all ones
+// without dropout), and 1 / (1 - dropout_p) (1 without).
+template <class L, typename T>
+__device__ __forceinline__ unsigned dropout_keep_tile(const VariantParams& vp, long long b,
+                                                      long long m0, long long n0, int tr, int tc,
+                                                      T& drop_scale) {
+    static_assert(L::THREADS_PER_ROW % 4 == 0 && L::BLOCK_N % 4 == 0,
+                  "dropout: four neighbouring keys on four neighbouring lanes");
+    drop_scale = T(1);
+    if (!dropout_on(vp)) return ~0u;
+    drop_scale = static_cast<T>(vp.dropout_scale);
+    return dropout_keep_simt<L::TM, L::TN>(
+        vp, b, [&](int i) { return m0 + tr + i * L::THREAD_ROWS; },
+        [&](int jj) { return n0 + tc + jj * L::THREADS_PER_ROW; }, tc & 3);
 }
 
 // acc += A^T B over the BLOCK_M query rows m: acc[i][t*VEC + e] += A[m, n_i] * B[m, col]
@@ -586,9 +610,12 @@ __device__ __forceinline__ void flash_bwd_simt_body(const AttentionParams& p,
         dot_rows<L>(dp, dOs, Vs, tr, tc, dv_vecs);
 
         // -- P = exp(S * scale - lse_i), dS = P * (dP - delta_i) into shared memory
-        if constexpr (VARIANTS)
-            softmax_backward_variants<L>(s, dp, st, exp_scale, mod, m0, n0, Ps, dSs, tr, tc);
-        else
+        if constexpr (VARIANTS) {
+            T drop_scale;
+            const unsigned keep = dropout_keep_tile<L>(vp, b, m0, n0, tr, tc, drop_scale);
+            softmax_backward_variants<L>(s, dp, st, exp_scale, mod, m0, n0, keep, drop_scale,
+                                         Ps, dSs, tr, tc);
+        } else
             softmax_backward<L, IS_CAUSAL>(s, dp, st, exp_scale, tile_mask<L>(p, m0, n0), Ps,
                                            dSs, tr, tc);
         __syncthreads();  // every thread's P and dS are visible
@@ -736,10 +763,12 @@ __device__ __forceinline__ void flash_bwd_dq_simt_body(const AttentionParams& p,
         dot_rows<L>(dp, dOs, Vs, tr, tc, dv_vecs);
 
         // -- dS = P * (dP - delta_i) into shared memory
-        if constexpr (VARIANTS)
-            softmax_backward_variants<L>(s, dp, st, exp_scale, mod, m0, n0,
+        if constexpr (VARIANTS) {
+            T drop_scale;
+            const unsigned keep = dropout_keep_tile<L>(vp, b, m0, n0, tr, tc, drop_scale);
+            softmax_backward_variants<L>(s, dp, st, exp_scale, mod, m0, n0, keep, drop_scale,
                                          static_cast<T*>(nullptr), dSs, tr, tc);
-        else
+        } else
             softmax_backward<L, IS_CAUSAL>(s, dp, st, exp_scale, tile_mask<L>(p, m0, n0),
                                            static_cast<T*>(nullptr), dSs, tr, tc);
         // every thread's dS is visible; every thread has finished reading V_j

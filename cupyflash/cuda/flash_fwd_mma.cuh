@@ -290,8 +290,9 @@ __device__ __forceinline__ void load_tile(typename Traits::T* smem, const typena
 // ---------------------------------------------------------------------------------------
 // Two entry points share one body: flash_fwd_mma (plain or causal attention) and
 // flash_fwd_mma_variants, whose scores go through ScoreModifier (attention_variants.cuh)
-// built from vp: bias, mask, window with the causal mask folded in, ALiBi, softcap. The
-// body reads vp only with VARIANTS. MIN_BLOCKS: thread blocks per multiprocessor that the
+// built from vp: bias, mask, window with the causal mask folded in, ALiBi, softcap; and
+// which drops P with the keep mask of vp's seed when vp asks for dropout. The body reads
+// vp only with VARIANTS. MIN_BLOCKS: thread blocks per multiprocessor that the
 // register budget must allow (__launch_bounds__); 3 at d = 64 lets three blocks hide each
 // other's softmax.
 template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int NUM_WARPS, int KV_BUFFERS,
@@ -458,6 +459,20 @@ __device__ __forceinline__ void flash_fwd_mma_body(const AttentionParams& p,
         }
 
         softmax.update(s, acc, scale_first ? 1.f : c);  // S becomes P; acc rescaled
+        if constexpr (VARIANTS) {
+            if (dropout_on(vp)) {  // P * Z: the dropped weights leave acc, not l_i
+#pragma unroll
+                for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+                    for (int nt = 0; nt < S_N_TILES; ++nt) {
+                        const unsigned keep = dropout_keep_mma(
+                            vp, b, m0 + warp_row0 + mt * 16 + g, n0 + 8 * nt, t);
+#pragma unroll
+                        for (int e = 0; e < 4; ++e)
+                            if (!((keep >> e) & 1u)) s[mt][nt][e] = 0.f;
+                    }
+            }
+        }
 
         // P rounded to T, already in the A-operand layout of P V: the accumulator layout of
         // the n8 tiles 2kk and 2kk+1 of S is the A fragment of k16 step kk.
@@ -498,15 +513,19 @@ __device__ __forceinline__ void flash_fwd_mma_body(const AttentionParams& p,
             }
     }
 
-    // O_i = acc / l_i; lse_i = (m_i + log2 l_i) * ln 2. A row with l_i = 0 saw no key:
-    // zeros and lse = -inf. The warp stages its own rows in its own part of sQ.
+    // O_i = acc / l_i (dropout: acc / l_i / (1 - dropout_p)); lse_i = (m_i + log2 l_i) *
+    // ln 2. A row with l_i = 0 saw no key: zeros and lse = -inf. The warp stages its own
+    // rows in its own part of sQ.
     T* sO = sQ;
+    float o_scale = 1.f;
+    if constexpr (VARIANTS) o_scale = dropout_on(vp) ? static_cast<float>(vp.dropout_scale) : 1.f;
 #pragma unroll
     for (int mt = 0; mt < M_TILES; ++mt)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const float l = softmax.row_sum(mt, h);
-            const float inv_l = safe_inverse(l);
+            float inv_l = safe_inverse(l);
+            if constexpr (VARIANTS) inv_l *= o_scale;
             const int r = warp_row0 + mt * 16 + g + 8 * h;
 #pragma unroll
             for (int nt = 0; nt < O_N_TILES; ++nt)

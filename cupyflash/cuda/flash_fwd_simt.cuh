@@ -93,6 +93,7 @@ struct SimtTraits {
     static_assert(HEAD_DIM == 32 || HEAD_DIM == 64 || HEAD_DIM == 128 || HEAD_DIM == 256,
                   "HEAD_DIM must be 32, 64, 128 or 256");
     static_assert(THREADS_PER_ROW == 8, "the bank analysis above assumes 8 lanes per row");
+    static_assert(BLOCK_N % 4 == 0, "dropout: tiles start at a group of four keys");
     static_assert(BLOCK_M % THREAD_ROWS == 0 && BLOCK_N % THREADS_PER_ROW == 0, "tile split");
     static_assert(BLOCK_N % VEC == 0 && TD % VEC == 0, "P and acc columns come in vectors");
     static_assert(D_VECS % D_GROUP == 0, "S's inner loop steps D_GROUP vectors at a time");
@@ -183,7 +184,8 @@ __device__ __forceinline__ void load_tile_async(T* tile, const T* src, long long
 // The kernel. Grid: (ceil(Lq / BLOCK_M), min(n_batch, 65535), ceil(n_batch / 65535)).
 // Two entry points share one body: flash_fwd_simt (plain or causal attention) and
 // flash_fwd_simt_variants, whose scores go through ScoreModifier (attention_variants.cuh)
-// built from vp, with the causal mask folded into its window. The body reads vp only with
+// built from vp, with the causal mask folded into its window, and whose P~ is dropped with
+// the keep mask of vp's seed when vp asks for dropout. The body reads vp only with
 // VARIANTS.
 // ----------------------------------------------------------------------------------------
 template <typename T, int HEAD_DIM, bool IS_CAUSAL, bool VARIANTS>
@@ -370,7 +372,17 @@ __device__ __forceinline__ void flash_fwd_simt_body(const AttentionParams& p,
             }
         }
 
-        // -- update m_i and l_i; P~ = exp(S - m_new) into shared memory; rescale acc
+        // -- dropout: the keep bits of this thread's scores (bit i * TN + jj)
+        unsigned keep = ~0u;
+        if constexpr (VARIANTS) {
+            if (dropout_on(vp))
+                keep = dropout_keep_simt<TM, TN>(
+                    vp, b, [&](int i) { return m0 + tr + i * THREAD_ROWS; },
+                    [&](int jj) { return n0 + tc + jj * THREADS_PER_ROW; }, tc & 3);
+        }
+
+        // -- update m_i and l_i; P~ = exp(S - m_new) into shared memory (P~ * Z with
+        // dropout: the dropped weights leave acc, not l_i); rescale acc
 #pragma unroll
         for (int i = 0; i < TM; ++i) {
             T m_new = m_i[i];
@@ -390,7 +402,9 @@ __device__ __forceinline__ void flash_fwd_simt_body(const AttentionParams& p,
             for (int jj = 0; jj < TN; ++jj) {
                 const T p_ij = Math::exp(s[i][jj] - m_safe);
                 row_sum += p_ij;
-                Ps[r * P_STRIDE + tc + jj * THREADS_PER_ROW] = p_ij;
+                T p_kept = p_ij;
+                if constexpr (VARIANTS) p_kept = (keep >> (i * TN + jj)) & 1u ? p_ij : T(0);
+                Ps[r * P_STRIDE + tc + jj * THREADS_PER_ROW] = p_kept;
             }
             l_i[i] = alpha * l_i[i] + row_sum;
 #pragma unroll
@@ -428,15 +442,19 @@ __device__ __forceinline__ void flash_fwd_simt_body(const AttentionParams& p,
     }
 
     // -- epilogue: l_i summed over the row's 8 lanes (the same order in every lane, so
-    // every lane holds the same bits); O_i = acc / l_i; lse = m_i + log(l_i). A row that
-    // saw no key has l_i = 0: zeros out, lse = -inf.
+    // every lane holds the same bits); O_i = acc / l_i (with dropout also / (1 -
+    // dropout_p)); lse = m_i + log(l_i). A row that saw no key has l_i = 0: zeros out,
+    // lse = -inf.
+    T o_scale = T(1);
+    if constexpr (VARIANTS) o_scale = dropout_on(vp) ? static_cast<T>(vp.dropout_scale) : T(1);
 #pragma unroll
     for (int i = 0; i < TM; ++i) {
         T l = l_i[i];
 #pragma unroll
         for (int lane_mask = 1; lane_mask < THREADS_PER_ROW; lane_mask *= 2)
             l += __shfl_xor_sync(0xffffffffu, l, lane_mask);
-        const T inv_l = safe_inverse(l);
+        T inv_l = safe_inverse(l);
+        if constexpr (VARIANTS) inv_l *= o_scale;
         const long long row = m0 + tr + i * THREAD_ROWS;
         if (row < p.Lq) {
             T* o_row = o + row * p.o_row_stride;
