@@ -131,7 +131,7 @@ WGMMA_BWD_AUTO_MIN_HEAD_DIM = 32
 def _wgmma_bwd_smem_bytes(head_dim, stages):
     """As BwdWgmmaTraits::SMEM_BYTES."""
     bm, bn = WGMMA_BWD_BLOCK_M, WGMMA_BWD_BLOCK_N
-    dq_stage = 64 * (64 + 8) * 4 * (head_dim // 64)
+    dq_stage = 2 * 64 * 64 * 4 * (head_dim // 64)  # two fp32 tiles per dQ consumer
     return (1024 + 2 * bn * head_dim * 2 + 2 * stages * bm * head_dim * 2 + 2 * bn * bm * 2
             + dq_stage + 2 * stages * bm * 4 + 8 * (1 + 2 * stages))
 
@@ -254,6 +254,8 @@ def mma_backward_variants(arch):
                     f"cupyflash::scale_convert<{acc}, {ctype}, {acc}>"))
         out.append(("flash_bwd_preprocess.cuh",
                     f"cupyflash::scale_convert<{ctype}, {acc}, {acc}>"))
+        if ctype != "double":
+            out.append(("flash_bwd_preprocess.cuh", f"cupyflash::dq_from_tiles<{ctype}>"))
     return list(dict.fromkeys(out))
 
 
@@ -351,6 +353,35 @@ def _check_register_split(kernel, cfg):
             f"CUPYFLASH_BWD_KERNEL=mma to use the mma.sync kernel")
 
 
+def _dq_from_tiles(device_id, tiles, y, n_batch, Lq, cols, head_dim, scale):
+    """y (contiguous, n_batch x Lq x cols) = flash_bwd_wgmma's tiled dQ accumulator * scale."""
+    name = f"cupyflash::dq_from_tiles<{_DTYPE_TO_CUDA[y.dtype.name]}>"
+    kernel = _kernels.get_function(device_id, "flash_bwd_preprocess.cuh", name,
+                                   _kernels.arch_for(_compute_capability(device_id)))
+    n = n_batch * Lq * cols
+    if n:
+        kernel((min(-(-n // 256), 65535 * 16),), (256,),
+               (tiles, y, np.int64(n_batch), np.int64(Lq), np.int64(cols),
+                np.int32(head_dim // 64), np.float64(scale)))
+
+
+def _finish_tiled(device_id, tiles, full_shape, head_dim, scale, target, result):
+    """As :func:`_finish` for dQ from flash_bwd_wgmma's tiled accumulator: straight into
+    ``result`` where no dimension is broadcast, else through a float32 row-major copy."""
+    import cupy
+
+    n_batch, Lq, cols = tiles.shape[0], full_shape[-2], full_shape[-1]
+    if not _broadcast_axes(full_shape, target.shape):
+        tmp = result if result.flags.c_contiguous else cupy.empty(full_shape, dtype=result.dtype)
+        _dq_from_tiles(device_id, tiles, tmp, n_batch, Lq, cols, head_dim, scale)
+        if tmp is not result:
+            result[...] = tmp
+        return
+    rows = cupy.empty((n_batch, Lq, cols), dtype=np.float32)
+    _dq_from_tiles(device_id, tiles, rows, n_batch, Lq, cols, head_dim, scale)
+    _finish(device_id, rows, cols, full_shape, cols, 1.0, target, result)
+
+
 def _params_buffer(bp):
     return np.frombuffer(np.array(bp, dtype=BACKWARD_PARAMS_DTYPE).tobytes(),
                          dtype=BACKWARD_PARAMS_DTYPE)[0]
@@ -409,7 +440,11 @@ def attention_backward(dout, q, k, v, out, lse, problem, deterministic=False,
 
         row = cfg.head_dim
         delta = cupy.empty((n_batch, p.Lq), dtype=acc)
-        dq_accum = (cupy.empty if deterministic else cupy.zeros)((n_batch, p.Lq, row), dtype=acc)
+        if main_args is not None:  # flash_bwd_wgmma's tiled accumulator (DqTiles)
+            dq_accum = cupy.zeros((n_batch, -(-p.Lq // 64), row // 64, 64, 64), dtype=acc)
+        else:
+            dq_accum = (cupy.empty if deterministic else cupy.zeros)((n_batch, p.Lq, row),
+                                                                     dtype=acc)
         batch = p.batch_shape
         # dk and dv go straight into the result where it has the kernel's layout (not
         # broadcast, contiguous, head dim = the kernel's); else into a buffer, copied or
@@ -441,7 +476,10 @@ def attention_backward(dout, q, k, v, out, lse, problem, deterministic=False,
                       (params, bparams) + vargs, shared_mem=cfg.dq_smem)
         del slopes  # (the pool reuses its memory only for later work on this stream)
 
-        _finish(device_id, dq_accum, row, batch + (p.Lq, p.D), p.D, p.scale, q, dq)
+        if main_args is not None:
+            _finish_tiled(device_id, dq_accum, batch + (p.Lq, p.D), row, p.scale, q, dq)
+        else:
+            _finish(device_id, dq_accum, row, batch + (p.Lq, p.D), p.D, p.scale, q, dq)
         if dk_buf is not dk:
             _finish(device_id, dk_buf, row, batch + (p.Lk, p.D), p.D, 1.0, k, dk)
         if dv_buf is not dv:

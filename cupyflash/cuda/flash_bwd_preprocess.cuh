@@ -75,4 +75,27 @@ __global__ void __launch_bounds__(256) scale_convert(const TIn* x, long long x_r
     }
 }
 
+// dq[b, i, c] = dq_tiles[...] * scale for c < cols, from the tiled fp32 accumulator of
+// flash_bwd_wgmma (DqTiles in flash_bwd_wgmma.cuh: 64 x 64 tiles, tile (b, i / 64, c / 64)
+// at ((b * m_blocks + i / 64) * slabs + c / 64) * 4096, element (i % 64, c % 64) at
+// (i % 64) * 64 + ((c % 64) ^ 8 (i % 8))) to contiguous rows of cols elements of TOut.
+// Grid-stride over n_batch * Lq * cols elements.
+template <typename TOut>
+__global__ void __launch_bounds__(256) dq_from_tiles(const float* dq_tiles, TOut* y,
+                                                     long long n_batch, long long Lq,
+                                                     long long cols, int slabs, double scale) {
+    const long long n = n_batch * Lq * cols;
+    const long long m_blocks = (Lq + 63) / 64;
+    const float s = static_cast<float>(scale);
+    for (long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x; idx < n;
+         idx += (long long)gridDim.x * blockDim.x) {
+        const long long row = idx / cols;
+        const int c = (int)(idx - row * cols);
+        const long long b = row / Lq, i = row - b * Lq;
+        const int r = (int)(i % 64);
+        const long long tile = ((b * m_blocks + i / 64) * slabs + c / 64) * 4096;
+        from_acc(dq_tiles[tile + r * 64 + ((c % 64) ^ ((r % 8) * 8))] * s, y + idx);
+    }
+}
+
 }  // namespace cupyflash

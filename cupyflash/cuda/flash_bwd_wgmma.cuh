@@ -20,9 +20,14 @@
 // dQ_i needs every key of the block as its k-dimension, so both consumers write dS^T to
 // one shared tile (two buffers, alternating with i) and meet at a named barrier. Its
 // HEAD_DIM columns are split in 64-column slabs over the first HEAD_DIM / 64 consumers
-// (at d = 64 consumer 1 only writes its half of dS^T and goes on). Each fp32 dQ_i tile is
-// added to dq_accum in global memory by bulk reduce-adds of its rows (the copy engine),
-// staged per warp in shared memory; the launcher multiplies by scale.
+// (at d = 64 consumer 1 only writes its half of dS^T and goes on). Each fp32 64 x 64 tile
+// of dQ_i is staged in shared memory and added to dq_accum in global memory by one bulk
+// reduce-add of 16 KiB (the copy engine). For that, dq_accum is *tiled*, not row-major:
+//   dq_accum[b][i / 64][c / 64][i % 64][(c % 64) ^ 8 (i % 8)]     (DqTiles; fp32)
+// (the XOR keeps the staging stores free of bank conflicts); flash_bwd_preprocess.cuh's
+// dq_from_tiles multiplies by scale and writes the usual layout. One reduce-add per tile
+// rather than one per 256-byte row: on the H100 the 64 row-sized ones per tile cost
+// 25-35% of the kernel's time (benchmarks/NOTES.md, session 5).
 //
 // The producer's thread 0 loads K_j and V_j once and then Q_i and dO_i of each query block
 // by TMA into a ring of STAGES buffers (128-byte swizzled slabs, the layout of
@@ -67,10 +72,10 @@ struct BwdWgmmaTraits {
     static constexpr int KV_TILE_BYTES = BLOCK_N * HEAD_DIM * 2;  // SLABS x (BLOCK_N x 128 B)
     static constexpr int Q_TILE_BYTES = BLOCK_M * HEAD_DIM * 2;   // SLABS x (BLOCK_M x 128 B)
     static constexpr int DS_TILE_BYTES = BLOCK_N * BLOCK_M * 2;   // dS^T: BLOCK_N x 128 B
-    // dQ staging: 64 rows of DQ_N floats per dQ consumer, rows padded by 8 floats (the
-    // float2 stores of 8 rows x 4 lanes spread over the banks; rows stay 16-byte aligned).
-    static constexpr int DQ_STAGE_ROW = DQ_N + 8;
-    static constexpr int DQ_STAGE_BYTES = 64 * DQ_STAGE_ROW * 4;
+    // dQ staging: two 64 x DQ_N fp32 tiles per dQ consumer (query block i in i % 2), in
+    // dq_accum's tile layout (DqTiles), so that one bulk reduce-add copies a whole tile.
+    static constexpr int DQ_TILE_FLOATS = 64 * DQ_N;
+    static constexpr int DQ_STAGE_BYTES = 2 * DQ_TILE_FLOATS * 4;
     static constexpr int SMEM_K = 0;
     static constexpr int SMEM_V = SMEM_K + KV_TILE_BYTES;
     static constexpr int SMEM_Q = SMEM_V + KV_TILE_BYTES;
@@ -90,6 +95,8 @@ struct BwdWgmmaTraits {
     // Named barriers: dS^T of query block i is complete (DS_BARRIER + i % 2; two, so that
     // consumer 1 at d = 64, which only arrives, never counts twice towards one phase).
     static constexpr int DS_BARRIER = 1;
+    // A dQ consumer's tile is staged (DQ_BARRIER + consumer, 128 threads).
+    static constexpr int DQ_BARRIER = 3;
 
     static_assert(sizeof(T) == 2, "wgmma path is for fp16 and bf16");
     static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "HEAD_DIM: 64 or 128");
@@ -99,6 +106,20 @@ struct BwdWgmmaTraits {
                       == NUM_THREADS * (65536 / NUM_THREADS / 8 * 8),
                   "setmaxnreg must hand over exactly the registers the block holds");
     static_assert(SMEM_BYTES <= 227 * 1024, "227 KiB of shared memory per block on sm_90");
+};
+
+// dq_accum's layout for this kernel (see the top): 64 x 64 fp32 tiles, tile (b, m_block,
+// slab) at ((b * m_blocks + m_block) * slabs + slab) * 4096 floats, element (r, c) of a
+// tile at r * 64 + (c ^ 8 (r % 8)).
+struct DqTiles {
+    static constexpr int ROWS = 64, COLS = 64, FLOATS = ROWS * COLS;
+    static __device__ __forceinline__ int offset(int r, int c) {
+        return r * COLS + (c ^ ((r % 8) * 8));
+    }
+    static __device__ __forceinline__ long long tile(long long b, long long m_block,
+                                                     long long m_blocks, int slab, int slabs) {
+        return ((b * m_blocks + m_block) * slabs + slab) * FLOATS;
+    }
 };
 
 template <typename T, int HEAD_DIM, int STAGES, bool IS_CAUSAL>
@@ -228,8 +249,9 @@ flash_bwd_wgmma(const AttentionParams p, const BackwardParams bp,
             smem_descriptor(sK + wg * BLOCK_N * 128, BLOCK_N * 128, 1024);  // slab wg of K
 
         float* const sdQ = reinterpret_cast<float*>(smem_ptr + Tr::SMEM_DQ) +
-                           wg * (Tr::DQ_STAGE_BYTES / 4);
-        float* const dq_accum = static_cast<float*>(bp.dq_accum) + b * p.Lq * bp.grad_row;
+                           wg * (Tr::DQ_STAGE_BYTES / 4);  // this consumer's two tiles
+        float* const dq_accum = static_cast<float*>(bp.dq_accum);
+        const bool dq_issuer = dq_consumer && threadIdx.x % 128 == 0;  // issues its adds
 
         if (n_iters > 0) mbarrier_wait(kv_full, 0);
         for (int it = 0; it < n_iters; ++it) {
@@ -355,24 +377,26 @@ flash_bwd_wgmma(const AttentionParams p, const BackwardParams bp,
                 fence_operands(dv);
                 if (lane == 0) mbarrier_arrive(q_empty(st));  // Q_i, dO_i, lse_i, delta_i read
 
-                // Stage this warp's 16 rows of dQ (after its lanes' previous bulk adds have
-                // read the staging rows), then lanes 0-15 add one row each to dq_accum.
-                if (lane < 16) bulk_wait<true>();
-                __syncwarp();
+                // Stage the tile in buffer it % 2 and add it to dq_accum with one bulk
+                // reduce-add. The buffer's previous add (block it - 2) has read it: the
+                // issuer waits for the add of block it - 1 before the barrier below, every
+                // iteration, so that one barrier per block suffices.
+                float* const stage = sdQ + (it % 2) * Tr::DQ_TILE_FLOATS;
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
                     const int r = 16 * warp + g + 8 * h;
 #pragma unroll
                     for (int nt = 0; nt < Tr::DQ_N / 8; ++nt)
-                        *reinterpret_cast<float2*>(sdQ + r * Tr::DQ_STAGE_ROW + nt * 8 + 2 * t) =
+                        *reinterpret_cast<float2*>(stage + DqTiles::offset(r, nt * 8 + 2 * t)) =
                             make_float2(dq[nt][2 * h], dq[nt][2 * h + 1]);
                 }
                 fence_proxy_async_shared();
-                __syncwarp();
-                const int r = 16 * warp + lane;
-                if (lane < 16 && m0 + r < p.Lq)
-                    bulk_reduce_add_f32(dq_accum + (m0 + r) * bp.grad_row + wg * Tr::DQ_N,
-                                        sdQ + r * Tr::DQ_STAGE_ROW, Tr::DQ_N * 4);
+                if (dq_issuer) bulk_wait<true>();  // block it - 1's add has read its buffer
+                named_barrier_sync(Tr::DQ_BARRIER + wg, 128);
+                if (dq_issuer)
+                    bulk_reduce_add_f32(
+                        dq_accum + DqTiles::tile(b, m_begin + it, m_blocks, wg, Tr::SLABS),
+                        stage, DqTiles::FLOATS * 4);
             } else {
                 named_barrier_arrive(Tr::DS_BARRIER + it % 2, 256);
                 wgmma_wait<0>();
@@ -381,7 +405,7 @@ flash_bwd_wgmma(const AttentionParams p, const BackwardParams bp,
                 if (lane == 0) mbarrier_arrive(q_empty(st));
             }
         }
-        if (dq_consumer && lane < 16) bulk_wait<true>();  // staging read before the block ends
+        if (dq_issuer) bulk_wait<false>();  // the last add is done before the block ends
 
         // dK_j *= scale; dK_j and dV_j rows past Lk are not stored.
         const float scale = static_cast<float>(p.scale);
