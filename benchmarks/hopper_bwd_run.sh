@@ -3,7 +3,8 @@
 # its own time limit, logs and summary.txt under $OUT:
 #
 #     OUT=/tmp/run bash benchmarks/hopper_bwd_run.sh first    # SASS, spot check, bench, tests
-#     OUT=/tmp/run bash benchmarks/hopper_bwd_run.sh bench    # the backward grid, both dtypes
+#     OUT=/tmp/run bash benchmarks/hopper_bwd_run.sh grid     # checks, then the backward grid
+#                                                             # (both dtypes; deterministic too)
 set -u
 OUT=${OUT:-/tmp/hopper_bwd}
 mkdir -p "$OUT"
@@ -35,11 +36,17 @@ first)
     stage "tests" 200 "$OUT/tests.txt" $PY -m pytest -m gpu -q -p no:cacheprovider -x \
         tests/test_backward.py
     ;;
-bench)
-    stage "bench" 500 "$OUT/bench.txt" $BENCH --d 64 128 --out "$OUT/bwd.json"
+grid)
+    stage "spot check" 150 "$OUT/check.txt" $PY benchmarks/check_backward.py || exit 1
+    stage "tests" 200 "$OUT/tests.txt" $PY -m pytest -m gpu -q -p no:cacheprovider -x \
+        tests/test_backward.py || exit 1
+    stage "grid" 240 "$OUT/grid.txt" $PY benchmarks/attention.py --op bwd --d 64 128 \
+        --providers cupyflash torch_flash torch_cudnn --out "$OUT/bwd.json"
+    stage "grid deterministic" 120 "$OUT/grid_det.txt" $PY benchmarks/attention.py --op bwd \
+        --d 64 128 --providers cupyflash --deterministic --out "$OUT/bwd.json"
     ;;
 *)
-    echo "usage: $0 first|bench" >&2
+    echo "usage: $0 first|grid" >&2
     exit 2
     ;;
 esac

@@ -7,14 +7,15 @@
    in float32 atomics to a zeroed ``dq_accum``;
 3. with ``deterministic=True``, the dQ kernel instead, one thread block per query block,
    summing over key blocks in a fixed order (no atomics: bitwise reproducible);
+4. ``scale_convert``: ``dq = dq_accum * scale`` in the inputs' dtype, and the sums of
+   the gradients over broadcast batch dimensions (grouped-query attention) in float32.
 
 On a GPU of compute capability 9.0 the main kernel of fp16/bf16 problems at head dims
 33..128 without variants is the Hopper one (``flash_bwd_wgmma``: wgmma, TMA, warp
-specialisation; it adds dQ by bulk reduce-adds), unless ``CUPYFLASH_BWD_KERNEL=mma``;
-``deterministic=True`` and the variants keep the mma.sync kernels. See
-:func:`backward_kernel`.
-4. ``scale_convert``: ``dq = dq_accum * scale`` in the inputs' dtype, and the sums of
-   the gradients over broadcast batch dimensions (grouped-query attention) in float32.
+specialisation), unless ``CUPYFLASH_BWD_KERNEL=mma`` (see :func:`backward_kernel`). It
+adds dQ in 64 x 64 fp32 tiles by bulk reduce-adds (``dq_accum`` is then tiled, and
+``dq_from_tiles`` replaces step 4's ``scale_convert`` for dQ); with ``deterministic=True``
+it computes dK and dV only, and step 3 runs. The variants keep the mma.sync kernels.
 
 The gradients of each batch element are written contiguously, in rows of the kernel's
 padded head dim, and then copied (or summed) into arrays of q's, k's and v's shapes.
@@ -107,9 +108,8 @@ def backward_kernel():
     """The fp16/bf16 backward kernel family that ``CUPYFLASH_BWD_KERNEL`` asks for.
 
     ``wgmma``: the Hopper kernel (cuda/flash_bwd_wgmma.cuh) wherever it applies: fp16/bf16
-    on a GPU of compute capability 9.0, head dims up to 128, no variants, not
-    deterministic, and q, k, v, dout that tensor maps can describe (otherwise the
-    mma.sync kernel runs). ``auto`` (or unset): as ``wgmma`` for head dims above 32; at
+    on a GPU of compute capability 9.0, head dims up to 128, no variants, and q, k, v,
+    dout that tensor maps can describe (otherwise the mma.sync kernel runs). ``auto`` (or unset): as ``wgmma`` for head dims above 32; at
     32 and below padding to 64 would double the work. ``mma``: the mma.sync kernel
     everywhere.
     """
@@ -137,23 +137,29 @@ def _wgmma_bwd_smem_bytes(head_dim, stages):
 
 
 @functools.lru_cache(maxsize=64)
-def _wgmma_backward_config(D, dtype_name, causal):
+def _wgmma_backward_config(D, dtype_name, compute_capability, causal, deterministic):
+    """flash_bwd_wgmma for dK, dV and (atomic) dQ; with ``deterministic``, dK and dV only,
+    and flash_bwd_dq_mma for dQ (the mma.sync path's deterministic dQ kernel)."""
     head_dim = next(h for h in WGMMA_BWD_HEAD_DIMS if h >= D)
     stages = WGMMA_BWD_STAGES[head_dim]
+    mma = _mma_backward_config(D, dtype_name, compute_capability, causal, True, "")
     return BackwardConfig(
         head_dim=head_dim, main_source="flash_bwd_wgmma.cuh",
         main_name=(f"cupyflash::flash_bwd_wgmma<{_DTYPE_TO_CUDA[dtype_name]}, {head_dim}, "
-                   f"{stages}, {'true' if causal else 'false'}>"),
+                   f"{stages}, {'true' if causal else 'false'}, "
+                   f"{'false' if deterministic else 'true'}>"),
         main_threads=384, main_smem=_wgmma_bwd_smem_bytes(head_dim, stages),
-        block_n=WGMMA_BWD_BLOCK_N, dq_source=None, dq_name=None, dq_threads=0, dq_smem=0,
-        block_m_dq=0, align_elems=8, pad_d_to=8, kernel="wgmma", block_m=WGMMA_BWD_BLOCK_M)
+        block_n=WGMMA_BWD_BLOCK_N, dq_source=mma.dq_source, dq_name=mma.dq_name,
+        dq_threads=mma.dq_threads, dq_smem=mma.dq_smem, block_m_dq=mma.block_m_dq,
+        align_elems=8, pad_d_to=8, kernel="wgmma", block_m=WGMMA_BWD_BLOCK_M)
 
 
 def wgmma_backward_variants():
     """The (source, name_expression) of every Hopper backward kernel (sm_90a only)."""
     return [(c.main_source, c.main_name)
-            for c in (_wgmma_backward_config(h, dt, causal) for h in WGMMA_BWD_HEAD_DIMS
-                      for dt in ("float16", "bfloat16") for causal in (False, True))]
+            for c in (_wgmma_backward_config(h, dt, 90, causal, det)
+                      for h in WGMMA_BWD_HEAD_DIMS for dt in ("float16", "bfloat16")
+                      for causal in (False, True) for det in (False, True))]
 
 
 def _tile_knob(name):
@@ -216,11 +222,12 @@ def backward_config(D, dtype_name, compute_capability, causal, deterministic, va
     causal = causal and not variants
     if dtype_name in ("float16", "bfloat16"):
         choice = backward_kernel()
-        if (hopper and int(compute_capability) == 90 and not deterministic and not variants
+        if (hopper and int(compute_capability) == 90 and not variants
                 and D <= WGMMA_BWD_HEAD_DIMS[-1]
                 and (choice == "wgmma"
                      or (choice == "auto" and D > WGMMA_BWD_AUTO_MIN_HEAD_DIM))):
-            return _wgmma_backward_config(D, dtype_name, causal)
+            return _wgmma_backward_config(D, dtype_name, int(compute_capability), causal,
+                                          bool(deterministic))
         return _mma_backward_config(D, dtype_name, compute_capability, causal, deterministic,
                                     os.environ.get("CUPYFLASH_BWD_TILES", ""), variants)
     from ._cupy_backend import _simt_backward_config
@@ -440,7 +447,7 @@ def attention_backward(dout, q, k, v, out, lse, problem, deterministic=False,
 
         row = cfg.head_dim
         delta = cupy.empty((n_batch, p.Lq), dtype=acc)
-        if main_args is not None:  # flash_bwd_wgmma's tiled accumulator (DqTiles)
+        if main_args is not None and not deterministic:  # flash_bwd_wgmma's (DqTiles)
             dq_accum = cupy.zeros((n_batch, -(-p.Lq // 64), row // 64, 64, 64), dtype=acc)
         else:
             dq_accum = (cupy.empty if deterministic else cupy.zeros)((n_batch, p.Lq, row),
@@ -476,7 +483,7 @@ def attention_backward(dout, q, k, v, out, lse, problem, deterministic=False,
                       (params, bparams) + vargs, shared_mem=cfg.dq_smem)
         del slopes  # (the pool reuses its memory only for later work on this stream)
 
-        if main_args is not None:
+        if main_args is not None and not deterministic:
             _finish_tiled(device_id, dq_accum, batch + (p.Lq, p.D), row, p.scale, q, dq)
         else:
             _finish(device_id, dq_accum, row, batch + (p.Lq, p.D), p.D, p.scale, q, dq)

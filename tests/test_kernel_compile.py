@@ -282,7 +282,7 @@ def test_wgmma_backward_configs_match_the_kernel_traits():
     BwdWgmmaTraits'."""
     asserts = []
     for head_dim in _cupy_backward.WGMMA_BWD_HEAD_DIMS:
-        cfg = _cupy_backward._wgmma_backward_config(head_dim, "float16", False)
+        cfg = _cupy_backward._wgmma_backward_config(head_dim, "float16", 90, False, False)
         assert cfg.kernel == "wgmma" and cfg.head_dim == head_dim
         tr = (f"cupyflash::BwdWgmmaTraits<__half, {head_dim}, "
               f"{_cupy_backward.WGMMA_BWD_STAGES[head_dim]}>")

@@ -122,7 +122,9 @@ struct DqTiles {
     }
 };
 
-template <typename T, int HEAD_DIM, int STAGES, bool IS_CAUSAL>
+// ATOMIC_DQ = false (deterministic=True): dK and dV only; dQ comes from flash_bwd_dq_mma
+// (flash_bwd_mma.cuh), which sums over key blocks in a fixed order.
+template <typename T, int HEAD_DIM, int STAGES, bool IS_CAUSAL, bool ATOMIC_DQ>
 __global__ void __launch_bounds__(384, 1)
 flash_bwd_wgmma(const AttentionParams p, const BackwardParams bp,
                 const __grid_constant__ TmaDescriptor tma_q,
@@ -226,7 +228,7 @@ flash_bwd_wgmma(const AttentionParams p, const BackwardParams bp,
         const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
         const int g = lane / 4, t = lane % 4;
         const int key0 = Tr::WG_N * wg + 16 * warp;  // this warp's 16 keys in the block
-        const bool dq_consumer = wg < Tr::DQ_CONSUMERS;
+        const bool dq_consumer = ATOMIC_DQ && wg < Tr::DQ_CONSUMERS;
 
         float dk[KV_N_TILES][4], dv[KV_N_TILES][4];
         zero(dk);
@@ -332,7 +334,7 @@ flash_bwd_wgmma(const AttentionParams p, const BackwardParams bp,
             to_a_fragments<T, S_N_TILES>(dp, ds_frag);
             unsigned char* const ds_tile = smem_ptr + Tr::SMEM_DS + (it % 2) * Tr::DS_TILE_BYTES;
 #pragma unroll
-            for (int kk = 0; kk < Tr::M_K_STEPS; ++kk)
+            for (int kk = 0; kk < (ATOMIC_DQ ? Tr::M_K_STEPS : 0); ++kk)
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
                     const int r = key0 + g + 8 * h;
@@ -398,7 +400,7 @@ flash_bwd_wgmma(const AttentionParams p, const BackwardParams bp,
                         dq_accum + DqTiles::tile(b, m_begin + it, m_blocks, wg, Tr::SLABS),
                         stage, DqTiles::FLOATS * 4);
             } else {
-                named_barrier_arrive(Tr::DS_BARRIER + it % 2, 256);
+                if (ATOMIC_DQ) named_barrier_arrive(Tr::DS_BARRIER + it % 2, 256);
                 wgmma_wait<0>();
                 fence_operands(dk);
                 fence_operands(dv);
