@@ -716,12 +716,14 @@ def launch_grid(num_m_blocks, n_batch):
 
 
 def _mask_key_end(device_id, cc, params, variant_params):
-    """For a mask broadcast along the rows: one past the last key it keeps, per batch
-    element, as an int64 device array (``mask_key_end`` of cuda/attention_variants.cuh),
-    so that the forward kernels skip the key blocks of a padding mask's padding."""
+    """For a mask broadcast along the rows, per batch element: one past the last key it
+    keeps, then (after all of those) its first hidden key, as one int64 device array of
+    2 n_batch (``mask_key_end`` of cuda/attention_variants.cuh), so that the forward
+    kernels skip the key blocks of a padding mask's padding and read no mask byte
+    before it."""
     import cupy
     n_batch = int(params["n_batch"])
-    key_end = cupy.empty(n_batch, dtype=np.int64)
+    key_end = cupy.empty(2 * n_batch, dtype=np.int64)
     kernel = _kernels.get_function(device_id, MASK_KEY_END[0], MASK_KEY_END[1],
                                    _kernels.arch_for(cc), 0)
     kernel((min(n_batch, 1 << 16), 1, 1), (MASK_KEY_END_THREADS, 1, 1),

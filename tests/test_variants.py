@@ -879,7 +879,8 @@ def test_windows_on_gpu(vc):
 def test_padding_masks_skip_their_padding_on_gpu(dtype, causal):
     """A (B, 1, 1, Lk) mask: the kernels stop at one past its last kept key
     (mask_key_end), including keeping nothing (zeros, lse = -inf), a single key, keys
-    around the 64- and 128-key block edges, and everything; keys kept after a gap count."""
+    around the 64- and 128-key block edges, and everything; keys kept after a gap count,
+    and a gap at the start (the kernels read no mask byte before the first hidden key)."""
     rng = np.random.default_rng()
     Lq, Lk, D = 150, 700, 128
     ends = [0, 1, 127, 128, 129, 300, 700]
@@ -889,6 +890,7 @@ def test_padding_masks_skip_their_padding_on_gpu(dtype, causal):
     mask = np.arange(Lk) < np.array(ends)[:, None, None, None]   # (B, 1, 1, Lk)
     mask[5, ..., 200:260] = False                                 # a gap before the end
     mask[6, ..., 650] = False
+    mask[4, ..., 0:3] = False                                     # a gap at the start
     out, lse = attend_on_gpu(q, k, v, None, {"mask": mask}, causal=causal)
     check_attention(out, lse, q, k, v, causal=causal, scale=None, mask=mask)
     assert not np.isnan(out.astype(np.float32)).any()

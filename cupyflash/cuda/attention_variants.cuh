@@ -36,7 +36,8 @@ struct VariantParams {
     const void* bias;                              // null, or (batch..., Lq, Lk) strided
     const void* mask;                              // null, or bool (one byte) (batch..., Lq, Lk)
     const void* slopes;                            // null, or (n_batch,) contiguous, the Acc type
-    const long long* key_end;  // null, or (n_batch,): keys past key_end[b] are masked out
+    const long long* key_end;  // null, or (2 n_batch,): keys past key_end[b] are masked
+                               // out, keys before key_end[n_batch + b] all kept
                                // (mask_key_end's output, for a row-broadcast mask)
     long long bias_batch_stride[MAX_BATCH_DIMS];
     long long mask_batch_stride[MAX_BATCH_DIMS];
@@ -103,6 +104,7 @@ struct ScoreModifier {
     Acc slope_u;                   // slope * UNIT (0 without ALiBi)
     Acc cap_u, inv_cap_u;          // softcap * UNIT and its inverse (0 without softcap)
     long long key_end;             // keys past it are masked out for every row (<= Lk)
+    long long dense_end;           // keys before it are kept for every row (0: unknown)
 
     __device__ __forceinline__ ScoreModifier(const AttentionParams& p_, const VariantParams& vp_,
                                              long long b)
@@ -119,6 +121,7 @@ struct ScoreModifier {
         cap_u = static_cast<Acc>(vp.softcap) * UNIT;
         inv_cap_u = vp.softcap > 0 ? Acc(1) / cap_u : Acc(0);
         key_end = vp.key_end != nullptr ? vp.key_end[b] : p.Lk;
+        dense_end = vp.key_end != nullptr ? vp.key_end[p.n_batch + b] : 0;
     }
 
     // Whether any score may need more than the band test (the SIMT kernels' test).
@@ -136,10 +139,11 @@ struct ScoreModifier {
     // decided by the whole warp (the result is warp-uniform). A mask broadcast along the
     // rows (a (B, 1, 1, Lk) padding mask: row stride 0) that keeps every key of the block
     // hides none: the warp reads the block's bytes, block_n / 32 a lane, and skips the
-    // per-score test.
+    // per-score test; before dense_end (a padding mask's length) it knows without reading.
     __device__ __forceinline__ bool warp_needs_mask(long long n0, int block_n) const {
         if (vp.mask == nullptr) return false;
         if (vp.mask_row_stride != 0) return true;
+        if (n0 + block_n <= dense_end) return false;
         const unsigned char* row = static_cast<const unsigned char*>(vp.mask) + mask_off;
         bool kept = true;
         for (int c = threadIdx.x % 32; c < block_n; c += 32) {
@@ -449,34 +453,47 @@ template <typename T, typename Acc> struct ScoreModifierSelect<false, T, Acc> {
 template <bool VARIANTS, typename T, typename Acc>
 using ScoreModifierIf = typename ScoreModifierSelect<VARIANTS, T, Acc>::type;
 
-// For a mask broadcast along the rows (a (B, 1, 1, Lk) padding mask): one past the last
-// key it keeps, per batch element b of AttentionParams' batch (0 if it keeps none). The
-// forward kernels take it as VariantParams::key_end and skip the key blocks past it, so
-// that padding costs no products. One block of THREADS per batch element (grid-stride).
+// For a mask broadcast along the rows (a (B, 1, 1, Lk) padding mask), per batch element b
+// of AttentionParams' batch: key_end[b], one past the last key it keeps (0 if it keeps
+// none), and key_end[n_batch + b], its first hidden key (Lk if none). The forward kernels
+// take it as VariantParams::key_end: they skip the key blocks past the first, and read no
+// mask byte for the blocks before the second, so that padding costs no products and no
+// mask reads. One block of THREADS per batch element (grid-stride).
 // (A template only so that the modules which include this header do not all build it.)
 template <int MASK_KEY_END_THREADS>
 __global__ void __launch_bounds__(MASK_KEY_END_THREADS)
 mask_key_end(const AttentionParams p, const VariantParams vp, long long* key_end) {
     __shared__ long long warp_last[MASK_KEY_END_THREADS / 32];
+    __shared__ long long warp_first[MASK_KEY_END_THREADS / 32];
     for (long long b = blockIdx.x; b < p.n_batch; b += gridDim.x) {
         const ScoreModifier<float, float> mod(p, vp, b);
         const unsigned char* row = static_cast<const unsigned char*>(vp.mask) + mod.mask_off;
-        long long last = -1;
-        for (long long j = threadIdx.x; j < p.Lk; j += MASK_KEY_END_THREADS)
+        long long last = -1, first = p.Lk;  // last kept key, first hidden key
+        for (long long j = threadIdx.x; j < p.Lk; j += MASK_KEY_END_THREADS) {
             if (row[j * vp.mask_col_stride]) last = j;
+            else if (j < first) first = j;
+        }
 #pragma unroll
         for (int offset = 16; offset > 0; offset /= 2) {
-            const long long other = __shfl_xor_sync(0xffffffffu, last, offset);
-            last = other > last ? other : last;
+            const long long other_last = __shfl_xor_sync(0xffffffffu, last, offset);
+            const long long other_first = __shfl_xor_sync(0xffffffffu, first, offset);
+            last = other_last > last ? other_last : last;
+            first = other_first < first ? other_first : first;
         }
-        if (threadIdx.x % 32 == 0) warp_last[threadIdx.x / 32] = last;
+        if (threadIdx.x % 32 == 0) {
+            warp_last[threadIdx.x / 32] = last;
+            warp_first[threadIdx.x / 32] = first;
+        }
         __syncthreads();
         if (threadIdx.x == 0) {
-            for (int w = 1; w < MASK_KEY_END_THREADS / 32; ++w)
+            for (int w = 1; w < MASK_KEY_END_THREADS / 32; ++w) {
                 last = warp_last[w] > last ? warp_last[w] : last;
+                first = warp_first[w] < first ? warp_first[w] : first;
+            }
             key_end[b] = last + 1;
+            key_end[p.n_batch + b] = first;
         }
-        __syncthreads();  // warp_last is read before the next b overwrites it
+        __syncthreads();  // warp_last, warp_first are read before the next b overwrites them
     }
 }
 
