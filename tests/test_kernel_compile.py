@@ -208,7 +208,9 @@ def test_mma_backward_configs_match_the_kernel_traits():
     for cc in (90, 80, 86):
         for head_dim in _cupy_backward.BWD_HEAD_DIMS:
             for det in (False, True):
-                cfg = _cupy_backward.backward_config(head_dim, "float16", cc, False, det)
+                # (the mma.sync kernels' config: on sm_90 backward_config may pick the
+                # Hopper kernel, checked by test_wgmma_backward_configs_match_...)
+                cfg = _cupy_backward._mma_backward_config(head_dim, "float16", cc, False, det, "")
                 bm, warps, split, qbuf, _ = _cupy_backward.BWD_MMA_TILES[
                     _cupy_backward._smem_class(cc)][head_dim]
                 tr = f"cupyflash::BwdMmaTraits<__half, {head_dim}, {bm}, {warps}, {split}, {qbuf}>"
