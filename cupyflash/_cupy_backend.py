@@ -309,28 +309,29 @@ def forward_kernel():
 
 
 def attention_config(D, Dv, dtype_name, compute_capability, causal, variants=False,
-                     dropout=False):
+                     dropout=False, bias=False):
     """Choose the kernel variant for one problem: the one place tile sizes are chosen.
 
     ``variants``: the problem has a bias, mask, window, ALiBi slopes, softcap or dropout;
     the kernel is then built with ``VARIANTS`` (cuda/attention_variants.cuh), which also
     takes the causal mask as part of its window, so ``causal`` is ignored. ``dropout``
     (which needs ``variants``): the Hopper kernel has no dropout, so fp16/bf16 take the
-    mma.sync variants kernel on every GPU.
+    mma.sync variants kernel on every GPU. ``bias`` (which needs ``variants``): the Hopper
+    kernel's tiles for a bias (WGMMA_BIAS_TILES).
     """
     return _attention_config(D, Dv, dtype_name, compute_capability, causal and not variants,
                              variants, os.environ.get("CUPYFLASH_MMA_TILES", ""),
-                             forward_kernel(), dropout)
+                             forward_kernel(), dropout, bias and variants)
 
 
 @functools.lru_cache(maxsize=512)
 def _attention_config(D, Dv, dtype_name, compute_capability, causal, variants, _tiles_knob,
-                      fwd_kernel, dropout=False):
+                      fwd_kernel, dropout=False, bias=False):
     if dtype_name in ("float16", "bfloat16"):
         wgmma = not dropout and (fwd_kernel == "wgmma" or (
             fwd_kernel == "auto" and max(D, Dv) > WGMMA_AUTO_MIN_HEAD_DIM))
         if wgmma and compute_capability == 90 and max(D, Dv) <= WGMMA_HEAD_DIMS[-1]:
-            return _wgmma_config(D, Dv, dtype_name, causal, variants)
+            return _wgmma_config(D, Dv, dtype_name, causal, variants, bias)
         return _mma_config(D, Dv, dtype_name, compute_capability, causal, variants)
     return _simt_config(D, Dv, dtype_name, compute_capability, causal, variants)
 
@@ -430,6 +431,10 @@ WGMMA_TILES = {64: (128, 3, 3), 128: (128, 2, 3), 256: (64, 2, 2)}
 # With variants, d = 64 takes 64-key blocks: with 128 the score modifier's registers do
 # not fit in the 160 a consumer thread has with three consumers (ptxas spills 388 bytes).
 WGMMA_VARIANT_TILES = {**WGMMA_TILES, 64: (64, 3, 2)}
+# With a bias, d = 128 takes two stages: on the H100 a (B, 1, 1, s) bias costs 2.31-2.66x
+# plain attention with two, 2.85-2.97x with three (s = 4k, 16k; the other variants are
+# 0-10% faster with three; benchmarks/NOTES.md, session 5).
+WGMMA_BIAS_TILES = {**WGMMA_VARIANT_TILES, 128: (128, 2, 2)}
 
 
 def _wgmma_smem_bytes(head_dim, block_m, block_n, stages):
@@ -438,7 +443,7 @@ def _wgmma_smem_bytes(head_dim, block_m, block_n, stages):
     return 1024 + 2 * head_dim * (block_m + 2 * stages * block_n) + 8 * (1 + 4 * stages)
 
 
-def _wgmma_config(D, Dv, dtype_name, causal, variants=False):
+def _wgmma_config(D, Dv, dtype_name, causal, variants=False, bias=False):
     """The Hopper kernel of cuda/flash_fwd_wgmma.cuh for one problem (sm_90 only);
     ``flash_fwd_wgmma_variants`` with ``variants`` (``causal`` is then ignored).
 
@@ -447,7 +452,8 @@ def _wgmma_config(D, Dv, dtype_name, causal, variants=False):
     have 16-byte aligned rows (``align_elems = pad_d_to = 8``), as for the mma kernel.
     """
     head_dim = next(h for h in WGMMA_HEAD_DIMS if h >= max(D, Dv))
-    block_n, consumers, stages = (WGMMA_VARIANT_TILES if variants else WGMMA_TILES)[head_dim]
+    table = (WGMMA_BIAS_TILES if bias else WGMMA_VARIANT_TILES) if variants else WGMMA_TILES
+    block_n, consumers, stages = table[head_dim]
     block_m = 64 * consumers
     name = (f"cupyflash::flash_fwd_wgmma{'_variants' * variants}<{_DTYPE_TO_CUDA[dtype_name]}, "
             f"{head_dim}, {block_n}, {consumers}, {stages}"
@@ -459,10 +465,12 @@ def _wgmma_config(D, Dv, dtype_name, causal, variants=False):
 
 def wgmma_attention_variants():
     """The (source, name_expression) of every Hopper forward variant (sm_90a only)."""
-    return [(c.source, c.name_expression)
-            for c in (_wgmma_config(h, h, dt, causal, variants)
-                      for h in WGMMA_HEAD_DIMS for dt in ("float16", "bfloat16")
-                      for causal, variants in ((False, False), (True, False), (False, True)))]
+    return list(dict.fromkeys(
+        (c.source, c.name_expression)
+        for c in (_wgmma_config(h, h, dt, causal, variants, bias)
+                  for h in WGMMA_HEAD_DIMS for dt in ("float16", "bfloat16")
+                  for causal, variants, bias in ((False, False, False), (True, False, False),
+                                                 (False, True, False), (False, True, True)))))
 
 
 # attention_varlen's fp16/bf16 packed kernels (flash_fwd_{mma,wgmma}_varlen): the variants'
@@ -766,7 +774,8 @@ def attention_forward(q, k, v, problem, out=None, bias=None, mask=None, alibi_sl
         variants = has_variants(problem, bias, mask, alibi_slopes)
         cc = _compute_capability(device_id)
         cfg = attention_config(max(problem.D, problem.Dv), problem.Dv, problem.dtype.name,
-                               cc, problem.causal, variants, dropout=problem.dropout_p > 0)
+                               cc, problem.causal, variants, dropout=problem.dropout_p > 0,
+                               bias=bias is not None)
         qk = [_kernel_ready(t, cfg.align_elems, cfg.pad_d_to) for t in (q, k, v)]
         o = _kernel_ready(result, cfg.align_elems, cfg.pad_d_to)
         slopes, maps = None, ()

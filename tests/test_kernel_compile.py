@@ -264,10 +264,14 @@ def test_wgmma_configs_match_the_kernel_traits():
     """_wgmma_config's block rows, threads and shared memory are FwdWgmmaTraits'."""
     asserts = []
     for head_dim in _cupy_backend.WGMMA_HEAD_DIMS:
-        for causal, variants in ((False, False), (True, False), (False, True)):
-            cfg = _cupy_backend._wgmma_config(head_dim, head_dim, "bfloat16", causal, variants)
-            block_n, consumers, stages = (_cupy_backend.WGMMA_VARIANT_TILES if variants
-                                          else _cupy_backend.WGMMA_TILES)[head_dim]
+        for causal, variants, bias in ((False, False, False), (True, False, False),
+                                       (False, True, False), (False, True, True)):
+            cfg = _cupy_backend._wgmma_config(head_dim, head_dim, "bfloat16", causal, variants,
+                                              bias)
+            table = ((_cupy_backend.WGMMA_BIAS_TILES if bias
+                      else _cupy_backend.WGMMA_VARIANT_TILES) if variants
+                     else _cupy_backend.WGMMA_TILES)
+            block_n, consumers, stages = table[head_dim]
             assert cfg.block_n == block_n and cfg.kernel == "wgmma"
             tr = (f"cupyflash::FwdWgmmaTraits<__nv_bfloat16, {head_dim}, {block_n}, "
                   f"{consumers}, {stages}>")
