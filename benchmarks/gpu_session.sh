@@ -11,21 +11,8 @@
 # Each stage runs under its own time limit and writes its log and summary.txt under $OUT.
 set -u
 OUT=${OUT:-/tmp/gpu_session}
-mkdir -p "$OUT"
-cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-PY=${PYTHON:-python3}
-
-stage() {  # stage NAME LIMIT_SECONDS LOGFILE COMMAND...
-    local name=$1 limit=$2 log=$3
-    shift 3
-    local start=$SECONDS
-    echo "== $name (limit ${limit}s): $*" | tee -a "$log"
-    timeout -k 5 "$limit" "$@" >>"$log" 2>&1
-    local status=$?
-    echo "$name: exit $status after $((SECONDS - start)) s" | tee -a "$OUT/summary.txt" "$log"
-    return "$status"
-}
+# shellcheck source=benchmarks/stage.sh
+source "$(dirname "$0")/stage.sh"  # cd to the repository root; PY; stage()
 
 { nvidia-smi --query-gpu=name,driver_version --format=csv; git log -1 --oneline; } \
     >"$OUT/versions.txt" 2>&1

@@ -21,25 +21,10 @@
 # Everything is written under $OUT (default /tmp/hopper_first_run).
 set -u
 OUT=${OUT:-/tmp/hopper_first_run}
-mkdir -p "$OUT"
-cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-PY=${PYTHON:-python3}
+# shellcheck source=benchmarks/stage.sh
+source "$(dirname "$0")/stage.sh"  # cd to the repository root; PY; stage()
 CUOBJDUMP=${CUOBJDUMP:-$(command -v cuobjdump || echo /usr/local/cuda/bin/cuobjdump)}
 export CUOBJDUMP
-
-stage() {  # stage NAME LIMIT_SECONDS LOGFILE COMMAND...: run, log, record status and time
-    local name=$1 limit=$2 log=$3
-    shift 3
-    local start=$SECONDS
-    echo "== $name (limit ${limit}s): $*" | tee -a "$log"
-    timeout -k 5 "$limit" "$@" >>"$log" 2>&1
-    local status=$?
-    local note=""
-    [ "$status" -eq 124 ] || [ "$status" -eq 137 ] && note=" (TIMED OUT: a hang?)"
-    echo "$name: exit $status$note after $((SECONDS - start)) s" | tee -a "$OUT/summary.txt" "$log"
-    return "$status"
-}
 
 {
     nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv

@@ -535,20 +535,31 @@ def _wgmma_arguments(problem, cfg, q, k, v, o, lse, extra=()):
     if layout is None:
         return None
     sizes, strides = layout
+    sliced = slice_maps(sizes, strides, (q, k, v), (cfg.block_m, cfg.block_n, cfg.block_n))
+    if sliced is None:
+        return None
+    maps, units = sliced
+    params, extra_strides = _pack_params(problem, q, k, v, o, lse, extra,
+                                         layout=(sizes, units + strides[3:]))
+    return params, maps, extra_strides
+
+
+def slice_maps(sizes, strides, tensors, rows):
+    """``(maps, units)``: the 3-D tensor map of each of ``tensors`` (batch ``strides`` over
+    the collapsed batch ``sizes``) for boxes of ``rows`` rows, and its batch strides in
+    slices (``_tensor_map.slice_layout``); None when a map cannot describe one of them."""
     maps, units = [], []
-    for x, st, rows in zip((q, k, v), strides, (cfg.block_m, cfg.block_n, cfg.block_n)):
+    for x, st, r in zip(tensors, strides, rows):
         sliced = _tensor_map.slice_layout(sizes, st)
         if sliced is None:
             return None
         slice_stride, n_slices, in_slices = sliced
-        tensor_map = _tensor_map.attention_map(x, slice_stride, n_slices, rows)
+        tensor_map = _tensor_map.attention_map(x, slice_stride, n_slices, r)
         if tensor_map is None:
             return None
         maps.append(tensor_map)
         units.append(in_slices)
-    params, extra_strides = _pack_params(problem, q, k, v, o, lse, extra,
-                                         layout=(sizes, units + strides[3:]))
-    return params, tuple(maps), extra_strides
+    return tuple(maps), units
 
 
 @functools.lru_cache(maxsize=None)
@@ -558,26 +569,27 @@ def _launch_registers(function_ptr):
     return driver.funcGetAttribute(driver.CU_FUNC_ATTRIBUTE_NUM_REGS, function_ptr)
 
 
-def _check_register_split(kernel, cfg):
-    """Refuse to launch a wgmma variant whose register split cannot be met.
+def check_register_split(kernel, num_threads, name_expression, fn="attention",
+                         knob="CUPYFLASH_FWD_KERNEL"):
+    """Refuse to launch a wgmma kernel whose register split cannot be met.
 
-    FwdWgmmaTraits' setmaxnreg split (producer down, consumers up) hands over exactly the
-    registers the block is launched with: 65536 / threads a thread, rounded down to 8 (168
-    at 384 threads, 128 at 512). ptxas gives the kernel that many under
+    The setmaxnreg split of FwdWgmmaTraits and BwdWgmmaTraits (producer down, consumers up)
+    hands over exactly the registers the block is launched with: 65536 / threads a thread,
+    rounded down to 8 (168 at 384 threads, 128 at 512). ptxas gives the kernel that many under
     ``__launch_bounds__(threads, 1)`` (tests/test_kernel_compile.py checks it for the CI's
     NVRTC), but the kernel is compiled at run time by whatever NVRTC is installed. Launched
     with fewer, the consumers' ``setmaxnreg.inc`` would wait forever for registers the
     block's pool never gets (PTX ISA, setmaxnreg: ".inc blocks the execution until enough
     registers are available in the CTA's register pool"): a hung GPU, not an error.
     """
-    expected = 65536 // cfg.num_threads // 8 * 8
+    expected = 65536 // num_threads // 8 * 8
     got = _launch_registers(kernel.ptr)
     if got != expected:
         raise RuntimeError(
-            f"attention: {cfg.name_expression} was compiled to {got} registers a thread, "
+            f"{fn}: {name_expression} was compiled to {got} registers a thread, "
             f"but its setmaxnreg split needs exactly {expected} (this NVRTC's ptxas differs "
             f"from the one it was checked with); launching it would hang. Set "
-            f"CUPYFLASH_FWD_KERNEL=mma to use the mma.sync kernel")
+            f"{knob}=mma to use the mma.sync kernel")
 
 
 def _simt_config(D, Dv, dtype_name, compute_capability, causal, variants=False):
@@ -808,7 +820,7 @@ def attention_forward(q, k, v, problem, out=None, bias=None, mask=None, alibi_sl
         kernel = _kernels.get_function(device_id, cfg.source, cfg.name_expression,
                                        _kernels.arch_for(cc), cfg.smem_bytes)
         if cfg.kernel == "wgmma":
-            _check_register_split(kernel, cfg)
+            check_register_split(kernel, cfg.num_threads, cfg.name_expression)
         grid = launch_grid(-(-problem.Lq // cfg.block_m), math.prod(problem.batch_shape))
         kernel(grid, (cfg.num_threads, 1, 1), args, shared_mem=cfg.smem_bytes)
         del slopes, key_end  # (the pool reuses memory only for later work on this stream)
@@ -887,7 +899,7 @@ def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
         kernel = _kernels.get_function(device_id, cfg.source, cfg.name_expression,
                                        _kernels.arch_for(cc), cfg.smem_bytes)
         if cfg.kernel == "wgmma":
-            _check_register_split(kernel, cfg)
+            check_register_split(kernel, cfg.num_threads, cfg.name_expression)
         grid = launch_grid(-(-max_seqlen_q // cfg.block_m), int(params["n_batch"]))
         kernel(grid, (cfg.num_threads, 1, 1), (params, vp[()]) + maps,
                shared_mem=cfg.smem_bytes)

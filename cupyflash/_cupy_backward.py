@@ -29,11 +29,10 @@ import os
 import numpy as np
 
 from . import _kernels
-from . import _tensor_map
 from ._cupy_backend import (_DTYPE_TO_CUDA, _batch_layout, _compute_capability, _device_of,
-                            _expand, _kernel_ready, _launch_registers, _on_device,
-                            _pack_params, _pack_variants, _variant_operands, has_variants,
-                            launch_grid)
+                            _expand, _kernel_ready, _on_device, _pack_params, _pack_variants,
+                            _variant_operands, check_register_split, has_variants,
+                            launch_grid, slice_maps)
 
 # struct BackwardParams of cuda/attention_common.cuh: 5 pointers and one int64.
 BACKWARD_PARAMS_DTYPE = np.dtype(
@@ -330,34 +329,13 @@ def _wgmma_backward_arguments(problem, cfg, q, k, v, dout, lse):
     if layout is None:
         return None
     sizes, strides = layout
-    maps, units = [], []
-    for x, st, rows in zip((q, k, v, dout), strides,
-                           (cfg.block_m, cfg.block_n, cfg.block_n, cfg.block_m)):
-        sliced = _tensor_map.slice_layout(sizes, st)
-        if sliced is None:
-            return None
-        slice_stride, n_slices, in_slices = sliced
-        tensor_map = _tensor_map.attention_map(x, slice_stride, n_slices, rows)
-        if tensor_map is None:
-            return None
-        maps.append(tensor_map)
-        units.append(in_slices)
+    sliced = slice_maps(sizes, strides, (q, k, v, dout),
+                        (cfg.block_m, cfg.block_n, cfg.block_n, cfg.block_m))
+    if sliced is None:
+        return None
+    maps, units = sliced
     params, _ = _pack_params(problem, q, k, v, dout, lse, layout=(sizes, units))
-    return params, tuple(maps)
-
-
-def _check_register_split(kernel, cfg):
-    """As ``_cupy_backend._check_register_split``: BwdWgmmaTraits' setmaxnreg split needs
-    the kernel launched with exactly 65536 / 384 registers a thread, rounded down to 8
-    (168); with fewer the consumers' setmaxnreg.inc would wait forever."""
-    expected = 65536 // cfg.main_threads // 8 * 8
-    got = _launch_registers(kernel.ptr)
-    if got != expected:
-        raise RuntimeError(
-            f"attention_backward: {cfg.main_name} was compiled to {got} registers a thread, "
-            f"but its setmaxnreg split needs exactly {expected} (this NVRTC's ptxas differs "
-            f"from the one it was checked with); launching it would hang. Set "
-            f"CUPYFLASH_BWD_KERNEL=mma to use the mma.sync kernel")
+    return params, maps
 
 
 def _dq_from_tiles(device_id, tiles, y, n_batch, Lq, cols, head_dim, scale):
@@ -470,7 +448,8 @@ def attention_backward(dout, q, k, v, out, lse, problem, deterministic=False,
         pre(launch_grid(-(-p.Lq // 8), n_batch), (256, 1, 1), (params, bparams))
         main = get(cfg.main_source, cfg.main_name, arch, cfg.main_smem)
         if main_args is not None:  # the Hopper kernel: its params and tensor maps
-            _check_register_split(main, cfg)
+            check_register_split(main, cfg.main_threads, cfg.main_name, "attention_backward",
+                                 "CUPYFLASH_BWD_KERNEL")
             wparams, maps = main_args
             args = (wparams, bparams) + maps
         else:

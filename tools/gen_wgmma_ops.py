@@ -65,35 +65,36 @@ def _d_operands(n):
     return (",\n" + " " * 14).join(lines)
 
 
+def _shared_shared(name, n, head, acc, d_ops, trans):
+    """A member issuing one wgmma with A and B from shared memory; ``trans`` is the
+    instruction's imm-trans-a, imm-trans-b (0 0: both K-major; 1 1: both MN-major)."""
+    nd = n // 2
+    first = f"    static __device__ __forceinline__ void {name}("
+    indent = " " * len(first)
+    return f"""
+{first}float (&d)[{n // 8}][4], unsigned long long a_desc,
+{indent}unsigned long long b_desc, int accumulate) {{
+        asm volatile(
+            "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{nd + 2}, 0;\\n"
+            {head}
+            {acc}
+            "%{nd}, %{nd + 1}, p, 1, 1, {trans};\\n}}\\n"
+            : {d_ops}
+            : "l"(a_desc), "l"(b_desc), "r"(accumulate));
+    }}"""
+
+
 def _specialisation(n, bf16):
     t = "bf16" if bf16 else "f16"
     nd = n // 2  # accumulator registers per thread
     head = f'"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{t}.{t} "'
     acc = _accumulator_list(nd)
     d_ops = _d_operands(n)
+    ss = _shared_shared("ss", n, head, acc, d_ops, "0, 0")
+    ss_mn = _shared_shared("ss_mn", n, head, acc, d_ops, "1, 1")
     return f"""
 template <>
-struct Wgmma<{n}, {'true' if bf16 else 'false'}> {{
-    static __device__ __forceinline__ void ss(float (&d)[{n // 8}][4], unsigned long long a_desc,
-                                              unsigned long long b_desc, int accumulate) {{
-        asm volatile(
-            "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{nd + 2}, 0;\\n"
-            {head}
-            {acc}
-            "%{nd}, %{nd + 1}, p, 1, 1, 0, 0;\\n}}\\n"
-            : {d_ops}
-            : "l"(a_desc), "l"(b_desc), "r"(accumulate));
-    }}
-    static __device__ __forceinline__ void ss_mn(float (&d)[{n // 8}][4], unsigned long long a_desc,
-                                                 unsigned long long b_desc, int accumulate) {{
-        asm volatile(
-            "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{nd + 2}, 0;\\n"
-            {head}
-            {acc}
-            "%{nd}, %{nd + 1}, p, 1, 1, 1, 1;\\n}}\\n"
-            : {d_ops}
-            : "l"(a_desc), "l"(b_desc), "r"(accumulate));
-    }}
+struct Wgmma<{n}, {'true' if bf16 else 'false'}> {{{ss}{ss_mn}
     static __device__ __forceinline__ void rs(float (&d)[{n // 8}][4], const unsigned (&a)[4],
                                               unsigned long long b_desc, int accumulate) {{
         asm volatile(

@@ -261,25 +261,25 @@ flash_bwd_wgmma(const AttentionParams p, const BackwardParams bp,
             const long long m0 = (long long)(m_begin + it) * BLOCK_M;
             mbarrier_wait(q_full(st), (it / STAGES) & 1);
 
-            // S^T = K_j Q_i^T and dP^T = V_j dO_i^T, two groups in flight.
+            // S^T = K_j Q_i^T and dP^T = V_j dO_i^T, two groups in flight: A = this
+            // consumer's rows of K (V), B = Q_i (dO_i) of buffer st, k over the head dim.
+            auto issue_over_head_dim = [&](float (&acc)[S_N_TILES][4],
+                                           unsigned long long a_desc, unsigned long long b_desc) {
+#pragma unroll
+                for (int kk = 0; kk < Tr::QK_K_STEPS; ++kk) {
+                    // head dims 16kk..16kk+15: slab kk / 4, 32 bytes into its rows per step
+                    const int a_off = (kk / 4) * BLOCK_N * 128 + (kk % 4) * 32;
+                    const int b_off =
+                        st * Tr::Q_TILE_BYTES + (kk / 4) * BLOCK_M * 128 + (kk % 4) * 32;
+                    MmaS::ss(acc, a_desc + (a_off >> 4), b_desc + (b_off >> 4), kk > 0);
+                }
+                wgmma_commit();
+            };
             fence_operands(s);
             fence_operands(dp);
             wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < Tr::QK_K_STEPS; ++kk) {
-                // head dims 16kk..16kk+15: slab kk / 4, 32 bytes into its rows per step
-                const int a_off = (kk / 4) * BLOCK_N * 128 + (kk % 4) * 32;
-                const int b_off = st * Tr::Q_TILE_BYTES + (kk / 4) * BLOCK_M * 128 + (kk % 4) * 32;
-                MmaS::ss(s, k_desc + (a_off >> 4), q_desc + (b_off >> 4), kk > 0);
-            }
-            wgmma_commit();
-#pragma unroll
-            for (int kk = 0; kk < Tr::QK_K_STEPS; ++kk) {
-                const int a_off = (kk / 4) * BLOCK_N * 128 + (kk % 4) * 32;
-                const int b_off = st * Tr::Q_TILE_BYTES + (kk / 4) * BLOCK_M * 128 + (kk % 4) * 32;
-                MmaS::ss(dp, v_desc + (a_off >> 4), do_desc + (b_off >> 4), kk > 0);
-            }
-            wgmma_commit();
+            issue_over_head_dim(s, k_desc, q_desc);
+            issue_over_head_dim(dp, v_desc, do_desc);
 
             // P^T = exp2(S^T * scale_log2 - lse2) while dP^T accumulates. Keys past Lk and
             // (causal) queries that do not see a key get P = 0, tested only in the blocks on
