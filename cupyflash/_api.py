@@ -534,14 +534,11 @@ def _as_arrays_with_variants(fn, names, arrays, bias, mask, alibi_slopes):
     return xp_name, dict(zip(names, arrays))
 
 
-def _refuse_variants_on_gpu(fn, xp_name, problem, return_dbias=False):
-    """NotImplementedError for CuPy arrays with what the backward kernels lack yet:
-    softcap and the gradient of bias (the forward kernels have every variant)."""
+def _refuse_variants_on_gpu(fn, xp_name, return_dbias=False):
+    """NotImplementedError for CuPy arrays with what the backward kernels lack yet: the
+    gradient of bias (the kernels have every variant, softcap included)."""
     if xp_name != "cupy":
         return
-    if problem.softcap is not None:
-        raise NotImplementedError(f"{fn}: softcap is not implemented in the GPU backward "
-                                  f"yet; the NumPy backend has it")
     if return_dbias:
         raise NotImplementedError(f"{fn}: return_dbias=True is not implemented on the GPU "
                                   f"yet; the NumPy backend has it")
@@ -592,7 +589,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, bia
         The forward pass's options, as for :func:`attention`, validated the same way.
         They must be the forward's own: the probabilities are recomputed from them,
         and with ``dropout_p > 0`` the keep mask from ``seed``.
-        On CuPy arrays every option but ``softcap`` runs (dropout included).
+        On CuPy arrays every option runs (softcap and dropout included).
     return_dbias : bool, optional
         Also return the gradient of ``bias`` (which must then be given): an array of
         bias's shape and dtype, ``dS`` summed over the dimensions along which bias was
@@ -629,9 +626,8 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, bia
         :func:`attention`, or a ``dq``, ``dk``, ``dv`` of the wrong shape or that
         overlaps an input or another output.
     NotImplementedError
-        CuPy arrays with ``softcap`` or ``return_dbias=True``: the GPU backward kernels
-        do not have them yet (``bias``, ``mask``, ``window``, ``alibi_slopes`` and
-        dropout run).
+        CuPy arrays with ``return_dbias=True``: the GPU backward kernels do not compute
+        the gradient of ``bias`` yet (every option runs, ``bias`` included).
 
     Notes
     -----
@@ -744,7 +740,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, bia
     _check_return_dbias(fn, return_dbias, variants["bias"])
     _check_backward_arrays(fn, xp_name, problem, dout, q, k, v, out, lse, deterministic,
                            dq, dk, dv, variants)
-    _refuse_variants_on_gpu(fn, xp_name, problem, return_dbias)
+    _refuse_variants_on_gpu(fn, xp_name, return_dbias)
     return _backward(xp_name, dout, q, k, v, out, lse, problem, deterministic, dq, dk, dv,
                      variants, return_dbias)
 
@@ -786,7 +782,7 @@ def _check_backward_arrays(fn, xp_name, problem, dout, q, k, v, out, lse, determ
 
 def _backward(xp_name, dout, q, k, v, out, lse, problem, deterministic, dq, dk, dv,
               variants=None, return_dbias=False):
-    if xp_name == "cupy":  # _refuse_variants_on_gpu raised for softcap and return_dbias
+    if xp_name == "cupy":  # _refuse_variants_on_gpu raised for return_dbias
         from . import _cupy_backward
         return _cupy_backward.attention_backward(dout, q, k, v, out, lse, problem,
                                                  deterministic, dq, dk, dv, **(variants or {}))
@@ -828,8 +824,8 @@ def attention_vjp(q, k, v, *, causal=False, scale=None, bias=None, mask=None, wi
         without a bias, a ValueError); ``vjp`` raises as :func:`attention_backward`
         for a bad ``dout``. Every message names ``attention_vjp``.
     NotImplementedError
-        CuPy arrays with ``softcap`` or ``return_dbias=True``, as in
-        :func:`attention_backward` (raised before the forward runs).
+        CuPy arrays with ``return_dbias=True``, as in :func:`attention_backward`
+        (raised before the forward runs).
 
     Examples
     --------
@@ -861,7 +857,7 @@ def attention_vjp(q, k, v, *, causal=False, scale=None, bias=None, mask=None, wi
     validate_dropout(fn, problem, dropout_p, seed)
     _check_return_dbias(fn, return_dbias, variants["bias"])
     _check_bool(fn, "deterministic", deterministic)
-    _refuse_variants_on_gpu(fn, xp_name, problem, return_dbias)
+    _refuse_variants_on_gpu(fn, xp_name, return_dbias)
     out, lse = _forward(xp_name, q, k, v, problem, None, **variants)
 
     def vjp(dout):

@@ -65,9 +65,12 @@ BWD_MMA_TILES = {
 # bytes for bf16 at d = 64 with BLOCK_M = 128 (none with 64: 196-208 registers). On GPUs
 # with 99 KiB, d = 128 takes BLOCK_M = 32: with dropout's keep mask (held in the same
 # kernel behind a runtime switch) BLOCK_M = 64 spills 4 bytes on sm_80. Not yet measured
-# on a GPU.
+# on a GPU. With softcap's factor (a_ds, live from P to dS, behind a runtime switch too)
+# the 99 KiB tiles spilled 8-16 bytes on sm_80 at d = 128 (32, 4, 1, 1, 1) and 8 bytes
+# at d = 256 (32, 4, 2, 1, 1, atomic dQ): d = 128 takes two Q/dO buffers (251-254
+# registers, 82 KiB), d = 256 16 query rows a step (237-238 registers). Not measured.
 BWD_MMA_VARIANT_TILES = {"hopper": {64: (64, 8, 1, 2, 1), 128: (32, 8, 1, 2, 1)},
-                         "large": {}, "small": {128: (32, 4, 1, 1, 1)}}
+                         "large": {}, "small": {128: (32, 4, 1, 2, 1), 256: (16, 4, 2, 1, 1)}}
 BWD_DQ_MMA_TILES = {
     "hopper": {32: (64, 64, 4), 64: (64, 64, 4), 96: (64, 64, 4), 128: (64, 64, 4),
                192: (64, 32, 4), 256: (64, 32, 4)},
@@ -375,7 +378,7 @@ def _params_buffer(bp):
 def attention_backward(dout, q, k, v, out, lse, problem, deterministic=False,
                        dq=None, dk=None, dv=None, bias=None, mask=None, alibi_slopes=None):
     """Return ``(dq, dk, dv)`` computed on the GPU for a validated problem (with the
-    variants' arrays; softcap and the bias gradient are refused by the API before)."""
+    variants' arrays; the bias gradient is refused by the API before)."""
     import cupy
 
     fn = "attention_backward"

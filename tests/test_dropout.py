@@ -849,8 +849,8 @@ def test_gpu_matches_reference(dtype, causal, size, deterministic):
     check_on_gpu(vc, 0.3 if size % 2 else 0.1, 2**64 - 1 - size, deterministic)
 
 
-# bias, mask, window and ALiBi with dropout (softcap has no GPU backward yet)
-GPU_OPTIONS = ("bias", "mask", "window", "alibi_slopes")
+# bias, mask, window, ALiBi and softcap with dropout
+GPU_OPTIONS = ("bias", "mask", "window", "alibi_slopes", "softcap")
 
 
 @gpu_only

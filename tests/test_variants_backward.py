@@ -6,8 +6,8 @@ cupyflash.attention with the same options; the truth and the naive same-dtype co
 start again from dout, q, k, v and the options. The accuracy rule is
 :func:`accuracy.check_attention_backward`, with the variants applied to the truth and the
 naive computation, and ``dbias`` judged like the other gradients. The properties run on the
-NumPy backend, and under the ``gpu`` marker on the CuPy kernels for bias, mask, window and
-ALiBi (``*_on_gpu``); softcap and dbias raise NotImplementedError on CuPy arrays.
+NumPy backend, and under the ``gpu`` marker on the CuPy kernels for bias, mask, window,
+ALiBi and softcap (``*_on_gpu``); dbias raises NotImplementedError on CuPy arrays.
 """
 
 import re
@@ -386,28 +386,25 @@ def gpu_only(test):
 
 
 @gpu_only
-@pytest.mark.parametrize("options, message", [
-    ({"softcap": 30.0}, "softcap is not implemented in the GPU backward yet; "
-                        "the NumPy backend has it"),
-    ({"bias": np.zeros((4, 6), np.float32), "return_dbias": True},
-     "return_dbias=True is not implemented on the GPU yet; the NumPy backend has it"),
-])
-def test_softcap_and_dbias_of_the_backward_are_not_implemented_on_the_gpu(options, message):
+def test_dbias_of_the_backward_is_not_implemented_on_the_gpu():
     import cupy
     dout, q, k, v, out, lse = (cupy.asarray(x) for x in backward_args())
-    options = {n: cupy.asarray(x) if isinstance(x, np.ndarray) else x
-               for n, x in options.items()}
-    with raises(NotImplementedError, f"attention_backward: {message}"):
-        cupyflash.attention_backward(dout, q, k, v, out, lse, **options)
-    with raises(NotImplementedError, f"attention_vjp: {message}"):
-        cupyflash.attention_vjp(q, k, v, **options)
-    # neutral spellings of "no variant" still run
-    assert len(cupyflash.attention_backward(dout, q, k, v, out, lse,
-                                            window=(None, None))) == 3
+    bias = cupy.zeros((4, 6), np.float32)
+    message = "return_dbias=True is not implemented on the GPU yet; the NumPy backend has it"
+    for options in (dict(bias=bias, return_dbias=True),
+                    dict(bias=bias, softcap=30.0, return_dbias=True)):
+        with raises(NotImplementedError, f"attention_backward: {message}"):
+            cupyflash.attention_backward(dout, q, k, v, out, lse, **options)
+        with raises(NotImplementedError, f"attention_vjp: {message}"):
+            cupyflash.attention_vjp(q, k, v, **options)
+    # without return_dbias the same options run, softcap included, and so do the neutral
+    # spellings of "no variant"
+    for options in (dict(bias=bias), dict(bias=bias, softcap=30.0), dict(window=(None, None))):
+        assert len(cupyflash.attention_backward(dout, q, k, v, out, lse, **options)) == 3
 
 
 # ----------------------------------------------------------------------------------------
-# the GPU kernels (flash_bwd_*_variants): bias, mask, window, ALiBi
+# the GPU kernels (flash_bwd_*_variants): bias, mask, window, ALiBi, softcap
 # ----------------------------------------------------------------------------------------
 
 def gradients_on_gpu(dout, q, k, v, scale, options, *, causal, deterministic):
@@ -430,7 +427,7 @@ def gradients_on_gpu(dout, q, k, v, scale, options, *, causal, deterministic):
     return [g.get() for g in grads]
 
 
-GPU_OPTIONS = ("bias", "mask", "window", "alibi_slopes")
+GPU_OPTIONS = ("bias", "mask", "window", "alibi_slopes", "softcap")
 
 
 def check_case_on_gpu(vc, dout_scale, deterministic):
@@ -465,6 +462,26 @@ GPU_EXAMPLES = [
     VariantCase(AttentionCase("float64", Lq=50, Lk=70, D=32, Dv=32, causal=True,
                               neg_inf="none", seed=35),
                 mask_kind="blocky", mask_shape=(50, 70), window=(10, None)),
+    # softcap: on every kernel family and head-dim class of the tables (BLOCK_M 32 at
+    # d = 128 and 256, 64 at d = 64), a cap that saturates (0.5 under logits of 30:
+    # 1 - tanh^2 ~ 0 for most scores) and caps with bias, ALiBi, mask and window
+    VariantCase(AttentionCase("bfloat16", Lq=150, Lk=190, D=128, Dv=128, causal=True,
+                              q_batch=(2, 2), k_batch=(2, 1), v_batch=(2, 1), neg_inf="none",
+                              seed=37),
+                softcap=5.0, slopes_shape=(2,), slopes_max=1.0, bias_kind="padding",
+                bias_shape=(2, 1, 1, 190), bias_dtype="float32"),
+    VariantCase(AttentionCase("float16", Lq=130, Lk=97, D=64, Dv=64, logit_max=30.0,
+                              neg_inf="none", seed=38), softcap=0.5),
+    VariantCase(AttentionCase("float16", Lq=65, Lk=140, D=256, Dv=256, neg_inf="none",
+                              seed=39),
+                softcap=30.0, bias_kind="random", bias_shape=(65, 140), bias_dtype="float16",
+                mask_kind="random", mask_shape=(65, 140)),
+    VariantCase(AttentionCase("float32", Lq=97, Lk=113, D=64, Dv=59, logit_max=50.0,
+                              neg_inf="none", seed=40), softcap=5.0, window=(30, 7)),
+    VariantCase(AttentionCase("float64", Lq=60, Lk=45, D=128, Dv=128, causal=True,
+                              neg_inf="none", seed=41),
+                softcap=0.5, mask_kind="padding", mask_shape=(45,), slopes_shape=(),
+                slopes_max=1.0),
 ]
 
 
@@ -478,6 +495,16 @@ def test_variant_gradients_match_reference_on_gpu(vc, dout_scale, deterministic)
 
 
 @gpu_only
+@examples(40)
+@given(vc=variant_cases(options=("bias", "mask", "window", "alibi_slopes"),
+                        required=("softcap",), neg_inf=st.just("none"), max_len=300,
+                        max_work=4 * 10**6),
+       dout_scale=DOUT_SCALES, deterministic=st.booleans())
+def test_softcap_gradients_on_gpu(vc, dout_scale, deterministic):
+    check_case_on_gpu(vc, dout_scale, deterministic)
+
+
+@gpu_only
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("index", range(len(GPU_EXAMPLES)))
 def test_variant_gradients_on_gpu_examples(index, deterministic):
@@ -485,13 +512,14 @@ def test_variant_gradients_on_gpu_examples(index, deterministic):
 
 
 @gpu_only
+@pytest.mark.parametrize("softcap", [None, 5.0])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
-def test_deterministic_variant_gradients_on_gpu_are_bitwise_repeatable(dtype):
+def test_deterministic_variant_gradients_on_gpu_are_bitwise_repeatable(dtype, softcap):
     vc = VariantCase(AttentionCase(dtype, Lq=200, Lk=230, D=64, Dv=64, causal=True,
                                    neg_inf="none", seed=36),
                      window=(50, None), bias_kind="random", bias_shape=(200, 230),
                      bias_dtype="float32", mask_kind="random", mask_shape=(200, 230),
-                     slopes_shape=())
+                     slopes_shape=(), softcap=softcap)
     q, k, v, scale, options = vc.inputs()
     dout = draw_dout(vc.case, 1.0)
     first = gradients_on_gpu(dout, q, k, v, scale, options, causal=True, deterministic=True)

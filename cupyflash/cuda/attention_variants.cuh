@@ -321,6 +321,18 @@ struct ScoreModifier {
     // Keys past Lk, outside the band or masked out give -inf; nothing is read for them
     // or for rows past Lq.
     __device__ __forceinline__ Acc modify(Acc s, long long i, long long j) const {
+        Acc th;  // (dead here: the forward needs no chain rule)
+        return modify(s, i, j, th);
+    }
+
+    // As modify, and th = tanh(s / softcap), the capped score over softcap (0 without
+    // softcap, and where the score is hidden): the backward's chain rule through the cap
+    // is dS_raw = dS * (1 - th^2) (softcap_factor). Taken here, from the raw score in
+    // fp32 or fp64, not recovered later from P = exp2(score - lse2): P rounded to 16 bits
+    // would move th by 2^-9 / softcap, and 1 - th^2 by as much where the cap saturates
+    // and the true factor is ~0.
+    __device__ __forceinline__ Acc modify(Acc s, long long i, long long j, Acc& th) const {
+        th = Acc(0);
         const long long centre = i + (p.Lk - p.Lq);
         if (!(i < p.Lq && j < p.Lk && j >= centre - vp.window_left &&
               j <= centre + vp.window_right))
@@ -329,7 +341,10 @@ struct ScoreModifier {
             !static_cast<const unsigned char*>(vp.mask)[mask_off + i * vp.mask_row_stride +
                                                         j * vp.mask_col_stride])
             return -INFINITY;
-        if (cap_u > Acc(0)) s = cap_u * tanh_(s * inv_cap_u);
+        if (cap_u > Acc(0)) {
+            th = tanh_(s * inv_cap_u);
+            s = cap_u * th;
+        }
         if (vp.slopes != nullptr) {
             const long long dist = centre >= j ? centre - j : j - centre;
             s -= slope_u * static_cast<Acc>(dist);
@@ -339,6 +354,10 @@ struct ScoreModifier {
         }
         return s;
     }
+
+    // d(softcap tanh(x / softcap)) / dx = 1 - th^2, from modify's th (in [-1, 1]; the
+    // product rounds at the size of 1, as 1 - T^2 of a naive computation does).
+    static __device__ __forceinline__ Acc softcap_factor(Acc th) { return fma(-th, th, Acc(1)); }
 
     // tanh: for fp16/bf16 inputs 1 - 2 / (1 + e^2x) on the special-function unit (absolute
     // error ~1e-7, far below what rounding P to 16 bits costs); else the accurate library

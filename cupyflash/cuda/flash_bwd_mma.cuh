@@ -239,9 +239,11 @@ __device__ __forceinline__ void store_tile(typename Tr::T* dst, const typename T
 // dK, dV (and, with ATOMIC_DQ, dQ): one thread block per key block
 // ---------------------------------------------------------------------------------------
 // flash_bwd_mma and flash_bwd_mma_variants (bias, mask, window with causal folded in,
-// ALiBi, dropout: attention_variants.cuh; vp is read only with VARIANTS) share this body.
-// Dropout redraws the forward's keep mask Z: dV_j += (P^T * Z^T) dO_i / (1 - dropout_p) and
-// dS^T = P^T * (dP^T * Z^T / (1 - dropout_p) - delta_i), delta from the dropped O.
+// ALiBi, softcap, dropout: attention_variants.cuh; vp is read only with VARIANTS) share
+// this body. Dropout redraws the forward's keep mask Z: dV_j += (P^T * Z^T) dO_i /
+// (1 - dropout_p) and dS^T = P^T * (dP^T * Z^T / (1 - dropout_p) - delta_i), delta from
+// the dropped O. Softcap: dS^T of the raw scores, dS^T * (1 - th^2) with th = tanh(raw
+// score * scale / softcap) (ScoreModifier::modify), the gradient dK and dQ need.
 template <typename T, int HEAD_DIM, int BLOCK_M, int NUM_WARPS, int D_SPLIT, int Q_BUFFERS,
           bool IS_CAUSAL, bool ATOMIC_DQ, bool VARIANTS>
 __device__ __forceinline__ void flash_bwd_mma_body(const AttentionParams& p,
@@ -408,22 +410,62 @@ __device__ __forceinline__ void flash_bwd_mma_body(const AttentionParams& p,
         // column c sees it iff r <= c + causal_shift (both clamped into int range).
         const int keys = (int)min(p.Lk - n0, (long long)BLOCK_N);
         const int causal_shift = (int)max(min(m0 + diag - n0, (long long)BLOCK_N), -2LL * BLOCK_N);
+        // P^T as A fragments, rounded to T (the operand of dV); with the variants also
+        // a_ds, P^T for dS: with softcap P^T * (1 - th^2) (the cap's chain rule, th =
+        // tanh(raw score / softcap), taken while the raw score is at hand: S^T becomes P^T
+        // here), else a copy of a. Both are packed as they are computed, so that the 16
+        // registers of a and a_ds together replace the fp32 P^T's 32 (BLOCK_M = 64) while
+        // the dropout mask is drawn, and the dV product holds a_kept and a_ds, as it held
+        // a_kept and a.
+        unsigned a[Tr::M_K_STEPS][4];
+        unsigned a_ds[VARIANTS ? Tr::M_K_STEPS : 1][4];
+        if constexpr (VARIANTS) {
+            auto p_tiles = [&](auto softcap) {
 #pragma unroll
-        for (int nt = 0; nt < S_N_TILES; ++nt) {
-            const float2 l2 = *reinterpret_cast<const float2*>(sLse + nt * 8 + 2 * t);
+                for (int nt = 0; nt < S_N_TILES; ++nt) {
+                    const float2 l2 = *reinterpret_cast<const float2*>(sLse + nt * 8 + 2 * t);
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int col = nt * 8 + 2 * t + (e & 1);           // query m0 + col
-                const int row = key_row0 + g + 8 * (e >> 1);         // key n0 + row
-                const float lse2 = (e & 1) ? l2.y : l2.x;
-                float pe;
-                if constexpr (VARIANTS) {  // the final score (-inf where hidden) minus lse
-                    pe = exp2_ftz(mod.modify(s[nt][e] * scale_log2, m0 + col, n0 + row) - lse2);
-                } else {
-                    pe = exp2_ftz(fmaf(s[nt][e], scale_log2, -lse2));
-                    if (edge && (row >= keys || (IS_CAUSAL && row > col + causal_shift))) pe = 0.f;
+                    for (int h = 0; h < 2; ++h) {  // elements 2h, 2h + 1: key n0 + row
+                        const int row = key_row0 + g + 8 * h;
+                        float pe[2], pf[2];
+#pragma unroll
+                        for (int w = 0; w < 2; ++w) {
+                            const int col = nt * 8 + 2 * t + w;  // query m0 + col
+                            float th;
+                            // the final score (-inf where hidden) minus lse
+                            pe[w] = exp2_ftz(mod.modify(s[nt][2 * h + w] * scale_log2, m0 + col,
+                                                        n0 + row, th) - (w ? l2.y : l2.x));
+                            if constexpr (decltype(softcap)::value)
+                                pf[w] = pe[w] * mod.softcap_factor(th);
+                        }
+                        a[nt / 2][2 * (nt % 2) + h] = pack2<T>(pe[0], pe[1]);
+                        if constexpr (decltype(softcap)::value)
+                            a_ds[nt / 2][2 * (nt % 2) + h] = pack2<T>(pf[0], pf[1]);
+                    }
                 }
-                s[nt][e] = pe;
+            };
+            if (mod.cap_u > 0.f) {  // uniform: without softcap no factor is computed
+                p_tiles(/*softcap=*/BoolConst<true>{});
+            } else {
+                p_tiles(/*softcap=*/BoolConst<false>{});
+#pragma unroll
+                for (int kk = 0; kk < Tr::M_K_STEPS; ++kk)
+#pragma unroll
+                    for (int r = 0; r < 4; ++r) a_ds[kk][r] = a[kk][r];
+            }
+        } else {
+#pragma unroll
+            for (int nt = 0; nt < S_N_TILES; ++nt) {
+                const float2 l2 = *reinterpret_cast<const float2*>(sLse + nt * 8 + 2 * t);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int col = nt * 8 + 2 * t + (e & 1);           // query m0 + col
+                    const int row = key_row0 + g + 8 * (e >> 1);         // key n0 + row
+                    const float lse2 = (e & 1) ? l2.y : l2.x;
+                    float pe = exp2_ftz(fmaf(s[nt][e], scale_log2, -lse2));
+                    if (edge && (row >= keys || (IS_CAUSAL && row > col + causal_shift))) pe = 0.f;
+                    s[nt][e] = pe;
+                }
             }
         }
 
@@ -449,8 +491,7 @@ __device__ __forceinline__ void flash_bwd_mma_body(const AttentionParams& p,
         // dV_j += P^T dO_i, with P^T rounded to T: its A fragments (half the registers of
         // the fp32 scores, which are dead from here on). Dropout: dV_j += (P^T * Z^T) dO_i,
         // times 1 / (1 - dropout_p) when dV is stored.
-        unsigned a[Tr::M_K_STEPS][4];
-        to_a_fragments<T>(s, a);
+        if constexpr (!VARIANTS) to_a_fragments<T>(s, a);
         if constexpr (VARIANTS) {
             unsigned a_kept[Tr::M_K_STEPS][4];  // a with the dropped halves zeroed
 #pragma unroll
@@ -468,14 +509,17 @@ __device__ __forceinline__ void flash_bwd_mma_body(const AttentionParams& p,
         }
 
         // dP^T = V_j dO_i^T; dS^T = P^T * (dP^T - delta_i) (P^T as rounded for dV; with
-        // dropout dP^T * Z^T / (1 - dropout_p) in place of dP^T); then dK_j += dS^T Q_i
+        // dropout dP^T * Z^T / (1 - dropout_p) in place of dP^T; with softcap P^T * (1 -
+        // th^2), a_ds); then dK_j += dS^T Q_i
         float ds[S_N_TILES][4];
         gemm_abt<Tr, S_N_TILES>(ds, sV, key_row0, sdO);
 #pragma unroll
         for (int kk = 0; kk < Tr::M_K_STEPS; ++kk)
 #pragma unroll
             for (int r = 0; r < 4; ++r) {  // register r of A step kk: n8 tile 2kk + r/2, row half r%2
-                const float2 pp = unpack2<T>(a[kk][r]);
+                float2 pp;
+                if constexpr (VARIANTS) pp = unpack2<T>(a_ds[kk][r]);
+                else pp = unpack2<T>(a[kk][r]);
                 const int nt = 2 * kk + r / 2, e = 2 * (r % 2);
                 const float2 dl = *reinterpret_cast<const float2*>(sDelta + nt * 8 + 2 * t);
                 if constexpr (VARIANTS) {
@@ -629,27 +673,43 @@ __device__ __forceinline__ void flash_bwd_dq_mma_body(const AttentionParams& p,
         float s[S_N_TILES][4];
         gemm_abt<Tr, S_N_TILES>(s, sQ, row0, sK);  // S = Q_i K_j^T
         const bool edge = n0 + BLOCK_N > p.Lk || (IS_CAUSAL && n0 + BLOCK_N - 1 > m0 + row0 + diag);
+        if constexpr (VARIANTS) {
+            // P, and with softcap P * (1 - th^2) (th = tanh(raw score / softcap)): here P
+            // is only dS's operand, so the cap's chain rule goes into it, from the raw score.
+            auto p_tiles = [&](auto softcap) {
 #pragma unroll
-        for (int nt = 0; nt < S_N_TILES; ++nt)
+                for (int nt = 0; nt < S_N_TILES; ++nt)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int h = e >> 1;
-                const long long key = n0 + nt * 8 + 2 * t + (e & 1);
-                float pe;
-                if constexpr (VARIANTS) {  // the final score (-inf where hidden) minus lse
-                    pe = exp2_ftz(mod.modify(s[nt][e] * scale_log2, m0 + row0 + g + 8 * h, key) -
-                                  row_lse2[h]);
-                } else {
-                    pe = exp2_ftz(fmaf(s[nt][e], scale_log2, -row_lse2[h]));
+                    for (int e = 0; e < 4; ++e) {
+                        const int h = e >> 1;
+                        const long long key = n0 + nt * 8 + 2 * t + (e & 1);
+                        float th;  // the final score (-inf where hidden) minus lse
+                        float pe = exp2_ftz(mod.modify(s[nt][e] * scale_log2,
+                                                       m0 + row0 + g + 8 * h, key, th) -
+                                            row_lse2[h]);
+                        if constexpr (decltype(softcap)::value) pe *= mod.softcap_factor(th);
+                        s[nt][e] = pe;
+                    }
+            };
+            if (mod.cap_u > 0.f) p_tiles(/*softcap=*/BoolConst<true>{});  // uniform
+            else p_tiles(/*softcap=*/BoolConst<false>{});
+        } else {
+#pragma unroll
+            for (int nt = 0; nt < S_N_TILES; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int h = e >> 1;
+                    const long long key = n0 + nt * 8 + 2 * t + (e & 1);
+                    float pe = exp2_ftz(fmaf(s[nt][e], scale_log2, -row_lse2[h]));
                     if (edge && (key >= p.Lk || (IS_CAUSAL && key > m0 + row0 + g + 8 * h + diag))) pe = 0.f;
+                    s[nt][e] = pe;
                 }
-                s[nt][e] = pe;
-            }
+        }
         float ds[S_N_TILES][4];
         gemm_abt<Tr, S_N_TILES>(ds, sdO, row0, sV);  // dP = dO_i V_j^T
         if constexpr (VARIANTS) {
-            // dS = P * (dP * Z / (1 - dropout_p) - delta); Z = 1 and the factor 1 without
-            // dropout, where the FMA gives the bits of dP - delta
+            // dS = P * (dP * Z / (1 - dropout_p) - delta) (P times 1 - th^2 with softcap);
+            // Z = 1 and the factor 1 without dropout, where the FMA gives the bits of dP - delta
             const bool dropout = dropout_on(vp);
             const float drop_scale = dropout ? static_cast<float>(vp.dropout_scale) : 1.f;
 #pragma unroll

@@ -9,7 +9,8 @@
 //   dV = P^T dO        dK = scale * dS^T Q        dQ = scale * dS K
 //
 // (with dropout, the variants kernels: W = P * Z / (1 - dropout_p) with the forward's keep
-// mask Z, dV = W^T dO and dS = P * (dP * Z / (1 - dropout_p) - delta))
+// mask Z, dV = W^T dO and dS = P * (dP * Z / (1 - dropout_p) - delta); with softcap, dS of
+// the raw scores S * scale, dS * (1 - tanh^2(S * scale / softcap)), feeds dK and dQ)
 //
 // flash_bwd_simt: one thread block owns BLOCK_N keys of one batch element. K_j and V_j
 // stay in shared memory and dK_j, dV_j in registers while the query tiles stream past:
@@ -375,8 +376,11 @@ __device__ __forceinline__ void softmax_backward(const T (&s)[L::TM][L::TN],
 // minus lse; a score it sets to -inf (outside the band, masked, past Lk) gives P = 0.
 // Dropout: keep holds the keep bits Z (bit i * TN + jj; all ones without dropout) and
 // drop_scale 1 / (1 - dropout_p) (1 without): Ps gets the weights W = P * Z * drop_scale
-// of dV += W^T dO, and dS = P * (dP * Z * drop_scale - delta).
-template <class L, class Mod, typename T>
+// of dV += W^T dO, and dS = P * (dP * Z * drop_scale - delta). SOFTCAP: dS of the raw
+// scores, times 1 - th^2 (th = tanh(raw score / softcap), from modify), the gradient dK
+// and dQ need; the callers choose it by a uniform test, so that without softcap no factor
+// is computed.
+template <class L, bool SOFTCAP, class Mod, typename T>
 __device__ __forceinline__ void softmax_backward_variants(const T (&s)[L::TM][L::TN],
                                                           const T (&dp)[L::TM][L::TN],
                                                           const RowStats<L, T>& st, T exp_scale,
@@ -390,11 +394,13 @@ __device__ __forceinline__ void softmax_backward_variants(const T (&s)[L::TM][L:
 #pragma unroll
         for (int jj = 0; jj < L::TN; ++jj) {
             const int c = tc + jj * L::THREADS_PER_ROW;
-            const T x = mod.modify(s[i][jj] * exp_scale, m0 + r, n0 + c);
+            T th;
+            const T x = mod.modify(s[i][jj] * exp_scale, m0 + r, n0 + c, th);
             const bool visible = st.live[i] && x != T(-INFINITY);
             const T p_ij = visible ? SimtMath<T>::exp(x - st.lse[i]) : T(0);
             const T z = (keep >> (i * L::TN + jj)) & 1u ? drop_scale : T(0);  // Z / (1 - p)
-            const T ds_ij = visible ? p_ij * fma(dp[i][jj], z, -st.delta[i]) : T(0);
+            T ds_ij = visible ? p_ij * fma(dp[i][jj], z, -st.delta[i]) : T(0);
+            if constexpr (SOFTCAP) ds_ij *= Mod::softcap_factor(th);
             if (Ps != nullptr) Ps[r * L::P_STRIDE + c] = p_ij * z;
             dSs[r * L::P_STRIDE + c] = ds_ij;
         }
@@ -613,8 +619,13 @@ __device__ __forceinline__ void flash_bwd_simt_body(const AttentionParams& p,
         if constexpr (VARIANTS) {
             T drop_scale;
             const unsigned keep = dropout_keep_tile<L>(vp, b, m0, n0, tr, tc, drop_scale);
-            softmax_backward_variants<L>(s, dp, st, exp_scale, mod, m0, n0, keep, drop_scale,
-                                         Ps, dSs, tr, tc);
+            if (mod.cap_u > T(0))  // uniform
+                softmax_backward_variants<L, /*SOFTCAP=*/true>(s, dp, st, exp_scale, mod, m0, n0,
+                                                               keep, drop_scale, Ps, dSs, tr, tc);
+            else
+                softmax_backward_variants<L, /*SOFTCAP=*/false>(s, dp, st, exp_scale, mod, m0,
+                                                                n0, keep, drop_scale, Ps, dSs,
+                                                                tr, tc);
         } else
             softmax_backward<L, IS_CAUSAL>(s, dp, st, exp_scale, tile_mask<L>(p, m0, n0), Ps,
                                            dSs, tr, tc);
@@ -766,8 +777,16 @@ __device__ __forceinline__ void flash_bwd_dq_simt_body(const AttentionParams& p,
         if constexpr (VARIANTS) {
             T drop_scale;
             const unsigned keep = dropout_keep_tile<L>(vp, b, m0, n0, tr, tc, drop_scale);
-            softmax_backward_variants<L>(s, dp, st, exp_scale, mod, m0, n0, keep, drop_scale,
-                                         static_cast<T*>(nullptr), dSs, tr, tc);
+            if (mod.cap_u > T(0))  // uniform
+                softmax_backward_variants<L, /*SOFTCAP=*/true>(s, dp, st, exp_scale, mod, m0, n0,
+                                                               keep, drop_scale,
+                                                               static_cast<T*>(nullptr), dSs, tr,
+                                                               tc);
+            else
+                softmax_backward_variants<L, /*SOFTCAP=*/false>(s, dp, st, exp_scale, mod, m0,
+                                                                n0, keep, drop_scale,
+                                                                static_cast<T*>(nullptr), dSs,
+                                                                tr, tc);
         } else
             softmax_backward<L, IS_CAUSAL>(s, dp, st, exp_scale, tile_mask<L>(p, m0, n0),
                                            static_cast<T*>(nullptr), dSs, tr, tc);
