@@ -35,7 +35,7 @@ from backends import requires_gpu
 from cupyflash import _api, _kernels, _numpy_backend, _philox, reference
 from strategies import AttentionCase, VariantCase, examples, variant_cases
 from test_backward import assert_gradients_are_the_derivative, draw_dout
-from test_variants_backward import check_variant_gradients
+from test_variants_backward import check_variant_gradients, gradients_on_gpu
 
 # See test_attention.py: OpenBLAS flags 0 * -inf on padding lanes; no NaN reaches a result.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered in matmul")
@@ -768,20 +768,8 @@ def test_dropout_is_a_variant_and_fills_the_variant_params():
 def on_gpu(dout, q, k, v, scale, options, *, causal, deterministic):
     """The CuPy forward's out and lse and the CuPy backward's dq, dk, dv (NaN-filled
     beforehand, so a skipped element shows), all as NumPy arrays; no input changes."""
-    import cupy
-    gpu = {n: cupy.asarray(x) if isinstance(x, np.ndarray) else x for n, x in options.items()}
-    arrays = [cupy.asarray(x) for x in (dout, q, k, v)]
-    watched = arrays + [x for x in gpu.values() if isinstance(x, cupy.ndarray)]
-    before = [x.get().tobytes() for x in watched]
-    d_out, gq, gk, gv = arrays
-    out, lse = cupyflash.attention(gq, gk, gv, causal=causal, scale=scale, return_lse=True,
-                                   **gpu)
-    grads = [cupy.full(x.shape, np.nan, dtype=x.dtype) for x in (gq, gk, gv)]
-    cupyflash.attention_backward(d_out, gq, gk, gv, out, lse, causal=causal, scale=scale,
-                                 deterministic=deterministic, dq=grads[0], dk=grads[1],
-                                 dv=grads[2], **gpu)
-    assert [x.get().tobytes() for x in watched] == before, "the GPU modified an input"
-    return [x.get() for x in (out, lse, *grads)]
+    return gradients_on_gpu(dout, q, k, v, scale, options, causal=causal,
+                            deterministic=deterministic, with_forward=True)
 
 
 @gpu_only

@@ -407,9 +407,11 @@ def test_dbias_of_the_backward_is_not_implemented_on_the_gpu():
 # the GPU kernels (flash_bwd_*_variants): bias, mask, window, ALiBi, softcap
 # ----------------------------------------------------------------------------------------
 
-def gradients_on_gpu(dout, q, k, v, scale, options, *, causal, deterministic):
+def gradients_on_gpu(dout, q, k, v, scale, options, *, causal, deterministic,
+                     with_forward=False):
     """The CuPy forward's out and lse, then the CuPy backward's ``(dq, dk, dv)`` as NumPy
-    arrays; gradients start as NaN (an element the kernels skip shows), no input changes."""
+    arrays (``[out, lse, dq, dk, dv]`` with ``with_forward``); gradients start as NaN (an
+    element the kernels skip shows), no input changes."""
     import cupy
     gpu = {n: cupy.asarray(x) if isinstance(x, np.ndarray) else x for n, x in options.items()}
     arrays = [cupy.asarray(x) for x in (dout, q, k, v)]
@@ -424,7 +426,7 @@ def gradients_on_gpu(dout, q, k, v, scale, options, *, causal, deterministic):
                                           dq=grads[0], dk=grads[1], dv=grads[2], **gpu)
     assert all(r is g for r, g in zip(result, grads))
     assert [x.get().tobytes() for x in watched] == before, "the GPU backward modified an input"
-    return [g.get() for g in grads]
+    return [x.get() for x in ((out, lse) if with_forward else ()) + tuple(grads)]
 
 
 GPU_OPTIONS = ("bias", "mask", "window", "alibi_slopes", "softcap")
