@@ -18,7 +18,7 @@ import pytest
 import cupyflash
 from accuracy import DTYPES, check_attention
 from backends import HAS_GPU, requires_gpu
-from cupyflash import _cupy_backend, _kernels, _tensor_map
+from cupyflash import _cupy_backend, _cupy_backward, _kernels, _tensor_map
 
 
 def _cupy():
@@ -325,10 +325,16 @@ def test_a_register_count_the_split_cannot_use_is_refused(monkeypatch):
     for head_dim, regs in ((128, 168), (64, 128)):
         cfg = _cupy_backend._wgmma_config(head_dim, head_dim, "float16", causal=False)
         monkeypatch.setattr(_cupy_backend, "_launch_registers", lambda ptr, r=regs: r)
-        _cupy_backend._check_register_split(Kernel(), cfg)
+        _cupy_backend.check_register_split(Kernel(), cfg.num_threads, cfg.name_expression)
         monkeypatch.setattr(_cupy_backend, "_launch_registers", lambda ptr, r=regs: r - 8)
-        with pytest.raises(RuntimeError, match="setmaxnreg split needs exactly"):
-            _cupy_backend._check_register_split(Kernel(), cfg)
+        with pytest.raises(RuntimeError, match="^attention: .*setmaxnreg split needs exactly"):
+            _cupy_backend.check_register_split(Kernel(), cfg.num_threads, cfg.name_expression)
+    # the Hopper backward: 384 threads, its own function name and knob in the message
+    cfg = _cupy_backward._wgmma_backward_config(128, "float16", 90, False, False)
+    monkeypatch.setattr(_cupy_backend, "_launch_registers", lambda ptr: 160)
+    with pytest.raises(RuntimeError, match="^attention_backward: .*CUPYFLASH_BWD_KERNEL=mma"):
+        _cupy_backend.check_register_split(Kernel(), cfg.main_threads, cfg.main_name,
+                                           "attention_backward", "CUPYFLASH_BWD_KERNEL")
 
 
 def test_slice_layouts_of_the_batch_dimensions():
