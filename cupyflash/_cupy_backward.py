@@ -111,9 +111,9 @@ def backward_kernel():
 
     ``wgmma``: the Hopper kernel (cuda/flash_bwd_wgmma.cuh) wherever it applies: fp16/bf16
     on a GPU of compute capability 9.0, head dims up to 128, no variants, and q, k, v,
-    dout that tensor maps can describe (otherwise the mma.sync kernel runs). ``auto`` (or unset): as ``wgmma`` for head dims above 32; at
-    32 and below padding to 64 would double the work. ``mma``: the mma.sync kernel
-    everywhere.
+    dout that tensor maps can describe (otherwise the mma.sync kernel runs). ``auto`` (or
+    unset): as ``wgmma`` for head dims above 32; at 32 and below padding to 64 would
+    double the work. ``mma``: the mma.sync kernel everywhere.
     """
     choice = os.environ.get("CUPYFLASH_BWD_KERNEL", "auto").strip().lower() or "auto"
     if choice not in BWD_KERNELS:
@@ -428,7 +428,10 @@ def attention_backward(dout, q, k, v, out, lse, problem, deterministic=False,
 
         row = cfg.head_dim
         delta = cupy.empty((n_batch, p.Lq), dtype=acc)
-        if main_args is not None and not deterministic:  # flash_bwd_wgmma's (DqTiles)
+        # flash_bwd_wgmma adds dQ into a tiled accumulator (DqTiles); with deterministic the
+        # dQ kernel of flash_bwd_mma.cuh writes it row-major
+        tiled_dq = main_args is not None and not deterministic
+        if tiled_dq:
             dq_accum = cupy.zeros((n_batch, -(-p.Lq // 64), row // 64, 64, 64), dtype=acc)
         else:
             dq_accum = (cupy.empty if deterministic else cupy.zeros)((n_batch, p.Lq, row),
@@ -465,7 +468,7 @@ def attention_backward(dout, q, k, v, out, lse, problem, deterministic=False,
                       (params, bparams) + vargs, shared_mem=cfg.dq_smem)
         del slopes  # (the pool reuses its memory only for later work on this stream)
 
-        if main_args is not None and not deterministic:
+        if tiled_dq:
             _finish_tiled(device_id, dq_accum, batch + (p.Lq, p.D), row, p.scale, q, dq)
         else:
             _finish(device_id, dq_accum, row, batch + (p.Lq, p.D), p.D, p.scale, q, dq)
