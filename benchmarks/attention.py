@@ -103,6 +103,8 @@ CUPYFLASH_PROVIDERS = {
     "cupyflash": {},
     "cupyflash_mma": {"CUPYFLASH_FWD_KERNEL": "mma"},
     "cupyflash_wgmma": {"CUPYFLASH_FWD_KERNEL": "wgmma"},
+    "cupyflash_persistent": {"CUPYFLASH_FWD_PERSISTENT": "1"},
+    "cupyflash_static": {"CUPYFLASH_FWD_PERSISTENT": "0"},   # one block per tile
     "cupyflash_bwd_mma": {"CUPYFLASH_BWD_KERNEL": "mma"},
     "cupyflash_bwd_wgmma": {"CUPYFLASH_BWD_KERNEL": "wgmma"},
 }

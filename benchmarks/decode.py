@@ -237,7 +237,7 @@ def bench_case(cupy, torch, backends, timer, gpu, run, copy_gbs, dtype_name, dt,
     arch = _cupy_decode._kernels.arch_for(_cupy_decode._compute_capability(device_id))
     splits = _cupy_decode.launched_splits(   # what the call chose
         None, cfg, B * Hk * -(-(H // Hk) // cfg.rows), L, 2 * D * dt.itemsize,
-        _cupy_decode._num_sms(device_id),
+        _cupy_decode.num_sms(device_id),
         _cupy_decode.resident_blocks(device_id, cfg.name_expression, arch, cfg.smem_bytes))
     two_launch_ms = None   # the splits merged by flash_decode_combine, a second launch
     if splits > 1 and compare_combine:

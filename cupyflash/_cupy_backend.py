@@ -276,17 +276,20 @@ class KernelConfig:
 
     ``kernel`` names the family ("mma", "wgmma", "simt"); ``block_n`` is the key block of
     the wgmma kernel (the rows of its K and V tensor-map boxes), 0 for the others.
+    ``persistent``: one block per SM at most, taking tiles from a counter (the last
+    argument), instead of a block per ``block_m`` queries of each batch element.
     """
 
     __slots__ = ("source", "name_expression", "block_m", "num_threads", "smem_bytes",
-                 "align_elems", "pad_d_to", "kernel", "block_n")
+                 "align_elems", "pad_d_to", "kernel", "block_n", "persistent")
 
     def __init__(self, source, name_expression, block_m, num_threads, smem_bytes,
-                 align_elems, pad_d_to, kernel="mma", block_n=0):
+                 align_elems, pad_d_to, kernel="mma", block_n=0, persistent=False):
         self.source, self.name_expression = source, name_expression
         self.block_m, self.num_threads, self.smem_bytes = block_m, num_threads, smem_bytes
         self.align_elems, self.pad_d_to = align_elems, pad_d_to
         self.kernel, self.block_n = kernel, block_n
+        self.persistent = persistent
 
 
 FWD_KERNELS = ("auto", "mma", "wgmma")
@@ -308,8 +311,35 @@ def forward_kernel():
     return choice
 
 
+FWD_PERSISTENT = ("auto", "1", "0")
+
+
+def forward_persistent():
+    """Whether the plain Hopper forward runs persistent, as ``CUPYFLASH_FWD_PERSISTENT``
+    asks: ``auto`` (or unset) where :func:`persistent_pays`, ``1`` always, ``0`` never (one
+    block per tile), for benchmarks and tests."""
+    choice = os.environ.get("CUPYFLASH_FWD_PERSISTENT", "auto").strip().lower() or "auto"
+    if choice not in FWD_PERSISTENT:
+        raise ValueError(f"attention: CUPYFLASH_FWD_PERSISTENT must be one of "
+                         f"{', '.join(FWD_PERSISTENT)}, got {choice!r}")
+    return choice
+
+
+# Where the persistent Hopper forward is faster than one block per tile, as measured on an
+# H100 (bf16, both in one run, benchmarks/NOTES.md session 6): at d = 64 everywhere (1-15%,
+# most at s = 1k); at d = 128 when causal (0-13%) or with at most 2048 keys (0-4%), while
+# non-causal at 16k it is 7% slower; at d = 256 it is 1-7% slower everywhere.
+PERSISTENT_MAX_KEYS = 2048
+
+
+def persistent_pays(head_dim, causal, long_keys):
+    """Whether the persistent kernel pays for a padded ``head_dim`` (``long_keys``: more
+    than PERSISTENT_MAX_KEYS keys)."""
+    return head_dim <= 64 or (head_dim <= 128 and (causal or not long_keys))
+
+
 def attention_config(D, Dv, dtype_name, compute_capability, causal, variants=False,
-                     dropout=False, bias=False):
+                     dropout=False, bias=False, Lk=None):
     """Choose the kernel variant for one problem: the one place tile sizes are chosen.
 
     ``variants``: the problem has a bias, mask, window, ALiBi slopes, softcap or dropout;
@@ -317,21 +347,30 @@ def attention_config(D, Dv, dtype_name, compute_capability, causal, variants=Fal
     takes the causal mask as part of its window, so ``causal`` is ignored. ``dropout``
     (which needs ``variants``): the Hopper kernel has no dropout, so fp16/bf16 take the
     mma.sync variants kernel on every GPU. ``bias`` (which needs ``variants``): the Hopper
-    kernel's tiles for a bias (WGMMA_BIAS_TILES).
+    kernel's tiles for a bias (WGMMA_BIAS_TILES). ``Lk``, the number of keys, decides
+    whether the plain Hopper kernel runs persistent (:func:`forward_persistent`; None:
+    many keys).
     """
+    persistent = forward_persistent()
+    if persistent == "auto":
+        long_keys = Lk is None or Lk > PERSISTENT_MAX_KEYS
+        persistent = "auto-long" if long_keys else "auto-short"
     return _attention_config(D, Dv, dtype_name, compute_capability, causal and not variants,
                              variants, os.environ.get("CUPYFLASH_MMA_TILES", ""),
-                             forward_kernel(), dropout, bias and variants)
+                             forward_kernel(), dropout, bias and variants, persistent)
 
 
 @functools.lru_cache(maxsize=512)
 def _attention_config(D, Dv, dtype_name, compute_capability, causal, variants, _tiles_knob,
-                      fwd_kernel, dropout=False, bias=False):
+                      fwd_kernel, dropout=False, bias=False, persistent="auto-long"):
     if dtype_name in ("float16", "bfloat16"):
         wgmma = not dropout and (fwd_kernel == "wgmma" or (
             fwd_kernel == "auto" and max(D, Dv) > WGMMA_AUTO_MIN_HEAD_DIM))
         if wgmma and compute_capability == 90 and max(D, Dv) <= WGMMA_HEAD_DIMS[-1]:
-            return _wgmma_config(D, Dv, dtype_name, causal, variants, bias)
+            head_dim = next(h for h in WGMMA_HEAD_DIMS if h >= max(D, Dv))
+            persistent = persistent == "1" or (persistent.startswith("auto") and persistent_pays(
+                head_dim, causal, persistent == "auto-long"))
+            return _wgmma_config(D, Dv, dtype_name, causal, variants, bias, persistent)
         return _mma_config(D, Dv, dtype_name, compute_capability, causal, variants)
     return _simt_config(D, Dv, dtype_name, compute_capability, causal, variants)
 
@@ -439,13 +478,15 @@ WGMMA_BIAS_TILES = {**WGMMA_VARIANT_TILES, 128: (128, 2, 2)}
 
 def _wgmma_smem_bytes(head_dim, block_m, block_n, stages):
     """As FwdWgmmaTraits::SMEM_BYTES: 1024 bytes of alignment slack, Q, ``stages`` K and V
-    tiles, and 1 + 4 * stages mbarriers."""
-    return 1024 + 2 * head_dim * (block_m + 2 * stages * block_n) + 8 * (1 + 4 * stages)
+    tiles, 2 + 4 * stages mbarriers and the tile slot."""
+    return 1024 + 2 * head_dim * (block_m + 2 * stages * block_n) + 8 * (2 + 4 * stages) + 8
 
 
-def _wgmma_config(D, Dv, dtype_name, causal, variants=False, bias=False):
+def _wgmma_config(D, Dv, dtype_name, causal, variants=False, bias=False, persistent=None):
     """The Hopper kernel of cuda/flash_fwd_wgmma.cuh for one problem (sm_90 only);
-    ``flash_fwd_wgmma_variants`` with ``variants`` (``causal`` is then ignored).
+    ``flash_fwd_wgmma_variants`` with ``variants`` (``causal`` is then ignored). The
+    plain kernel is persistent if ``persistent`` (None: if ``CUPYFLASH_FWD_PERSISTENT=1``);
+    the variants kernels never are.
 
     ``max(D, Dv)`` is padded up to a HEAD_DIM in WGMMA_HEAD_DIMS; the padding costs no
     copy, since the tensor maps fill columns past D (Dv) with zeros. q, k, v and out must
@@ -455,22 +496,26 @@ def _wgmma_config(D, Dv, dtype_name, causal, variants=False, bias=False):
     table = (WGMMA_BIAS_TILES if bias else WGMMA_VARIANT_TILES) if variants else WGMMA_TILES
     block_n, consumers, stages = table[head_dim]
     block_m = 64 * consumers
+    persistent = not variants and (forward_persistent() == "1" if persistent is None
+                                   else persistent)
     name = (f"cupyflash::flash_fwd_wgmma{'_variants' * variants}<{_DTYPE_TO_CUDA[dtype_name]}, "
             f"{head_dim}, {block_n}, {consumers}, {stages}"
-            f"{'' if variants else ', ' + _cpp_bool(causal)}>")
+            f"{'' if variants else ', ' + _cpp_bool(causal) + ', ' + _cpp_bool(persistent)}>")
     return KernelConfig("flash_fwd_wgmma.cuh", name, block_m, 128 * (consumers + 1),
                         _wgmma_smem_bytes(head_dim, block_m, block_n, stages),
-                        align_elems=8, pad_d_to=8, kernel="wgmma", block_n=block_n)
+                        align_elems=8, pad_d_to=8, kernel="wgmma", block_n=block_n,
+                        persistent=persistent)
 
 
 def wgmma_attention_variants():
     """The (source, name_expression) of every Hopper forward variant (sm_90a only)."""
     return list(dict.fromkeys(
         (c.source, c.name_expression)
-        for c in (_wgmma_config(h, h, dt, causal, variants, bias)
+        for c in (_wgmma_config(h, h, dt, causal, variants, bias, persistent)
                   for h in WGMMA_HEAD_DIMS for dt in ("float16", "bfloat16")
                   for causal, variants, bias in ((False, False, False), (True, False, False),
-                                                 (False, True, False), (False, True, True)))))
+                                                 (False, True, False), (False, True, True))
+                  for persistent in (True, False))))
 
 
 # attention_varlen's fp16/bf16 packed kernels (flash_fwd_{mma,wgmma}_varlen): the variants'
@@ -728,6 +773,33 @@ def all_attention_variants():
     return mma_attention_variants() + [MASK_KEY_END]
 
 
+@functools.lru_cache(maxsize=None)
+def num_sms(device_id):
+    """The number of SMs of a device."""
+    import cupy
+    return cupy.cuda.runtime.deviceGetAttribute(
+        cupy.cuda.runtime.cudaDevAttrMultiProcessorCount, device_id)
+
+
+# Counters in global memory, per (device, stream, user): int32 zeros that a kernel counts
+# in and leaves zero again when it ends (the persistent forward's tile counter; the decode
+# kernel's split arrivals, whose last split resets its counter). Calls on one stream run
+# one after another and share its buffer; calls on different streams never share one.
+_STREAM_COUNTERS = {}
+
+
+def stream_counters(device_id, user, count):
+    """A zeroed int32 buffer of at least ``count`` counters, for ``user``'s launches on the
+    current stream."""
+    import cupy
+    key = (device_id, cupy.cuda.get_current_stream().ptr, user)
+    buf = _STREAM_COUNTERS.get(key)
+    if buf is None or buf.size < count:
+        buf = cupy.zeros(max(count, 1024), dtype=cupy.int32)  # enqueued on that stream
+        _STREAM_COUNTERS[key] = buf
+    return buf
+
+
 def launch_grid(num_m_blocks, n_batch):
     """``(m blocks, batch, batch overflow)``: a kernel's batch index is
     ``blockIdx.z * gridDim.y + blockIdx.y`` (blocks past ``n_batch`` return at once)."""
@@ -787,7 +859,7 @@ def attention_forward(q, k, v, problem, out=None, bias=None, mask=None, alibi_sl
         cc = _compute_capability(device_id)
         cfg = attention_config(max(problem.D, problem.Dv), problem.Dv, problem.dtype.name,
                                cc, problem.causal, variants, dropout=problem.dropout_p > 0,
-                               bias=bias is not None)
+                               bias=bias is not None, Lk=problem.Lk)
         qk = [_kernel_ready(t, cfg.align_elems, cfg.pad_d_to) for t in (q, k, v)]
         o = _kernel_ready(result, cfg.align_elems, cfg.pad_d_to)
         slopes, maps = None, ()
@@ -821,7 +893,12 @@ def attention_forward(q, k, v, problem, out=None, bias=None, mask=None, alibi_sl
                                        _kernels.arch_for(cc), cfg.smem_bytes)
         if cfg.kernel == "wgmma":
             check_register_split(kernel, cfg.num_threads, cfg.name_expression)
-        grid = launch_grid(-(-problem.Lq // cfg.block_m), math.prod(problem.batch_shape))
+        n_m_blocks, n_batch = -(-problem.Lq // cfg.block_m), math.prod(problem.batch_shape)
+        grid = launch_grid(n_m_blocks, n_batch)
+        if cfg.persistent:  # (tile numbers are int32: 2^31 tiles would be terabytes of q)
+            grid = (min(n_m_blocks * n_batch, num_sms(device_id)), 1, 1)
+        if cfg.kernel == "wgmma" and not variants:  # (read only by the persistent kernel)
+            args += (stream_counters(device_id, "tiles", 1),)
         kernel(grid, (cfg.num_threads, 1, 1), args, shared_mem=cfg.smem_bytes)
         del slopes, key_end  # (the pool reuses memory only for later work on this stream)
         if o is not result:

@@ -11,7 +11,8 @@
    ``G * Lq`` query rows of its kv head and writes the final out and lse (one split) or
    its partial out and lse in the accumulator dtype (several); with several splits, the
    last block of each (batch element, kv head, row chunk) to finish merges them exactly
-   through their lse (it counts the arrivals in :func:`split_counters`);
+   through their lse (it counts the arrivals in counters of
+   :func:`._cupy_backend.stream_counters`);
 3. ``flash_decode_combine``, only where that merge does not fit the split kernel's shared
    memory (or with ``FUSE_COMBINE`` off): the same merge as a second launch.
 
@@ -37,7 +38,8 @@ import struct
 import numpy as np
 
 from . import _kernels
-from ._cupy_backend import _DTYPE_TO_CUDA, _compute_capability, _device_of, _on_device
+from ._cupy_backend import (_DTYPE_TO_CUDA, _compute_capability, _device_of, _on_device,
+                            num_sms, stream_counters)
 
 SOURCE = "flash_decode.cuh"
 
@@ -296,31 +298,6 @@ def resident_blocks(device_id, name_expression, arch, smem_bytes):
                                                                    smem_bytes))
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_id):
-    import cupy
-    return cupy.cuda.runtime.deviceGetAttribute(
-        cupy.cuda.runtime.cudaDevAttrMultiProcessorCount, device_id)
-
-
-# Split counters, per (device, stream): (B, Hk, row_chunks) int32 zeros that the split
-# kernel's blocks count their arrivals in; the last split of each resets its counter to 0,
-# so a buffer is zeros again after every launch. Calls on one stream run one after another
-# and share its buffer; calls on different streams never share one.
-_SPLIT_COUNTERS = {}
-
-
-def split_counters(device_id, stream_ptr, count):
-    """A zeroed int32 buffer of at least ``count`` counters for launches on one stream."""
-    import cupy
-    key = (device_id, stream_ptr)
-    buf = _SPLIT_COUNTERS.get(key)
-    if buf is None or buf.size < count:
-        buf = cupy.zeros(max(count, 1024), dtype=cupy.int32)  # enqueued on that stream
-        _SPLIT_COUNTERS[key] = buf
-    return buf
-
-
 # False: always merge the splits with flash_decode_combine (for tests and benchmarks).
 FUSE_COMBINE = True
 
@@ -442,7 +419,7 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_tab
         row_chunks = -(-M // cfg.rows)
         base_blocks = B * Hk * row_chunks
         splits = launched_splits(num_splits, cfg, base_blocks, max_keys,
-                                 (D + Dv) * q.dtype.itemsize, _num_sms(device_id),
+                                 (D + Dv) * q.dtype.itemsize, num_sms(device_id),
                                  resident_blocks(device_id, cfg.name_expression, arch,
                                                  cfg.smem_bytes))
         if base_blocks * splits >= 2**31 or B * Hk * M >= 2**31:
@@ -454,8 +431,7 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_tab
         if splits > 1:
             out_partial = cupy.empty((B, Hk, splits, M, partial_row), dtype=acc_dtype)
             lse_partial = cupy.empty((B, Hk, splits, M), dtype=acc_dtype)
-        counters = (split_counters(device_id, cupy.cuda.get_current_stream().ptr,
-                                   base_blocks) if fused else None)
+        counters = stream_counters(device_id, "decode splits", base_blocks) if fused else None
         mul, shift = page_divisor(page["page_size"])
         q_st, out_st = _strides(q), _strides(out)
         params = _pack(DECODE_PARAMS, dict(

@@ -141,6 +141,25 @@ def test_long_sequences_many_ring_passes(launched, d):
     assert set(launched) == {WGMMA}
 
 
+@pytest.mark.parametrize("persistent", ["1", "0"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+@on_hopper
+def test_persistent_blocks_take_many_tiles(launched, monkeypatch, d, persistent):
+    """Several times more tiles than SMs, so that every block of the persistent kernel
+    takes tiles one after another: of different lengths (causal), some with no key at all
+    (causal with Lq > Lk: the first query rows see none), and calls back to back on one
+    stream, each of which must find the tile counter at zero again (a tile not computed
+    leaves its NaN poison in out). The same problems with one block per tile too."""
+    monkeypatch.setenv("CUPYFLASH_FWD_PERSISTENT", persistent)
+    rng = np.random.default_rng()
+    for lq, lk, causal in ((1000, 1000, False), (1000, 1000, True), (1500, 300, True),
+                           (300, 1700, True), (517, 517, False)):
+        q = _draw(rng, (2, 24, lq, d), "bfloat16")  # 288 (d = 64) or 384 tiles at 1000
+        k, v = (_draw(rng, (2, 24, lk, d), "bfloat16") for _ in range(2))
+        _check(q, k, v, causal=causal)
+    assert set(launched) == {WGMMA}
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @on_hopper
 def test_grouped_query_attention_reads_kv_in_place(launched, dtype):
@@ -303,8 +322,28 @@ def test_dispatch_follows_the_environment(monkeypatch):
     monkeypatch.setenv("CUPYFLASH_FWD_KERNEL", "wgmma")
     cfg = _cupy_backend.attention_config(100, 30, "bfloat16", 90, True)
     assert cfg.kernel == "wgmma" and cfg.source == WGMMA
-    assert cfg.name_expression == "cupyflash::flash_fwd_wgmma<__nv_bfloat16, 128, 128, 2, 3, true>"
-    assert (cfg.block_m, cfg.num_threads) == (128, 384)
+    assert cfg.name_expression == \
+        "cupyflash::flash_fwd_wgmma<__nv_bfloat16, 128, 128, 2, 3, true, true>"
+    assert (cfg.block_m, cfg.num_threads, cfg.persistent) == (128, 384, True)
+    monkeypatch.setenv("CUPYFLASH_FWD_PERSISTENT", "0")  # one block per tile
+    cfg = _cupy_backend.attention_config(100, 30, "bfloat16", 90, True)
+    assert cfg.name_expression == \
+        "cupyflash::flash_fwd_wgmma<__nv_bfloat16, 128, 128, 2, 3, true, false>"
+    assert not cfg.persistent
+    monkeypatch.setenv("CUPYFLASH_FWD_PERSISTENT", "2")
+    with pytest.raises(ValueError, match="CUPYFLASH_FWD_PERSISTENT"):
+        _cupy_backend.attention_config(100, 30, "bfloat16", 90, True)
+    # auto: persistent where it measured faster (d = 64; d = 128 causal or short keys)
+    monkeypatch.delenv("CUPYFLASH_FWD_PERSISTENT")
+    for d, causal, Lk, persistent in ((64, False, 16384, True), (128, True, 16384, True),
+                                      (128, False, 2048, True), (128, False, 2049, False),
+                                      (128, False, None, False), (256, True, 1024, False)):
+        cfg = _cupy_backend.attention_config(d, d, "float16", 90, causal, Lk=Lk)
+        assert cfg.persistent == persistent, (d, causal, Lk)
+        assert cfg.name_expression.endswith(f", {str(persistent).lower()}>")
+    monkeypatch.setenv("CUPYFLASH_FWD_PERSISTENT", "1")
+    assert _cupy_backend.attention_config(256, 256, "float16", 90, True, Lk=1024).persistent
+    monkeypatch.delenv("CUPYFLASH_FWD_PERSISTENT")
     assert _cupy_backend.attention_config(64, 64, "float16", 90, False).block_m == 192
     # elsewhere the other kernels: not Hopper, fp32, head dims past 256
     assert _cupy_backend.attention_config(128, 128, "float16", 80, False).kernel == "mma"

@@ -83,10 +83,12 @@ struct FwdWgmmaTraits {
     static constexpr int SMEM_K = SMEM_Q + Q_TILE_BYTES;
     static constexpr int SMEM_V = SMEM_K + STAGES * KV_TILE_BYTES;
     static constexpr int SMEM_BARRIERS = SMEM_V + STAGES * KV_TILE_BYTES;
-    // mbarriers, 8 bytes each: q_full, then k_full, v_full, k_empty, v_empty [STAGES] each
-    static constexpr int NUM_MBARRIERS = 1 + 4 * STAGES;
+    // mbarriers, 8 bytes each: q_full, q_empty, then k_full, v_full, k_empty, v_empty
+    // [STAGES] each; then the number of the tile in Q (persistent kernel), 8 bytes
+    static constexpr int NUM_MBARRIERS = 2 + 4 * STAGES;
+    static constexpr int SMEM_TILE = SMEM_BARRIERS + 8 * NUM_MBARRIERS;
     // + 1024: the dynamic shared memory is aligned up to 1024 bytes inside the block
-    static constexpr int SMEM_BYTES = 1024 + SMEM_BARRIERS + 8 * NUM_MBARRIERS;
+    static constexpr int SMEM_BYTES = 1024 + SMEM_TILE + 8;
 
     // Registers per thread after setmaxnreg. The block starts with 65536 / NUM_THREADS
     // (rounded down to a multiple of 8: 168 for 384 threads, 128 for 512) and the pool
@@ -283,52 +285,86 @@ struct WgmmaSoftmax {
 // ---------------------------------------------------------------------------------------
 // The kernel
 // ---------------------------------------------------------------------------------------
-// Two entry points share one body, as in flash_fwd_mma.cuh: flash_fwd_wgmma (plain or
-// causal) and flash_fwd_wgmma_variants, whose scores go through ScoreModifier
+// Three entry points share one body, as in flash_fwd_mma.cuh: flash_fwd_wgmma (plain or
+// causal), flash_fwd_wgmma_variants, whose scores go through ScoreModifier
 // (attention_variants.cuh): bias, mask, window with the causal mask folded in, ALiBi,
-// softcap. The body reads vp only with VARIANTS.
+// softcap, and flash_fwd_wgmma_varlen. The body reads vp only with VARIANTS.
+//
+// A tile is one query block of one batch element. The variants kernels compute one tile
+// per thread block, named by the block's index. flash_fwd_wgmma is persistent: one block
+// per SM, each computing tiles until none is left. Then the producer loads the next tile's
+// Q and first K/V blocks while the consumers finish the last P V and the epilogue of the
+// tile before, which a freshly launched block could not overlap: at s = 1k a tile has only
+// 8 key blocks, and that prologue and epilogue are a large share of its time. Tiles are
+// numbered batch element by batch element (so that the blocks running at one time share
+// the K and V of a few batch elements in L2), and inside one from the longest to the
+// shortest (causal: the last query block first). Block i takes tile i, then the next one
+// not yet taken, from a counter in global memory that is zero at launch: the blocks that
+// drew short causal tiles take more of them, with no fixed assignment to balance.
+// The producer draws the tiles and hands each to the consumers through shared memory
+// (tile_slot, published with Q by the q_full mbarrier; -1: no tile left).
+struct FwdTile {
+    long long b;         // batch element
+    long long m0;        // first query row
+    int n_first;         // key blocks to visit: [n_first, n_blocks), last to first
+    int n_blocks;
+};
+
 template <typename T, int HEAD_DIM, int BLOCK_N, int NUM_CONSUMERS, int STAGES, bool IS_CAUSAL,
-          bool VARIANTS>
+          bool VARIANTS, bool PERSISTENT>
 __device__ __forceinline__ void flash_fwd_wgmma_body(const AttentionParams& p,
                                                      const VariantParams& vp,
                                                      const TmaDescriptor& tma_q,
                                                      const TmaDescriptor& tma_k,
                                                      const TmaDescriptor& tma_v,
-                                                     long long q_row0, long long k_row0) {
+                                                     long long q_row0, long long k_row0,
+                                                     int* tile_counter) {
     static_assert(!(IS_CAUSAL && VARIANTS), "with variants the causal mask is the window's");
+    static_assert(!(PERSISTENT && VARIANTS), "the variants kernels take one tile per block");
     using Tr = FwdWgmmaTraits<T, HEAD_DIM, BLOCK_N, NUM_CONSUMERS, STAGES>;
     using Mma = Wgmma<BLOCK_N, IsBf16<T>::value>;   // S = Q K^T: N = BLOCK_N
     using MmaO = Wgmma<HEAD_DIM, IsBf16<T>::value>; // acc += P V: N = HEAD_DIM
     constexpr int BLOCK_M = Tr::BLOCK_M, SLABS = Tr::SLABS;
-
-    const long long b = (long long)blockIdx.z * gridDim.y + blockIdx.y;  // batch element
-    if (b >= p.n_batch) return;
-    // Causal (or a window bounded on the right only): the longest query blocks, the last
-    // ones, start first.
-    const bool longest_last =
-        IS_CAUSAL || (VARIANTS && vp.window_right < UNBOUNDED && vp.window_left >= UNBOUNDED);
-    const int m_block = longest_last ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
-    const long long m0 = (long long)m_block * BLOCK_M;
-    // A packed sequence (flash_fwd_wgmma_varlen) shorter than the grid's longest: the whole
-    // block leaves before any mbarrier or named barrier exists, so no warp waits on it.
-    if (VARIANTS && m0 >= p.Lq) return;
-
-    // Key blocks to visit, [n_first, n_blocks), last to first: iteration it takes block
-    // n_blocks - 1 - it. Causal skips the blocks wholly above the diagonal, a window
-    // those wholly outside its band.
     const long long diag = p.Lk - p.Lq;  // query i sees key j iff j <= i + diag
-    int n_first = 0, n_blocks;
-    if constexpr (VARIANTS) {
-        // (a modifier of its own: the consumers build theirs after setmaxnreg, so that
-        // nothing of it is live in the producer's few registers)
-        ScoreModifier<T, float>(p, vp, b).key_blocks(m0, min(m0 + BLOCK_M, p.Lq), BLOCK_N,
-                                                     n_first, n_blocks);
-    } else {
+
+    // Key blocks to visit without variants: all, except (causal) those wholly above the
+    // diagonal.
+    auto plain_tile = [&](long long b, long long m0) {
         long long n_end = p.Lk;
         if (IS_CAUSAL) n_end = min(n_end, m0 + BLOCK_M + diag);
-        n_blocks = n_end > 0 ? (int)((n_end + BLOCK_N - 1) / BLOCK_N) : 0;
+        return FwdTile{b, m0, 0, n_end > 0 ? (int)((n_end + BLOCK_N - 1) / BLOCK_N) : 0};
+    };
+    // Tile t of a persistent block: batch element t / n_m_blocks, query blocks in order
+    // (causal: last to first).
+    const int n_m_blocks = (int)((p.Lq + BLOCK_M - 1) / BLOCK_M);
+    const int n_tiles = PERSISTENT ? (int)(n_m_blocks * p.n_batch) : 1;
+    auto tile_at = [&](int t) {
+        const int r = t % n_m_blocks;
+        return plain_tile(t / n_m_blocks, (long long)(IS_CAUSAL ? n_m_blocks - 1 - r : r) * BLOCK_M);
+    };
+
+    // The one tile of a block of the other kernels, from the block index.
+    FwdTile one{0, 0, 0, 0};
+    if constexpr (!PERSISTENT) {
+        one.b = (long long)blockIdx.z * gridDim.y + blockIdx.y;
+        if (one.b >= p.n_batch) return;
+        // Causal (or a window bounded on the right only): the longest query blocks, the
+        // last ones, start first.
+        const bool longest_last =
+            IS_CAUSAL || (VARIANTS && vp.window_right < UNBOUNDED && vp.window_left >= UNBOUNDED);
+        one.m0 = (long long)(longest_last ? gridDim.x - 1 - blockIdx.x : blockIdx.x) * BLOCK_M;
+        // A packed sequence (flash_fwd_wgmma_varlen) shorter than the grid's longest: the
+        // whole block leaves before any mbarrier or named barrier exists, so no warp waits.
+        if (VARIANTS && one.m0 >= p.Lq) return;
+        if constexpr (VARIANTS) {
+            // (a modifier of its own: the consumers build theirs after setmaxnreg, so that
+            // nothing of it is live in the producer's few registers)
+            ScoreModifier<T, float>(p, vp, one.b).key_blocks(one.m0, min(one.m0 + BLOCK_M, p.Lq),
+                                                             BLOCK_N, one.n_first, one.n_blocks);
+        } else {
+            one = plain_tile(one.b, one.m0);
+        }
     }
-    const int n_iters = n_blocks - n_first;
 
     extern __shared__ unsigned char smem_raw[];
     const unsigned smem_raw_addr = smem_addr(smem_raw);
@@ -336,84 +372,136 @@ __device__ __forceinline__ void flash_fwd_wgmma_body(const AttentionParams& p,
     unsigned char* const smem_ptr = smem_raw + (smem - smem_raw_addr);
     const unsigned sQ = smem + Tr::SMEM_Q, sK = smem + Tr::SMEM_K, sV = smem + Tr::SMEM_V;
     const unsigned q_full = smem + Tr::SMEM_BARRIERS;
-    auto k_full = [&](int st) { return q_full + 8 * (1 + st); };
-    auto v_full = [&](int st) { return q_full + 8 * (1 + STAGES + st); };
-    auto k_empty = [&](int st) { return q_full + 8 * (1 + 2 * STAGES + st); };
-    auto v_empty = [&](int st) { return q_full + 8 * (1 + 3 * STAGES + st); };
+    const unsigned q_empty = q_full + 8;
+    auto k_full = [&](int st) { return q_full + 8 * (2 + st); };
+    auto v_full = [&](int st) { return q_full + 8 * (2 + STAGES + st); };
+    auto k_empty = [&](int st) { return q_full + 8 * (2 + 2 * STAGES + st); };
+    auto v_empty = [&](int st) { return q_full + 8 * (2 + 3 * STAGES + st); };
+    volatile int* const tile_slot = reinterpret_cast<volatile int*>(smem_ptr + Tr::SMEM_TILE);
 
     if (threadIdx.x == 0) {
         mbarrier_init(q_full, 1);  // the producer's arrive.expect_tx; TMA brings the bytes
+        mbarrier_init(q_empty, 4 * NUM_CONSUMERS);  // one arrival per consumer warp
         for (int st = 0; st < STAGES; ++st) {
             mbarrier_init(k_full(st), 1);
             mbarrier_init(v_full(st), 1);
-            mbarrier_init(k_empty(st), 4 * NUM_CONSUMERS);  // one arrival per consumer warp
+            mbarrier_init(k_empty(st), 4 * NUM_CONSUMERS);
             mbarrier_init(v_empty(st), 4 * NUM_CONSUMERS);
         }
         fence_mbarrier_init();
     }
     __syncthreads();  // the mbarriers are initialised before anyone waits on them
 
-    // Batch element b's slice of each tensor map (strides in slices, see the top).
-    const BatchOffsets off = batch_offsets(p, b);
     const int warpgroup = threadIdx.x / 128;
+    // Key blocks are numbered over all of a block's tiles: block number kb (iteration it of
+    // a tile whose first has number k_base: kb = k_base + it) goes through buffer
+    // kb % STAGES, in that buffer's pass kb / STAGES (the parity its mbarriers wait for).
+    auto stage_of = [](int kb) { return kb % STAGES; };
+    auto pass_of = [](int kb) { return (kb / STAGES) & 1; };
 
     if (warpgroup == 0) {
         // ------------------------------- producer -------------------------------------
         setmaxnreg_dec<Tr::PRODUCER_REGS>();
-        if (threadIdx.x == 0 && n_iters > 0) {
+        if (threadIdx.x == 0) {
             prefetch_tensor_map(tma_q);
             prefetch_tensor_map(tma_k);
             prefetch_tensor_map(tma_v);
-            // Q_i: (BLOCK_M, HEAD_DIM), one box of BLOCK_M rows x 64 columns per slab
-            mbarrier_arrive_expect_tx(q_full, Tr::Q_TILE_BYTES);
+            int t = blockIdx.x;  // (persistent) this block's first tile
+            int k_base = 0;
+            for (int n = 0; PERSISTENT || n == 0; ++n) {
+                if (PERSISTENT && t >= n_tiles) {  // none left: tell the consumers
+                    if (n > 0) mbarrier_wait(q_empty, (n - 1) & 1);  // (tile_slot is free)
+                    *tile_slot = -1;
+                    mbarrier_arrive(q_full);
+                    break;
+                }
+                const FwdTile tile = PERSISTENT ? tile_at(t) : one;
+                const int n_iters = tile.n_blocks - tile.n_first;
+                // Batch element b's slice of each tensor map (strides in slices, see the
+                // top), in 32 bits as the maps' coordinates are: few registers here.
+                int slice_q = 0, slice_k = 0, slice_v = 0;
+                unsigned rest = (unsigned)tile.b;
 #pragma unroll
-            for (int s = 0; s < SLABS; ++s)
-                tma_load_3d(sQ + s * BLOCK_M * 128, tma_q, q_full, s * Tr::SLAB,
-                            (int)(q_row0 + m0), (int)off.q);
-            // Key block of iteration it is j = n_blocks - 1 - it, in buffer it % STAGES.
-            // Order K_0, then K_it and V_{it-1}: the consumers need K_it for S before
-            // they need V_{it-1} for P V.
-            auto load_kv = [&](const TmaDescriptor& map, unsigned tiles, unsigned full,
-                               unsigned empty, int it, long long slice) {
-                const int st = it % STAGES;
-                mbarrier_wait(empty, ((it / STAGES) & 1) ^ 1);  // the buffer was handed back
-                mbarrier_arrive_expect_tx(full, Tr::KV_TILE_BYTES);
-                // (rows past a packed sequence's Lk are the next sequence's: masked to P = 0)
-                const int n0 = (int)k_row0 + (n_blocks - 1 - it) * BLOCK_N;
+                for (int d = MAX_BATCH_DIMS - 1; d >= 0; --d) {
+                    const unsigned size = (unsigned)p.batch_size[d];
+                    const int i = (int)(rest % size);
+                    rest /= size;
+                    slice_q += i * (int)p.q_batch_stride[d];
+                    slice_k += i * (int)p.k_batch_stride[d];
+                    slice_v += i * (int)p.v_batch_stride[d];
+                }
+                // Key block of iteration it is j = n_blocks - 1 - it, in buffer
+                // stage_of(k_base + it).
+                auto load_kv = [&](const TmaDescriptor& map, unsigned tiles, unsigned full,
+                                   unsigned empty, int it, int slice) {
+                    const int kb = k_base + it;
+                    mbarrier_wait(empty, pass_of(kb) ^ 1);  // the buffer was handed back
+                    mbarrier_arrive_expect_tx(full, Tr::KV_TILE_BYTES);
+                    // (rows past a packed sequence's Lk are the next sequence's: masked to P = 0)
+                    const int n0 = (int)k_row0 + (tile.n_blocks - 1 - it) * BLOCK_N;
+#pragma unroll
+                    for (int s = 0; s < SLABS; ++s)
+                        tma_load_3d(tiles + stage_of(kb) * Tr::KV_TILE_BYTES + s * BLOCK_N * 128,
+                                    map, full, s * Tr::SLAB, n0, slice);
+                };
+                auto load_k = [&](int it) {
+                    const int st = stage_of(k_base + it);
+                    load_kv(tma_k, sK, k_full(st), k_empty(st), it, slice_k);
+                };
+                auto load_v = [&](int it) {
+                    const int st = stage_of(k_base + it);
+                    load_kv(tma_v, sV, v_full(st), v_empty(st), it, slice_v);
+                };
+                // K_0 first: its buffer was handed back STAGES - 1 blocks ago, while Q's
+                // waits for the consumers' last S of the tile before (q_empty); so a
+                // persistent block's next K_0 is in flight while they finish that tile.
+                if (n_iters > 0) load_k(0);
+                if (n > 0) mbarrier_wait(q_empty, (n - 1) & 1);  // Q and tile_slot are free
+                if (PERSISTENT) *tile_slot = t;
+                // Q_i: (BLOCK_M, HEAD_DIM), one box of BLOCK_M rows x 64 columns per slab
+                mbarrier_arrive_expect_tx(q_full, Tr::Q_TILE_BYTES);
 #pragma unroll
                 for (int s = 0; s < SLABS; ++s)
-                    tma_load_3d(tiles + st * Tr::KV_TILE_BYTES + s * BLOCK_N * 128, map, full,
-                                s * Tr::SLAB, n0, (int)slice);
-            };
-            for (int it = 0; it <= n_iters; ++it) {
-                if (it < n_iters)
-                    load_kv(tma_k, sK, k_full(it % STAGES), k_empty(it % STAGES), it, off.k);
-                if (it > 0)
-                    load_kv(tma_v, sV, v_full((it - 1) % STAGES), v_empty((it - 1) % STAGES),
-                            it - 1, off.v);
+                    tma_load_3d(sQ + s * BLOCK_M * 128, tma_q, q_full, s * Tr::SLAB,
+                                (int)(q_row0 + tile.m0), slice_q);
+                // Then K_it and V_{it-1}: the consumers need K_it for S before they need
+                // V_{it-1} for P V.
+                for (int it = 1; it <= n_iters; ++it) {
+                    if (it < n_iters) load_k(it);
+                    load_v(it - 1);
+                }
+                k_base += n_iters;
+                if (PERSISTENT) {
+                    // The next tile, drawn only now that this one's loads are all issued:
+                    // drawn at its start, a block would hold a tile it cannot begin for a
+                    // whole tile's time, and at the end of a causal grid blocks would idle
+                    // while others still hold a tile besides a long one. (The atomic's
+                    // latency hides behind the consumers, who are STAGES blocks behind.)
+                    // All blocks together draw n_tiles times (each tile past the first
+                    // gridDim.x once, and each block once more to find none left), so the
+                    // draw of n_tiles - 1 is the last: it leaves the counter zero for the
+                    // next launch on the stream (_cupy_backend.stream_counters).
+                    const int drawn = atomicAdd(tile_counter, 1);
+                    if (drawn == n_tiles - 1) atomicExch(tile_counter, 0);
+                    t = drawn + gridDim.x;
+                }
             }
         }
     } else {
         // ------------------------------- consumers ------------------------------------
         setmaxnreg_inc<Tr::CONSUMER_REGS>();
         // The variants of batch element b (built and read only with VARIANTS).
-        const ScoreModifierIf<VARIANTS, T, float> mod(p, vp, b);
+        const ScoreModifierIf<VARIANTS, T, float> mod(p, vp, one.b);
         constexpr int S_N_TILES = Tr::S_N_TILES, O_N_TILES = Tr::O_N_TILES;
         const int wg = warpgroup - 1;                // consumer index
         const int warp = (threadIdx.x / 32) % 4;     // warp inside the warpgroup
         const int lane = threadIdx.x % 32;
         const int g = lane / 4;  // this lane holds rows g and g + 8 of its warp's 16 rows
         const int t = lane % 4;  // and columns 2t, 2t + 1 of each n8 tile
-        const long long wg_row0 = m0 + Tr::WG_M * wg;  // first query row of this warpgroup
 
         float acc[O_N_TILES][4];  // unnormalised O: (64, HEAD_DIM) over the warpgroup, fp32
-#pragma unroll
-        for (int nt = 0; nt < O_N_TILES; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
         float s[S_N_TILES][4];                     // S, then P: (64, BLOCK_N), fp32
         unsigned p_frag[Tr::PV_K_STEPS][4];        // P rounded to T, the A operand of P V
-        WgmmaSoftmax<S_N_TILES> softmax;
 
         // exp(S * scale) = exp2(S * scale_log2), folded into one FFMA for scale > 0
         // (c = scale_log2); otherwise S is multiplied first and c = 1.
@@ -433,14 +521,14 @@ __device__ __forceinline__ void flash_fwd_wgmma_body(const AttentionParams& p,
         const unsigned long long v_desc = smem_descriptor(sV, BLOCK_N * 128, 1024);
 
         // Turns: consumer wg issues its products after consumer wg - 1 has issued its own.
+        // The turns go round over all of the block's tiles; the last consumer opens the
+        // first (consumer 0's), and consumer 0 takes the one it passes at the very end, so
+        // that every named barrier ends with as many arrivals as waits.
         auto wait_turn = [&]() {
             named_barrier_sync(Tr::SCHED_BARRIER + wg, 256);
         };
-        auto pass_turn = [&](bool last) {
-            // The last consumer's last pass would open a turn nobody takes: skip it, so
-            // that every named barrier ends with as many arrivals as waits.
-            if (!(last && wg == NUM_CONSUMERS - 1))
-                named_barrier_arrive(Tr::SCHED_BARRIER + (wg + 1) % NUM_CONSUMERS, 256);
+        auto pass_turn = [&]() {
+            named_barrier_arrive(Tr::SCHED_BARRIER + (wg + 1) % NUM_CONSUMERS, 256);
         };
 
         // S = Q_i K_j^T for the K tile in buffer st: (64, BLOCK_N), fp32. Asynchronous.
@@ -472,45 +560,6 @@ __device__ __forceinline__ void flash_fwd_wgmma_body(const AttentionParams& p,
         auto release = [&](unsigned empty) {  // this warp is done reading a K or V buffer
             if (lane == 0) mbarrier_arrive(empty);
         };
-        // The softmax of the S just computed for key block j: scale, mask, update.
-        auto softmax_step = [&](int it) {
-            const long long n0 = (long long)(n_blocks - 1 - it) * BLOCK_N;
-            if (scale_first) {  // S *= scale * log2(e) before the variants, mask and max
-#pragma unroll
-                for (int nt = 0; nt < S_N_TILES; ++nt)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) s[nt][e] *= scale_log2;
-            }
-            if constexpr (VARIANTS) {
-                // Scores -> softcap, ALiBi, bias, band and mask, in the blocks that need
-                // it: those that cross the band's edges or Lk for this warp's 16 rows,
-                // those where the mask hides a key, and all with bias, ALiBi or softcap.
-                const long long warp_m0 = wg_row0 + 16 * warp;
-                const bool band = !mod.block_inside(warp_m0, 16, n0, BLOCK_N);
-                const bool mask = mod.warp_needs_mask(n0, BLOCK_N);
-                if (band || mask || mod.changes_values())
-                    mod.apply(s, warp_m0 + g, n0, t, band, mask);
-                softmax.update(s, scale_first ? 1.f : c);
-                return;
-            }
-            // Keys past Lk or above the causal diagonal -> -inf, only in blocks that cross
-            // the Lk boundary or this warpgroup's diagonal; there row r sees the block's
-            // first `visible` keys (query i sees key j iff j <= i + diag).
-            if (n0 + BLOCK_N > p.Lk || (IS_CAUSAL && n0 + BLOCK_N - 1 > wg_row0 + diag)) {
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    long long end = p.Lk - n0;
-                    if (IS_CAUSAL) end = min(end, wg_row0 + 16 * warp + g + 8 * h + diag + 1 - n0);
-                    const int visible = (int)max(min(end, (long long)BLOCK_N), 0LL);
-#pragma unroll
-                    for (int nt = 0; nt < S_N_TILES; ++nt)
-#pragma unroll
-                        for (int e = 2 * h; e < 2 * h + 2; ++e)
-                            if (nt * 8 + 2 * t + (e & 1) >= visible) s[nt][e] = -INFINITY;
-                }
-            }
-            softmax.update(s, c);
-        };
         // P rounded to T in the A-operand layout of P V: the accumulator layout of the n8
         // tiles 2kk and 2kk + 1 of S is the A fragment of k16 step kk.
         auto pack_p = [&]() {
@@ -523,100 +572,193 @@ __device__ __forceinline__ void flash_fwd_wgmma_body(const AttentionParams& p,
             }
         };
 
-        if (n_iters > 0) {
-            mbarrier_wait(q_full, 0);
-            if (wg == NUM_CONSUMERS - 1)  // open the first turn, consumer 0's
-                named_barrier_arrive(Tr::SCHED_BARRIER, 256);
-
-            // Iteration 0: S_0 alone.
-            mbarrier_wait(k_full(0), 0);
-            wait_turn();
-            issue_qk(0);
-            pass_turn(/*last=*/false);
-            wgmma_wait<0>();
-            fence_operands(s);
-            release(k_empty(0));
-            softmax_step(0);
-            pack_p();
-
-            // Iterations 1..n_iters-1: S_it, and P V of the block before, in flight
-            // together; the softmax of S_it runs while P V accumulates.
-            for (int it = 1; it < n_iters; ++it) {
-                const int st = it % STAGES, prev = (it - 1) % STAGES;
-                // Both tiles are in before this warpgroup takes its turn, so that it never
-                // holds the tensor cores' turn while waiting for a load.
-                mbarrier_wait(k_full(st), (it / STAGES) & 1);
-                mbarrier_wait(v_full(prev), ((it - 1) / STAGES) & 1);
-                wait_turn();
-                issue_qk(st);
-                softmax.rescale_acc(acc);  // owed by the previous softmax; acc is idle now
-                issue_pv(prev);
-                pass_turn(/*last=*/false);
-                wgmma_wait<1>();  // S_it is done (groups complete in order); P V may not be
-                fence_operands(s);
-                release(k_empty(st));
-                softmax_step(it);
-                wgmma_wait<0>();  // P V is done: p_frag and the V buffer are free again
-                fence_operands(acc);
-                release(v_empty(prev));
-                pack_p();
+        if (wg == NUM_CONSUMERS - 1) named_barrier_arrive(Tr::SCHED_BARRIER, 256);
+        int k_base = 0;  // number of this tile's first key block (see stage_of)
+        for (int n = 0; PERSISTENT || n == 0; ++n) {
+            mbarrier_wait(q_full, n & 1);  // Q of the tile, and (persistent) its number
+            FwdTile tile = one;
+            if constexpr (PERSISTENT) {
+                const int tile_number = *tile_slot;
+                if (tile_number < 0) break;
+                tile = tile_at(tile_number);
             }
+            const int n_iters = tile.n_blocks - tile.n_first;
+            const long long wg_row0 = tile.m0 + Tr::WG_M * wg;  // this warpgroup's first row
 
-            // The last P V.
-            const int last = (n_iters - 1) % STAGES;
-            softmax.rescale_acc(acc);
-            mbarrier_wait(v_full(last), ((n_iters - 1) / STAGES) & 1);
-            wait_turn();
-            issue_pv(last);
-            pass_turn(/*last=*/true);
-            wgmma_wait<0>();
-            fence_operands(acc);
-        }
-
-        // O = acc / l_i; lse = (m_i + log2 l_i) * ln 2. A row with l_i = 0 saw no key:
-        // zeros and lse = -inf. O is staged in this warpgroup's own rows of sQ (same
-        // swizzled layout), then each warp writes its 16 rows with 16-byte stores.
-        T* const o = static_cast<T*>(p.o) + off.o;
-        float* const lse = static_cast<float*>(p.lse) + b * p.Lq;
-        named_barrier_sync(Tr::EPILOGUE_BARRIER + wg, 128);  // all its wgmmas have read sQ
-        T* const sO = reinterpret_cast<T*>(smem_ptr + Tr::SMEM_Q);
-        auto staged = [&](int r, int chunk) {  // element offset of (row r of the block, chunk)
-            return (chunk / 8) * BLOCK_M * 64 + r * 64 + ((chunk % 8) ^ (r % 8)) * 8;
-        };
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const float l = quad_sum(softmax.l_i[h]);
-            const float inv_l = safe_inverse(l);
-            const int r = Tr::WG_M * wg + 16 * warp + g + 8 * h;  // row inside the block
 #pragma unroll
             for (int nt = 0; nt < O_N_TILES; ++nt)
-                *reinterpret_cast<unsigned*>(sO + staged(r, nt) + 2 * t) =
-                    pack2<T>(acc[nt][2 * h] * inv_l, acc[nt][2 * h + 1] * inv_l);
-            // lse = ln 2 * m_i + ln l_i (m_i is in log2 units): one FMA, an accurate log.
-            if (t == 0 && m0 + r < p.Lq)
-                lse[m0 + r] = l == 0.f ? -INFINITY : fmaf(softmax.m_i[h], LN2, logf(l));
-        }
-        __syncwarp();  // the warp's rows are staged before its lanes read them back
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
+            WgmmaSoftmax<S_N_TILES> softmax;
 
-        constexpr int CHUNKS = HEAD_DIM / 8;  // 16-byte chunks per row
-        const int o_chunks = (int)((p.Dv + 7) / 8);
-        for (int idx = lane; idx < 16 * CHUNKS; idx += 32) {
-            const int r = Tr::WG_M * wg + 16 * warp + idx / CHUNKS;
-            const int chunk = idx % CHUNKS;
-            if (m0 + r < p.Lq && chunk < o_chunks)
-                *reinterpret_cast<uint4*>(o + (m0 + r) * p.o_row_stride + chunk * 8) =
-                    *reinterpret_cast<const uint4*>(sO + staged(r, chunk));
+            // The softmax of the S just computed for key block j: scale, mask, update.
+            auto softmax_step = [&](int it) {
+                const long long n0 = (long long)(tile.n_blocks - 1 - it) * BLOCK_N;
+                if (scale_first) {  // S *= scale * log2(e) before the variants, mask and max
+#pragma unroll
+                    for (int nt = 0; nt < S_N_TILES; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) s[nt][e] *= scale_log2;
+                }
+                if constexpr (VARIANTS) {
+                    // Scores -> softcap, ALiBi, bias, band and mask, in the blocks that need
+                    // it: those that cross the band's edges or Lk for this warp's 16 rows,
+                    // those where the mask hides a key, and all with bias, ALiBi or softcap.
+                    const long long warp_m0 = wg_row0 + 16 * warp;
+                    const bool band = !mod.block_inside(warp_m0, 16, n0, BLOCK_N);
+                    const bool mask = mod.warp_needs_mask(n0, BLOCK_N);
+                    if (band || mask || mod.changes_values())
+                        mod.apply(s, warp_m0 + g, n0, t, band, mask);
+                    softmax.update(s, scale_first ? 1.f : c);
+                    return;
+                }
+                // Keys past Lk or above the causal diagonal -> -inf, only in blocks that
+                // cross the Lk boundary or this warpgroup's diagonal; there row r sees the
+                // block's first `visible` keys (query i sees key j iff j <= i + diag).
+                if (n0 + BLOCK_N > p.Lk || (IS_CAUSAL && n0 + BLOCK_N - 1 > wg_row0 + diag)) {
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        long long end = p.Lk - n0;
+                        if (IS_CAUSAL)
+                            end = min(end, wg_row0 + 16 * warp + g + 8 * h + diag + 1 - n0);
+                        const int visible = (int)max(min(end, (long long)BLOCK_N), 0LL);
+#pragma unroll
+                        for (int nt = 0; nt < S_N_TILES; ++nt)
+#pragma unroll
+                            for (int e = 2 * h; e < 2 * h + 2; ++e)
+                                if (nt * 8 + 2 * t + (e & 1) >= visible) s[nt][e] = -INFINITY;
+                    }
+                }
+                softmax.update(s, c);
+            };
+
+            if (n_iters == 0) release(q_empty);  // (no key block: Q is not read)
+            if (n_iters > 0) {
+                // Iteration 0: S_0 alone.
+                mbarrier_wait(k_full(stage_of(k_base)), pass_of(k_base));
+                wait_turn();
+                issue_qk(stage_of(k_base));
+                pass_turn();
+                wgmma_wait<0>();
+                fence_operands(s);
+                release(k_empty(stage_of(k_base)));
+                if (n_iters == 1) release(q_empty);  // the tile's last read of Q is done
+                softmax_step(0);
+                pack_p();
+
+                // Iterations 1..n_iters-1: S_it, and P V of the block before, in flight
+                // together; the softmax of S_it runs while P V accumulates.
+                for (int it = 1; it < n_iters; ++it) {
+                    const int kb = k_base + it;
+                    const int st = stage_of(kb), prev = stage_of(kb - 1);
+                    // Both tiles are in before this warpgroup takes its turn, so that it
+                    // never holds the tensor cores' turn while waiting for a load.
+                    mbarrier_wait(k_full(st), pass_of(kb));
+                    mbarrier_wait(v_full(prev), pass_of(kb - 1));
+                    wait_turn();
+                    issue_qk(st);
+                    softmax.rescale_acc(acc);  // owed by the previous softmax; acc is idle now
+                    issue_pv(prev);
+                    pass_turn();
+                    wgmma_wait<1>();  // S_it is done (groups complete in order); P V may not be
+                    fence_operands(s);
+                    release(k_empty(st));
+                    if (it == n_iters - 1) release(q_empty);
+                    softmax_step(it);
+                    wgmma_wait<0>();  // P V is done: p_frag and the V buffer are free again
+                    fence_operands(acc);
+                    release(v_empty(prev));
+                    pack_p();
+                }
+
+                // The last P V.
+                const int last = stage_of(k_base + n_iters - 1);
+                softmax.rescale_acc(acc);
+                mbarrier_wait(v_full(last), pass_of(k_base + n_iters - 1));
+                wait_turn();
+                issue_pv(last);
+                pass_turn();
+                wgmma_wait<0>();
+                fence_operands(acc);
+                release(v_empty(last));  // (read by no one before the block ends otherwise)
+            }
+            k_base += n_iters;
+
+            // O = acc / l_i; lse = (m_i + log2 l_i) * ln 2. A row with l_i = 0 saw no key:
+            // zeros and lse = -inf.
+            const BatchOffsets off = batch_offsets(p, tile.b);
+            T* const o = static_cast<T*>(p.o) + off.o;
+            float* const lse = static_cast<float*>(p.lse) + tile.b * p.Lq;
+            const int o_chunks = (int)((p.Dv + 7) / 8);  // 8-column chunks of o to write
+            float inv_l[2];
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const float l = quad_sum(softmax.l_i[h]);
+                inv_l[h] = safe_inverse(l);
+                // lse = ln 2 * m_i + ln l_i (m_i is in log2 units): one FMA, an accurate log.
+                const long long row = wg_row0 + 16 * warp + g + 8 * h;
+                if (t == 0 && row < p.Lq)
+                    lse[row] = l == 0.f ? -INFINITY : fmaf(softmax.m_i[h], LN2, logf(l));
+            }
+            if constexpr (PERSISTENT) {
+                // Straight from the accumulators: 4 bytes a lane, the 4 lanes of a row
+                // writing 16 contiguous bytes. (sQ, where the others stage O, already
+                // holds the next tile's Q.)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const long long row = wg_row0 + 16 * warp + g + 8 * h;
+                    if (row < p.Lq) {
+#pragma unroll
+                        for (int nt = 0; nt < O_N_TILES; ++nt)
+                            if (nt < o_chunks)
+                                *reinterpret_cast<unsigned*>(o + row * p.o_row_stride + nt * 8 + 2 * t) =
+                                    pack2<T>(acc[nt][2 * h] * inv_l[h], acc[nt][2 * h + 1] * inv_l[h]);
+                    }
+                }
+            } else {
+                // Staged in this warpgroup's own rows of sQ (same swizzled layout), then each
+                // warp writes its 16 rows with 16-byte stores.
+                named_barrier_sync(Tr::EPILOGUE_BARRIER + wg, 128);  // its wgmmas have read sQ
+                T* const sO = reinterpret_cast<T*>(smem_ptr + Tr::SMEM_Q);
+                auto staged = [&](int r, int chunk) {  // element offset of (row r of the block, chunk)
+                    return (chunk / 8) * BLOCK_M * 64 + r * 64 + ((chunk % 8) ^ (r % 8)) * 8;
+                };
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int r = Tr::WG_M * wg + 16 * warp + g + 8 * h;  // row inside the block
+#pragma unroll
+                    for (int nt = 0; nt < O_N_TILES; ++nt)
+                        *reinterpret_cast<unsigned*>(sO + staged(r, nt) + 2 * t) =
+                            pack2<T>(acc[nt][2 * h] * inv_l[h], acc[nt][2 * h + 1] * inv_l[h]);
+                }
+                __syncwarp();  // the warp's rows are staged before its lanes read them back
+
+                constexpr int CHUNKS = HEAD_DIM / 8;  // 16-byte chunks per row
+                for (int idx = lane; idx < 16 * CHUNKS; idx += 32) {
+                    const int r = Tr::WG_M * wg + 16 * warp + idx / CHUNKS;
+                    const int chunk = idx % CHUNKS;
+                    if (tile.m0 + r < p.Lq && chunk < o_chunks)
+                        *reinterpret_cast<uint4*>(o + (tile.m0 + r) * p.o_row_stride + chunk * 8) =
+                            *reinterpret_cast<const uint4*>(sO + staged(r, chunk));
+                }
+            }
         }
+        if (wg == 0) wait_turn();  // the turn the last consumer passed after its last P V
     }
 }
 
-template <typename T, int HEAD_DIM, int BLOCK_N, int NUM_CONSUMERS, int STAGES, bool IS_CAUSAL>
+// PERSISTENT (see above): launched with at most one block per SM and at most as many
+// blocks as tiles, with *tile_counter = 0. Otherwise one block per tile, as the variants
+// kernels, and tile_counter is not read.
+template <typename T, int HEAD_DIM, int BLOCK_N, int NUM_CONSUMERS, int STAGES, bool IS_CAUSAL,
+          bool PERSISTENT>
 __global__ void __launch_bounds__(128 * (NUM_CONSUMERS + 1), 1)
 flash_fwd_wgmma(const AttentionParams p, const __grid_constant__ TmaDescriptor tma_q,
                 const __grid_constant__ TmaDescriptor tma_k,
-                const __grid_constant__ TmaDescriptor tma_v) {
-    flash_fwd_wgmma_body<T, HEAD_DIM, BLOCK_N, NUM_CONSUMERS, STAGES, IS_CAUSAL, false>(
-        p, VariantParams{}, tma_q, tma_k, tma_v, /*q_row0=*/0, /*k_row0=*/0);
+                const __grid_constant__ TmaDescriptor tma_v, int* tile_counter) {
+    flash_fwd_wgmma_body<T, HEAD_DIM, BLOCK_N, NUM_CONSUMERS, STAGES, IS_CAUSAL, false,
+                         PERSISTENT>(p, VariantParams{}, tma_q, tma_k, tma_v, /*q_row0=*/0,
+                                     /*k_row0=*/0, tile_counter);
 }
 
 template <typename T, int HEAD_DIM, int BLOCK_N, int NUM_CONSUMERS, int STAGES>
@@ -625,8 +767,8 @@ flash_fwd_wgmma_variants(const AttentionParams p, const VariantParams vp,
                          const __grid_constant__ TmaDescriptor tma_q,
                          const __grid_constant__ TmaDescriptor tma_k,
                          const __grid_constant__ TmaDescriptor tma_v) {
-    flash_fwd_wgmma_body<T, HEAD_DIM, BLOCK_N, NUM_CONSUMERS, STAGES, false, true>(
-        p, vp, tma_q, tma_k, tma_v, /*q_row0=*/0, /*k_row0=*/0);
+    flash_fwd_wgmma_body<T, HEAD_DIM, BLOCK_N, NUM_CONSUMERS, STAGES, false, true, false>(
+        p, vp, tma_q, tma_k, tma_v, /*q_row0=*/0, /*k_row0=*/0, nullptr);
 }
 
 // The variants over packed sequences (attention_varlen), as flash_fwd_mma_varlen: each
@@ -644,8 +786,8 @@ flash_fwd_wgmma_varlen(const AttentionParams p, const VariantParams vp,
     if (b >= p.n_batch) return;
     long long q_row0, k_row0;
     const AttentionParams ps = sequence_params<T, float>(p, vp, b, q_row0, k_row0);
-    flash_fwd_wgmma_body<T, HEAD_DIM, BLOCK_N, NUM_CONSUMERS, STAGES, false, true>(
-        ps, vp, tma_q, tma_k, tma_v, q_row0, k_row0);
+    flash_fwd_wgmma_body<T, HEAD_DIM, BLOCK_N, NUM_CONSUMERS, STAGES, false, true, false>(
+        ps, vp, tma_q, tma_k, tma_v, q_row0, k_row0, nullptr);
 }
 
 }  // namespace cupyflash
