@@ -455,7 +455,7 @@ def test_fused_merge_matches_the_combine_kernel(dtype, group, Lq, monkeypatch):
     """The split kernel's own merge (the last block of each kv head) and the separate
     flash_decode_combine both meet the accuracy rule and agree; the split counters are
     all zero again after every call, on the default stream and on another."""
-    from cupyflash import _cupy_decode
+    from cupyflash import _cupy_backend, _cupy_decode
     cupy = _cupy()
     rng = np.random.default_rng(group * 10 + Lq)
     seqlens = np.array([3000, 0, 700, 64], dtype=np.int32)
@@ -483,7 +483,7 @@ def test_fused_merge_matches_the_combine_kernel(dtype, group, Lq, monkeypatch):
     same = cupyflash.attention_decode(gq, gk, gv, gs, num_splits=9)
     cupy.cuda.Device().synchronize()
     assert other.get().tobytes() == same.get().tobytes()
-    for buf in _cupy_decode._SPLIT_COUNTERS.values():
+    for buf in _cupy_backend._STREAM_COUNTERS.values():
         assert not buf.get().any(), "split counters left non-zero"
 
 

@@ -158,6 +158,8 @@ def test_persistent_blocks_take_many_tiles(launched, monkeypatch, d, persistent)
         k, v = (_draw(rng, (2, 24, lk, d), "bfloat16") for _ in range(2))
         _check(q, k, v, causal=causal)
     assert set(launched) == {WGMMA}
+    for buf in _cupy_backend._STREAM_COUNTERS.values():
+        assert not buf.get().any(), "a tile counter was left non-zero"
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
