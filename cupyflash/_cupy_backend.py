@@ -462,6 +462,11 @@ def mma_attention_variants():
 #   d = 256: BLOCK_N = 64 (acc alone is 128 registers a thread), two stages (192 KiB;
 #            a third does not fit).
 WGMMA_HEAD_DIMS = (64, 128, 256)
+# The Hopper kernel numbers tiles (query block, batch element) and batch elements in 32
+# bits (its producer has few registers; tensor-map coordinates are 32-bit anyway). Past
+# this many tiles (broadcast q, k and v can make a batch that large with little memory),
+# the mma.sync kernel runs.
+WGMMA_MAX_TILES = 2 ** 31 - 2 ** 16
 # auto picks the wgmma kernel above this head dim. On an H100 (benchmarks/NOTES.md,
 # session 4) it beat the mma.sync kernel at d = 64, 128, 256, s = 1k..16k, causal and not
 # (1.0-2.3x); at d <= 32 padding to 64 would double the work of Q K^T.
@@ -865,9 +870,12 @@ def attention_forward(q, k, v, problem, out=None, bias=None, mask=None, alibi_sl
         slopes, maps = None, ()
         kernel_bias, mask_m, extra = _variant_operands(problem, bias, mask)
         packed = None
-        if cfg.kernel == "wgmma":
+        n_tiles = -(-problem.Lq // cfg.block_m) * math.prod(problem.batch_shape)
+        if cfg.kernel == "wgmma" and n_tiles < WGMMA_MAX_TILES:
             packed = _wgmma_arguments(problem, cfg, *qk, o, lse, extra)
-            if packed is None:  # a layout tensor maps cannot describe: the mma.sync kernel
+        if cfg.kernel == "wgmma":
+            if packed is None:  # a layout tensor maps cannot describe (or too many tiles):
+                # the mma.sync kernel
                 cfg = _mma_config(max(problem.D, problem.Dv), problem.Dv, problem.dtype.name,
                                   cc, problem.causal and not variants, variants)
             else:
@@ -895,7 +903,7 @@ def attention_forward(q, k, v, problem, out=None, bias=None, mask=None, alibi_sl
             check_register_split(kernel, cfg.num_threads, cfg.name_expression)
         n_m_blocks, n_batch = -(-problem.Lq // cfg.block_m), math.prod(problem.batch_shape)
         grid = launch_grid(n_m_blocks, n_batch)
-        if cfg.persistent:  # (tile numbers are int32: 2^31 tiles would be terabytes of q)
+        if cfg.persistent:  # (fewer than WGMMA_MAX_TILES tiles: 32-bit tile numbers)
             grid = (min(n_m_blocks * n_batch, num_sms(device_id)), 1, 1)
         if cfg.kernel == "wgmma" and not variants:  # (read only by the persistent kernel)
             args += (stream_counters(device_id, "tiles", 1),)
