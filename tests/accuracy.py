@@ -574,6 +574,18 @@ def true_attention_backward(dout, q, k, v, *, causal=False, scale=None, return_d
     return grads + (sum_to_shape(ds, variants["bias"].shape),) if return_dbias else grads
 
 
+def dbias_term_sums(dout, q, k, v, *, causal=False, scale=None, **variants):
+    """What a dbias adds up, in absolute value: ``P * (|dP| + |Delta|)`` summed to bias's
+    shape (in WIDE). A dbias whose exact value is small can be the sum of terms far beyond
+    float16's range (they cancel), and the backward's Delta, from the rounded O, leaves
+    errors of the terms' size: a float16 bias's test must keep these sums in range, not
+    only dbias itself."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    p, dp, delta, _, _, _, _ = _backward_matrices(dout, q, k, v, causal=causal, scale=scale,
+                                                  dtype=WIDE, **variants)
+    return sum_to_shape(p * (np.abs(dp) + np.abs(delta)), variants["bias"].shape)
+
+
 def naive_attention_backward(dout, q, k, v, *, causal=False, scale=None, return_dbias=False,
                              **variants):
     """Full-matrix backward in the inputs' dtype (steps 6-11 of the module docstring),

@@ -18,7 +18,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import cupyflash
-from accuracy import (DTYPES, _finite_abs_max, check_attention_backward,
+from accuracy import (DTYPES, _finite_abs_max, check_attention_backward, dbias_term_sums,
                       true_attention_backward)
 from backends import requires_gpu
 from cupyflash import _api, _numpy_backend
@@ -90,8 +90,12 @@ def check_variant_gradients(vc, grads, dout, q, k, v, scale, options):
     # naive float16 computation overflows and the test would be judging the test
     halves = [vc.case.dtype == "float16"] * 3 + [vc.bias_dtype == "float16"]
     if any(halves[:len(grads)]):
-        truth = true_attention_backward(dout, q, k, v, causal=vc.case.causal, scale=scale,
-                                        return_dbias=dbias is not None, **options)
+        truth = list(true_attention_backward(dout, q, k, v, causal=vc.case.causal,
+                                             scale=scale, return_dbias=dbias is not None,
+                                             **options))
+        if dbias is not None:  # (its terms, not only their sum, must stay in range)
+            truth[3] = dbias_term_sums(dout, q, k, v, causal=vc.case.causal, scale=scale,
+                                       **options)
         assume_float16_range(all(_finite_abs_max(g) < FLOAT16_GRADIENT_MAX
                                  for g, half in zip(truth, halves) if half))
     check_attention_backward(*grads[:3], dout, q, k, v, causal=vc.case.causal, scale=scale,
