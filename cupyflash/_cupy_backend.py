@@ -351,25 +351,21 @@ def attention_config(D, Dv, dtype_name, compute_capability, causal, variants=Fal
     whether the plain Hopper kernel runs persistent (:func:`forward_persistent`; None:
     many keys).
     """
-    persistent = forward_persistent()
-    if persistent == "auto":
-        long_keys = Lk is None or Lk > PERSISTENT_MAX_KEYS
-        persistent = "auto-long" if long_keys else "auto-short"
     return _attention_config(D, Dv, dtype_name, compute_capability, causal and not variants,
                              variants, os.environ.get("CUPYFLASH_MMA_TILES", ""),
-                             forward_kernel(), dropout, bias and variants, persistent)
+                             forward_kernel(), dropout, bias and variants, forward_persistent(),
+                             Lk is None or Lk > PERSISTENT_MAX_KEYS)
 
 
 @functools.lru_cache(maxsize=512)
 def _attention_config(D, Dv, dtype_name, compute_capability, causal, variants, _tiles_knob,
-                      fwd_kernel, dropout=False, bias=False, persistent="auto-long"):
+                      fwd_kernel, dropout=False, bias=False, persistent="auto", long_keys=True):
     if dtype_name in ("float16", "bfloat16"):
         wgmma = not dropout and (fwd_kernel == "wgmma" or (
             fwd_kernel == "auto" and max(D, Dv) > WGMMA_AUTO_MIN_HEAD_DIM))
         if wgmma and compute_capability == 90 and max(D, Dv) <= WGMMA_HEAD_DIMS[-1]:
-            head_dim = next(h for h in WGMMA_HEAD_DIMS if h >= max(D, Dv))
-            persistent = persistent == "1" or (persistent.startswith("auto") and persistent_pays(
-                head_dim, causal, persistent == "auto-long"))
+            persistent = persistent == "1" or (persistent == "auto" and persistent_pays(
+                _wgmma_head_dim(D, Dv), causal, long_keys))
             return _wgmma_config(D, Dv, dtype_name, causal, variants, bias, persistent)
         return _mma_config(D, Dv, dtype_name, compute_capability, causal, variants)
     return _simt_config(D, Dv, dtype_name, compute_capability, causal, variants)
@@ -487,22 +483,25 @@ def _wgmma_smem_bytes(head_dim, block_m, block_n, stages):
     return 1024 + 2 * head_dim * (block_m + 2 * stages * block_n) + 8 * (2 + 4 * stages) + 8
 
 
-def _wgmma_config(D, Dv, dtype_name, causal, variants=False, bias=False, persistent=None):
+def _wgmma_head_dim(D, Dv):
+    """The HEAD_DIM of WGMMA_HEAD_DIMS that ``max(D, Dv)`` is padded up to."""
+    return next(h for h in WGMMA_HEAD_DIMS if h >= max(D, Dv))
+
+
+def _wgmma_config(D, Dv, dtype_name, causal, variants=False, bias=False, persistent=False):
     """The Hopper kernel of cuda/flash_fwd_wgmma.cuh for one problem (sm_90 only);
     ``flash_fwd_wgmma_variants`` with ``variants`` (``causal`` is then ignored). The
-    plain kernel is persistent if ``persistent`` (None: if ``CUPYFLASH_FWD_PERSISTENT=1``);
-    the variants kernels never are.
+    plain kernel is persistent if ``persistent``; the variants kernels never are.
 
     ``max(D, Dv)`` is padded up to a HEAD_DIM in WGMMA_HEAD_DIMS; the padding costs no
     copy, since the tensor maps fill columns past D (Dv) with zeros. q, k, v and out must
     have 16-byte aligned rows (``align_elems = pad_d_to = 8``), as for the mma kernel.
     """
-    head_dim = next(h for h in WGMMA_HEAD_DIMS if h >= max(D, Dv))
+    head_dim = _wgmma_head_dim(D, Dv)
     table = (WGMMA_BIAS_TILES if bias else WGMMA_VARIANT_TILES) if variants else WGMMA_TILES
     block_n, consumers, stages = table[head_dim]
     block_m = 64 * consumers
-    persistent = not variants and (forward_persistent() == "1" if persistent is None
-                                   else persistent)
+    persistent = persistent and not variants
     name = (f"cupyflash::flash_fwd_wgmma{'_variants' * variants}<{_DTYPE_TO_CUDA[dtype_name]}, "
             f"{head_dim}, {block_n}, {consumers}, {stages}"
             f"{'' if variants else ', ' + _cpp_bool(causal) + ', ' + _cpp_bool(persistent)}>")
@@ -870,8 +869,8 @@ def attention_forward(q, k, v, problem, out=None, bias=None, mask=None, alibi_sl
         slopes, maps = None, ()
         kernel_bias, mask_m, extra = _variant_operands(problem, bias, mask)
         packed = None
-        n_tiles = -(-problem.Lq // cfg.block_m) * math.prod(problem.batch_shape)
-        if cfg.kernel == "wgmma" and n_tiles < WGMMA_MAX_TILES:
+        n_batch = math.prod(problem.batch_shape)
+        if cfg.kernel == "wgmma" and -(-problem.Lq // cfg.block_m) * n_batch < WGMMA_MAX_TILES:
             packed = _wgmma_arguments(problem, cfg, *qk, o, lse, extra)
         if cfg.kernel == "wgmma":
             if packed is None:  # a layout tensor maps cannot describe (or too many tiles):
@@ -901,7 +900,7 @@ def attention_forward(q, k, v, problem, out=None, bias=None, mask=None, alibi_sl
                                        _kernels.arch_for(cc), cfg.smem_bytes)
         if cfg.kernel == "wgmma":
             check_register_split(kernel, cfg.num_threads, cfg.name_expression)
-        n_m_blocks, n_batch = -(-problem.Lq // cfg.block_m), math.prod(problem.batch_shape)
+        n_m_blocks = -(-problem.Lq // cfg.block_m)
         grid = launch_grid(n_m_blocks, n_batch)
         if cfg.persistent:  # (fewer than WGMMA_MAX_TILES tiles: 32-bit tile numbers)
             grid = (min(n_m_blocks * n_batch, num_sms(device_id)), 1, 1)
