@@ -13,6 +13,7 @@ else with CUDA events around each call (median). Ratios are against torch SDPA's
     python benchmarks/attention.py --d 128 --s 4096 --dtype bfloat16 --causal 0
     python benchmarks/attention.py --op bwd --providers cupyflash torch_flash torch_cudnn
     python benchmarks/attention.py --providers cupyflash_wgmma cupyflash_mma torch_cudnn
+    python benchmarks/attention.py --rounds 3          # each row's providers 3x, interleaved
 
 Providers ``cupyflash_wgmma`` and ``cupyflash_mma`` are cupyflash with
 ``CUPYFLASH_FWD_KERNEL`` set to ``wgmma`` (the Hopper kernel, sm_90 only) or ``mma``
@@ -22,8 +23,13 @@ environment says. The ratio
 columns compare each cupyflash provider with torch SDPA's flash and cuDNN backends.
 
 Results are appended as JSON records to ``benchmarks/results/attention_<gpu>.json``:
-keys gpu, provider, op, dtype, d, causal, s, b, h, ms, tflops, peak_extra_bytes, and run
-(the run's start time: ratios are only meaningful between records of one run).
+keys gpu, provider, op, dtype, d, causal, s, b, h, ms, tflops, peak_extra_bytes, rounds
+(how many timings ms is the median of), and run (the run's start time: ratios are only
+meaningful between records of one run).
+
+Within one run the GPU's speed drifts: on an H100 two columns timing the same kernel
+differed by up to 15% (benchmarks/NOTES.md, session 6). ``--rounds N`` times every
+provider of a row N times, in a rotated order, and reports the median.
 """
 
 import argparse
@@ -32,6 +38,7 @@ import json
 import os
 import pathlib
 import platform
+import statistics
 import sys
 import time
 
@@ -187,6 +194,9 @@ def main(argv=None):
     ap.add_argument("--op", choices=sorted(OP_FLOPS), default="fwd")
     ap.add_argument("--deterministic", action="store_true",
                     help="cupyflash's backward with deterministic=True")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="time every provider this many times per row, interleaved, and "
+                         "report the median")
     args = ap.parse_args(argv)
 
     import cupy
@@ -225,45 +235,54 @@ def main(argv=None):
                     q, k, v = (_random(cupy, shape, dt) for _ in range(3))
                     flops = _measure.attention_flops(b, h, s, d, causal) * OP_FLOPS[args.op]
                     out_bytes = q.nbytes * (1 if args.op == "fwd" else 3)  # out, or dq dk dv
-                    row = {}
-                    extra = {}
+                    fns = {}  # provider -> the timed call
                     for prov in args.providers:
-                        kernel = CUPYFLASH_PROVIDERS.get(prov)  # None: leave the env alone
                         if prov in CUPYFLASH_PROVIDERS:
-                            with forward_kernel(kernel):
-                                fn = _cupyflash_fn(cupy, args.op, q, k, v, causal,
-                                                   args.deterministic)
+                            with forward_kernel(CUPYFLASH_PROVIDERS[prov]):
+                                fns[prov] = _cupyflash_fn(cupy, args.op, q, k, v, causal,
+                                                          args.deterministic)
                         elif args.op != "fwd" and prov == "standard":
                             continue
                         elif prov == "standard":
                             # CuPy has no bfloat16 matmul, so there is no bf16 baseline.
                             if s > args.standard_max_s or dtype_name == "bfloat16":
                                 continue
-                            fn = lambda: _measure.standard_attention(q, k, v, causal=causal)  # noqa: E731
+                            fns[prov] = lambda: _measure.standard_attention(q, k, v, causal=causal)  # noqa: E731
                         elif prov in tprov:
                             tq, tk, tv = (torch.as_tensor(x, device="cuda") for x in (q, k, v)) \
                                 if dtype_name != "bfloat16" else \
                                 (torch.from_dlpack(x.view(np.uint16)).view(torch.bfloat16)
                                  for x in (q, k, v))
-                            fn = _torch_fn(torch, tprov[prov], args.op, tq, tk, tv, causal)
-                        else:
-                            continue
-                        try:
-                            with forward_kernel(kernel):
-                                ms = timer(fn)
-                                peak = (peak_extra(fn, out_bytes)
-                                        if prov in CUPYFLASH_PROVIDERS or prov == "standard"
-                                        else None)
-                        except Exception as e:  # e.g. a backend that rejects this shape
-                            print(f"  {prov}: {type(e).__name__}: {str(e)[:120]}")
-                            continue
-                        extra[prov] = peak
+                            fns[prov] = _torch_fn(torch, tprov[prov], args.op, tq, tk, tv,
+                                                  causal)
+                    # --rounds: every provider timed once per round, the order rotated each
+                    # round, and the median taken, so that a slow spell of the GPU (clocks
+                    # drift within a run) does not fall on one provider only.
+                    times, extra = {p: [] for p in fns}, {}
+                    order = list(fns)
+                    for r in range(args.rounds):
+                        for prov in order[r % len(order):] + order[:r % len(order)]:
+                            if prov not in times:  # (failed in an earlier round)
+                                continue
+                            try:
+                                with forward_kernel(CUPYFLASH_PROVIDERS.get(prov)):
+                                    times[prov].append(timer(fns[prov]))
+                                    if r == 0 and (prov in CUPYFLASH_PROVIDERS
+                                                   or prov == "standard"):
+                                        extra[prov] = peak_extra(fns[prov], out_bytes)
+                            except Exception as e:  # e.g. a backend that rejects this shape
+                                print(f"  {prov}: {type(e).__name__}: {str(e)[:120]}")
+                                del times[prov]
+                    row = {}
+                    for prov, ms_list in times.items():
+                        ms = statistics.median(ms_list)
                         row[prov] = flops / ms / 1e9
                         name = (prov + "_deterministic" if prov in CUPYFLASH_PROVIDERS
                                 and args.deterministic and args.op != "fwd" else prov)
                         records.append(dict(gpu=gpu, run=run, provider=name, op=args.op, dtype=dtype_name,
                                             d=d, causal=causal, s=s, b=b, h=h, ms=ms,
-                                            tflops=row[prov], peak_extra_bytes=peak))
+                                            tflops=row[prov], peak_extra_bytes=extra.get(prov),
+                                            rounds=len(ms_list)))
                     ratios = " ".join(f"{_ratio(row, p, 'torch_flash')} "
                                       f"{_ratio(row, p, 'torch_cudnn')}" for p in ours)
                     mem = " / ".join(f"{extra[p] / 2**20:.1f}" if extra.get(p) is not None else "-"
