@@ -522,28 +522,40 @@ def wgmma_attention_variants():
                   for persistent in (True, False))))
 
 
-# attention_varlen's fp16/bf16 packed kernels (flash_fwd_{mma,wgmma}_varlen): the variants'
-# tiles, for head dims up to this. Above it the sequences' own pointers and lengths, held in
-# registers, spill the d = 192 / 256 kernels (ptxas -v, 2026-11-22); attention_varlen then
-# runs the forward per sequence. (flash_fwd_simt_varlen, float32/float64, has every head dim.)
+# attention_varlen's fp16/bf16 packed kernels (flash_fwd_{mma,wgmma}_varlen), for head dims
+# up to this. Above it the sequences' own pointers and lengths, held in registers, spill the
+# d = 192 / 256 kernels (ptxas -v, 2026-11-22); attention_varlen then runs the forward per
+# sequence. (flash_fwd_simt_varlen, float32/float64, has every head dim.)
 VARLEN_MAX_HEAD_DIM = 128
 
 
-def varlen_config(D, Dv, dtype_name, compute_capability):
+def varlen_config(D, Dv, dtype_name, compute_capability, causal):
     """The packed-sequence forward: ``flash_fwd_mma_varlen`` or, where
     :func:`attention_config` picks the Hopper kernel, ``flash_fwd_wgmma_varlen`` for
-    fp16/bf16; ``flash_fwd_simt_varlen`` for float32/float64. The variants kernel's tiles
-    and launch, under the varlen entry point. None for fp16/bf16 head dims above
-    VARLEN_MAX_HEAD_DIM."""
+    fp16/bf16; ``flash_fwd_simt_varlen`` for float32/float64. The mma and SIMT ones are
+    the variants kernels under the varlen entry point (the causal mask is their window);
+    the Hopper one is the plain kernel's body and tiles, one block per tile, causal or not.
+    None for fp16/bf16 head dims above VARLEN_MAX_HEAD_DIM."""
     if dtype_name in ("float16", "bfloat16") and max(D, Dv) > VARLEN_MAX_HEAD_DIM:
         return None
     cfg = attention_config(max(D, Dv), Dv, dtype_name, compute_capability, False,
                            variants=True)
+    if cfg.kernel == "wgmma":
+        return _wgmma_varlen_config(D, Dv, dtype_name, causal)
     return _as_varlen(cfg)
 
 
 def _as_varlen(cfg):
     name = cfg.name_expression.replace("_variants<", "_varlen<")
+    return KernelConfig(cfg.source, name, cfg.block_m, cfg.num_threads, cfg.smem_bytes,
+                        cfg.align_elems, cfg.pad_d_to, cfg.kernel, cfg.block_n)
+
+
+def _wgmma_varlen_config(D, Dv, dtype_name, causal):
+    """``flash_fwd_wgmma_varlen``: the plain Hopper kernel's tiles, one block per tile."""
+    cfg = _wgmma_config(D, Dv, dtype_name, causal, persistent=False)
+    name = cfg.name_expression.replace("flash_fwd_wgmma<", "flash_fwd_wgmma_varlen<")
+    name = name[:name.rindex(",")] + ">"  # (no PERSISTENT argument)
     return KernelConfig(cfg.source, name, cfg.block_m, cfg.num_threads, cfg.smem_bytes,
                         cfg.align_elems, cfg.pad_d_to, cfg.kernel, cfg.block_n)
 
@@ -556,9 +568,9 @@ def varlen_attention_variants():
                      for h in MMA_HEAD_DIMS if h <= VARLEN_MAX_HEAD_DIM
                      for dt in ("float16", "bfloat16"))]
     wgmma = [(c.source, c.name_expression, "sm_90a")
-             for c in (_as_varlen(_wgmma_config(h, h, dt, False, variants=True))
+             for c in (_wgmma_varlen_config(h, h, dt, causal)
                        for h in WGMMA_HEAD_DIMS if h <= VARLEN_MAX_HEAD_DIM
-                       for dt in ("float16", "bfloat16"))]
+                       for dt in ("float16", "bfloat16") for causal in (False, True))]
     simt = [(c.source, c.name_expression, arch)
             for arch in ("sm_80", "sm_90a")
             for c in (_as_varlen(_simt_config(h, h, dt, 90, False, variants=True))
@@ -939,7 +951,7 @@ def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                 ("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)])
     with _on_device(device_id):
         cc = _compute_capability(device_id)
-        cfg = varlen_config(D, Dv, q.dtype.name, cc)
+        cfg = varlen_config(D, Dv, q.dtype.name, cc, causal)
         if cfg is None:
             return False
         if total_k == 0:  # no key at all: zeros, lse = -inf (no kernel needed)

@@ -288,7 +288,8 @@ struct WgmmaSoftmax {
 // Three entry points share one body, as in flash_fwd_mma.cuh: flash_fwd_wgmma (plain or
 // causal), flash_fwd_wgmma_variants, whose scores go through ScoreModifier
 // (attention_variants.cuh): bias, mask, window with the causal mask folded in, ALiBi,
-// softcap, and flash_fwd_wgmma_varlen. The body reads vp only with VARIANTS.
+// softcap, and flash_fwd_wgmma_varlen (packed sequences, plain or causal). The body
+// reads vp only with VARIANTS.
 //
 // A tile is one query block of one batch element. The variants kernels compute one tile
 // per thread block, named by the block's index. flash_fwd_wgmma is persistent: one block
@@ -355,7 +356,8 @@ __device__ __forceinline__ void flash_fwd_wgmma_body(const AttentionParams& p,
         one.m0 = (long long)(longest_last ? gridDim.x - 1 - blockIdx.x : blockIdx.x) * BLOCK_M;
         // A packed sequence (flash_fwd_wgmma_varlen) shorter than the grid's longest: the
         // whole block leaves before any mbarrier or named barrier exists, so no warp waits.
-        if (VARIANTS && one.m0 >= p.Lq) return;
+        // (A dense batch's grid has no such block.)
+        if (one.m0 >= p.Lq) return;
         if constexpr (VARIANTS) {
             // (a modifier of its own: the consumers build theirs after setmaxnreg, so that
             // nothing of it is live in the producer's few registers)
@@ -771,12 +773,16 @@ flash_fwd_wgmma_variants(const AttentionParams p, const VariantParams vp,
         p, vp, tma_q, tma_k, tma_v, /*q_row0=*/0, /*k_row0=*/0, nullptr);
 }
 
-// The variants over packed sequences (attention_varlen), as flash_fwd_mma_varlen: each
-// block attends the sequence of its batch element (sequence_params), reading q, k and v
-// through (D, total rows, heads) maps from the sequence's first rows on. Rows past the
-// sequence's end are the next sequence's, not zeros: keys there are past its Lk (P = 0
-// exactly, so their V rows add nothing), queries there are never stored.
-template <typename T, int HEAD_DIM, int BLOCK_N, int NUM_CONSUMERS, int STAGES>
+// Packed sequences (attention_varlen): each block attends the sequence of its batch
+// element (sequence_params, attention_variants.cuh), reading q, k and v through (D, total
+// rows, heads) maps from the sequence's first rows on. The plain body, with its own tiles
+// (those of flash_fwd_wgmma): the sequence's lengths make its Lk boundary, and IS_CAUSAL
+// its causal mask aligned to the bottom-right corner as FlashAttention's varlen, so no
+// score modifier is needed (the variants kernel's d = 64 tile has 64-key blocks, which cost
+// varlen 1.2-1.3x at d = 64). Rows past the sequence's end are the next sequence's, not
+// zeros: keys there are past its Lk (P = 0 exactly, so their V rows add nothing), queries
+// there are never stored.
+template <typename T, int HEAD_DIM, int BLOCK_N, int NUM_CONSUMERS, int STAGES, bool IS_CAUSAL>
 __global__ void __launch_bounds__(128 * (NUM_CONSUMERS + 1), 1)
 flash_fwd_wgmma_varlen(const AttentionParams p, const VariantParams vp,
                        const __grid_constant__ TmaDescriptor tma_q,
@@ -786,7 +792,7 @@ flash_fwd_wgmma_varlen(const AttentionParams p, const VariantParams vp,
     if (b >= p.n_batch) return;
     long long q_row0, k_row0;
     const AttentionParams ps = sequence_params<T, float>(p, vp, b, q_row0, k_row0);
-    flash_fwd_wgmma_body<T, HEAD_DIM, BLOCK_N, NUM_CONSUMERS, STAGES, false, true, false>(
+    flash_fwd_wgmma_body<T, HEAD_DIM, BLOCK_N, NUM_CONSUMERS, STAGES, IS_CAUSAL, false, false>(
         ps, vp, tma_q, tma_k, tma_v, q_row0, k_row0, nullptr);
 }
 
