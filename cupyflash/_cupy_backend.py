@@ -278,18 +278,21 @@ class KernelConfig:
     the wgmma kernel (the rows of its K and V tensor-map boxes), 0 for the others.
     ``persistent``: one block per SM at most, taking tiles from a counter (the last
     argument), instead of a block per ``block_m`` queries of each batch element.
+    ``local``: ``flash_fwd_wgmma_local``, the plain Hopper kernel for a sliding window
+    alone (it takes the variants' parameters, and the counter, as the plain kernel).
     """
 
     __slots__ = ("source", "name_expression", "block_m", "num_threads", "smem_bytes",
-                 "align_elems", "pad_d_to", "kernel", "block_n", "persistent")
+                 "align_elems", "pad_d_to", "kernel", "block_n", "persistent", "local")
 
     def __init__(self, source, name_expression, block_m, num_threads, smem_bytes,
-                 align_elems, pad_d_to, kernel="mma", block_n=0, persistent=False):
+                 align_elems, pad_d_to, kernel="mma", block_n=0, persistent=False,
+                 local=False):
         self.source, self.name_expression = source, name_expression
         self.block_m, self.num_threads, self.smem_bytes = block_m, num_threads, smem_bytes
         self.align_elems, self.pad_d_to = align_elems, pad_d_to
         self.kernel, self.block_n = kernel, block_n
-        self.persistent = persistent
+        self.persistent, self.local = persistent, local
 
 
 FWD_KERNELS = ("auto", "mma", "wgmma")
@@ -339,12 +342,15 @@ def persistent_pays(head_dim, causal, long_keys):
 
 
 def attention_config(D, Dv, dtype_name, compute_capability, causal, variants=False,
-                     dropout=False, bias=False, Lk=None):
+                     dropout=False, bias=False, Lk=None, window_only=False):
     """Choose the kernel variant for one problem: the one place tile sizes are chosen.
 
     ``variants``: the problem has a bias, mask, window, ALiBi slopes, softcap or dropout;
     the kernel is then built with ``VARIANTS`` (cuda/attention_variants.cuh), which also
-    takes the causal mask as part of its window, so ``causal`` is ignored. ``dropout``
+    takes the causal mask as part of its window, so ``causal`` is ignored.
+    ``window_only`` (with ``variants``): the only variant is a window (causal or not);
+    where the Hopper kernel runs, that is ``flash_fwd_wgmma_local``, the plain kernel with
+    the plain tiles, and ``Lk`` should be the keys one query sees at most. ``dropout``
     (which needs ``variants``): the Hopper kernel has no dropout, so fp16/bf16 take the
     mma.sync variants kernel on every GPU. ``bias`` (which needs ``variants``): the Hopper
     kernel's tiles for a bias (WGMMA_BIAS_TILES). ``Lk``, the number of keys, decides
@@ -354,18 +360,22 @@ def attention_config(D, Dv, dtype_name, compute_capability, causal, variants=Fal
     return _attention_config(D, Dv, dtype_name, compute_capability, causal and not variants,
                              variants, os.environ.get("CUPYFLASH_MMA_TILES", ""),
                              forward_kernel(), dropout, bias and variants, forward_persistent(),
-                             Lk is None or Lk > PERSISTENT_MAX_KEYS)
+                             Lk is None or Lk > PERSISTENT_MAX_KEYS, window_only and variants)
 
 
 @functools.lru_cache(maxsize=512)
 def _attention_config(D, Dv, dtype_name, compute_capability, causal, variants, _tiles_knob,
-                      fwd_kernel, dropout=False, bias=False, persistent="auto", long_keys=True):
+                      fwd_kernel, dropout=False, bias=False, persistent="auto", long_keys=True,
+                      window_only=False):
     if dtype_name in ("float16", "bfloat16"):
         wgmma = not dropout and (fwd_kernel == "wgmma" or (
             fwd_kernel == "auto" and max(D, Dv) > WGMMA_AUTO_MIN_HEAD_DIM))
         if wgmma and compute_capability == 90 and max(D, Dv) <= WGMMA_HEAD_DIMS[-1]:
             persistent = persistent == "1" or (persistent == "auto" and persistent_pays(
                 _wgmma_head_dim(D, Dv), causal, long_keys))
+            if window_only:
+                return _wgmma_config(D, Dv, dtype_name, False, persistent=persistent,
+                                     local=True)
             return _wgmma_config(D, Dv, dtype_name, causal, variants, bias, persistent)
         return _mma_config(D, Dv, dtype_name, compute_capability, causal, variants)
     return _simt_config(D, Dv, dtype_name, compute_capability, causal, variants)
@@ -475,6 +485,9 @@ WGMMA_VARIANT_TILES = {**WGMMA_TILES, 64: (64, 3, 2)}
 # plain attention with two, 2.85-2.97x with three (s = 4k, 16k; the other variants are
 # 0-10% faster with three; benchmarks/NOTES.md, session 5).
 WGMMA_BIAS_TILES = {**WGMMA_VARIANT_TILES, 128: (128, 2, 2)}
+# A window alone (flash_fwd_wgmma_local): the plain tiles. (At d = 64 three consumers, 192
+# query rows a block, visit 10 key blocks for a 1k window where two visit 9 for 128 rows.)
+WGMMA_LOCAL_TILES = dict(WGMMA_TILES)
 
 
 def _wgmma_smem_bytes(head_dim, block_m, block_n, stages):
@@ -488,37 +501,47 @@ def _wgmma_head_dim(D, Dv):
     return next(h for h in WGMMA_HEAD_DIMS if h >= max(D, Dv))
 
 
-def _wgmma_config(D, Dv, dtype_name, causal, variants=False, bias=False, persistent=False):
+def _wgmma_config(D, Dv, dtype_name, causal, variants=False, bias=False, persistent=False,
+                  local=False):
     """The Hopper kernel of cuda/flash_fwd_wgmma.cuh for one problem (sm_90 only);
-    ``flash_fwd_wgmma_variants`` with ``variants`` (``causal`` is then ignored). The
-    plain kernel is persistent if ``persistent``; the variants kernels never are.
+    ``flash_fwd_wgmma_variants`` with ``variants`` (``causal`` is then ignored);
+    ``flash_fwd_wgmma_local`` with ``local`` (a window alone, the plain tiles). The
+    plain and local kernels are persistent if ``persistent``; the variants kernels never
+    are.
 
     ``max(D, Dv)`` is padded up to a HEAD_DIM in WGMMA_HEAD_DIMS; the padding costs no
     copy, since the tensor maps fill columns past D (Dv) with zeros. q, k, v and out must
     have 16-byte aligned rows (``align_elems = pad_d_to = 8``), as for the mma kernel.
     """
     head_dim = _wgmma_head_dim(D, Dv)
-    table = (WGMMA_BIAS_TILES if bias else WGMMA_VARIANT_TILES) if variants else WGMMA_TILES
+    table = ((WGMMA_BIAS_TILES if bias else WGMMA_VARIANT_TILES) if variants
+             else WGMMA_LOCAL_TILES if local else WGMMA_TILES)
     block_n, consumers, stages = table[head_dim]
     block_m = 64 * consumers
     persistent = persistent and not variants
-    name = (f"cupyflash::flash_fwd_wgmma{'_variants' * variants}<{_DTYPE_TO_CUDA[dtype_name]}, "
-            f"{head_dim}, {block_n}, {consumers}, {stages}"
-            f"{'' if variants else ', ' + _cpp_bool(causal) + ', ' + _cpp_bool(persistent)}>")
+    tiles = f"<{_DTYPE_TO_CUDA[dtype_name]}, {head_dim}, {block_n}, {consumers}, {stages}"
+    if local:
+        name = f"cupyflash::flash_fwd_wgmma_local{tiles}, {_cpp_bool(persistent)}>"
+    elif variants:
+        name = f"cupyflash::flash_fwd_wgmma_variants{tiles}>"
+    else:
+        name = f"cupyflash::flash_fwd_wgmma{tiles}, {_cpp_bool(causal)}, {_cpp_bool(persistent)}>"
     return KernelConfig("flash_fwd_wgmma.cuh", name, block_m, 128 * (consumers + 1),
                         _wgmma_smem_bytes(head_dim, block_m, block_n, stages),
                         align_elems=8, pad_d_to=8, kernel="wgmma", block_n=block_n,
-                        persistent=persistent)
+                        persistent=persistent, local=local)
 
 
 def wgmma_attention_variants():
     """The (source, name_expression) of every Hopper forward variant (sm_90a only)."""
     return list(dict.fromkeys(
         (c.source, c.name_expression)
-        for c in (_wgmma_config(h, h, dt, causal, variants, bias, persistent)
+        for c in (_wgmma_config(h, h, dt, causal, variants, bias, persistent, local)
                   for h in WGMMA_HEAD_DIMS for dt in ("float16", "bfloat16")
-                  for causal, variants, bias in ((False, False, False), (True, False, False),
-                                                 (False, True, False), (False, True, True))
+                  for causal, variants, bias, local in (
+                      (False, False, False, False), (True, False, False, False),
+                      (False, True, False, False), (False, True, True, False),
+                      (False, False, False, True))
                   for persistent in (True, False))))
 
 
@@ -850,6 +873,23 @@ def has_variants(problem, bias=None, mask=None, alibi_slopes=None):
             or problem.dropout_p > 0)
 
 
+def window_alone(problem, bias=None, mask=None, alibi_slopes=None):
+    """Whether a window (causal or not) is a problem's only variant."""
+    return (problem.window is not None and bias is None and mask is None
+            and alibi_slopes is None and problem.softcap is None and problem.dropout_p == 0)
+
+
+def window_keys(problem):
+    """The most keys one query of a windowed problem sees: left + right + 1 (a causal
+    window's right side is 0), at most Lk."""
+    left, right = problem.window
+    if problem.causal:
+        right = 0 if right is None else min(right, 0)
+    if left is None or right is None:
+        return problem.Lk
+    return max(0, min(problem.Lk, left + right + 1))
+
+
 def attention_forward(q, k, v, problem, out=None, bias=None, mask=None, alibi_slopes=None):
     """Return ``(out, lse)`` computed on the GPU for a validated problem (with the
     variants' arrays, validated by ``_api.validate_variants``)."""
@@ -872,10 +912,13 @@ def attention_forward(q, k, v, problem, out=None, bias=None, mask=None, alibi_sl
             return result, lse
 
         variants = has_variants(problem, bias, mask, alibi_slopes)
+        window_only = variants and window_alone(problem, bias, mask, alibi_slopes)
         cc = _compute_capability(device_id)
         cfg = attention_config(max(problem.D, problem.Dv), problem.Dv, problem.dtype.name,
                                cc, problem.causal, variants, dropout=problem.dropout_p > 0,
-                               bias=bias is not None, Lk=problem.Lk)
+                               bias=bias is not None,
+                               Lk=window_keys(problem) if window_only else problem.Lk,
+                               window_only=window_only)
         qk = [_kernel_ready(t, cfg.align_elems, cfg.pad_d_to) for t in (q, k, v)]
         o = _kernel_ready(result, cfg.align_elems, cfg.pad_d_to)
         slopes, maps = None, ()
@@ -916,7 +959,7 @@ def attention_forward(q, k, v, problem, out=None, bias=None, mask=None, alibi_sl
         grid = launch_grid(n_m_blocks, n_batch)
         if cfg.persistent:  # (fewer than WGMMA_MAX_TILES tiles: 32-bit tile numbers)
             grid = (min(n_m_blocks * n_batch, num_sms(device_id)), 1, 1)
-        if cfg.kernel == "wgmma" and not variants:  # (read only by the persistent kernel)
+        if cfg.kernel == "wgmma" and (cfg.local or not variants):  # (read only when persistent)
             args += (stream_counters(device_id, "tiles", 1),)
         kernel(grid, (cfg.num_threads, 1, 1), args, shared_mem=cfg.smem_bytes)
         del slopes, key_end  # (the pool reuses memory only for later work on this stream)

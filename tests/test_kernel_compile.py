@@ -74,6 +74,9 @@ _FRAMES = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) 
 # is injected ... to allow use of registers defined by GMMA"). ptxas prints some of them
 # as "info", not "warning", so they are matched by code. Any of them means a Hopper kernel
 # lost its asynchronous pipeline (or its register split), so each fails the check.
+# The NUM_CONSUMERS argument of a Hopper forward kernel's name.
+_WGMMA_CONSUMERS = re.compile(
+    r"flash_fwd_wgmma(?:_variants|_varlen|_local)?<[^,]+, \d+, \d+, (\d+),")
 _WGMMA_WARNINGS = re.compile(r".*(?:\(C75\d\d\)|wgmma[^\n]*serializ|setmaxnreg).*", re.I)
 
 
@@ -136,7 +139,7 @@ def test_compiles_without_spills(source, name, arch, resource_table):
         # setmaxnreg moves registers inside the block's pool, which holds what the block
         # was launched with: 65536 / threads, rounded down to 8 (FwdWgmmaTraits). With
         # fewer, the consumers' setmaxnreg.inc would wait forever for registers.
-        consumers = int(re.search(r"flash_fwd_wgmma(?:_variants|_varlen)?<[^,]+, \d+, \d+, (\d+),",
+        consumers = int(_WGMMA_CONSUMERS.search(
                               name).group(1))
         threads = 128 * (consumers + 1)
         assert report["registers"] == 65536 // threads // 8 * 8, (
@@ -264,12 +267,16 @@ def test_wgmma_configs_match_the_kernel_traits():
     """_wgmma_config's block rows, threads and shared memory are FwdWgmmaTraits'."""
     asserts = []
     for head_dim in _cupy_backend.WGMMA_HEAD_DIMS:
-        for causal, variants, bias in ((False, False, False), (True, False, False),
-                                       (False, True, False), (False, True, True)):
+        for causal, variants, bias, local in ((False, False, False, False),
+                                              (True, False, False, False),
+                                              (False, True, False, False),
+                                              (False, True, True, False),
+                                              (False, False, False, True)):
             cfg = _cupy_backend._wgmma_config(head_dim, head_dim, "bfloat16", causal, variants,
-                                              bias)
+                                              bias, local=local)
             table = ((_cupy_backend.WGMMA_BIAS_TILES if bias
                       else _cupy_backend.WGMMA_VARIANT_TILES) if variants
+                     else _cupy_backend.WGMMA_LOCAL_TILES if local
                      else _cupy_backend.WGMMA_TILES)
             block_n, consumers, stages = table[head_dim]
             assert cfg.block_n == block_n and cfg.kernel == "wgmma"
@@ -368,7 +375,7 @@ def test_wgmma_machine_code(source, name):
         assert counts.get(needed, 0) > 0, f"{name}: no {needed} in its SASS"
     for banned in ("LDL", "STL", "HMMA"):
         assert counts.get(banned, 0) == 0, f"{name}: {counts[banned]} {banned} in its SASS"
-    consumers = int(re.search(r"flash_fwd_wgmma(?:_variants|_varlen)?<[^,]+, \d+, \d+, (\d+),",
+    consumers = int(_WGMMA_CONSUMERS.search(
                               name).group(1))
     limit = 240 if consumers == 2 else 160  # FwdWgmmaTraits::CONSUMER_REGS
     highest = max(int(r) for r in re.findall(r"\bR(\d+)\b", sass))

@@ -162,6 +162,49 @@ def test_persistent_blocks_take_many_tiles(launched, monkeypatch, d, persistent)
         assert not buf.get().any(), "a tile counter was left non-zero"
 
 
+@pytest.mark.parametrize("persistent", ["1", "0"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+@on_hopper
+def test_sliding_windows_run_the_local_kernel(launched, monkeypatch, d, persistent):
+    """A window alone runs flash_fwd_wgmma_local: bands of every kind (empty rows, one key,
+    bounded on one side, wider than the keys, Lq != Lk so that the band is offset by
+    Lk - Lq) against the float64 reference, over many tiles per block and back-to-back calls
+    (the tile counter must come back to zero); then, bitwise, a band that covers every key
+    is the plain kernel's result and (None, 0) is the causal kernel's: the same key blocks
+    in the same order, and masking that only writes -inf where the others do."""
+    cupy = _cupy()
+    monkeypatch.setenv("CUPYFLASH_FWD_PERSISTENT", persistent)
+    names = []
+    get_function = _kernels.get_function
+    monkeypatch.setattr(_kernels, "get_function", lambda dev, src, name, *a: (
+        names.append(name), get_function(dev, src, name, *a))[1])
+    rng = np.random.default_rng()
+    for lq, lk, window, causal in ((700, 900, (0, 0), False), (900, 700, (1, 0), False),
+                                   (700, 900, (100, 37), False), (700, 900, (None, 130), True),
+                                   (1000, 1000, (300, None), False), (300, 1700, (5, 700), True),
+                                   (1700, 300, (2000, 2000), False), (640, 640, (127, 129), False)):
+        q = _draw(rng, (2, 12, lq, d), "bfloat16")
+        k, v = (_draw(rng, (2, 12, lk, d), "bfloat16") for _ in range(2))
+        out = cupy.full(q.shape[:-1] + (d,), np.nan, dtype=q.dtype)
+        _, lse = cupyflash.attention(cupy.asarray(q), cupy.asarray(k), cupy.asarray(v),
+                                     window=window, causal=causal, return_lse=True, out=out)
+        check_attention(out.get(), lse.get(), q, k, v, causal=causal, scale=None,
+                        window=window)
+        assert "flash_fwd_wgmma_local<" in names[-1], names[-1]
+    assert not any(buf.get().any() for buf in _cupy_backend._STREAM_COUNTERS.values())
+
+    q, k, v = (cupy.asarray(_draw(rng, (2, 12, n, d), "float16")) for n in (900, 1000, 1000))
+
+    def bits(**options):
+        out, lse = cupyflash.attention(q, k, v, return_lse=True, **options)
+        return out.get().tobytes() + lse.get().tobytes()
+
+    assert bits(window=(5000, 5000)) == bits()
+    assert "flash_fwd_wgmma_local<" in names[-2] and "flash_fwd_wgmma<" in names[-1]
+    assert bits(window=(None, 0)) == bits(causal=True)
+    assert bits(window=(None, 7), causal=True) == bits(causal=True)
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @on_hopper
 def test_grouped_query_attention_reads_kv_in_place(launched, dtype):
@@ -347,6 +390,20 @@ def test_dispatch_follows_the_environment(monkeypatch):
     assert _cupy_backend.attention_config(256, 256, "float16", 90, True, Lk=1024).persistent
     monkeypatch.delenv("CUPYFLASH_FWD_PERSISTENT")
     assert _cupy_backend.attention_config(64, 64, "float16", 90, False).block_m == 192
+    # a window alone: the local kernel, persistent by the keys a query sees
+    for d, Lk, persistent, tiles in ((64, 16384, True, "128, 3, 3"),
+                                     (128, 1025, True, "128, 2, 3"),
+                                     (128, 4097, False, "128, 2, 3"),
+                                     (256, 1025, False, "64, 2, 2")):
+        cfg = _cupy_backend.attention_config(d, d, "bfloat16", 90, True, variants=True, Lk=Lk,
+                                             window_only=True)
+        assert cfg.local and cfg.persistent == persistent, (d, Lk)
+        assert cfg.name_expression == (f"cupyflash::flash_fwd_wgmma_local<__nv_bfloat16, {d}, "
+                                       f"{tiles}, {str(persistent).lower()}>")
+    assert not _cupy_backend.attention_config(128, 128, "bfloat16", 90, False, variants=True,
+                                              window_only=False).local
+    assert _cupy_backend.attention_config(128, 128, "bfloat16", 80, False, variants=True,
+                                          window_only=True).kernel == "mma"
     # elsewhere the other kernels: not Hopper, fp32, head dims past 256
     assert _cupy_backend.attention_config(128, 128, "float16", 80, False).kernel == "mma"
     assert _cupy_backend.attention_config(128, 128, "float32", 90, False).kernel == "simt"

@@ -285,15 +285,17 @@ struct WgmmaSoftmax {
 // ---------------------------------------------------------------------------------------
 // The kernel
 // ---------------------------------------------------------------------------------------
-// Three entry points share one body, as in flash_fwd_mma.cuh: flash_fwd_wgmma (plain or
-// causal), flash_fwd_wgmma_variants, whose scores go through ScoreModifier
+// Four entry points share one body, as in flash_fwd_mma.cuh: flash_fwd_wgmma (plain or
+// causal), flash_fwd_wgmma_local (a sliding window and nothing else: IS_LOCAL),
+// flash_fwd_wgmma_variants, whose scores go through ScoreModifier
 // (attention_variants.cuh): bias, mask, window with the causal mask folded in, ALiBi,
 // softcap, and flash_fwd_wgmma_varlen (packed sequences, plain or causal). The body
-// reads vp only with VARIANTS.
+// reads vp only with VARIANTS, and its window sides with IS_LOCAL.
 //
 // A tile is one query block of one batch element. The variants kernels compute one tile
-// per thread block, named by the block's index. flash_fwd_wgmma is persistent: one block
-// per SM, each computing tiles until none is left. Then the producer loads the next tile's
+// per thread block, named by the block's index. flash_fwd_wgmma and flash_fwd_wgmma_local
+// built with PERSISTENT are persistent: one block per SM, each computing tiles until none
+// is left. Then the producer loads the next tile's
 // Q and first K/V blocks while the consumers finish the last P V and the epilogue of the
 // tile before, which a freshly launched block could not overlap: at s = 1k a tile has only
 // 8 key blocks, and that prologue and epilogue are a large share of its time. Tiles are
@@ -312,7 +314,7 @@ struct FwdTile {
 };
 
 template <typename T, int HEAD_DIM, int BLOCK_N, int NUM_CONSUMERS, int STAGES, bool IS_CAUSAL,
-          bool VARIANTS, bool PERSISTENT>
+          bool IS_LOCAL, bool VARIANTS, bool PERSISTENT>
 __device__ __forceinline__ void flash_fwd_wgmma_body(const AttentionParams& p,
                                                      const VariantParams& vp,
                                                      const TmaDescriptor& tma_q,
@@ -322,6 +324,7 @@ __device__ __forceinline__ void flash_fwd_wgmma_body(const AttentionParams& p,
                                                      int* tile_counter) {
     static_assert(!(IS_CAUSAL && VARIANTS), "with variants the causal mask is the window's");
     static_assert(!(PERSISTENT && VARIANTS), "the variants kernels take one tile per block");
+    static_assert(!(IS_LOCAL && (IS_CAUSAL || VARIANTS)), "a local band holds the causal mask");
     using Tr = FwdWgmmaTraits<T, HEAD_DIM, BLOCK_N, NUM_CONSUMERS, STAGES>;
     using Mma = Wgmma<BLOCK_N, IsBf16<T>::value>;   // S = Q K^T: N = BLOCK_N
     using MmaO = Wgmma<HEAD_DIM, IsBf16<T>::value>; // acc += P V: N = HEAD_DIM
@@ -329,19 +332,32 @@ __device__ __forceinline__ void flash_fwd_wgmma_body(const AttentionParams& p,
     const long long diag = p.Lk - p.Lq;  // query i sees key j iff j <= i + diag
 
     // Key blocks to visit without variants: all, except (causal) those wholly above the
-    // diagonal.
+    // diagonal, or (local) those wholly outside the band of the block's rows: query i sees
+    // keys [i + diag - left, i + diag + right] (vp.window_left, vp.window_right; the
+    // causal mask is right = 0).
     auto plain_tile = [&](long long b, long long m0) {
-        long long n_end = p.Lk;
+        long long n_begin = 0, n_end = p.Lk;
         if (IS_CAUSAL) n_end = min(n_end, m0 + BLOCK_M + diag);
-        return FwdTile{b, m0, 0, n_end > 0 ? (int)((n_end + BLOCK_N - 1) / BLOCK_N) : 0};
+        if (IS_LOCAL) {
+            n_begin = max(n_begin, m0 + diag - vp.window_left);
+            n_end = min(n_end, min(m0 + BLOCK_M, p.Lq) + diag + vp.window_right);
+        }
+        if (n_end <= n_begin) return FwdTile{b, m0, 0, 0};
+        return FwdTile{b, m0, (int)(n_begin / BLOCK_N), (int)((n_end + BLOCK_N - 1) / BLOCK_N)};
     };
+    // Causal (or a band bounded on the right only): the longest query blocks, the last
+    // ones, first.
+    const bool longest_last =
+        IS_CAUSAL ||
+        ((VARIANTS || IS_LOCAL) && vp.window_right < UNBOUNDED && vp.window_left >= UNBOUNDED);
     // Tile t of a persistent block: batch element t / n_m_blocks, query blocks in order
-    // (causal: last to first).
+    // (longest_last: last to first).
     const int n_m_blocks = (int)((p.Lq + BLOCK_M - 1) / BLOCK_M);
     const int n_tiles = PERSISTENT ? (int)(n_m_blocks * p.n_batch) : 1;
     auto tile_at = [&](int t) {
         const int r = t % n_m_blocks;
-        return plain_tile(t / n_m_blocks, (long long)(IS_CAUSAL ? n_m_blocks - 1 - r : r) * BLOCK_M);
+        return plain_tile(t / n_m_blocks,
+                          (long long)(longest_last ? n_m_blocks - 1 - r : r) * BLOCK_M);
     };
 
     // The one tile of a block of the other kernels, from the block index.
@@ -349,10 +365,6 @@ __device__ __forceinline__ void flash_fwd_wgmma_body(const AttentionParams& p,
     if constexpr (!PERSISTENT) {
         one.b = (long long)blockIdx.z * gridDim.y + blockIdx.y;
         if (one.b >= p.n_batch) return;
-        // Causal (or a window bounded on the right only): the longest query blocks, the
-        // last ones, start first.
-        const bool longest_last =
-            IS_CAUSAL || (VARIANTS && vp.window_right < UNBOUNDED && vp.window_left >= UNBOUNDED);
         one.m0 = (long long)(longest_last ? gridDim.x - 1 - blockIdx.x : blockIdx.x) * BLOCK_M;
         // A packed sequence (flash_fwd_wgmma_varlen) shorter than the grid's longest: the
         // whole block leaves before any mbarrier or named barrier exists, so no warp waits.
@@ -614,6 +626,39 @@ __device__ __forceinline__ void flash_fwd_wgmma_body(const AttentionParams& p,
                     softmax.update(s, scale_first ? 1.f : c);
                     return;
                 }
+                if constexpr (IS_LOCAL) {
+                    // Keys outside the band or past Lk -> -inf, only in blocks that cross an
+                    // edge of one of this thread's two rows. Row g of the warp sees the keys
+                    // [band_lo, band_hi), row g + 8 those 8 further on, as far as [0, Lk)
+                    // reaches: in 32 bits (tensor-map coordinates are), clamped to [-16, Lk],
+                    // past either end of which a row sees no key either way.
+                    const int n0i = (int)n0, lk = (int)p.Lk;
+                    const long long row0 = wg_row0 + 16 * warp + g;
+                    const int band_lo = (int)max(min(row0 + diag - vp.window_left, p.Lk), -16LL);
+                    const int band_hi =
+                        (int)max(min(row0 + diag + vp.window_right + 1, p.Lk), -16LL);
+                    if (n0i < band_lo + 8 || n0i + BLOCK_N > min(band_hi, lk)) {
+#pragma unroll
+                        for (int h = 0; h < 2; ++h) {
+                            // Row g + 8 h sees the block's keys [first, visible): col is
+                            // seen iff (unsigned)(col - first) < width, one compare a score
+                            // (two spill the d = 64 kernel's three consumers: ptxas -v).
+                            const int first = max(min(band_lo + 8 * h - n0i, BLOCK_N), 0);
+                            const int visible =
+                                max(min(min(band_hi + 8 * h, lk) - n0i, BLOCK_N), 0);
+                            const unsigned width = (unsigned)max(visible - first, 0);
+                            const int base = 2 * t - first;
+#pragma unroll
+                            for (int nt = 0; nt < S_N_TILES; ++nt)
+#pragma unroll
+                                for (int e = 2 * h; e < 2 * h + 2; ++e)
+                                    if ((unsigned)(base + nt * 8 + (e & 1)) >= width)
+                                        s[nt][e] = -INFINITY;
+                        }
+                    }
+                    softmax.update(s, c);
+                    return;
+                }
                 // Keys past Lk or above the causal diagonal -> -inf, only in blocks that
                 // cross the Lk boundary or this warpgroup's diagonal; there row r sees the
                 // block's first `visible` keys (query i sees key j iff j <= i + diag).
@@ -758,9 +803,26 @@ __global__ void __launch_bounds__(128 * (NUM_CONSUMERS + 1), 1)
 flash_fwd_wgmma(const AttentionParams p, const __grid_constant__ TmaDescriptor tma_q,
                 const __grid_constant__ TmaDescriptor tma_k,
                 const __grid_constant__ TmaDescriptor tma_v, int* tile_counter) {
-    flash_fwd_wgmma_body<T, HEAD_DIM, BLOCK_N, NUM_CONSUMERS, STAGES, IS_CAUSAL, false,
+    flash_fwd_wgmma_body<T, HEAD_DIM, BLOCK_N, NUM_CONSUMERS, STAGES, IS_CAUSAL, false, false,
                          PERSISTENT>(p, VariantParams{}, tma_q, tma_k, tma_v, /*q_row0=*/0,
                                      /*k_row0=*/0, tile_counter);
+}
+
+// Sliding-window (local) attention with no other variant: the plain kernel, its tiles and
+// its persistence, visiting only the key blocks of the band [i + diag - left,
+// i + diag + right] (vp.window_left, vp.window_right, UNBOUNDED for an open side; causal
+// folded in as right <= 0) and masking only the blocks that cross its edges. The rest of
+// vp is not read. (The variants kernel's score modifier costs registers: at d = 64 it
+// needs 64-key blocks, and a 1k window at s = 16k ran ~1.3x slower there than here.)
+template <typename T, int HEAD_DIM, int BLOCK_N, int NUM_CONSUMERS, int STAGES, bool PERSISTENT>
+__global__ void __launch_bounds__(128 * (NUM_CONSUMERS + 1), 1)
+flash_fwd_wgmma_local(const AttentionParams p, const VariantParams vp,
+                      const __grid_constant__ TmaDescriptor tma_q,
+                      const __grid_constant__ TmaDescriptor tma_k,
+                      const __grid_constant__ TmaDescriptor tma_v, int* tile_counter) {
+    flash_fwd_wgmma_body<T, HEAD_DIM, BLOCK_N, NUM_CONSUMERS, STAGES, false, true, false,
+                         PERSISTENT>(p, vp, tma_q, tma_k, tma_v, /*q_row0=*/0, /*k_row0=*/0,
+                                     tile_counter);
 }
 
 template <typename T, int HEAD_DIM, int BLOCK_N, int NUM_CONSUMERS, int STAGES>
@@ -769,7 +831,7 @@ flash_fwd_wgmma_variants(const AttentionParams p, const VariantParams vp,
                          const __grid_constant__ TmaDescriptor tma_q,
                          const __grid_constant__ TmaDescriptor tma_k,
                          const __grid_constant__ TmaDescriptor tma_v) {
-    flash_fwd_wgmma_body<T, HEAD_DIM, BLOCK_N, NUM_CONSUMERS, STAGES, false, true, false>(
+    flash_fwd_wgmma_body<T, HEAD_DIM, BLOCK_N, NUM_CONSUMERS, STAGES, false, false, true, false>(
         p, vp, tma_q, tma_k, tma_v, /*q_row0=*/0, /*k_row0=*/0, nullptr);
 }
 
@@ -792,8 +854,8 @@ flash_fwd_wgmma_varlen(const AttentionParams p, const VariantParams vp,
     if (b >= p.n_batch) return;
     long long q_row0, k_row0;
     const AttentionParams ps = sequence_params<T, float>(p, vp, b, q_row0, k_row0);
-    flash_fwd_wgmma_body<T, HEAD_DIM, BLOCK_N, NUM_CONSUMERS, STAGES, IS_CAUSAL, false, false>(
-        ps, vp, tma_q, tma_k, tma_v, q_row0, k_row0, nullptr);
+    flash_fwd_wgmma_body<T, HEAD_DIM, BLOCK_N, NUM_CONSUMERS, STAGES, IS_CAUSAL, false, false,
+                         false>(ps, vp, tma_q, tma_k, tma_v, q_row0, k_row0, nullptr);
 }
 
 }  // namespace cupyflash
