@@ -534,16 +534,6 @@ def _as_arrays_with_variants(fn, names, arrays, bias, mask, alibi_slopes):
     return xp_name, dict(zip(names, arrays))
 
 
-def _refuse_variants_on_gpu(fn, xp_name, return_dbias=False):
-    """NotImplementedError for CuPy arrays with what the backward kernels lack yet: the
-    gradient of bias (the kernels have every variant, softcap included)."""
-    if xp_name != "cupy":
-        return
-    if return_dbias:
-        raise NotImplementedError(f"{fn}: return_dbias=True is not implemented on the GPU "
-                                  f"yet; the NumPy backend has it")
-
-
 def _check_bool(fn, name, x):
     if not isinstance(x, (bool, np.bool_)):
         raise TypeError(f"{fn}: {name} must be a bool, got {type(x).__name__}")
@@ -593,7 +583,10 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, bia
     return_dbias : bool, optional
         Also return the gradient of ``bias`` (which must then be given): an array of
         bias's shape and dtype, ``dS`` summed over the dimensions along which bias was
-        broadcast. Its memory is bias's size.
+        broadcast. Its memory is bias's size (in float32, float64 for float64 inputs,
+        while it is summed). On CuPy arrays a broadcast bias is summed with atomic
+        adds; with ``deterministic=True`` it is summed from an array of the full
+        ``(batch..., Lq, Lk)`` shape instead, whose memory that costs.
     deterministic : bool, optional
         On CuPy arrays, True makes runs on the same inputs and device give bitwise
         identical gradients, possibly at some cost in speed; False lets the GPU add
@@ -625,9 +618,6 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, bia
         ``bias``, a ``dropout_p`` or ``seed`` out of range or a missing ``seed`` as in
         :func:`attention`, or a ``dq``, ``dk``, ``dv`` of the wrong shape or that
         overlaps an input or another output.
-    NotImplementedError
-        CuPy arrays with ``return_dbias=True``: the GPU backward kernels do not compute
-        the gradient of ``bias`` yet (every option runs, ``bias`` included).
 
     Notes
     -----
@@ -740,7 +730,6 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, bia
     _check_return_dbias(fn, return_dbias, variants["bias"])
     _check_backward_arrays(fn, xp_name, problem, dout, q, k, v, out, lse, deterministic,
                            dq, dk, dv, variants)
-    _refuse_variants_on_gpu(fn, xp_name, return_dbias)
     return _backward(xp_name, dout, q, k, v, out, lse, problem, deterministic, dq, dk, dv,
                      variants, return_dbias)
 
@@ -782,10 +771,12 @@ def _check_backward_arrays(fn, xp_name, problem, dout, q, k, v, out, lse, determ
 
 def _backward(xp_name, dout, q, k, v, out, lse, problem, deterministic, dq, dk, dv,
               variants=None, return_dbias=False):
-    if xp_name == "cupy":  # _refuse_variants_on_gpu raised for return_dbias
+    if xp_name == "cupy":
         from . import _cupy_backward
         return _cupy_backward.attention_backward(dout, q, k, v, out, lse, problem,
-                                                 deterministic, dq, dk, dv, **(variants or {}))
+                                                 deterministic, dq, dk, dv,
+                                                 return_dbias=return_dbias,
+                                                 **(variants or {}))
     return _numpy_backend.attention_backward(dout, q, k, v, out, lse, problem, dq, dk, dv,
                                              return_dbias=return_dbias, **(variants or {}))
 
@@ -823,9 +814,6 @@ def attention_vjp(q, k, v, *, causal=False, scale=None, bias=None, mask=None, wi
         or ``return_dbias`` a TypeError if it is not a bool; ``return_dbias=True``
         without a bias, a ValueError); ``vjp`` raises as :func:`attention_backward`
         for a bad ``dout``. Every message names ``attention_vjp``.
-    NotImplementedError
-        CuPy arrays with ``return_dbias=True``, as in :func:`attention_backward`
-        (raised before the forward runs).
 
     Examples
     --------
@@ -857,7 +845,6 @@ def attention_vjp(q, k, v, *, causal=False, scale=None, bias=None, mask=None, wi
     validate_dropout(fn, problem, dropout_p, seed)
     _check_return_dbias(fn, return_dbias, variants["bias"])
     _check_bool(fn, "deterministic", deterministic)
-    _refuse_variants_on_gpu(fn, xp_name, return_dbias)
     out, lse = _forward(xp_name, q, k, v, problem, None, **variants)
 
     def vjp(dout):

@@ -29,15 +29,19 @@ import os
 import numpy as np
 
 from . import _kernels
-from ._cupy_backend import (_DTYPE_TO_CUDA, _batch_layout, _compute_capability, _device_of,
-                            _expand, _kernel_ready, _on_device, _pack_params, _pack_variants,
+from ._cupy_backend import (_DTYPE_TO_CUDA, MAX_BATCH_DIMS, _as_matrix_view, _batch_layout,
+                            _compute_capability, _device_of, _expand, _kernel_ready,
+                            _matrix_strides, _on_device, _pack_params, _pack_variants,
                             _variant_operands, check_register_split, has_variants,
                             launch_grid, slice_maps)
 
-# struct BackwardParams of cuda/attention_common.cuh: 5 pointers and one int64.
+# struct BackwardParams of cuda/attention_common.cuh: 5 pointers, grad_row, and dbias's
+# pointer, batch strides, row and column strides and atomic flag (8-byte fields).
 BACKWARD_PARAMS_DTYPE = np.dtype(
     [(name, np.uint64) for name in ("dout", "delta", "dq_accum", "dk", "dv")]
-    + [("grad_row", np.int64)])
+    + [("grad_row", np.int64), ("dbias", np.uint64),
+       ("dbias_batch_stride", np.int64, (MAX_BATCH_DIMS,))]
+    + [(name, np.int64) for name in ("dbias_row_stride", "dbias_col_stride", "dbias_atomic")])
 
 # ----------------------------------------------------------------------------------------
 # tile choice
@@ -69,6 +73,9 @@ BWD_MMA_TILES = {
 # the 99 KiB tiles spilled 8-16 bytes on sm_80 at d = 128 (32, 4, 1, 1, 1) and 8 bytes
 # at d = 256 (32, 4, 2, 1, 1, atomic dQ): d = 128 takes two Q/dO buffers (251-254
 # registers, 82 KiB), d = 256 16 query rows a step (237-238 registers). Not measured.
+# return_dbias's stores (behind a runtime switch) spilled d = 96 by 4-8 bytes on sm_80 and
+# sm_90a, whose tiles cannot take 32 query rows (its column split): the variants run the
+# d = 128 kernel at d = 96 (columns past D read as zeros).
 BWD_MMA_VARIANT_TILES = {"hopper": {64: (64, 8, 1, 2, 1), 128: (32, 8, 1, 2, 1)},
                          "large": {}, "small": {128: (32, 4, 1, 2, 1), 256: (16, 4, 2, 1, 1)}}
 BWD_DQ_MMA_TILES = {
@@ -180,6 +187,8 @@ def _mma_backward_config(D, dtype_name, compute_capability, causal, deterministi
     if head_dim is None:
         raise ValueError(f"attention_backward: head dims up to {BWD_HEAD_DIMS[-1]} are "
                          f"supported on the GPU, got {D}")
+    if variants and head_dim == 96:
+        head_dim = 128  # (see BWD_MMA_VARIANT_TILES)
     size = _smem_class(compute_capability)
     tiles = BWD_MMA_TILES[size][head_dim]
     if variants:
@@ -370,15 +379,59 @@ def _finish_tiled(device_id, tiles, full_shape, head_dim, scale, target, result)
     _finish(device_id, rows, cols, full_shape, cols, 1.0, target, result)
 
 
-def _params_buffer(bp):
-    return np.frombuffer(np.array(bp, dtype=BACKWARD_PARAMS_DTYPE).tobytes(),
-                         dtype=BACKWARD_PARAMS_DTYPE)[0]
+def _params_buffer(dout, delta, dq_accum, dk, dv, grad_row, dbias=None):
+    """The ``BackwardParams`` struct; ``dbias``: ``(accumulator, batch strides, atomic)``
+    for return_dbias (see :class:`_DbiasAccumulator`)."""
+    fields = np.zeros((), dtype=BACKWARD_PARAMS_DTYPE)
+    for name, x in (("dout", dout), ("delta", delta), ("dq_accum", dq_accum), ("dk", dk),
+                    ("dv", dv)):
+        fields[name] = x.data.ptr
+    fields["grad_row"] = grad_row
+    if dbias is not None:
+        acc, batch_strides, atomic = dbias
+        fields["dbias"] = acc.data.ptr
+        fields["dbias_batch_stride"] = batch_strides
+        fields["dbias_row_stride"], fields["dbias_col_stride"] = _matrix_strides(acc)
+        fields["dbias_atomic"] = int(atomic)
+    return fields[()]
+
+
+class _DbiasAccumulator:
+    """Where the variants' dK/dV kernel adds dbias = dS (return_dbias), in the accumulator
+    type, and how it becomes the gradient of the bias.
+
+    By default an array of the bias's own (matrix-view) shape: where the bias broadcasts
+    along a batch dimension, the rows or the columns, several scores add into one element,
+    atomically. With ``deterministic`` such a bias (or a batch the kernels can only read
+    expanded) gets an array of the full ``(batch..., Lq, Lk)`` shape instead, each element
+    stored once, and the sum over the broadcast dimensions is CuPy's (a fixed order): that
+    costs ``4 Lq Lk`` bytes per batch element (8 for float64).
+    """
+
+    def __init__(self, problem, bias, acc_dtype, deterministic, expand):
+        import cupy
+        self.bias_shape, self.bias_dtype = bias.shape, bias.dtype
+        full = problem.batch_shape + (problem.Lq, problem.Lk)
+        own = _as_matrix_view(bias).shape
+        own = (1,) * (len(full) - len(own)) + own
+        shared = own != full
+        self.full = shared and (deterministic or expand)
+        self.array = cupy.zeros(full if self.full else _as_matrix_view(bias).shape,
+                                dtype=acc_dtype)
+        self.atomic = shared and not self.full
+        self.axes = tuple(i for i, (n, m) in enumerate(zip(own, full)) if n != m)
+
+    def finish(self):
+        """dbias of the bias's shape and dtype (beyond a float16 bias's range: +-inf)."""
+        acc = self.array.sum(axis=self.axes, keepdims=True) if self.full else self.array
+        return acc.reshape(self.bias_shape).astype(self.bias_dtype)
 
 
 def attention_backward(dout, q, k, v, out, lse, problem, deterministic=False,
-                       dq=None, dk=None, dv=None, bias=None, mask=None, alibi_slopes=None):
+                       dq=None, dk=None, dv=None, bias=None, mask=None, alibi_slopes=None,
+                       return_dbias=False):
     """Return ``(dq, dk, dv)`` computed on the GPU for a validated problem (with the
-    variants' arrays; the bias gradient is refused by the API before)."""
+    variants' arrays), and ``dbias`` after them with ``return_dbias`` (a bias given)."""
     import cupy
 
     fn = "attention_backward"
@@ -395,6 +448,8 @@ def attention_backward(dout, q, k, v, out, lse, problem, deterministic=False,
         if n_batch == 0 or p.Lq == 0 or p.Lk == 0:  # nothing, or no query or no key: 0
             for g in (dq, dk, dv):
                 g.fill(0)
+            if return_dbias:
+                return dq, dk, dv, cupy.zeros(bias.shape, dtype=bias.dtype)
             return dq, dk, dv
 
         cc = _compute_capability(device_id)
@@ -415,12 +470,17 @@ def attention_backward(dout, q, k, v, out, lse, problem, deterministic=False,
                 cfg = backward_config(max(p.D, p.Dv), T.name, cc, p.causal,
                                       bool(deterministic), variants, hopper=False)
         kernel_bias, mask_m, extra = _variant_operands(p, bias, mask)
-        params, extra_strides = _pack_params(p, *qkv, o, lse_c, extra)
+        dbias = _DbiasAccumulator(p, bias, acc, deterministic, False) if return_dbias else None
+        params, extra_strides = _pack_params(p, *qkv, o, lse_c,
+                                             extra + ([dbias.array] if dbias else []))
         if params is None:  # too many batch dims even after collapsing: copy to contiguous
             qkv = [_expand(p, t) for t in qkv]
             o, do = (cupy.ascontiguousarray(x) for x in (o, do))
             kernel_bias, mask_m, extra = _variant_operands(p, bias, mask, expand=True)
-            params, extra_strides = _pack_params(p, *qkv, o, lse_c, extra)
+            if return_dbias:
+                dbias = _DbiasAccumulator(p, bias, acc, deterministic, True)
+            params, extra_strides = _pack_params(p, *qkv, o, lse_c,
+                                                 extra + ([dbias.array] if dbias else []))
         vargs, slopes = (), None
         if variants:
             vparams, slopes = _pack_variants(p, kernel_bias, mask_m, alibi_slopes, extra_strides)
@@ -443,8 +503,9 @@ def attention_backward(dout, q, k, v, out, lse, problem, deterministic=False,
         dk_buf, dv_buf = (
             g if (tuple(g.shape) == batch + (p.Lk, row) and g.flags.c_contiguous)
             else cupy.empty((n_batch, p.Lk, row), dtype=T) for g in (dk, dv))
-        bparams = _params_buffer((do.data.ptr, delta.data.ptr, dq_accum.data.ptr,
-                                  dk_buf.data.ptr, dv_buf.data.ptr, row))
+        bparams = _params_buffer(do, delta, dq_accum, dk_buf, dv_buf, row,
+                                 (dbias.array, extra_strides[-1], dbias.atomic) if dbias
+                                 else None)
 
         arch = _kernels.arch_for(cc)
         get = functools.partial(_kernels.get_function, device_id)
@@ -476,4 +537,6 @@ def attention_backward(dout, q, k, v, out, lse, problem, deterministic=False,
             _finish(device_id, dk_buf, row, batch + (p.Lk, p.D), p.D, 1.0, k, dk)
         if dv_buf is not dv:
             _finish(device_id, dv_buf, row, batch + (p.Lk, p.Dv), p.Dv, 1.0, v, dv)
+        if dbias is not None:
+            return dq, dk, dv, dbias.finish()
         return dq, dk, dv

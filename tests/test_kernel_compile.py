@@ -451,11 +451,13 @@ def test_decode_config_pads_the_head_dim_and_chooses_rows():
 
 
 def test_param_structs_match_the_python_layout():
-    """Every field of AttentionParams and VariantParams (the packed-sequence offsets
-    included) sits at the offset of the NumPy dtype _cupy_backend packs it with."""
+    """Every field of AttentionParams, VariantParams (the packed-sequence offsets
+    included) and BackwardParams (return_dbias's included) sits at the offset of the NumPy
+    dtype _cupy_backend or _cupy_backward packs it with."""
     asserts = []
     for struct_name, dtype in (("AttentionParams", _cupy_backend.ATTENTION_PARAMS_DTYPE),
-                               ("VariantParams", _cupy_backend.VARIANT_PARAMS_DTYPE)):
+                               ("VariantParams", _cupy_backend.VARIANT_PARAMS_DTYPE),
+                               ("BackwardParams", _cupy_backward.BACKWARD_PARAMS_DTYPE)):
         c = f"cupyflash::{struct_name}"
         asserts.append(f'static_assert(sizeof({c}) == {dtype.itemsize}, "{struct_name} size");')
         for name in dtype.names:

@@ -7,7 +7,7 @@ start again from dout, q, k, v and the options. The accuracy rule is
 :func:`accuracy.check_attention_backward`, with the variants applied to the truth and the
 naive computation, and ``dbias`` judged like the other gradients. The properties run on the
 NumPy backend, and under the ``gpu`` marker on the CuPy kernels for bias, mask, window,
-ALiBi and softcap (``*_on_gpu``); dbias raises NotImplementedError on CuPy arrays.
+ALiBi and softcap (``*_on_gpu``), dbias included.
 """
 
 import re
@@ -389,33 +389,16 @@ def gpu_only(test):
     return test
 
 
-@gpu_only
-def test_dbias_of_the_backward_is_not_implemented_on_the_gpu():
-    import cupy
-    dout, q, k, v, out, lse = (cupy.asarray(x) for x in backward_args())
-    bias = cupy.zeros((4, 6), np.float32)
-    message = "return_dbias=True is not implemented on the GPU yet; the NumPy backend has it"
-    for options in (dict(bias=bias, return_dbias=True),
-                    dict(bias=bias, softcap=30.0, return_dbias=True)):
-        with raises(NotImplementedError, f"attention_backward: {message}"):
-            cupyflash.attention_backward(dout, q, k, v, out, lse, **options)
-        with raises(NotImplementedError, f"attention_vjp: {message}"):
-            cupyflash.attention_vjp(q, k, v, **options)
-    # without return_dbias the same options run, softcap included, and so do the neutral
-    # spellings of "no variant"
-    for options in (dict(bias=bias), dict(bias=bias, softcap=30.0), dict(window=(None, None))):
-        assert len(cupyflash.attention_backward(dout, q, k, v, out, lse, **options)) == 3
-
-
 # ----------------------------------------------------------------------------------------
 # the GPU kernels (flash_bwd_*_variants): bias, mask, window, ALiBi, softcap
 # ----------------------------------------------------------------------------------------
 
 def gradients_on_gpu(dout, q, k, v, scale, options, *, causal, deterministic,
-                     with_forward=False):
+                     with_forward=False, return_dbias=False):
     """The CuPy forward's out and lse, then the CuPy backward's ``(dq, dk, dv)`` as NumPy
-    arrays (``[out, lse, dq, dk, dv]`` with ``with_forward``); gradients start as NaN (an
-    element the kernels skip shows), no input changes."""
+    arrays (``[out, lse, dq, dk, dv]`` with ``with_forward``; dbias after them with
+    ``return_dbias``); gradients start as NaN (an element the kernels skip shows), no
+    input changes."""
     import cupy
     gpu = {n: cupy.asarray(x) if isinstance(x, np.ndarray) else x for n, x in options.items()}
     arrays = [cupy.asarray(x) for x in (dout, q, k, v)]
@@ -427,8 +410,14 @@ def gradients_on_gpu(dout, q, k, v, scale, options, *, causal, deterministic,
     grads = [cupy.full(x.shape, np.nan, dtype=x.dtype) for x in (gq, gk, gv)]
     result = cupyflash.attention_backward(d_out, gq, gk, gv, out, lse, causal=causal,
                                           scale=scale, deterministic=deterministic,
-                                          dq=grads[0], dk=grads[1], dv=grads[2], **gpu)
-    assert all(r is g for r, g in zip(result, grads))
+                                          dq=grads[0], dk=grads[1], dv=grads[2],
+                                          return_dbias=return_dbias, **gpu)
+    assert len(result) == 3 + return_dbias and all(r is g for r, g in zip(result, grads))
+    if return_dbias:
+        dbias = result[3]
+        assert isinstance(dbias, cupy.ndarray)
+        assert dbias.shape == gpu["bias"].shape and dbias.dtype == gpu["bias"].dtype
+        grads.append(dbias)
     assert [x.get().tobytes() for x in watched] == before, "the GPU backward modified an input"
     return [x.get() for x in ((out, lse) if with_forward else ()) + tuple(grads)]
 
@@ -437,16 +426,14 @@ GPU_OPTIONS = ("bias", "mask", "window", "alibi_slopes", "softcap")
 
 
 def check_case_on_gpu(vc, dout_scale, deterministic):
+    """The GPU gradients of the case ``vc`` (dbias whenever it has a bias) against the
+    accuracy rule."""
     q, k, v, scale, options = vc.inputs()
     dout = draw_dout(vc.case, dout_scale)
-    dq, dk, dv = gradients_on_gpu(dout, q, k, v, scale, options, causal=vc.case.causal,
-                                  deterministic=deterministic)
-    if vc.case.dtype == "float16":
-        truth = true_attention_backward(dout, q, k, v, causal=vc.case.causal, scale=scale,
-                                        **options)
-        assume_float16_range(all(_finite_abs_max(g) < FLOAT16_GRADIENT_MAX for g in truth[:3]))
-    check_attention_backward(dq, dk, dv, dout, q, k, v, causal=vc.case.causal, scale=scale,
-                             **options)
+    grads = gradients_on_gpu(dout, q, k, v, scale, options, causal=vc.case.causal,
+                             deterministic=deterministic,
+                             return_dbias=options.get("bias") is not None)
+    check_variant_gradients(vc, grads, dout, q, k, v, scale, options)
 
 
 # The GPU tiles' edges (64 and 128 query rows, 32..128 keys per block), a window that
@@ -528,7 +515,57 @@ def test_deterministic_variant_gradients_on_gpu_are_bitwise_repeatable(dtype, so
                      slopes_shape=(), softcap=softcap)
     q, k, v, scale, options = vc.inputs()
     dout = draw_dout(vc.case, 1.0)
-    first = gradients_on_gpu(dout, q, k, v, scale, options, causal=True, deterministic=True)
-    second = gradients_on_gpu(dout, q, k, v, scale, options, causal=True, deterministic=True)
+    first, second = (gradients_on_gpu(dout, q, k, v, scale, options, causal=True,
+                                      deterministic=True, return_dbias=True)
+                     for _ in range(2))
+    assert len(first) == 4
     for a, b in zip(first, second):
         assert a.tobytes() == b.tobytes()
+
+
+@gpu_only
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+def test_dbias_on_gpu_of_every_broadcast(dtype, deterministic):
+    """return_dbias on the GPU for biases broadcast every way the kernels sum (atomics,
+    or the full array with ``deterministic``): over the batch, the heads, the query rows,
+    the keys, all of them; with softcap (dbias is dS before the cap's factor), dropout,
+    causal, a window and a mask; float16 and float64 biases of other inputs. d = 96
+    runs the d = 128 kernel with variants. Each against the float64 reference, and the
+    dbias of a broadcast bias against the sum of the full bias's dbias of the same run;
+    deterministic runs are bitwise repeatable."""
+    rng = np.random.default_rng()
+    batch, Lq, Lk = (2, 3), 150, 170
+    for shape, bias_dtype, extra, D in (
+            ((2, 3, Lq, Lk), "float32", {}, 64),
+            ((Lq, Lk), "float32", {"softcap": 5.0}, 128),
+            ((2, 1, 1, Lk), "float32", {"window": (40, 3)}, 96),
+            ((Lk,), "float16", {"mask": rng.random((Lq, Lk)) > 0.3}, 64),
+            ((3, Lq, 1), "float64", {}, 32),
+            ((1, 1, 1, 1), "float32", {"dropout_p": 0.3, "seed": 9}, 64)):
+        causal = len(shape) == 3
+        q = rng.standard_normal(batch + (Lq, D)).astype(DTYPES[dtype])
+        k, v = (rng.standard_normal(batch + (Lk, D)).astype(DTYPES[dtype]) for _ in range(2))
+        dout = rng.standard_normal(batch + (Lq, D)).astype(DTYPES[dtype])
+        bias = rng.standard_normal(shape).astype(DTYPES[bias_dtype])
+        options = dict(extra, bias=bias)
+        *grads, dbias = gradients_on_gpu(dout, q, k, v, None, options, causal=causal,
+                                         deterministic=deterministic, return_dbias=True)
+        if "dropout_p" not in options:
+            check_attention_backward(*grads, dout, q, k, v, causal=causal, scale=None,
+                                     dbias=dbias, **options)
+        full_bias = np.broadcast_to(bias, batch + (Lq, Lk)).copy()
+        *_, dbias_full = gradients_on_gpu(dout, q, k, v, None, dict(options, bias=full_bias),
+                                          causal=causal, deterministic=deterministic,
+                                          return_dbias=True)
+        axes = tuple(i for i, (n, m) in enumerate(zip((1,) * (4 - len(shape)) + shape,
+                                                      full_bias.shape)) if n != m)
+        expected = dbias_full.astype(np.float64).sum(axis=axes).reshape(shape)
+        tol = 1e-5 * np.abs(dbias_full.astype(np.float64)).sum(axis=axes).max() + 1e-30
+        if bias_dtype == "float16":
+            tol += 1e-3 * np.abs(expected).max()
+        np.testing.assert_allclose(dbias.astype(np.float64), expected, rtol=0, atol=tol)
+        if deterministic:
+            *_, again = gradients_on_gpu(dout, q, k, v, None, options, causal=causal,
+                                         deterministic=True, return_dbias=True)
+            assert again.tobytes() == dbias.tobytes()

@@ -53,7 +53,43 @@ struct BackwardParams {
     void* dk;             // (n_batch, Lk, grad_row) T
     void* dv;             // (n_batch, Lk, grad_row) T
     long long grad_row;   // row length of dq_accum, dk and dv (>= D and >= Dv)
+    // The gradient of a bias (return_dbias; the variants kernels only): null, or an
+    // accumulator of the bias's own shape in the accumulator type (float, double for
+    // fp64), zero before the kernel, with its batch strides (in elements, 0 where the bias
+    // broadcasts) as AttentionParams packs them, and its row and column strides (0 where
+    // it broadcasts). dbias[b, i, j] += dS[i, j], atomically where several scores share an
+    // element (dbias_atomic), else a plain store (each element's one score).
+    void* dbias;
+    long long dbias_batch_stride[MAX_BATCH_DIMS];
+    long long dbias_row_stride, dbias_col_stride;
+    long long dbias_atomic;
 };
+
+// Batch element b's part of bp.dbias (b in [0, n_batch), row-major unravel as
+// batch_offsets), or null without one.
+template <typename Acc>
+__device__ __forceinline__ Acc* dbias_of(const AttentionParams& p, const BackwardParams& bp,
+                                         long long b) {
+    if (bp.dbias == nullptr) return nullptr;
+    long long off = 0;
+#pragma unroll
+    for (int d = MAX_BATCH_DIMS - 1; d >= 0; --d) {
+        off += (b % p.batch_size[d]) * bp.dbias_batch_stride[d];
+        b /= p.batch_size[d];
+    }
+    return static_cast<Acc*>(bp.dbias) + off;
+}
+
+// dbias[i, j] of one batch element (from dbias_of) takes dS[i, j] = value.
+template <typename Acc>
+__device__ __forceinline__ void add_dbias(const BackwardParams& bp, Acc* dbias, long long i,
+                                          long long j, Acc value) {
+    Acc* const at = dbias + i * bp.dbias_row_stride + j * bp.dbias_col_stride;
+    if (bp.dbias_atomic)
+        atomicAdd(at, value);
+    else
+        *at = value;
+}
 
 // Element offsets of batch element b in q, k, v, o (b in [0, n_batch), row-major unravel).
 struct BatchOffsets {

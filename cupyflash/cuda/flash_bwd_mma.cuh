@@ -278,6 +278,10 @@ __device__ __forceinline__ void flash_bwd_mma_body(const AttentionParams& p,
     const T* dout = static_cast<const T*>(bp.dout) + off.o;
     const float* lse = static_cast<const float*>(p.lse) + b * p.Lq;
     const float* delta = static_cast<const float*>(bp.delta) + b * p.Lq;
+    // With VARIANTS and return_dbias: dbias of b; written by one warp of each D_SPLIT group
+    // (the others compute the same dS^T).
+    float* const dbias =
+        VARIANTS && warp % D_SPLIT == 0 ? dbias_of<float>(p, bp, b) : nullptr;
 
     // Query blocks that see this key block: causal, query i sees key j iff j <= i + diag.
     // With variants, those the window's band allows.
@@ -524,8 +528,23 @@ __device__ __forceinline__ void flash_bwd_mma_body(const AttentionParams& p,
                 const float2 dl = *reinterpret_cast<const float2*>(sDelta + nt * 8 + 2 * t);
                 if constexpr (VARIANTS) {
                     const unsigned z = keep[nt / 8] >> (4 * (nt % 8) + e);
-                    ds[nt][e] = pp.x * fmaf(ds[nt][e], z & 1u ? drop_scale : 0.f, -dl.x);
-                    ds[nt][e + 1] = pp.y * fmaf(ds[nt][e + 1], z & 2u ? drop_scale : 0.f, -dl.y);
+                    const float d0 = fmaf(ds[nt][e], z & 1u ? drop_scale : 0.f, -dl.x);
+                    const float d1 = fmaf(ds[nt][e + 1], z & 2u ? drop_scale : 0.f, -dl.y);
+                    ds[nt][e] = pp.x * d0;
+                    ds[nt][e + 1] = pp.y * d1;
+                    if (dbias != nullptr) {  // dbias = P * (dP * Z / (1 - p) - delta): no cap
+                        // factor (bias comes after the cap). Key n0 + key_row0 + g + e/2 * 8,
+                        // queries m0 + 8 nt + 2t (+1); a zero (hidden, past Lq or Lk) is
+                        // not added.
+                        const float2 pa = unpack2<T>(a[kk][r]);
+                        const long long j = n0 + key_row0 + g + 4 * e;
+                        const long long i = m0 + nt * 8 + 2 * t;
+                        const float b0 = pa.x * d0, b1 = pa.y * d1;
+                        if (j < p.Lk) {
+                            if (b0 != 0.f && i < p.Lq) add_dbias(bp, dbias, i, j, b0);
+                            if (b1 != 0.f && i + 1 < p.Lq) add_dbias(bp, dbias, i + 1, j, b1);
+                        }
+                    }
                 } else {
                     ds[nt][e] = pp.x * (ds[nt][e] - dl.x);
                     ds[nt][e + 1] = pp.y * (ds[nt][e + 1] - dl.y);

@@ -379,7 +379,8 @@ __device__ __forceinline__ void softmax_backward(const T (&s)[L::TM][L::TN],
 // of dV += W^T dO, and dS = P * (dP * Z * drop_scale - delta). SOFTCAP: dS of the raw
 // scores, times 1 - th^2 (th = tanh(raw score / softcap), from modify), the gradient dK
 // and dQ need; the callers choose it by a uniform test, so that without softcap no factor
-// is computed.
+// is computed. dbias (return_dbias; else null) points at the thread's first score, (tr,
+// tc): each visible score adds its dS before the cap's factor (bias comes after the cap).
 template <class L, bool SOFTCAP, class Mod, typename T>
 __device__ __forceinline__ void softmax_backward_variants(const T (&s)[L::TM][L::TN],
                                                           const T (&dp)[L::TM][L::TN],
@@ -387,7 +388,8 @@ __device__ __forceinline__ void softmax_backward_variants(const T (&s)[L::TM][L:
                                                           const Mod& mod, long long m0,
                                                           long long n0, unsigned keep,
                                                           T drop_scale, T* Ps, T* dSs, int tr,
-                                                          int tc) {
+                                                          int tc, const BackwardParams& bp,
+                                                          T* dbias) {
 #pragma unroll
     for (int i = 0; i < L::TM; ++i) {
         const int r = tr + i * L::THREAD_ROWS;
@@ -400,6 +402,9 @@ __device__ __forceinline__ void softmax_backward_variants(const T (&s)[L::TM][L:
             const T p_ij = visible ? SimtMath<T>::exp(x - st.lse[i]) : T(0);
             const T z = (keep >> (i * L::TN + jj)) & 1u ? drop_scale : T(0);  // Z / (1 - p)
             T ds_ij = visible ? p_ij * fma(dp[i][jj], z, -st.delta[i]) : T(0);
+            // a hidden score (past Lq or Lk too) adds nothing to dbias
+            if (dbias != nullptr && visible && ds_ij != T(0))
+                add_dbias(bp, dbias, i * L::THREAD_ROWS, jj * L::THREADS_PER_ROW, ds_ij);
             if constexpr (SOFTCAP) ds_ij *= Mod::softcap_factor(th);
             if (Ps != nullptr) Ps[r * L::P_STRIDE + c] = p_ij * z;
             dSs[r * L::P_STRIDE + c] = ds_ij;
@@ -619,13 +624,19 @@ __device__ __forceinline__ void flash_bwd_simt_body(const AttentionParams& p,
         if constexpr (VARIANTS) {
             T drop_scale;
             const unsigned keep = dropout_keep_tile<L>(vp, b, m0, n0, tr, tc, drop_scale);
+            // (return_dbias) b's dbias at this thread's first score (m0 + tr, n0 + tc),
+            // found here rather than held through the kernel
+            T* dbias = dbias_of<T>(p, bp, b);
+            if (dbias != nullptr)
+                dbias += (m0 + tr) * bp.dbias_row_stride + (n0 + tc) * bp.dbias_col_stride;
             if (mod.cap_u > T(0))  // uniform
                 softmax_backward_variants<L, /*SOFTCAP=*/true>(s, dp, st, exp_scale, mod, m0, n0,
-                                                               keep, drop_scale, Ps, dSs, tr, tc);
+                                                               keep, drop_scale, Ps, dSs, tr, tc,
+                                                               bp, dbias);
             else
                 softmax_backward_variants<L, /*SOFTCAP=*/false>(s, dp, st, exp_scale, mod, m0,
                                                                 n0, keep, drop_scale, Ps, dSs,
-                                                                tr, tc);
+                                                                tr, tc, bp, dbias);
         } else
             softmax_backward<L, IS_CAUSAL>(s, dp, st, exp_scale, tile_mask<L>(p, m0, n0), Ps,
                                            dSs, tr, tc);
@@ -781,12 +792,13 @@ __device__ __forceinline__ void flash_bwd_dq_simt_body(const AttentionParams& p,
                 softmax_backward_variants<L, /*SOFTCAP=*/true>(s, dp, st, exp_scale, mod, m0, n0,
                                                                keep, drop_scale,
                                                                static_cast<T*>(nullptr), dSs, tr,
-                                                               tc);
+                                                               tc, bp, static_cast<T*>(nullptr));
             else
                 softmax_backward_variants<L, /*SOFTCAP=*/false>(s, dp, st, exp_scale, mod, m0,
                                                                 n0, keep, drop_scale,
                                                                 static_cast<T*>(nullptr), dSs,
-                                                                tr, tc);
+                                                                tr, tc, bp,
+                                                                static_cast<T*>(nullptr));
         } else
             softmax_backward<L, IS_CAUSAL>(s, dp, st, exp_scale, tile_mask<L>(p, m0, n0),
                                            static_cast<T*>(nullptr), dSs, tr, tc);
