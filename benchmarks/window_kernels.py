@@ -4,7 +4,7 @@ lab tool, session 7; benchmarks/NOTES.md "Sliding windows on the plain kernel").
 Times the three window lines of benchmarks/variants.py at s = 16k (b = 1, h = 2048 // d)
 and full attention, in rounds of rotated order, three ways:
 - ``local``: flash_fwd_wgmma_local with WGMMA_LOCAL_TILES (what attention runs);
-- ``variants``: flash_fwd_wgmma_variants (what ran before; window_alone patched off);
+- ``variants``: flash_fwd_wgmma_variants (what ran before; band_only patched off);
 - ``local2c``: the local kernel with (128, 2, 3) tiles at d = 64 (two consumers).
 
     python benchmarks/window_kernels.py
@@ -26,9 +26,9 @@ WINDOWS = (("window (1024, 0)", False, (1024, 0)),
 MODES = ("local", "variants", "local2c")
 
 
-def select(mode, window_alone=cb.window_alone, d64_tiles=cb.WGMMA_LOCAL_TILES[64]):
+def select(mode, band_only=cb.band_only, d64_tiles=cb.WGMMA_LOCAL_TILES[64]):
     cb.WGMMA_LOCAL_TILES[64] = (128, 2, 3) if mode == "local2c" else d64_tiles
-    cb.window_alone = (lambda *a, **k: False) if mode == "variants" else window_alone
+    cb.band_only = (lambda *a, **k: False) if mode == "variants" else band_only
     cb._attention_config.cache_clear()
 
 

@@ -179,7 +179,7 @@ VARIANT_PARAMS_DTYPE = np.dtype(
     + [("softcap", np.float64)]
     + [(name, np.uint64) for name in ("cu_seqlens_q", "cu_seqlens_k")]
     + [("dropout_seed", np.uint64), ("dropout_threshold", np.int64),
-       ("dropout_scale", np.float64)])
+       ("dropout_scale", np.float64), ("prefix_masks_done", np.int64)])
 UNBOUNDED = 1 << 62  # as in cuda/attention_variants.cuh: a window side that is not given
 
 
@@ -342,38 +342,43 @@ def persistent_pays(head_dim, causal, long_keys):
 
 
 def attention_config(D, Dv, dtype_name, compute_capability, causal, variants=False,
-                     dropout=False, bias=False, Lk=None, window_only=False):
+                     dropout=False, bias=False, Lk=None, local=False):
     """Choose the kernel variant for one problem: the one place tile sizes are chosen.
 
     ``variants``: the problem has a bias, mask, window, ALiBi slopes, softcap or dropout;
     the kernel is then built with ``VARIANTS`` (cuda/attention_variants.cuh), which also
     takes the causal mask as part of its window, so ``causal`` is ignored.
-    ``window_only`` (with ``variants``): the only variant is a window (causal or not);
-    where the Hopper kernel runs, that is ``flash_fwd_wgmma_local``, the plain kernel with
-    the plain tiles, and ``Lk`` should be the keys one query sees at most. ``dropout``
+    ``local`` (with ``variants``): the only variants are a window (causal or not) and a
+    row-broadcast mask (:func:`band_only`); where the Hopper kernel runs, that is
+    ``flash_fwd_wgmma_local``, the plain kernel with the plain tiles, and ``Lk`` should
+    be the keys one query sees at most (:func:`band_keys`). ``dropout``
     (which needs ``variants``): the Hopper kernel has no dropout, so fp16/bf16 take the
     mma.sync variants kernel on every GPU. ``bias`` (which needs ``variants``): the Hopper
     kernel's tiles for a bias (WGMMA_BIAS_TILES). ``Lk``, the number of keys, decides
     whether the plain Hopper kernel runs persistent (:func:`forward_persistent`; None:
     many keys).
     """
-    return _attention_config(D, Dv, dtype_name, compute_capability, causal and not variants,
+    # (causal reaches _attention_config where the kernel applies it itself: without
+    # variants, and in the local kernel's band, where it decides persistence as it does
+    # for the plain kernel)
+    return _attention_config(D, Dv, dtype_name, compute_capability,
+                             causal and (not variants or local),
                              variants, os.environ.get("CUPYFLASH_MMA_TILES", ""),
                              forward_kernel(), dropout, bias and variants, forward_persistent(),
-                             Lk is None or Lk > PERSISTENT_MAX_KEYS, window_only and variants)
+                             Lk is None or Lk > PERSISTENT_MAX_KEYS, local and variants)
 
 
 @functools.lru_cache(maxsize=512)
 def _attention_config(D, Dv, dtype_name, compute_capability, causal, variants, _tiles_knob,
                       fwd_kernel, dropout=False, bias=False, persistent="auto", long_keys=True,
-                      window_only=False):
+                      local=False):
     if dtype_name in ("float16", "bfloat16"):
         wgmma = not dropout and (fwd_kernel == "wgmma" or (
             fwd_kernel == "auto" and max(D, Dv) > WGMMA_AUTO_MIN_HEAD_DIM))
         if wgmma and compute_capability == 90 and max(D, Dv) <= WGMMA_HEAD_DIMS[-1]:
             persistent = persistent == "1" or (persistent == "auto" and persistent_pays(
                 _wgmma_head_dim(D, Dv), causal, long_keys))
-            if window_only:
+            if local:
                 return _wgmma_config(D, Dv, dtype_name, False, persistent=persistent,
                                      local=True)
             return _wgmma_config(D, Dv, dtype_name, causal, variants, bias, persistent)
@@ -873,15 +878,20 @@ def has_variants(problem, bias=None, mask=None, alibi_slopes=None):
             or problem.dropout_p > 0)
 
 
-def window_alone(problem, bias=None, mask=None, alibi_slopes=None):
-    """Whether a window (causal or not) is a problem's only variant."""
-    return (problem.window is not None and bias is None and mask is None
+def band_only(problem, bias=None, mask=None, alibi_slopes=None):
+    """Whether a problem's only variants are a window (causal or not) and a mask
+    broadcast along the query rows (a padding mask), at least one of them: what
+    ``flash_fwd_wgmma_local`` computes, the mask where it keeps a prefix of the keys."""
+    row_mask = mask is None or _as_matrix_view(mask).shape[-2] == 1
+    return ((problem.window is not None or mask is not None) and row_mask and bias is None
             and alibi_slopes is None and problem.softcap is None and problem.dropout_p == 0)
 
 
-def window_keys(problem):
-    """The most keys one query of a windowed problem sees: left + right + 1 (a causal
-    window's right side is 0), at most Lk."""
+def band_keys(problem):
+    """The most keys one query sees through a window: left + right + 1 (a causal
+    window's right side is 0), at most Lk (Lk without a window)."""
+    if problem.window is None:
+        return problem.Lk
     left, right = problem.window
     if problem.causal:
         right = 0 if right is None else min(right, 0)
@@ -912,13 +922,12 @@ def attention_forward(q, k, v, problem, out=None, bias=None, mask=None, alibi_sl
             return result, lse
 
         variants = has_variants(problem, bias, mask, alibi_slopes)
-        window_only = variants and window_alone(problem, bias, mask, alibi_slopes)
+        local = variants and band_only(problem, bias, mask, alibi_slopes)
         cc = _compute_capability(device_id)
-        cfg = attention_config(max(problem.D, problem.Dv), problem.Dv, problem.dtype.name,
-                               cc, problem.causal, variants, dropout=problem.dropout_p > 0,
-                               bias=bias is not None,
-                               Lk=window_keys(problem) if window_only else problem.Lk,
-                               window_only=window_only)
+        config = functools.partial(attention_config, max(problem.D, problem.Dv), problem.Dv,
+                                   problem.dtype.name, cc, problem.causal, variants,
+                                   dropout=problem.dropout_p > 0, bias=bias is not None)
+        cfg = config(Lk=band_keys(problem) if local else problem.Lk, local=local)
         qk = [_kernel_ready(t, cfg.align_elems, cfg.pad_d_to) for t in (q, k, v)]
         o = _kernel_ready(result, cfg.align_elems, cfg.pad_d_to)
         slopes, maps = None, ()
@@ -927,6 +936,19 @@ def attention_forward(q, k, v, problem, out=None, bias=None, mask=None, alibi_sl
         n_batch = math.prod(problem.batch_shape)
         if cfg.kernel == "wgmma" and -(-problem.Lq // cfg.block_m) * n_batch < WGMMA_MAX_TILES:
             packed = _wgmma_arguments(problem, cfg, *qk, o, lse, extra)
+        # The local kernel takes the batch elements whose padding mask keeps a prefix of the
+        # keys, the variants kernel (rest) the others, in a second launch.
+        rest = None
+        if cfg.local and mask is not None and packed is not None:
+            rest_cfg = config(Lk=problem.Lk)
+            rest_packed = None
+            if rest_cfg.kernel == "wgmma" and (
+                    -(-problem.Lq // rest_cfg.block_m) * n_batch < WGMMA_MAX_TILES):
+                rest_packed = _wgmma_arguments(problem, rest_cfg, *qk, o, lse, extra)
+            if rest_packed is None:  # (then the mma.sync variants kernel, below, for all)
+                cfg, packed = rest_cfg, None
+            else:
+                rest = rest_cfg, rest_packed
         if cfg.kernel == "wgmma":
             if packed is None:  # a layout tensor maps cannot describe (or too many tiles):
                 # the mma.sync kernel
@@ -962,6 +984,18 @@ def attention_forward(q, k, v, problem, out=None, bias=None, mask=None, alibi_sl
         if cfg.kernel == "wgmma" and (cfg.local or not variants):  # (read only when persistent)
             args += (stream_counters(device_id, "tiles", 1),)
         kernel(grid, (cfg.num_threads, 1, 1), args, shared_mem=cfg.smem_bytes)
+        if rest is not None:  # the masks with holes (the local kernel skipped them)
+            rest_cfg, (rest_params, rest_maps, _) = rest
+            rest_variants = np.array(variant_params, dtype=VARIANT_PARAMS_DTYPE)
+            rest_variants["prefix_masks_done"] = 1
+            kernel = _kernels.get_function(device_id, rest_cfg.source,
+                                           rest_cfg.name_expression, _kernels.arch_for(cc),
+                                           rest_cfg.smem_bytes)
+            check_register_split(kernel, rest_cfg.num_threads, rest_cfg.name_expression)
+            kernel(launch_grid(-(-problem.Lq // rest_cfg.block_m), n_batch),
+                   (rest_cfg.num_threads, 1, 1),
+                   (rest_params, rest_variants[()]) + tuple(rest_maps),
+                   shared_mem=rest_cfg.smem_bytes)
         del slopes, key_end  # (the pool reuses memory only for later work on this stream)
         if o is not result:
             result[...] = o[..., :problem.Dv]

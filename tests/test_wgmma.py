@@ -205,6 +205,41 @@ def test_sliding_windows_run_the_local_kernel(launched, monkeypatch, d, persiste
     assert bits(window=(None, 7), causal=True) == bits(causal=True)
 
 
+@pytest.mark.parametrize("persistent", ["1", "0"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+@on_hopper
+def test_padding_masks_run_the_local_kernel(launched, monkeypatch, d, persistent):
+    """A (B, 1, 1, Lk) mask, alone, with causal and with a window: flash_fwd_wgmma_local
+    computes the batch elements whose mask keeps a prefix of the keys (none, one, around
+    the key-block edges, all), and flash_fwd_wgmma_variants, launched after it, those with
+    holes (in the middle, at the start); together they match the float64 reference in
+    every element (out starts as NaN)."""
+    cupy = _cupy()
+    monkeypatch.setenv("CUPYFLASH_FWD_PERSISTENT", persistent)
+    names = []
+    get_function = _kernels.get_function
+    monkeypatch.setattr(_kernels, "get_function", lambda dev, src, name, *a: (
+        names.append(name), get_function(dev, src, name, *a))[1])
+    rng = np.random.default_rng()
+    Lq, Lk = 300, 700
+    ends = np.array([0, 1, 127, 128, 129, 700, 500, 650])
+    mask = np.arange(Lk) < ends[:, None, None, None]  # (B, 1, 1, Lk)
+    mask[6, ..., 100:140] = False
+    mask[7, ..., 0] = False
+    for causal, window in ((False, None), (True, None), (False, (200, 50))):
+        q = _draw(rng, (len(ends), 2, Lq, d), "bfloat16")
+        k, v = (_draw(rng, (len(ends), 2, Lk, d), "bfloat16") for _ in range(2))
+        out = cupy.full(q.shape[:-1] + (d,), np.nan, dtype=q.dtype)
+        _, lse = cupyflash.attention(cupy.asarray(q), cupy.asarray(k), cupy.asarray(v),
+                                     mask=cupy.asarray(mask), window=window, causal=causal,
+                                     return_lse=True, out=out)
+        check_attention(out.get(), lse.get(), q, k, v, causal=causal, scale=None, mask=mask,
+                        window=window)
+        assert "flash_fwd_wgmma_local<" in names[-2], names[-2:]
+        assert "flash_fwd_wgmma_variants<" in names[-1], names[-2:]
+    assert not any(buf.get().any() for buf in _cupy_backend._STREAM_COUNTERS.values())
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @on_hopper
 def test_grouped_query_attention_reads_kv_in_place(launched, dtype):
@@ -395,15 +430,32 @@ def test_dispatch_follows_the_environment(monkeypatch):
                                      (128, 1025, True, "128, 2, 3"),
                                      (128, 4097, False, "128, 2, 3"),
                                      (256, 1025, False, "64, 2, 2")):
-        cfg = _cupy_backend.attention_config(d, d, "bfloat16", 90, True, variants=True, Lk=Lk,
-                                             window_only=True)
+        cfg = _cupy_backend.attention_config(d, d, "bfloat16", 90, False, variants=True,
+                                             Lk=Lk, local=True)
         assert cfg.local and cfg.persistent == persistent, (d, Lk)
         assert cfg.name_expression == (f"cupyflash::flash_fwd_wgmma_local<__nv_bfloat16, {d}, "
                                        f"{tiles}, {str(persistent).lower()}>")
     assert not _cupy_backend.attention_config(128, 128, "bfloat16", 90, False, variants=True,
-                                              window_only=False).local
+                                              local=False).local
+    # a causal band over many keys (a causal padding mask): persistent as plain causal
+    assert _cupy_backend.attention_config(128, 128, "bfloat16", 90, True, variants=True,
+                                          Lk=16384, local=True).persistent
+    assert not _cupy_backend.attention_config(128, 128, "bfloat16", 90, False, variants=True,
+                                              Lk=16384, local=True).persistent
+    # what the local kernel takes: a window and/or a row-broadcast mask, nothing else
+    from test_dropout import _problem
+    q = np.zeros((2, 3, 10, 8), np.float16)
+    problem = _problem("attention", q, q, q, False, None, dict(window=(4, 0)))
+    assert _cupy_backend.band_only(problem)
+    assert _cupy_backend.band_only(problem, mask=np.ones((2, 1, 1, 10), bool))
+    assert not _cupy_backend.band_only(problem, mask=np.ones((10, 10), bool))
+    assert not _cupy_backend.band_only(problem, bias=np.zeros(10, np.float16))
+    assert not _cupy_backend.band_only(problem, alibi_slopes=np.ones(3, np.float32))
+    plain = _problem("attention", q, q, q, True, None, {})
+    assert _cupy_backend.band_only(plain, mask=np.ones(10, bool))
+    assert _cupy_backend.band_keys(problem) == 5 and _cupy_backend.band_keys(plain) == 10
     assert _cupy_backend.attention_config(128, 128, "bfloat16", 80, False, variants=True,
-                                          window_only=True).kernel == "mma"
+                                          local=True).kernel == "mma"
     # elsewhere the other kernels: not Hopper, fp32, head dims past 256
     assert _cupy_backend.attention_config(128, 128, "float16", 80, False).kernel == "mma"
     assert _cupy_backend.attention_config(128, 128, "float32", 90, False).kernel == "simt"

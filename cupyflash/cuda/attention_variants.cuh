@@ -60,6 +60,10 @@ struct VariantParams {
     unsigned long long dropout_seed;
     long long dropout_threshold;
     double dropout_scale;
+    // 1: flash_fwd_wgmma_local has computed the batch elements whose row-broadcast mask
+    // keeps a prefix of the keys (key_end[n_batch + b] >= key_end[b]), and the variants
+    // kernel skips them; 0 otherwise.
+    long long prefix_masks_done;
 };
 
 // The AttentionParams of batch element b = (seq, h) of a packed batch (vp.cu_seqlens_q not

@@ -310,7 +310,7 @@ struct FwdTile {
     long long b;         // batch element
     long long m0;        // first query row
     int n_first;         // key blocks to visit: [n_first, n_blocks), last to first
-    int n_blocks;
+    int n_blocks;        // (-1, -1: a tile flash_fwd_wgmma_local leaves to another kernel)
 };
 
 template <typename T, int HEAD_DIM, int BLOCK_N, int NUM_CONSUMERS, int STAGES, bool IS_CAUSAL,
@@ -334,13 +334,21 @@ __device__ __forceinline__ void flash_fwd_wgmma_body(const AttentionParams& p,
     // Key blocks to visit without variants: all, except (causal) those wholly above the
     // diagonal, or (local) those wholly outside the band of the block's rows: query i sees
     // keys [i + diag - left, i + diag + right] (vp.window_left, vp.window_right; the
-    // causal mask is right = 0).
+    // causal mask is right = 0), and with a row-broadcast mask (vp.key_end, from
+    // mask_key_end) only the keys before key_end[b], where the mask keeps a prefix of the
+    // keys; where it has holes the tile is not this kernel's (n_blocks = -1: nothing
+    // stored; flash_fwd_wgmma_variants computes it).
     auto plain_tile = [&](long long b, long long m0) {
         long long n_begin = 0, n_end = p.Lk;
         if (IS_CAUSAL) n_end = min(n_end, m0 + BLOCK_M + diag);
         if (IS_LOCAL) {
             n_begin = max(n_begin, m0 + diag - vp.window_left);
             n_end = min(n_end, min(m0 + BLOCK_M, p.Lq) + diag + vp.window_right);
+            if (vp.key_end != nullptr) {
+                const long long kept = vp.key_end[b];
+                if (vp.key_end[p.n_batch + b] < kept) return FwdTile{b, m0, -1, -1};
+                n_end = min(n_end, kept);
+            }
         }
         if (n_end <= n_begin) return FwdTile{b, m0, 0, 0};
         return FwdTile{b, m0, (int)(n_begin / BLOCK_N), (int)((n_end + BLOCK_N - 1) / BLOCK_N)};
@@ -365,6 +373,10 @@ __device__ __forceinline__ void flash_fwd_wgmma_body(const AttentionParams& p,
     if constexpr (!PERSISTENT) {
         one.b = (long long)blockIdx.z * gridDim.y + blockIdx.y;
         if (one.b >= p.n_batch) return;
+        // A prefix mask's batch element, computed by flash_fwd_wgmma_local (see there).
+        if (VARIANTS && vp.prefix_masks_done &&
+            vp.key_end[p.n_batch + one.b] >= vp.key_end[one.b])
+            return;
         one.m0 = (long long)(longest_last ? gridDim.x - 1 - blockIdx.x : blockIdx.x) * BLOCK_M;
         // A packed sequence (flash_fwd_wgmma_varlen) shorter than the grid's longest: the
         // whole block leaves before any mbarrier or named barrier exists, so no warp waits.
@@ -632,7 +644,11 @@ __device__ __forceinline__ void flash_fwd_wgmma_body(const AttentionParams& p,
                     // [band_lo, band_hi), row g + 8 those 8 further on, as far as [0, Lk)
                     // reaches: in 32 bits (tensor-map coordinates are), clamped to [-16, Lk],
                     // past either end of which a row sees no key either way.
-                    const int n0i = (int)n0, lk = (int)p.Lk;
+                    // (key_end, a row-broadcast mask's prefix, cuts only the first block
+                    // visited, the last one)
+                    const int n0i = (int)n0;
+                    const int lk = (int)(it == 0 && vp.key_end != nullptr
+                                             ? min(p.Lk, vp.key_end[tile.b]) : p.Lk);
                     const long long row0 = wg_row0 + 16 * warp + g;
                     const int band_lo = (int)max(min(row0 + diag - vp.window_left, p.Lk), -16LL);
                     const int band_hi =
@@ -730,6 +746,7 @@ __device__ __forceinline__ void flash_fwd_wgmma_body(const AttentionParams& p,
                 release(v_empty(last));  // (read by no one before the block ends otherwise)
             }
             k_base += n_iters;
+            if (IS_LOCAL && tile.n_blocks < 0) continue;  // not this kernel's (plain_tile)
 
             // O = acc / l_i; lse = (m_i + log2 l_i) * ln 2. A row with l_i = 0 saw no key:
             // zeros and lse = -inf.
