@@ -53,6 +53,20 @@ def launched(monkeypatch):
     return sources
 
 
+def _record_names(monkeypatch):
+    """The name expressions of the kernels launched from now on, in order (on top of the
+    ``launched`` fixture's record of their sources)."""
+    names = []
+    get_function = _kernels.get_function
+
+    def recording(device_id, source, name_expression, *args):
+        names.append(name_expression)
+        return get_function(device_id, source, name_expression, *args)
+
+    monkeypatch.setattr(_kernels, "get_function", recording)
+    return names
+
+
 def _draw(rng, shape, dtype, scale=1.0):
     return (rng.standard_normal(shape) * scale).astype(DTYPES[dtype])
 
@@ -174,10 +188,7 @@ def test_sliding_windows_run_the_local_kernel(launched, monkeypatch, d, persiste
     in the same order, and masking that only writes -inf where the others do."""
     cupy = _cupy()
     monkeypatch.setenv("CUPYFLASH_FWD_PERSISTENT", persistent)
-    names = []
-    get_function = _kernels.get_function
-    monkeypatch.setattr(_kernels, "get_function", lambda dev, src, name, *a: (
-        names.append(name), get_function(dev, src, name, *a))[1])
+    names = _record_names(monkeypatch)
     rng = np.random.default_rng()
     for lq, lk, window, causal in ((700, 900, (0, 0), False), (900, 700, (1, 0), False),
                                    (700, 900, (100, 37), False), (700, 900, (None, 130), True),
@@ -216,10 +227,7 @@ def test_padding_masks_run_the_local_kernel(launched, monkeypatch, d, persistent
     every element (out starts as NaN)."""
     cupy = _cupy()
     monkeypatch.setenv("CUPYFLASH_FWD_PERSISTENT", persistent)
-    names = []
-    get_function = _kernels.get_function
-    monkeypatch.setattr(_kernels, "get_function", lambda dev, src, name, *a: (
-        names.append(name), get_function(dev, src, name, *a))[1])
+    names = _record_names(monkeypatch)
     rng = np.random.default_rng()
     Lq, Lk = 300, 700
     ends = np.array([0, 1, 127, 128, 129, 700, 500, 650])
