@@ -278,8 +278,9 @@ class KernelConfig:
     the wgmma kernel (the rows of its K and V tensor-map boxes), 0 for the others.
     ``persistent``: one block per SM at most, taking tiles from a counter (the last
     argument), instead of a block per ``block_m`` queries of each batch element.
-    ``local``: ``flash_fwd_wgmma_local``, the plain Hopper kernel for a sliding window
-    alone (it takes the variants' parameters, and the counter, as the plain kernel).
+    ``local``: ``flash_fwd_wgmma_local``, the plain Hopper kernel for a window and/or a
+    padding mask alone (it takes the variants' parameters, and the counter, as the plain
+    kernel).
     """
 
     __slots__ = ("source", "name_expression", "block_m", "num_threads", "smem_bytes",
@@ -490,7 +491,7 @@ WGMMA_VARIANT_TILES = {**WGMMA_TILES, 64: (64, 3, 2)}
 # plain attention with two, 2.85-2.97x with three (s = 4k, 16k; the other variants are
 # 0-10% faster with three; benchmarks/NOTES.md, session 5).
 WGMMA_BIAS_TILES = {**WGMMA_VARIANT_TILES, 128: (128, 2, 2)}
-# A window alone (flash_fwd_wgmma_local): the plain tiles. (At d = 64 three consumers, 192
+# A window and/or padding mask alone (flash_fwd_wgmma_local): the plain tiles. (At d = 64 three consumers, 192
 # query rows a block, visit 10 key blocks for a 1k window where two visit 9 for 128 rows.)
 WGMMA_LOCAL_TILES = dict(WGMMA_TILES)
 
@@ -510,7 +511,7 @@ def _wgmma_config(D, Dv, dtype_name, causal, variants=False, bias=False, persist
                   local=False):
     """The Hopper kernel of cuda/flash_fwd_wgmma.cuh for one problem (sm_90 only);
     ``flash_fwd_wgmma_variants`` with ``variants`` (``causal`` is then ignored);
-    ``flash_fwd_wgmma_local`` with ``local`` (a window alone, the plain tiles). The
+    ``flash_fwd_wgmma_local`` with ``local`` (:func:`band_only`, WGMMA_LOCAL_TILES). The
     plain and local kernels are persistent if ``persistent``; the variants kernels never
     are.
 

@@ -286,11 +286,11 @@ struct WgmmaSoftmax {
 // The kernel
 // ---------------------------------------------------------------------------------------
 // Four entry points share one body, as in flash_fwd_mma.cuh: flash_fwd_wgmma (plain or
-// causal), flash_fwd_wgmma_local (a sliding window and nothing else: IS_LOCAL),
+// causal), flash_fwd_wgmma_local (a window and/or a padding mask, nothing else: IS_LOCAL),
 // flash_fwd_wgmma_variants, whose scores go through ScoreModifier
 // (attention_variants.cuh): bias, mask, window with the causal mask folded in, ALiBi,
 // softcap, and flash_fwd_wgmma_varlen (packed sequences, plain or causal). The body
-// reads vp only with VARIANTS, and its window sides with IS_LOCAL.
+// reads vp only with VARIANTS, and its window sides and key_end with IS_LOCAL.
 //
 // A tile is one query block of one batch element. The variants kernels compute one tile
 // per thread block, named by the block's index. flash_fwd_wgmma and flash_fwd_wgmma_local
@@ -825,12 +825,15 @@ flash_fwd_wgmma(const AttentionParams p, const __grid_constant__ TmaDescriptor t
                                      /*k_row0=*/0, tile_counter);
 }
 
-// Sliding-window (local) attention with no other variant: the plain kernel, its tiles and
-// its persistence, visiting only the key blocks of the band [i + diag - left,
-// i + diag + right] (vp.window_left, vp.window_right, UNBOUNDED for an open side; causal
-// folded in as right <= 0) and masking only the blocks that cross its edges. The rest of
-// vp is not read. (The variants kernel's score modifier costs registers: at d = 64 it
-// needs 64-key blocks, and a 1k window at s = 16k ran ~1.3x slower there than here.)
+// Sliding-window (local) attention and padding masks, with no other variant: the plain
+// kernel, its tiles and its persistence, visiting only the key blocks of the band
+// [i + diag - left, i + diag + right] (vp.window_left, vp.window_right, UNBOUNDED for an
+// open side; causal folded in as right <= 0) and masking only the blocks that cross its
+// edges. With a row-broadcast mask (vp.key_end) each batch element's keys end where its
+// mask's kept prefix ends; elements whose mask has holes are left to the variants kernel
+// launched after this one (vp.prefix_masks_done, see plain_tile). The rest of vp is not
+// read. (The variants kernel's score modifier costs registers: at d = 64 it needs 64-key
+// blocks, and a 1k window at s = 16k ran ~1.3x slower there than here.)
 template <typename T, int HEAD_DIM, int BLOCK_N, int NUM_CONSUMERS, int STAGES, bool PERSISTENT>
 __global__ void __launch_bounds__(128 * (NUM_CONSUMERS + 1), 1)
 flash_fwd_wgmma_local(const AttentionParams p, const VariantParams vp,
