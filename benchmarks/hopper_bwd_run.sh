@@ -20,12 +20,12 @@ first)
     stage "spot check" 150 "$OUT/check.txt" $PY benchmarks/check_backward.py || exit 1
     stage "bench" 150 "$OUT/bench.txt" $BENCH --dtype bfloat16 --d 64 128 \
         --s 1024 4096 16384 --out "$OUT/bwd.json"
-    stage "tests" 200 "$OUT/tests.txt" $PY -m pytest -m gpu -q -p no:cacheprovider -x \
+    stage "tests" 200 "$OUT/tests.txt" $PY -m pytest -m gpu -q -n 8 -p no:cacheprovider -x \
         tests/test_backward.py
     ;;
 grid)
     stage "spot check" 150 "$OUT/check.txt" $PY benchmarks/check_backward.py || exit 1
-    stage "tests" 200 "$OUT/tests.txt" $PY -m pytest -m gpu -q -p no:cacheprovider -x \
+    stage "tests" 200 "$OUT/tests.txt" $PY -m pytest -m gpu -q -n 8 -p no:cacheprovider -x \
         tests/test_backward.py || exit 1
     stage "grid" 240 "$OUT/grid.txt" $PY benchmarks/attention.py --op bwd --d 64 128 \
         --providers cupyflash torch_flash torch_cudnn --out "$OUT/bwd.json"
