@@ -11,10 +11,20 @@ length, in the (B, L, H, D) layout the packed arrays have. Each call is timed wh
 (host work included: attention_varlen reads its offsets on the host and, up to d = 128
 for fp16/bf16, launches one kernel for all sequences), as a user sees it.
 
-    python benchmarks/varlen.py [--tokens 65536] [--max-len 4096] [--d 128]
+    python benchmarks/varlen.py [--tokens 65536] [--max-len 4096] [--d 128] [--rounds 3]
+
+``--rounds`` repeats every line, the calls of one line timed back to back, so that the
+card's power state (benchmarks/NOTES.md, session 7) weighs on both sides of a ratio
+alike. Columns after the first ratio, each as a ratio to the dense batch: the launch
+alone, after validation ("kernel": ``_cupy_backend.attention_varlen_forward``, without
+the validation's read of the offsets to the host, which waits for the GPU to drain
+the queue), and that launch with ``CUPYFLASH_FWD_PERSISTENT=0`` (the
+Hopper packed kernel one block per tile instead of persistent over its tile list); the
+dense batch keeps the default.
 """
 
 import argparse
+import os
 import pathlib
 import sys
 
@@ -23,7 +33,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import cupyflash  # noqa: E402
-from cupyflash import _measure  # noqa: E402
+from cupyflash import _cupy_backend, _measure  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from attention import _dtype, _random, make_timer  # noqa: E402
@@ -35,6 +45,7 @@ def main(argv=None):
     parser.add_argument("--max-len", type=int, default=4096)
     parser.add_argument("--d", type=int, nargs="*", default=[64, 128])
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args(argv)
 
     import cupy
@@ -50,24 +61,55 @@ def main(argv=None):
     s = int(round(lengths.mean()))
     print(f"{len(lengths)} sequences, lengths 1..{args.max_len} (mean {s}), {total} tokens")
     print(f"{'dtype':9s} {'d':>4s} {'causal':>6s} | {'varlen ms':>9s} {'TFLOP/s':>8s} | "
-          f"{'dense ms':>9s} {'TFLOP/s':>8s} (b x s) | ratio")
+          f"{'dense ms':>9s} {'TFLOP/s':>8s} (b x s) | ratio | "
+          f"kernel ms ratio | 1-block kernel ms ratio")
     dtype = _dtype(args.dtype)
     cu_gpu = cupy.asarray(cu)
     for d in args.d:
         h = 2048 // d
         q, k, v = (_random(cupy, (total, h, d), dtype) for _ in range(3))
+        out = cupy.empty_like(q)
+        lse = cupy.empty((h, total), dtype=np.float32)
         b = total // s
         dq, dk, dv = (x[: b * s].reshape(b, s, h, d).transpose(0, 2, 1, 3) for x in (q, k, v))
         for causal in (False, True):
             half = 0.5 if causal else 1.0
             flops_varlen = half * 4 * h * d * float((lengths.astype(np.float64) ** 2).sum())
             flops_dense = half * 4 * b * h * s * s * d
-            t_var = timer(lambda: cupyflash.attention_varlen(q, k, v, cu_gpu, cu_gpu,
-                                                             causal=causal))
-            t_dense = timer(lambda: cupyflash.attention(dq, dk, dv, causal=causal))
-            tf_var, tf_dense = flops_varlen / t_var / 1e9, flops_dense / t_dense / 1e9
-            print(f"{args.dtype:9s} {d:4d} {str(causal):>6s} | {t_var:9.3f} {tf_var:8.1f} | "
-                  f"{t_dense:9.3f} {tf_dense:8.1f} ({b} x {s}) | {tf_var / tf_dense:5.2f}")
+
+            def varlen():
+                return cupyflash.attention_varlen(q, k, v, cu_gpu, cu_gpu, causal=causal)
+
+            def kernel():  # the launch alone, after attention_varlen's validation
+                return _cupy_backend.attention_varlen_forward(
+                    q, k, v, cu_gpu, cu_gpu, int(lengths.max()), int(lengths.max()), causal,
+                    d ** -0.5, out, lse, [lengths, lengths])
+
+            def one_block(fn):  # fn with CUPYFLASH_FWD_PERSISTENT=0
+                saved = os.environ.get("CUPYFLASH_FWD_PERSISTENT")
+                os.environ["CUPYFLASH_FWD_PERSISTENT"] = "0"
+                try:
+                    return timer(fn)
+                finally:
+                    if saved is None:
+                        del os.environ["CUPYFLASH_FWD_PERSISTENT"]
+                    else:
+                        os.environ["CUPYFLASH_FWD_PERSISTENT"] = saved
+
+            for _ in range(args.rounds):
+                t_var = timer(varlen)
+                t_dense = timer(lambda: cupyflash.attention(dq, dk, dv, causal=causal))
+                t_kernel = timer(kernel)
+                t_one = one_block(kernel)
+                tf_dense = flops_dense / t_dense / 1e9
+
+                def ratio(t):
+                    return flops_varlen / t / 1e9 / tf_dense
+                print(f"{args.dtype:9s} {d:4d} {str(causal):>6s} | {t_var:9.3f} "
+                      f"{flops_varlen / t_var / 1e9:8.1f} | {t_dense:9.3f} {tf_dense:8.1f} "
+                      f"({b} x {s}) | {ratio(t_var):5.2f} | "
+                      f"{t_kernel:7.3f} {ratio(t_kernel):5.2f} | {t_one:7.3f} {ratio(t_one):5.2f}",
+                      flush=True)
 
 
 if __name__ == "__main__":

@@ -498,8 +498,8 @@ WGMMA_LOCAL_TILES = dict(WGMMA_TILES)
 
 def _wgmma_smem_bytes(head_dim, block_m, block_n, stages):
     """As FwdWgmmaTraits::SMEM_BYTES: 1024 bytes of alignment slack, Q, ``stages`` K and V
-    tiles, 2 + 4 * stages mbarriers and the tile slot."""
-    return 1024 + 2 * head_dim * (block_m + 2 * stages * block_n) + 8 * (2 + 4 * stages) + 8
+    tiles, 2 + 4 * stages mbarriers and the tile slot (32 bytes)."""
+    return 1024 + 2 * head_dim * (block_m + 2 * stages * block_n) + 8 * (2 + 4 * stages) + 32
 
 
 def _wgmma_head_dim(D, Dv):
@@ -563,14 +563,16 @@ def varlen_config(D, Dv, dtype_name, compute_capability, causal):
     :func:`attention_config` picks the Hopper kernel, ``flash_fwd_wgmma_varlen`` for
     fp16/bf16; ``flash_fwd_simt_varlen`` for float32/float64. The mma and SIMT ones are
     the variants kernels under the varlen entry point (the causal mask is their window);
-    the Hopper one is the plain kernel's body and tiles, one block per tile, causal or not.
-    None for fp16/bf16 head dims above VARLEN_MAX_HEAD_DIM."""
+    the Hopper one is the plain kernel's body and tiles, causal or not, persistent over
+    the tiles of :func:`varlen_tiles` unless ``CUPYFLASH_FWD_PERSISTENT=0`` (then one
+    block per tile). None for fp16/bf16 head dims above VARLEN_MAX_HEAD_DIM."""
     if dtype_name in ("float16", "bfloat16") and max(D, Dv) > VARLEN_MAX_HEAD_DIM:
         return None
     cfg = attention_config(max(D, Dv), Dv, dtype_name, compute_capability, False,
                            variants=True)
     if cfg.kernel == "wgmma":
-        return _wgmma_varlen_config(D, Dv, dtype_name, causal)
+        return _wgmma_varlen_config(D, Dv, dtype_name, causal,
+                                    persistent=forward_persistent() != "0")
     return _as_varlen(cfg)
 
 
@@ -580,13 +582,44 @@ def _as_varlen(cfg):
                         cfg.align_elems, cfg.pad_d_to, cfg.kernel, cfg.block_n)
 
 
-def _wgmma_varlen_config(D, Dv, dtype_name, causal):
-    """``flash_fwd_wgmma_varlen``: the plain Hopper kernel's tiles, one block per tile."""
-    cfg = _wgmma_config(D, Dv, dtype_name, causal, persistent=False)
+def _wgmma_varlen_config(D, Dv, dtype_name, causal, persistent):
+    """``flash_fwd_wgmma_varlen``: the plain Hopper kernel's tiles, persistent or one
+    block per tile."""
+    cfg = _wgmma_config(D, Dv, dtype_name, causal, persistent=persistent)
     name = cfg.name_expression.replace("flash_fwd_wgmma<", "flash_fwd_wgmma_varlen<")
-    name = name[:name.rindex(",")] + ">"  # (no PERSISTENT argument)
     return KernelConfig(cfg.source, name, cfg.block_m, cfg.num_threads, cfg.smem_bytes,
-                        cfg.align_elems, cfg.pad_d_to, cfg.kernel, cfg.block_n)
+                        cfg.align_elems, cfg.pad_d_to, cfg.kernel, cfg.block_n,
+                        persistent=persistent)
+
+
+def varlen_tiles(lengths_q, lengths_k, heads, block_m, block_n, causal):
+    """The persistent varlen kernel's tiles: the sequences that have queries, heaviest
+    first, as one int32 array ``[first tile of each (n of them), number of tiles,
+    sequence of each]``.
+
+    A sequence's tiles are its query blocks for each of its ``heads``, head by head (a
+    dense batch element each, the kernel taking its query blocks in the dense kernel's
+    order). A query block weighs the key blocks it visits (causal: those up to the
+    bottom-right aligned diagonal of its last row) plus one for its fixed cost (Q, the
+    epilogue). Taken in this order from a counter, the longest sequences start at once
+    and the short ones fill the gaps at the end (longest-processing-time-first list
+    scheduling, by sequence), while the blocks running at one time work on the K and V
+    of a few heads."""
+    lq = np.asarray(lengths_q, dtype=np.int64)
+    lk = np.asarray(lengths_k, dtype=np.int64)
+    n_blocks = -(-lq // block_m)
+    seq = np.repeat(np.arange(len(lq), dtype=np.int64), n_blocks)
+    block = np.arange(len(seq), dtype=np.int64) - np.repeat(np.cumsum(n_blocks) - n_blocks,
+                                                            n_blocks)
+    keys = lk[seq]
+    if causal:  # query i of the sequence sees keys j <= i + Lk - Lq
+        last_row = np.minimum((block + 1) * block_m, lq[seq])
+        keys = np.clip(last_row + lk[seq] - lq[seq], 0, lk[seq])
+    weight = np.bincount(seq, weights=-(-keys // block_n) + 1, minlength=len(lq))
+    order = np.argsort(-weight, kind="stable")
+    order = order[n_blocks[order] > 0]
+    first = np.concatenate([[0], np.cumsum(n_blocks[order] * heads)])
+    return np.concatenate([first, order]).astype(np.int32)
 
 
 def varlen_attention_variants():
@@ -597,9 +630,10 @@ def varlen_attention_variants():
                      for h in MMA_HEAD_DIMS if h <= VARLEN_MAX_HEAD_DIM
                      for dt in ("float16", "bfloat16"))]
     wgmma = [(c.source, c.name_expression, "sm_90a")
-             for c in (_wgmma_varlen_config(h, h, dt, causal)
+             for c in (_wgmma_varlen_config(h, h, dt, causal, persistent)
                        for h in WGMMA_HEAD_DIMS if h <= VARLEN_MAX_HEAD_DIM
-                       for dt in ("float16", "bfloat16") for causal in (False, True))]
+                       for dt in ("float16", "bfloat16") for causal in (False, True)
+                       for persistent in (True, False))]
     simt = [(c.source, c.name_expression, arch)
             for arch in ("sm_80", "sm_90a")
             for c in (_as_varlen(_simt_config(h, h, dt, 90, False, variants=True))
@@ -1004,7 +1038,7 @@ def attention_forward(q, k, v, problem, out=None, bias=None, mask=None, alibi_sl
 
 
 def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                             max_seqlen_k, causal, scale, out, lse):
+                             max_seqlen_k, causal, scale, out, lse, host_lengths):
     """The forward of ``attention_varlen`` over all packed sequences in one launch
     (:func:`varlen_config`); returns False, having launched nothing, where no packed
     kernel applies (fp16/bf16 head dims above VARLEN_MAX_HEAD_DIM, tensors tensor maps
@@ -1012,14 +1046,18 @@ def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
 
     Validated arguments: q ``(total_q, H, D)``, k ``(total_k, Hk, D)``, v ``(total_k, Hk,
     Dv)``, ``cu_seqlens_q`` and ``cu_seqlens_k`` int32 device arrays ``(n_seq + 1,)``,
-    the longest lengths, and ``out`` ``(total_q, H, Dv)`` and ``lse`` ``(H, total_q)``
-    (float32, float64 for float64; contiguous) to write.
+    the longest lengths, ``out`` ``(total_q, H, Dv)`` and ``lse`` ``(H, total_q)``
+    (float32, float64 for float64; contiguous) to write, and ``host_lengths``, the
+    sequences' query and key lengths as host arrays (the persistent kernel's tile list).
 
     Layout: the batch is ``(1, n_seq, Hk, G)`` (``G = H // Hk``) with a sequence stride of
-    0, the grid is sized by the longest sequence, and each block moves to the first rows
-    of its own sequence (``sequence_params`` in cuda/attention_variants.cuh). The causal
-    mask is the window ``(None, 0)``, aligned per sequence to its bottom-right corner.
+    0, and each tile moves to the first rows of its own sequence (``sequence_params`` in
+    cuda/attention_variants.cuh). The grid is sized by the longest sequence, or, for the
+    persistent Hopper kernel, one block per SM over the tiles of :func:`varlen_tiles`.
+    The causal mask is the window ``(None, 0)``, aligned per sequence to its bottom-right
+    corner.
     """
+    import cupy
     fn = "attention_varlen"
     total_q, H, D = q.shape
     total_k, Hk, Dv = v.shape
@@ -1074,9 +1112,28 @@ def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                        _kernels.arch_for(cc), cfg.smem_bytes)
         if cfg.kernel == "wgmma":
             check_register_split(kernel, cfg.num_threads, cfg.name_expression)
+        args = (params, vp[()]) + maps
         grid = launch_grid(-(-max_seqlen_q // cfg.block_m), int(params["n_batch"]))
-        kernel(grid, (cfg.num_threads, 1, 1), (params, vp[()]) + maps,
-               shared_mem=cfg.smem_bytes)
+        tiles = None
+        if cfg.kernel == "wgmma":
+            # the persistent kernel's tiles, sequence by sequence, heaviest first (32-bit
+            # tile numbers)
+            n_seqs, tiles_ptr = 0, np.uint64(0)
+            if cfg.persistent:
+                lengths_q, lengths_k = host_lengths
+                if int((-(-lengths_q // cfg.block_m)).sum()) * H < WGMMA_MAX_TILES:
+                    order = varlen_tiles(lengths_q, lengths_k, H, cfg.block_m, cfg.block_n,
+                                         causal)
+                    n_seqs = (len(order) - 1) // 2
+                    tiles = tiles_ptr = cupy.asarray(order)
+                    grid = (min(int(order[n_seqs]), num_sms(device_id)), 1, 1)
+                else:
+                    cfg = _wgmma_varlen_config(D, Dv, q.dtype.name, causal, persistent=False)
+                    kernel = _kernels.get_function(device_id, cfg.source, cfg.name_expression,
+                                                   _kernels.arch_for(cc), cfg.smem_bytes)
+            args += (tiles_ptr, np.int32(n_seqs), stream_counters(device_id, "tiles", 1))
+        kernel(grid, (cfg.num_threads, 1, 1), args, shared_mem=cfg.smem_bytes)
+        del tiles  # (the pool reuses memory only for later work on this stream)
         if o is not out:
             out[...] = o[..., :Dv]
         return True

@@ -160,7 +160,8 @@ def _packed_forward(q, k, v, given_cu, host_cu, max_seqlen_q, max_seqlen_k, caus
             with cupy.cuda.Device(q.data.device_id):  # beside q, whatever is current
                 cu.append(cupy.asarray(host.astype(np.int32)))
     return _cupy_backend.attention_varlen_forward(q, k, v, cu[0], cu[1], max_seqlen_q,
-                                                  max_seqlen_k, bool(causal), scale, out, lse)
+                                                  max_seqlen_k, bool(causal), scale, out, lse,
+                                                  [np.diff(host) for host in host_cu])
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,

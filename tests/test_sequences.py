@@ -590,7 +590,40 @@ EDGE_LENGTHS_Q = (64, 0, 63, 65, 127, 128, 129, 1, 0, 191, 193, 5, 400, 2)
 EDGE_LENGTHS_K = (64, 7, 0, 129, 128, 65, 127, 300, 0, 192, 2, 1, 257, 64)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("block_m, block_n", [(128, 128), (192, 128), (64, 64)])
+def test_varlen_tiles_are_every_sequence_with_queries_heaviest_first(causal, block_m, block_n):
+    """The persistent varlen kernel's tile order (_cupy_backend.varlen_tiles): every
+    sequence with queries once, none without, heaviest first (key blocks visited by its
+    query blocks, plus one each), and the first tile of each after the tiles of all its
+    heads' query blocks before it."""
+    from cupyflash import _cupy_backend
+    rng = np.random.default_rng(block_m + causal)
+    lq = np.array(list(EDGE_LENGTHS_Q) + list(rng.integers(0, 2000, 20)))
+    lk = np.array(list(EDGE_LENGTHS_K) + list(rng.integers(0, 2000, 20)))
+    heads = 3
+    tiles = _cupy_backend.varlen_tiles(lq, lk, heads, block_m, block_n, causal)
+    assert tiles.dtype == np.int32
+    n = (len(tiles) - 1) // 2
+    first, order = tiles[:n + 1], tiles[n + 1:]
+    assert sorted(order) == [s for s in range(len(lq)) if lq[s] > 0]
+    blocks = -(-lq[order] // block_m)
+    assert first.tolist() == [0] + np.cumsum(blocks * heads).tolist()
+
+    def weight(s):
+        total = 0
+        for b in range(-(-lq[s] // block_m)):
+            keys = lk[s]
+            if causal:
+                keys = min(max(min((b + 1) * block_m, lq[s]) + lk[s] - lq[s], 0), lk[s])
+            total += -(-keys // block_n) + 1
+        return total
+    weights = [weight(s) for s in order]
+    assert weights == sorted(weights, reverse=True)
+
+
 @gpu_only
+@pytest.mark.parametrize("persistent", ["auto", "0"])
 @pytest.mark.parametrize("fwd_kernel", ["auto", "mma"])
 @pytest.mark.parametrize("dtype, D, Hk, group, causal", [
     ("float16", 64, 2, 2, True),
@@ -603,11 +636,16 @@ EDGE_LENGTHS_K = (64, 7, 0, 129, 128, 65, 127, 300, 0, 192, 2, 1, 257, 64)
     ("float64", 32, 1, 2, False),
     ("bfloat16", 256, 1, 2, True),  # above VARLEN_MAX_HEAD_DIM: the forward per sequence
 ])
-def test_varlen_on_gpu_at_tile_edges(monkeypatch, fwd_kernel, dtype, D, Hk, group, causal):
+def test_varlen_on_gpu_at_tile_edges(monkeypatch, persistent, fwd_kernel, dtype, D, Hk, group,
+                                     causal):
     """Many sequences in one launch: each one exactly as attention on its own, whatever
-    the packed kernel reads past its end (the next sequence's rows)."""
+    the packed kernel reads past its end (the next sequence's rows); the Hopper kernel
+    persistent over its tile list or one block per tile, and its tile counter back at
+    zero after it."""
     import cupy
+    from cupyflash import _cupy_backend
     monkeypatch.setenv("CUPYFLASH_FWD_KERNEL", fwd_kernel)
+    monkeypatch.setenv("CUPYFLASH_FWD_PERSISTENT", persistent)
     case = VarlenCase(dtype, EDGE_LENGTHS_Q, EDGE_LENGTHS_K, Hk=Hk, group=group, D=D, Dv=D,
                       causal=causal, seed=D + group)
     q, k, v, cu_q, cu_k = case.inputs()
@@ -615,6 +653,8 @@ def test_varlen_on_gpu_at_tile_edges(monkeypatch, fwd_kernel, dtype, D, Hk, grou
                                           causal=causal, return_lse=True)
     out, lse = out.get(), lse.get()
     check_varlen(case, out, lse, q, k, v, cu_q, cu_k)
+    counter = _cupy_backend.stream_counters(cupy.cuda.Device().id, "tiles", 1)
+    assert not counter.get().any(), "the persistent kernel left its tile counter non-zero"
     for a, b, c, d in zip(cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:]):
         if c == d:  # no key: zeros and -inf, never NaN
             assert (out[a:b] == 0).all() and (lse[:, a:b] == -np.inf).all()

@@ -84,11 +84,12 @@ struct FwdWgmmaTraits {
     static constexpr int SMEM_V = SMEM_K + STAGES * KV_TILE_BYTES;
     static constexpr int SMEM_BARRIERS = SMEM_V + STAGES * KV_TILE_BYTES;
     // mbarriers, 8 bytes each: q_full, q_empty, then k_full, v_full, k_empty, v_empty
-    // [STAGES] each; then the number of the tile in Q (persistent kernel), 8 bytes
+    // [STAGES] each; then the tile in Q (persistent kernel): its number, and for packed
+    // sequences its place (TileSlot), 32 bytes
     static constexpr int NUM_MBARRIERS = 2 + 4 * STAGES;
     static constexpr int SMEM_TILE = SMEM_BARRIERS + 8 * NUM_MBARRIERS;
     // + 1024: the dynamic shared memory is aligned up to 1024 bytes inside the block
-    static constexpr int SMEM_BYTES = 1024 + SMEM_TILE + 8;
+    static constexpr int SMEM_BYTES = 1024 + SMEM_TILE + 32;
 
     // Registers per thread after setmaxnreg. The block starts with 65536 / NUM_THREADS
     // (rounded down to a multiple of 8: 168 for 384 threads, 128 for 512) and the pool
@@ -313,23 +314,56 @@ struct FwdTile {
     int n_blocks;        // (-1, -1: a tile flash_fwd_wgmma_local leaves to another kernel)
 };
 
+// The tile a persistent block's producer hands to its consumers (in shared memory,
+// published with Q by the q_full mbarrier): its number (-1: no tile left), and for packed
+// sequences (VARLEN) the tile and its sequence's extent, which the producer looked up in
+// global memory (a few dependent loads the consumers would otherwise wait for each tile).
+struct TileSlot {
+    int number;
+    int b, m0, n_first, n_blocks;  // FwdTile
+    int Lq, Lk, q_row0;            // the sequence's lengths and first query row
+};
+
 template <typename T, int HEAD_DIM, int BLOCK_N, int NUM_CONSUMERS, int STAGES, bool IS_CAUSAL,
-          bool IS_LOCAL, bool VARIANTS, bool PERSISTENT>
+          bool IS_LOCAL, bool VARIANTS, bool PERSISTENT, bool VARLEN = false>
 __device__ __forceinline__ void flash_fwd_wgmma_body(const AttentionParams& p,
                                                      const VariantParams& vp,
                                                      const TmaDescriptor& tma_q,
                                                      const TmaDescriptor& tma_k,
                                                      const TmaDescriptor& tma_v,
                                                      long long q_row0, long long k_row0,
-                                                     int* tile_counter) {
+                                                     int* tile_counter,
+                                                     const int* varlen_tiles = nullptr,
+                                                     int n_varlen_seqs = 0) {
     static_assert(!(IS_CAUSAL && VARIANTS), "with variants the causal mask is the window's");
     static_assert(!(PERSISTENT && VARIANTS), "the variants kernels take one tile per block");
     static_assert(!(IS_LOCAL && (IS_CAUSAL || VARIANTS)), "a local band holds the causal mask");
+    static_assert(!VARLEN || (PERSISTENT && !IS_LOCAL), "varlen tiles are the persistent plain ones");
     using Tr = FwdWgmmaTraits<T, HEAD_DIM, BLOCK_N, NUM_CONSUMERS, STAGES>;
     using Mma = Wgmma<BLOCK_N, IsBf16<T>::value>;   // S = Q K^T: N = BLOCK_N
     using MmaO = Wgmma<HEAD_DIM, IsBf16<T>::value>; // acc += P V: N = HEAD_DIM
     constexpr int BLOCK_M = Tr::BLOCK_M, SLABS = Tr::SLABS;
-    const long long diag = p.Lk - p.Lq;  // query i sees key j iff j <= i + diag
+
+    // Batch element b's problem: its lengths, the rows where its q and its k, v begin in
+    // the tensor maps, and where its o and lse rows begin: p's, or (VARLEN) those of its
+    // packed sequence (sequence_params).
+    struct Extent {
+        long long Lq, Lk, q_row0, k_row0;
+        T* o;
+        float* lse;
+    };
+    auto extent_of = [&](long long b) {
+        const BatchOffsets off = batch_offsets(p, b);
+        if constexpr (VARLEN) {
+            long long q0, k0;
+            const AttentionParams s = sequence_params<T, float>(p, vp, b, q0, k0);
+            return Extent{s.Lq, s.Lk, q0, k0, static_cast<T*>(s.o) + off.o,
+                          static_cast<float*>(s.lse) + b * s.Lq};
+        } else {
+            return Extent{p.Lq, p.Lk, q_row0, k_row0, static_cast<T*>(p.o) + off.o,
+                          static_cast<float*>(p.lse) + b * p.Lq};
+        }
+    };
 
     // Key blocks to visit without variants: all, except (causal) those wholly above the
     // diagonal, or (local) those wholly outside the band of the block's rows: query i sees
@@ -338,12 +372,13 @@ __device__ __forceinline__ void flash_fwd_wgmma_body(const AttentionParams& p,
     // mask_key_end) only the keys before key_end[b], where the mask keeps a prefix of the
     // keys; where it has holes the tile is not this kernel's (n_blocks = -1: nothing
     // stored; flash_fwd_wgmma_variants computes it).
-    auto plain_tile = [&](long long b, long long m0) {
-        long long n_begin = 0, n_end = p.Lk;
+    auto plain_tile = [&](long long b, long long m0, long long Lq, long long Lk) {
+        const long long diag = Lk - Lq;  // query i sees key j iff j <= i + diag
+        long long n_begin = 0, n_end = Lk;
         if (IS_CAUSAL) n_end = min(n_end, m0 + BLOCK_M + diag);
         if (IS_LOCAL) {
             n_begin = max(n_begin, m0 + diag - vp.window_left);
-            n_end = min(n_end, min(m0 + BLOCK_M, p.Lq) + diag + vp.window_right);
+            n_end = min(n_end, min(m0 + BLOCK_M, Lq) + diag + vp.window_right);
             if (vp.key_end != nullptr) {
                 const long long kept = vp.key_end[b];
                 if (vp.key_end[p.n_batch + b] < kept) return FwdTile{b, m0, -1, -1};
@@ -359,13 +394,36 @@ __device__ __forceinline__ void flash_fwd_wgmma_body(const AttentionParams& p,
         IS_CAUSAL ||
         ((VARIANTS || IS_LOCAL) && vp.window_right < UNBOUNDED && vp.window_left >= UNBOUNDED);
     // Tile t of a persistent block: batch element t / n_m_blocks, query blocks in order
-    // (longest_last: last to first).
+    // (longest_last: last to first). Packed sequences (VARLEN): the sequences in the
+    // host's order, heaviest first (_cupy_backend.varlen_tiles: varlen_tiles[i] is the
+    // first tile of the i-th, varlen_tiles[n_varlen_seqs] the number of tiles, and
+    // varlen_tiles[n_varlen_seqs + 1 + i] the sequence), each head by head, each head's
+    // query blocks in the dense order.
     const int n_m_blocks = (int)((p.Lq + BLOCK_M - 1) / BLOCK_M);
-    const int n_tiles = PERSISTENT ? (int)(n_m_blocks * p.n_batch) : 1;
+    const int n_tiles = VARLEN ? varlen_tiles[n_varlen_seqs]
+                               : PERSISTENT ? (int)(n_m_blocks * p.n_batch) : 1;
     auto tile_at = [&](int t) {
-        const int r = t % n_m_blocks;
-        return plain_tile(t / n_m_blocks,
-                          (long long)(longest_last ? n_m_blocks - 1 - r : r) * BLOCK_M);
+        if constexpr (VARLEN) {
+            int lo = 0, hi = n_varlen_seqs;  // the i with first tile <= t < the next one's
+            while (hi - lo > 1) {
+                const int mid = (lo + hi) / 2;
+                if (varlen_tiles[mid] <= t) lo = mid; else hi = mid;
+            }
+            const int r = t - varlen_tiles[lo];
+            const long long heads = p.batch_size[MAX_BATCH_DIMS - 2] * p.batch_size[MAX_BATCH_DIMS - 1];
+            const long long seq = varlen_tiles[n_varlen_seqs + 1 + lo];
+            const long long q0 = vp.cu_seqlens_q[seq], k0 = vp.cu_seqlens_k[seq];
+            const long long Lq = vp.cu_seqlens_q[seq + 1] - q0, Lk = vp.cu_seqlens_k[seq + 1] - k0;
+            const int blocks = (int)((Lq + BLOCK_M - 1) / BLOCK_M);
+            const int m = r % blocks;
+            return plain_tile(seq * heads + r / blocks,
+                              (long long)(longest_last ? blocks - 1 - m : m) * BLOCK_M, Lq, Lk);
+        } else {
+            const int r = t % n_m_blocks;
+            return plain_tile(t / n_m_blocks,
+                              (long long)(longest_last ? n_m_blocks - 1 - r : r) * BLOCK_M,
+                              p.Lq, p.Lk);
+        }
     };
 
     // The one tile of a block of the other kernels, from the block index.
@@ -388,7 +446,7 @@ __device__ __forceinline__ void flash_fwd_wgmma_body(const AttentionParams& p,
             ScoreModifier<T, float>(p, vp, one.b).key_blocks(one.m0, min(one.m0 + BLOCK_M, p.Lq),
                                                              BLOCK_N, one.n_first, one.n_blocks);
         } else {
-            one = plain_tile(one.b, one.m0);
+            one = plain_tile(one.b, one.m0, p.Lq, p.Lk);
         }
     }
 
@@ -403,7 +461,8 @@ __device__ __forceinline__ void flash_fwd_wgmma_body(const AttentionParams& p,
     auto v_full = [&](int st) { return q_full + 8 * (2 + STAGES + st); };
     auto k_empty = [&](int st) { return q_full + 8 * (2 + 2 * STAGES + st); };
     auto v_empty = [&](int st) { return q_full + 8 * (2 + 3 * STAGES + st); };
-    volatile int* const tile_slot = reinterpret_cast<volatile int*>(smem_ptr + Tr::SMEM_TILE);
+    volatile TileSlot* const tile_slot =
+        reinterpret_cast<volatile TileSlot*>(smem_ptr + Tr::SMEM_TILE);
 
     if (threadIdx.x == 0) {
         mbarrier_init(q_full, 1);  // the producer's arrive.expect_tx; TMA brings the bytes
@@ -437,12 +496,13 @@ __device__ __forceinline__ void flash_fwd_wgmma_body(const AttentionParams& p,
             for (int n = 0; PERSISTENT || n == 0; ++n) {
                 if (PERSISTENT && t >= n_tiles) {  // none left: tell the consumers
                     if (n > 0) mbarrier_wait(q_empty, (n - 1) & 1);  // (tile_slot is free)
-                    *tile_slot = -1;
+                    tile_slot->number = -1;
                     mbarrier_arrive(q_full);
                     break;
                 }
                 const FwdTile tile = PERSISTENT ? tile_at(t) : one;
                 const int n_iters = tile.n_blocks - tile.n_first;
+                const Extent ext = extent_of(tile.b);
                 // Batch element b's slice of each tensor map (strides in slices, see the
                 // top), in 32 bits as the maps' coordinates are: few registers here.
                 int slice_q = 0, slice_k = 0, slice_v = 0;
@@ -464,7 +524,7 @@ __device__ __forceinline__ void flash_fwd_wgmma_body(const AttentionParams& p,
                     mbarrier_wait(empty, pass_of(kb) ^ 1);  // the buffer was handed back
                     mbarrier_arrive_expect_tx(full, Tr::KV_TILE_BYTES);
                     // (rows past a packed sequence's Lk are the next sequence's: masked to P = 0)
-                    const int n0 = (int)k_row0 + (tile.n_blocks - 1 - it) * BLOCK_N;
+                    const int n0 = (int)ext.k_row0 + (tile.n_blocks - 1 - it) * BLOCK_N;
 #pragma unroll
                     for (int s = 0; s < SLABS; ++s)
                         tma_load_3d(tiles + stage_of(kb) * Tr::KV_TILE_BYTES + s * BLOCK_N * 128,
@@ -483,13 +543,22 @@ __device__ __forceinline__ void flash_fwd_wgmma_body(const AttentionParams& p,
                 // persistent block's next K_0 is in flight while they finish that tile.
                 if (n_iters > 0) load_k(0);
                 if (n > 0) mbarrier_wait(q_empty, (n - 1) & 1);  // Q and tile_slot are free
-                if (PERSISTENT) *tile_slot = t;
+                if (PERSISTENT) tile_slot->number = t;
+                if (VARLEN) {
+                    tile_slot->b = (int)tile.b;
+                    tile_slot->m0 = (int)tile.m0;
+                    tile_slot->n_first = tile.n_first;
+                    tile_slot->n_blocks = tile.n_blocks;
+                    tile_slot->Lq = (int)ext.Lq;
+                    tile_slot->Lk = (int)ext.Lk;
+                    tile_slot->q_row0 = (int)ext.q_row0;
+                }
                 // Q_i: (BLOCK_M, HEAD_DIM), one box of BLOCK_M rows x 64 columns per slab
                 mbarrier_arrive_expect_tx(q_full, Tr::Q_TILE_BYTES);
 #pragma unroll
                 for (int s = 0; s < SLABS; ++s)
                     tma_load_3d(sQ + s * BLOCK_M * 128, tma_q, q_full, s * Tr::SLAB,
-                                (int)(q_row0 + tile.m0), slice_q);
+                                (int)(ext.q_row0 + tile.m0), slice_q);
                 // Then K_it and V_{it-1}: the consumers need K_it for S before they need
                 // V_{it-1} for P V.
                 for (int it = 1; it <= n_iters; ++it) {
@@ -604,12 +673,24 @@ __device__ __forceinline__ void flash_fwd_wgmma_body(const AttentionParams& p,
             mbarrier_wait(q_full, n & 1);  // Q of the tile, and (persistent) its number
             FwdTile tile = one;
             if constexpr (PERSISTENT) {
-                const int tile_number = *tile_slot;
+                const int tile_number = tile_slot->number;
                 if (tile_number < 0) break;
-                tile = tile_at(tile_number);
+                if constexpr (VARLEN) {
+                    tile = FwdTile{tile_slot->b, tile_slot->m0, tile_slot->n_first,
+                                   tile_slot->n_blocks};
+                } else {
+                    tile = tile_at(tile_number);
+                }
             }
             const int n_iters = tile.n_blocks - tile.n_first;
             const long long wg_row0 = tile.m0 + Tr::WG_M * wg;  // this warpgroup's first row
+            Extent ext;
+            if constexpr (VARLEN) {  // (the producer's lookup: no pointers yet, see below)
+                ext = Extent{tile_slot->Lq, tile_slot->Lk, tile_slot->q_row0, 0, nullptr, nullptr};
+            } else {
+                ext = extent_of(tile.b);
+            }
+            const long long diag = ext.Lk - ext.Lq;  // query i sees key j iff j <= i + diag
 
 #pragma unroll
             for (int nt = 0; nt < O_N_TILES; ++nt)
@@ -648,11 +729,11 @@ __device__ __forceinline__ void flash_fwd_wgmma_body(const AttentionParams& p,
                     // visited, the last one)
                     const int n0i = (int)n0;
                     const int lk = (int)(it == 0 && vp.key_end != nullptr
-                                             ? min(p.Lk, vp.key_end[tile.b]) : p.Lk);
+                                             ? min(ext.Lk, vp.key_end[tile.b]) : ext.Lk);
                     const long long row0 = wg_row0 + 16 * warp + g;
-                    const int band_lo = (int)max(min(row0 + diag - vp.window_left, p.Lk), -16LL);
+                    const int band_lo = (int)max(min(row0 + diag - vp.window_left, ext.Lk), -16LL);
                     const int band_hi =
-                        (int)max(min(row0 + diag + vp.window_right + 1, p.Lk), -16LL);
+                        (int)max(min(row0 + diag + vp.window_right + 1, ext.Lk), -16LL);
                     if (n0i < band_lo + 8 || n0i + BLOCK_N > min(band_hi, lk)) {
 #pragma unroll
                         for (int h = 0; h < 2; ++h) {
@@ -678,10 +759,10 @@ __device__ __forceinline__ void flash_fwd_wgmma_body(const AttentionParams& p,
                 // Keys past Lk or above the causal diagonal -> -inf, only in blocks that
                 // cross the Lk boundary or this warpgroup's diagonal; there row r sees the
                 // block's first `visible` keys (query i sees key j iff j <= i + diag).
-                if (n0 + BLOCK_N > p.Lk || (IS_CAUSAL && n0 + BLOCK_N - 1 > wg_row0 + diag)) {
+                if (n0 + BLOCK_N > ext.Lk || (IS_CAUSAL && n0 + BLOCK_N - 1 > wg_row0 + diag)) {
 #pragma unroll
                     for (int h = 0; h < 2; ++h) {
-                        long long end = p.Lk - n0;
+                        long long end = ext.Lk - n0;
                         if (IS_CAUSAL)
                             end = min(end, wg_row0 + 16 * warp + g + 8 * h + diag + 1 - n0);
                         const int visible = (int)max(min(end, (long long)BLOCK_N), 0LL);
@@ -750,9 +831,20 @@ __device__ __forceinline__ void flash_fwd_wgmma_body(const AttentionParams& p,
 
             // O = acc / l_i; lse = (m_i + log2 l_i) * ln 2. A row with l_i = 0 saw no key:
             // zeros and lse = -inf.
-            const BatchOffsets off = batch_offsets(p, tile.b);
-            T* const o = static_cast<T*>(p.o) + off.o;
-            float* const lse = static_cast<float*>(p.lse) + tile.b * p.Lq;
+            // (the pointers only now: they are not held through the key loop)
+            Extent out = ext;
+            if constexpr (VARLEN) {  // lse: FlashAttention's (H, total_q), as sequence_params
+                const long long heads =
+                    p.batch_size[MAX_BATCH_DIMS - 2] * p.batch_size[MAX_BATCH_DIMS - 1];
+                const long long total_q = vp.cu_seqlens_q[p.batch_size[MAX_BATCH_DIMS - 3]];
+                out.o = static_cast<T*>(p.o) + batch_offsets(p, tile.b).o +
+                        ext.q_row0 * p.o_row_stride;
+                out.lse = static_cast<float*>(p.lse) + (tile.b % heads) * total_q + ext.q_row0;
+            } else {
+                out = extent_of(tile.b);
+            }
+            T* const o = out.o;
+            float* const lse = out.lse;
             const int o_chunks = (int)((p.Dv + 7) / 8);  // 8-column chunks of o to write
             float inv_l[2];
 #pragma unroll
@@ -761,7 +853,7 @@ __device__ __forceinline__ void flash_fwd_wgmma_body(const AttentionParams& p,
                 inv_l[h] = safe_inverse(l);
                 // lse = ln 2 * m_i + ln l_i (m_i is in log2 units): one FMA, an accurate log.
                 const long long row = wg_row0 + 16 * warp + g + 8 * h;
-                if (t == 0 && row < p.Lq)
+                if (t == 0 && row < out.Lq)
                     lse[row] = l == 0.f ? -INFINITY : fmaf(softmax.m_i[h], LN2, logf(l));
             }
             if constexpr (PERSISTENT) {
@@ -771,7 +863,7 @@ __device__ __forceinline__ void flash_fwd_wgmma_body(const AttentionParams& p,
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
                     const long long row = wg_row0 + 16 * warp + g + 8 * h;
-                    if (row < p.Lq) {
+                    if (row < out.Lq) {
 #pragma unroll
                         for (int nt = 0; nt < O_N_TILES; ++nt)
                             if (nt < o_chunks)
@@ -801,7 +893,7 @@ __device__ __forceinline__ void flash_fwd_wgmma_body(const AttentionParams& p,
                 for (int idx = lane; idx < 16 * CHUNKS; idx += 32) {
                     const int r = Tr::WG_M * wg + 16 * warp + idx / CHUNKS;
                     const int chunk = idx % CHUNKS;
-                    if (tile.m0 + r < p.Lq && chunk < o_chunks)
+                    if (tile.m0 + r < out.Lq && chunk < o_chunks)
                         *reinterpret_cast<uint4*>(o + (tile.m0 + r) * p.o_row_stride + chunk * 8) =
                             *reinterpret_cast<const uint4*>(sO + staged(r, chunk));
                 }
@@ -855,7 +947,7 @@ flash_fwd_wgmma_variants(const AttentionParams p, const VariantParams vp,
         p, vp, tma_q, tma_k, tma_v, /*q_row0=*/0, /*k_row0=*/0, nullptr);
 }
 
-// Packed sequences (attention_varlen): each block attends the sequence of its batch
+// Packed sequences (attention_varlen): each tile attends the sequence of its batch
 // element (sequence_params, attention_variants.cuh), reading q, k and v through (D, total
 // rows, heads) maps from the sequence's first rows on. The plain body, with its own tiles
 // (those of flash_fwd_wgmma): the sequence's lengths make its Lk boundary, and IS_CAUSAL
@@ -864,18 +956,35 @@ flash_fwd_wgmma_variants(const AttentionParams p, const VariantParams vp,
 // varlen 1.2-1.3x at d = 64). Rows past the sequence's end are the next sequence's, not
 // zeros: keys there are past its Lk (P = 0 exactly, so their V rows add nothing), queries
 // there are never stored.
-template <typename T, int HEAD_DIM, int BLOCK_N, int NUM_CONSUMERS, int STAGES, bool IS_CAUSAL>
+//
+// PERSISTENT: one block per SM at most, drawing tiles from *tile_counter (zero at launch)
+// as flash_fwd_wgmma does, the n_seqs sequences that have queries in the host's order,
+// heaviest first (`tiles`, _cupy_backend.varlen_tiles): the longest sequences start first
+// and the short ones fill the gaps at the end, whatever the order they are packed in;
+// each (sequence, head) is one batch element of the dense kernel, its query blocks taken
+// one after another, so that the blocks running at one time share its K and V in L2.
+// Otherwise one block per (query block, batch element) of the longest sequence's grid;
+// tiles, n_seqs and tile_counter are not read.
+template <typename T, int HEAD_DIM, int BLOCK_N, int NUM_CONSUMERS, int STAGES, bool IS_CAUSAL,
+          bool PERSISTENT>
 __global__ void __launch_bounds__(128 * (NUM_CONSUMERS + 1), 1)
 flash_fwd_wgmma_varlen(const AttentionParams p, const VariantParams vp,
                        const __grid_constant__ TmaDescriptor tma_q,
                        const __grid_constant__ TmaDescriptor tma_k,
-                       const __grid_constant__ TmaDescriptor tma_v) {
-    const long long b = (long long)blockIdx.z * gridDim.y + blockIdx.y;  // (sequence, head)
-    if (b >= p.n_batch) return;
-    long long q_row0, k_row0;
-    const AttentionParams ps = sequence_params<T, float>(p, vp, b, q_row0, k_row0);
-    flash_fwd_wgmma_body<T, HEAD_DIM, BLOCK_N, NUM_CONSUMERS, STAGES, IS_CAUSAL, false, false,
-                         false>(ps, vp, tma_q, tma_k, tma_v, q_row0, k_row0, nullptr);
+                       const __grid_constant__ TmaDescriptor tma_v, const int* tiles,
+                       int n_seqs, int* tile_counter) {
+    if constexpr (PERSISTENT) {
+        flash_fwd_wgmma_body<T, HEAD_DIM, BLOCK_N, NUM_CONSUMERS, STAGES, IS_CAUSAL, false, false,
+                             true, true>(p, vp, tma_q, tma_k, tma_v, /*q_row0=*/0, /*k_row0=*/0,
+                                         tile_counter, tiles, n_seqs);
+    } else {
+        const long long b = (long long)blockIdx.z * gridDim.y + blockIdx.y;  // (sequence, head)
+        if (b >= p.n_batch) return;
+        long long q_row0, k_row0;
+        const AttentionParams ps = sequence_params<T, float>(p, vp, b, q_row0, k_row0);
+        flash_fwd_wgmma_body<T, HEAD_DIM, BLOCK_N, NUM_CONSUMERS, STAGES, IS_CAUSAL, false, false,
+                             false>(ps, vp, tma_q, tma_k, tma_v, q_row0, k_row0, nullptr);
+    }
 }
 
 }  // namespace cupyflash
