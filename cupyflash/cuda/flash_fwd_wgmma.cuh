@@ -346,20 +346,20 @@ __device__ __forceinline__ void flash_fwd_wgmma_body(const AttentionParams& p,
 
     // Batch element b's problem: its lengths, the rows where its q and its k, v begin in
     // the tensor maps, and where its o and lse rows begin: p's, or (VARLEN) those of its
-    // packed sequence (sequence_params).
+    // packed sequence (sequence_params; only the producer looks them up, and the
+    // consumers find o and lse at the epilogue, so no pointers then).
     struct Extent {
         long long Lq, Lk, q_row0, k_row0;
         T* o;
         float* lse;
     };
     auto extent_of = [&](long long b) {
-        const BatchOffsets off = batch_offsets(p, b);
         if constexpr (VARLEN) {
             long long q0, k0;
             const AttentionParams s = sequence_params<T, float>(p, vp, b, q0, k0);
-            return Extent{s.Lq, s.Lk, q0, k0, static_cast<T*>(s.o) + off.o,
-                          static_cast<float*>(s.lse) + b * s.Lq};
+            return Extent{s.Lq, s.Lk, q0, k0, nullptr, nullptr};
         } else {
+            const BatchOffsets off = batch_offsets(p, b);
             return Extent{p.Lq, p.Lk, q_row0, k_row0, static_cast<T*>(p.o) + off.o,
                           static_cast<float*>(p.lse) + b * p.Lq};
         }
