@@ -10,11 +10,13 @@ fp16/bf16 forward kernels: ``flash_fwd_mma`` (mma.sync, any GPU from sm_80) and
 ``auto`` (the default), ``mma`` or ``wgmma``. See :func:`forward_kernel`.
 """
 
+import collections
 import contextlib
 import functools
 import math
 import os
 import struct
+import threading
 
 import numpy as np
 
@@ -879,6 +881,36 @@ def stream_counters(device_id, user, count):
     return buf
 
 
+# Small int32 arrays uploaded for the kernels (attention_varlen's host offsets and tile
+# lists), kept by content per (device, stream): a model calls attention_varlen once per
+# layer with the same offsets, and only the first call copies them. An array dropped from
+# here is freed to CuPy's pool, which hands it out again only to later work on that stream.
+_UPLOADS = collections.OrderedDict()
+_UPLOADS_LOCK = threading.Lock()
+UPLOADS_KEPT = 64
+
+
+def uploaded(device_id, key, make):
+    """The device copy of the int32 host array ``make()`` that ``key`` (hashable, a
+    function of the array's content alone) names, for the current stream of
+    ``device_id``: copied once (CuPy's pinned staging: no wait for the GPU), then kept
+    for the next UPLOADS_KEPT distinct keys. Kernels only read it."""
+    import cupy
+    with _on_device(device_id):
+        full_key = (device_id, cupy.cuda.get_current_stream().ptr) + key
+        with _UPLOADS_LOCK:
+            x = _UPLOADS.get(full_key)
+            if x is not None:
+                _UPLOADS.move_to_end(full_key)
+                return x
+        x = cupy.asarray(make(), dtype=np.int32)
+        with _UPLOADS_LOCK:
+            _UPLOADS[full_key] = x
+            while len(_UPLOADS) > UPLOADS_KEPT:
+                _UPLOADS.popitem(last=False)
+        return x
+
+
 def launch_grid(num_m_blocks, n_batch):
     """``(m blocks, batch, batch overflow)``: a kernel's batch index is
     ``blockIdx.z * gridDim.y + blockIdx.y`` (blocks past ``n_batch`` return at once)."""
@@ -1039,16 +1071,33 @@ def attention_forward(q, k, v, problem, out=None, bias=None, mask=None, alibi_sl
 
 def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                              max_seqlen_k, causal, scale, out, lse, host_lengths):
-    """The forward of ``attention_varlen`` over all packed sequences in one launch
-    (:func:`varlen_config`); returns False, having launched nothing, where no packed
-    kernel applies (fp16/bf16 head dims above VARLEN_MAX_HEAD_DIM, tensors tensor maps
-    cannot describe): the caller then runs the forward per sequence.
+    """The forward of ``attention_varlen`` over all packed sequences in one launch:
+    :func:`prepare_varlen_forward`, then its launch. Returns False, having launched
+    nothing, where no packed kernel applies (the caller then runs the forward per
+    sequence); the arguments are those of the two steps."""
+    launch = prepare_varlen_forward(q, k, v, len(cu_seqlens_q) - 1, causal, scale, out, lse)
+    if launch is None:
+        return False
+    launch(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, host_lengths)
+    return True
+
+
+def prepare_varlen_forward(q, k, v, n_seq, causal, scale, out, lse):
+    """Everything of the packed-sequence forward that does not depend on the offsets'
+    values (:func:`varlen_config`, the kernel, aligned copies, tensor maps, the
+    parameters), so that ``attention_varlen`` does it before it reads device offsets to
+    the host, which waits for the GPU to drain; the GPU then idles only for the work
+    after that read. Returns None where no packed kernel applies (fp16/bf16 head dims
+    above VARLEN_MAX_HEAD_DIM, tensors tensor maps cannot describe; nothing is launched,
+    and the caller runs the forward per sequence), else
+    ``launch(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, host_lengths)``.
 
     Validated arguments: q ``(total_q, H, D)``, k ``(total_k, Hk, D)``, v ``(total_k, Hk,
-    Dv)``, ``cu_seqlens_q`` and ``cu_seqlens_k`` int32 device arrays ``(n_seq + 1,)``,
-    the longest lengths, ``out`` ``(total_q, H, Dv)`` and ``lse`` ``(H, total_q)``
-    (float32, float64 for float64; contiguous) to write, and ``host_lengths``, the
-    sequences' query and key lengths as host arrays (the persistent kernel's tile list).
+    Dv)``, the number of sequences, ``out`` ``(total_q, H, Dv)`` and ``lse`` ``(H,
+    total_q)`` (float32, float64 for float64; contiguous) to write. ``launch`` takes the
+    validated offsets as int32 device arrays ``(n_seq + 1,)``, the longest lengths, and
+    ``host_lengths``, the sequences' query and key lengths as host arrays (the
+    persistent kernel's tile list).
 
     Layout: the batch is ``(1, n_seq, Hk, G)`` (``G = H // Hk``) with a sequence stride of
     0, and each tile moves to the first rows of its own sequence (``sequence_params`` in
@@ -1057,23 +1106,26 @@ def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     The causal mask is the window ``(None, 0)``, aligned per sequence to its bottom-right
     corner.
     """
-    import cupy
     fn = "attention_varlen"
     total_q, H, D = q.shape
     total_k, Hk, Dv = v.shape
     if total_q == 0:
-        return True
-    device_id = _device_of(fn, [("q", q), ("k", k), ("v", v), ("out", out),
-                                ("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)])
+        return lambda *args: None
+    device_id = _device_of(fn, [("q", q), ("k", k), ("v", v), ("out", out)])
     with _on_device(device_id):
         cc = _compute_capability(device_id)
         cfg = varlen_config(D, Dv, q.dtype.name, cc, causal)
-        if cfg is None:
-            return False
-        if total_k == 0:  # no key at all: zeros, lse = -inf (no kernel needed)
-            out.fill(0)
-            lse.fill(-np.inf)
-            return True
+    if cfg is None:
+        return None
+    if total_k == 0:  # no key at all: zeros, lse = -inf (no kernel needed)
+        def no_keys(cu_seqlens_q, cu_seqlens_k, *args):
+            _device_of(fn, [("q", q), ("cu_seqlens_q", cu_seqlens_q),
+                            ("cu_seqlens_k", cu_seqlens_k)])
+            with _on_device(device_id):
+                out.fill(0)
+                lse.fill(-np.inf)
+        return no_keys
+    with _on_device(device_id):
         qkv = [_kernel_ready(t, cfg.align_elems, cfg.pad_d_to) for t in (q, k, v)]
         o = _kernel_ready(out, cfg.align_elems, cfg.pad_d_to)
         q, k, v = qkv
@@ -1090,53 +1142,66 @@ def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                 tensor_map = _tensor_map.attention_map(x.transpose(1, 0, 2), h_stride,
                                                        x.shape[1], rows)
                 if tensor_map is None:
-                    return False
+                    return None
                 maps += (tensor_map,)
         else:
             units = [[0, 0, G * head[0], head[0]], [0, 0, head[1], 0], [0, 0, head[2], 0]]
         fields = [q.data.ptr, k.data.ptr, v.data.ptr, o.data.ptr, lse.data.ptr]
-        fields += [1, len(cu_seqlens_q) - 1, Hk, G]
+        fields += [1, n_seq, Hk, G]
         for st in units + [[0, 0, G * head[3], head[3]]]:
             fields += st
         fields += row
-        fields += [(len(cu_seqlens_q) - 1) * H, max_seqlen_q, max_seqlen_k,
-                   q.shape[-1], v.shape[-1], scale, scale * _LOG2_E]
-        params = np.frombuffer(_PARAMS_STRUCT.pack(*fields), dtype=ATTENTION_PARAMS_DTYPE)[0]
+        tail = [n_seq * H, None, None, q.shape[-1], v.shape[-1], scale, scale * _LOG2_E]
+        kernel = _kernels.get_function(device_id, cfg.source, cfg.name_expression,
+                                       _kernels.arch_for(cc), cfg.smem_bytes)
+        if cfg.kernel == "wgmma":
+            check_register_split(kernel, cfg.num_threads, cfg.name_expression)
+        counter = None
+        if cfg.kernel == "wgmma":
+            counter = stream_counters(device_id, "tiles", 1)
+
+    def launch(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, host_lengths):
+        import cupy
+        _device_of(fn, [("q", q), ("cu_seqlens_q", cu_seqlens_q),
+                        ("cu_seqlens_k", cu_seqlens_k)])
+        tail[1:3] = max_seqlen_q, max_seqlen_k
+        params = np.frombuffer(_PARAMS_STRUCT.pack(*fields, *tail),
+                               dtype=ATTENTION_PARAMS_DTYPE)[0]
         vp = np.zeros((), dtype=VARIANT_PARAMS_DTYPE)
         vp["window_left"] = UNBOUNDED
         vp["window_right"] = 0 if causal else UNBOUNDED
         vp["cu_seqlens_q"] = cu_seqlens_q.data.ptr
         vp["cu_seqlens_k"] = cu_seqlens_k.data.ptr
-
-        kernel = _kernels.get_function(device_id, cfg.source, cfg.name_expression,
-                                       _kernels.arch_for(cc), cfg.smem_bytes)
-        if cfg.kernel == "wgmma":
-            check_register_split(kernel, cfg.num_threads, cfg.name_expression)
         args = (params, vp[()]) + maps
-        grid = launch_grid(-(-max_seqlen_q // cfg.block_m), int(params["n_batch"]))
-        tiles = None
-        if cfg.kernel == "wgmma":
-            # the persistent kernel's tiles, sequence by sequence, heaviest first (32-bit
-            # tile numbers)
-            n_seqs, tiles_ptr = 0, np.uint64(0)
-            if cfg.persistent:
-                lengths_q, lengths_k = host_lengths
-                if int((-(-lengths_q // cfg.block_m)).sum()) * H < WGMMA_MAX_TILES:
-                    order = varlen_tiles(lengths_q, lengths_k, H, cfg.block_m, cfg.block_n,
-                                         causal)
-                    n_seqs = (len(order) - 1) // 2
-                    tiles = tiles_ptr = cupy.asarray(order)
-                    grid = (min(int(order[n_seqs]), num_sms(device_id)), 1, 1)
-                else:
-                    cfg = _wgmma_varlen_config(D, Dv, q.dtype.name, causal, persistent=False)
-                    kernel = _kernels.get_function(device_id, cfg.source, cfg.name_expression,
-                                                   _kernels.arch_for(cc), cfg.smem_bytes)
-            args += (tiles_ptr, np.int32(n_seqs), stream_counters(device_id, "tiles", 1))
-        kernel(grid, (cfg.num_threads, 1, 1), args, shared_mem=cfg.smem_bytes)
-        del tiles  # (the pool reuses memory only for later work on this stream)
-        if o is not out:
-            out[...] = o[..., :Dv]
-        return True
+        grid = launch_grid(-(-max_seqlen_q // cfg.block_m), n_seq * H)
+        run_cfg, run_kernel = cfg, kernel
+        with _on_device(device_id):
+            if cfg.kernel == "wgmma":
+                # the persistent kernel's tiles, sequence by sequence, heaviest first
+                # (32-bit tile numbers)
+                n_seqs, tiles_ptr = 0, np.uint64(0)
+                if cfg.persistent:
+                    lengths_q, lengths_k = host_lengths
+                    n_tiles = int((-(-lengths_q // cfg.block_m)).sum()) * H
+                    if n_tiles < WGMMA_MAX_TILES:
+                        n_seqs = int(np.count_nonzero(lengths_q))  # those varlen_tiles lists
+                        key = ("varlen_tiles", lengths_q.tobytes(), lengths_k.tobytes(), H,
+                               cfg.block_m, cfg.block_n, causal)
+                        tiles_ptr = uploaded(device_id, key, lambda: varlen_tiles(
+                            lengths_q, lengths_k, H, cfg.block_m, cfg.block_n, causal))
+                        grid = (min(n_tiles, num_sms(device_id)), 1, 1)
+                    else:
+                        run_cfg = _wgmma_varlen_config(D, Dv, q.dtype.name, causal,
+                                                       persistent=False)
+                        run_kernel = _kernels.get_function(
+                            device_id, run_cfg.source, run_cfg.name_expression,
+                            _kernels.arch_for(cc), run_cfg.smem_bytes)
+                args += (tiles_ptr, np.int32(n_seqs), counter)
+            run_kernel(grid, (run_cfg.num_threads, 1, 1), args,
+                       shared_mem=run_cfg.smem_bytes)
+            if o is not out:
+                out[...] = o[..., :Dv]
+    return launch
 
 
 # ----------------------------------------------------------------------------------------

@@ -128,40 +128,36 @@ def _check_cu_seqlens(fn, name, cu, total, total_name):
                          f"({total})")
 
 
+def _check_max_seqlen_type(fn, name, value):
+    if value is not None and (isinstance(value, (bool, np.bool_))
+                              or not isinstance(value, numbers.Integral)):
+        raise TypeError(f"{fn}: {name} must be an int or None, got {type(value).__name__}")
+
+
 def _check_max_seqlen(fn, name, value, lengths):
+    """The longest length: ``value`` (checked by :func:`_check_max_seqlen_type`), which
+    must be at least the actual longest, or that when None."""
     actual = int(lengths.max(initial=0))
     if value is None:
         return actual
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{fn}: {name} must be an int or None, got {type(value).__name__}")
     if value < actual:
         raise ValueError(f"{fn}: {name} ({int(value)}) is less than the longest sequence "
                          f"({actual})")
     return int(value)
 
 
-def _packed_forward(q, k, v, given_cu, host_cu, max_seqlen_q, max_seqlen_k, causal, scale,
-                    out, lse):
-    """attention_varlen on CuPy arrays in one launch of the packed-sequence kernels
-    (``_cupy_backend.attention_varlen_forward``); False where they do not apply (then
-    nothing was launched). The kernels read int32 offsets: the caller's device arrays
-    when they are int32 and contiguous, else a copy of the host offsets (all below 2^31:
-    they index rows that a tensor map or an int row coordinate reaches)."""
-    import cupy
-
+def _device_offsets(given, host, device_id):
+    """The int32 device offsets a packed kernel reads: the caller's CuPy array when it is
+    int32 and contiguous, else a copy of the validated host offsets on ``device_id``,
+    beside q (``_cupy_backend.uploaded``: no wait, and kept for the next calls with the
+    same offsets; all below 2^31: they index rows that a tensor map or an int row
+    coordinate reaches)."""
     from . import _cupy_backend
-    if max(q.shape[0], k.shape[0]) >= 2**31:
-        return False
-    cu = []
-    for given, host in zip(given_cu, host_cu):
-        if given.dtype == np.int32 and given.flags.c_contiguous:
-            cu.append(given)
-        else:
-            with cupy.cuda.Device(q.data.device_id):  # beside q, whatever is current
-                cu.append(cupy.asarray(host.astype(np.int32)))
-    return _cupy_backend.attention_varlen_forward(q, k, v, cu[0], cu[1], max_seqlen_q,
-                                                  max_seqlen_k, bool(causal), scale, out, lse,
-                                                  [np.diff(host) for host in host_cu])
+    if (_api._is_cupy_array(given) and given.dtype == np.int32
+            and given.flags.c_contiguous):
+        return given
+    return _cupy_backend.uploaded(device_id, ("offsets", host.tobytes()),
+                                  lambda: host.astype(np.int32))
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
@@ -186,7 +182,9 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
     cu_seqlens_q, cu_seqlens_k : integer arrays, shape ``(n_seq + 1,)``
         Prefix sums of the sequence lengths (int32 in FlashAttention; any integer dtype
         is accepted): ``cu[0] == 0``, non-decreasing, ``cu[-1]`` = total_q (total_k).
-        Sequences may be empty.
+        Sequences may be empty. With CuPy q, k, v they may be CuPy arrays or host
+        arrays (NumPy arrays, lists); host offsets spare the call its wait for the GPU
+        (see Notes).
     max_seqlen_q, max_seqlen_k : int, optional
         The longest sequence, as FlashAttention takes it (it sizes the GPU grid). If
         given it must be at least the actual longest; None computes it.
@@ -213,9 +211,10 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
     Raises
     ------
     TypeError
-        Mixed NumPy and CuPy arrays, unsupported or mixed dtypes of q, k, v, offsets
-        that are not integers, a non-int ``max_seqlen_*``, or as :func:`attention` for
-        ``causal``, ``scale``, ``return_lse`` and ``out``.
+        Mixed NumPy and CuPy arrays (other than host offsets with CuPy q, k, v),
+        unsupported or mixed dtypes of q, k, v, offsets that are not integers, a non-int
+        ``max_seqlen_*``, or as :func:`attention` for ``causal``, ``scale``,
+        ``return_lse`` and ``out``.
     ValueError
         q, k, v not 3-dimensional, head dims that differ, ``H`` not a multiple of
         ``Hk``, offsets that are not 1-dimensional, differ in length, do not start at
@@ -229,8 +228,12 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
     kernel covers every sequence: a grid sized by the longest sequence over
     ``(n_seq, H)``, each block moved to its own sequence's rows (FlashAttention's varlen
     kernel); only float16/bfloat16 with head dims above 128 run the fused kernel once
-    per non-empty sequence on strided views. The offsets are read on the host, which
-    for CuPy offsets synchronises with the GPU once.
+    per non-empty sequence on strided views. The offsets are validated on the host:
+    CuPy offsets are read there, which waits for the GPU to finish the work queued
+    before the call (the kernel's own preparation is done before that read, so the GPU
+    then idles only for the validation and the launch). Offsets already on the host
+    (where a data loader produces them) are copied to the GPU without any wait, and the
+    call returns before the GPU has run it, as :func:`attention` does.
     ``cupyflash.reference.attention_varlen`` is the float64 truth.
 
     Examples
@@ -251,8 +254,14 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
     """
     fn = "attention_varlen"
     names = ["q", "k", "v", "cu_seqlens_q", "cu_seqlens_k"]
-    xp_name, (q, k, v, cu_q, cu_k) = _api._as_arrays(
-        fn, names, (q, k, v, cu_seqlens_q, cu_seqlens_k))
+    given = (q, k, v, cu_seqlens_q, cu_seqlens_k)
+    if all(_api._is_cupy_array(x) for x in given[:3]):
+        # CuPy data; offsets on the device or the host (then nothing waits for the GPU)
+        xp_name, (q, k, v) = "cupy", given[:3]
+        cu_q, cu_k = (x if _api._is_cupy_array(x) else _api._as_arrays(fn, [n], [x])[1][0]
+                      for n, x in zip(names[3:], given[3:]))
+    else:
+        xp_name, (q, k, v, cu_q, cu_k) = _api._as_arrays(fn, names, given)
     _check_qkv(fn, ("q", "k", "v"), (q, k, v), 3, "(total, heads, head dim)")
     if k.shape[:2] != v.shape[:2]:
         raise ValueError(f"{fn}: k.shape[:2] {tuple(k.shape[:2])} must equal "
@@ -263,13 +272,9 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
     if cu_q.shape != cu_k.shape:
         raise ValueError(f"{fn}: cu_seqlens_q {tuple(cu_q.shape)} and cu_seqlens_k "
                          f"{tuple(cu_k.shape)} must have one shape (n_seq + 1,)")
-    given_cu = (cu_q, cu_k)
-    cu_q, cu_k = _host(cu_q), _host(cu_k)
-    _check_cu_seqlens(fn, "cu_seqlens_q", cu_q, q.shape[0], "q.shape[0]")
-    _check_cu_seqlens(fn, "cu_seqlens_k", cu_k, k.shape[0], "k.shape[0]")
-    max_seqlen_q = _check_max_seqlen(fn, "max_seqlen_q", max_seqlen_q, np.diff(cu_q))
-    max_seqlen_k = _check_max_seqlen(fn, "max_seqlen_k", max_seqlen_k, np.diff(cu_k))
     scale = _check_options(fn, causal, scale, return_lse, q.shape[-1])
+    _check_max_seqlen_type(fn, "max_seqlen_q", max_seqlen_q)
+    _check_max_seqlen_type(fn, "max_seqlen_k", max_seqlen_k)
     total_q, H, _ = q.shape
     Hk, Dv = k.shape[1], v.shape[-1]
     if out is not None:
@@ -279,11 +284,27 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
         import cupy as xp
     else:
         xp = np
-    if out is None:
-        out = xp.empty((total_q, H, Dv), dtype=q.dtype)
+    result = xp.empty((total_q, H, Dv), dtype=q.dtype) if out is None else out
     lse = xp.empty((H, total_q), dtype=_api.accumulator_dtype(q.dtype))
-    if xp_name == "cupy" and _packed_forward(q, k, v, given_cu, (cu_q, cu_k), max_seqlen_q,
-                                             max_seqlen_k, causal, scale, out, lse):
+    launch = None
+    if xp_name == "cupy" and max(q.shape[0], k.shape[0]) < 2**31:
+        from . import _cupy_backend
+        # all the host work that needs no offsets, before device offsets are read
+        launch = _cupy_backend.prepare_varlen_forward(q, k, v, cu_q.shape[0] - 1,
+                                                      bool(causal), scale, result, lse)
+    given_cu = (cu_q, cu_k)
+    cu_q, cu_k = _host(cu_q), _host(cu_k)  # device offsets: waits for the GPU
+    _check_cu_seqlens(fn, "cu_seqlens_q", cu_q, q.shape[0], "q.shape[0]")
+    _check_cu_seqlens(fn, "cu_seqlens_k", cu_k, k.shape[0], "k.shape[0]")
+    lengths_q, lengths_k = np.diff(cu_q), np.diff(cu_k)
+    max_seqlen_q = _check_max_seqlen(fn, "max_seqlen_q", max_seqlen_q, lengths_q)
+    max_seqlen_k = _check_max_seqlen(fn, "max_seqlen_k", max_seqlen_k, lengths_k)
+    out = result
+    if launch is not None:
+        device_id = q.data.device_id
+        launch(_device_offsets(given_cu[0], cu_q, device_id),
+               _device_offsets(given_cu[1], cu_k, device_id),
+               max_seqlen_q, max_seqlen_k, (lengths_q, lengths_k))
         return (out, lse) if return_lse else out
     for a, b, c, d in zip(cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:]):
         if a == b:

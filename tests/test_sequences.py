@@ -582,6 +582,62 @@ def test_varlen_on_gpu_matches_each_sequence(case):
     check_varlen(case, out.get(), lse.get(), q, k, v, cu_q, cu_k)
 
 
+@gpu_only
+@pytest.mark.parametrize("dtype, D, causal", [("bfloat16", 128, True), ("float16", 64, False),
+                                              ("float32", 32, True)])
+def test_varlen_on_gpu_takes_host_offsets(dtype, D, causal):
+    """CuPy q, k, v with offsets on the host (NumPy arrays of any integer dtype, lists):
+    the same output and lse, bit for bit, as with the offsets on the device, validated
+    alike; only NumPy q, k, v refuse CuPy offsets."""
+    import cupy
+    case = VarlenCase(dtype, (3, 0, 70, 129, 300), (5, 9, 0, 200, 257), Hk=2, group=2, D=D,
+                      Dv=D, causal=causal, seed=11)
+    q, k, v, cu_q, cu_k = case.inputs()
+    gq, gk, gv = (cupy.asarray(x) for x in (q, k, v))
+    on_device = cupyflash.attention_varlen(gq, gk, gv, cupy.asarray(cu_q), cupy.asarray(cu_k),
+                                           causal=causal, return_lse=True)
+    check_varlen(case, on_device[0].get(), on_device[1].get(), q, k, v, cu_q, cu_k)
+    for host_q, host_k in ((cu_q.astype(np.int32), cu_k.astype(np.int32)),
+                           (cu_q.astype(np.int64), cu_k.astype(np.uint16)),
+                           (cu_q.tolist(), cu_k.tolist())):
+        out, lse = cupyflash.attention_varlen(gq, gk, gv, host_q, host_k, causal=causal,
+                                              return_lse=True)
+        assert isinstance(out, cupy.ndarray) and isinstance(lse, cupy.ndarray)
+        assert out.get().tobytes() == on_device[0].get().tobytes()
+        assert lse.get().tobytes() == on_device[1].get().tobytes()
+    bad = cu_q.copy()
+    bad[2] = bad[1] - 1
+    with raises(ValueError, "attention_varlen: cu_seqlens_q must be non-decreasing"):
+        cupyflash.attention_varlen(gq, gk, gv, bad, cu_k)
+    with raises(TypeError, "attention_varlen: cu_seqlens_k must have an integer dtype"):
+        cupyflash.attention_varlen(gq, gk, gv, cu_q, cu_k.astype(np.float32))
+    with raises(TypeError, "attention_varlen: arrays must be all NumPy or all CuPy arrays"):
+        cupyflash.attention_varlen(q, k, v, cupy.asarray(cu_q), cu_k)
+
+
+@gpu_only
+def test_uploads_are_kept_by_content_per_stream(monkeypatch):
+    """_cupy_backend.uploaded: one copy per (key, device, stream), the right content, and
+    the oldest dropped first."""
+    import cupy
+    from cupyflash import _cupy_backend
+    monkeypatch.setattr(_cupy_backend, "UPLOADS_KEPT", 3)
+    device = cupy.cuda.Device().id
+    made = []
+
+    def make(values):
+        return lambda: made.append(values) or np.array(values)
+    first = _cupy_backend.uploaded(device, ("test", 1), make([1, 2, 3]))
+    assert first.dtype == np.int32 and first.get().tolist() == [1, 2, 3]
+    assert _cupy_backend.uploaded(device, ("test", 1), make([9])) is first and len(made) == 1
+    with cupy.cuda.Stream():
+        other = _cupy_backend.uploaded(device, ("test", 1), make([1, 2, 3]))
+    assert other is not first and len(made) == 2
+    for i in range(2, 5):
+        _cupy_backend.uploaded(device, ("test", i), make([i]))
+    assert _cupy_backend.uploaded(device, ("test", 1), make([7])).get().tolist() == [7]
+
+
 # Lengths that end on, just before and just after the 64- and 128-row tiles of the packed
 # kernels (their BLOCK_M is 128 or 192 and BLOCK_N 64 or 128), empty queries, empty keys
 # and both, and one sequence longer than three tiles; keys of a different length per

@@ -12,6 +12,8 @@ of accuracy.py against the float64 reference. The dispatch tests at the end need
 (The second runs the whole GPU attention suite on the Hopper kernel.)
 """
 
+import ctypes
+
 import numpy as np
 import pytest
 
@@ -537,6 +539,35 @@ class _DeviceArray:
         self._x, self.data = x, self._Data(ptr)
         self.shape, self.strides = x.shape, x.strides
         self.itemsize, self.dtype = x.itemsize, x.dtype
+
+
+def test_tensor_maps_are_encoded_once_per_distinct_tensor(monkeypatch):
+    """encode_tiled keeps its last ENCODED_CACHE maps: the same arguments give the same
+    map without the driver, any other address or layout is encoded anew, and the oldest
+    map is dropped first."""
+    calls = []
+
+    def fake_encoder(out, dtype, rank, address, dims, strides, box, *rest):
+        calls.append(address)
+        ctypes.memmove(out, address.to_bytes(8, "little") * 16, _tensor_map.TENSOR_MAP_BYTES)
+        return 0
+    monkeypatch.setattr(_tensor_map, "_encode_tiled", lambda: fake_encoder)
+    _tensor_map._encode_tiled_cached.cache_clear()
+    try:
+        def encode(address, rows=128):
+            return _tensor_map.encode_tiled("float16", address, (64, 100, 3), (128, 12800),
+                                            (64, rows, 1))
+        first = encode(1 << 20)
+        assert encode(1 << 20) is first and calls == [1 << 20]
+        assert encode(2 << 20).tobytes() != first.tobytes() and len(calls) == 2
+        encode(1 << 20, rows=64)
+        assert len(calls) == 3  # another box: another map
+        for i in range(_tensor_map.ENCODED_CACHE):
+            encode((100 + i) << 20)
+        encode(1 << 20)
+        assert calls[-1] == 1 << 20, "the oldest map was not the one dropped"
+    finally:
+        _tensor_map._encode_tiled_cached.cache_clear()
 
 
 def test_wgmma_arguments_describe_q_k_v_as_slices(monkeypatch):
