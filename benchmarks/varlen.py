@@ -15,12 +15,14 @@ for fp16/bf16, launches one kernel for all sequences), as a user sees it.
 
 ``--rounds`` repeats every line, the calls of one line timed back to back, so that the
 card's power state (benchmarks/NOTES.md, session 7) weighs on both sides of a ratio
-alike. Columns after the first ratio, each as a ratio to the dense batch: the launch
-alone, after validation ("kernel": ``_cupy_backend.attention_varlen_forward``, without
-the validation's read of the offsets to the host, which waits for the GPU to drain
-the queue), and that launch with ``CUPYFLASH_FWD_PERSISTENT=0`` (the
-Hopper packed kernel one block per tile instead of persistent over its tile list); the
-dense batch keeps the default.
+alike. Columns after the first ratio (offsets on the device), each as a ratio to the dense
+batch: the public call with the offsets on the host (NumPy; nothing waits for the GPU),
+the launch alone, after validation ("kernel": ``_cupy_backend.attention_varlen_forward``,
+without the validation's read of the offsets to the host, which waits for the GPU to
+drain the queue), and that launch with ``CUPYFLASH_FWD_PERSISTENT=0`` (the Hopper packed
+kernel one block per tile instead of persistent over its tile list); the dense batch
+keeps the default. Last, the host time of one public call with the GPU idle
+before it (median of 20), with device and with host offsets.
 """
 
 import argparse
@@ -61,8 +63,8 @@ def main(argv=None):
     s = int(round(lengths.mean()))
     print(f"{len(lengths)} sequences, lengths 1..{args.max_len} (mean {s}), {total} tokens")
     print(f"{'dtype':9s} {'d':>4s} {'causal':>6s} | {'varlen ms':>9s} {'TFLOP/s':>8s} | "
-          f"{'dense ms':>9s} {'TFLOP/s':>8s} (b x s) | ratio | "
-          f"kernel ms ratio | 1-block kernel ms ratio")
+          f"{'dense ms':>9s} {'TFLOP/s':>8s} (b x s) | ratio | host-offsets ms ratio | "
+          f"kernel ms ratio | 1-block kernel ms ratio | host us (device / host offsets)")
     dtype = _dtype(args.dtype)
     cu_gpu = cupy.asarray(cu)
     for d in args.d:
@@ -79,6 +81,9 @@ def main(argv=None):
 
             def varlen():
                 return cupyflash.attention_varlen(q, k, v, cu_gpu, cu_gpu, causal=causal)
+
+            def varlen_host():  # offsets from the host, as a data loader has them
+                return cupyflash.attention_varlen(q, k, v, cu, cu, causal=causal)
 
             def kernel():  # the launch alone, after attention_varlen's validation
                 return _cupy_backend.attention_varlen_forward(
@@ -98,6 +103,8 @@ def main(argv=None):
 
             for _ in range(args.rounds):
                 t_var = timer(varlen)
+                t_host = timer(varlen_host)
+                host_us = [host_time(fn) for fn in (varlen, varlen_host)]
                 t_dense = timer(lambda: cupyflash.attention(dq, dk, dv, causal=causal))
                 t_kernel = timer(kernel)
                 t_one = one_block(kernel)
@@ -107,9 +114,25 @@ def main(argv=None):
                     return flops_varlen / t / 1e9 / tf_dense
                 print(f"{args.dtype:9s} {d:4d} {str(causal):>6s} | {t_var:9.3f} "
                       f"{flops_varlen / t_var / 1e9:8.1f} | {t_dense:9.3f} {tf_dense:8.1f} "
-                      f"({b} x {s}) | {ratio(t_var):5.2f} | "
-                      f"{t_kernel:7.3f} {ratio(t_kernel):5.2f} | {t_one:7.3f} {ratio(t_one):5.2f}",
-                      flush=True)
+                      f"({b} x {s}) | {ratio(t_var):5.2f} | {t_host:7.3f} {ratio(t_host):5.2f} | "
+                      f"{t_kernel:7.3f} {ratio(t_kernel):5.2f} | {t_one:7.3f} "
+                      f"{ratio(t_one):5.2f} | {host_us[0]:6.0f} / {host_us[1]:4.0f}", flush=True)
+
+
+def host_time(fn, calls=20):
+    """Median host time of one call in microseconds, the GPU idle before each (from the
+    call until it returns: validation, preparation, the offsets' read and the launch)."""
+    import time
+
+    import cupy
+    times = []
+    for _ in range(calls):
+        cupy.cuda.get_current_stream().synchronize()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    cupy.cuda.get_current_stream().synchronize()
+    return 1e6 * float(np.median(times))
 
 
 if __name__ == "__main__":
