@@ -102,7 +102,7 @@ def _pack(fields, values):
 
 DECODE_HEAD_DIMS = (32, 64, 128, 256)
 NUM_THREADS = 128             # DecodeTraits::NUM_THREADS: 4 warps
-STAGES = 4                    # DecodeTraits::STAGES
+STAGES = 4                    # DecodeTraits::STAGES (3 for TWO_PASS_ROW)
 COMBINE_THREADS = 128         # COMBINE_THREADS of the .cuh
 COMBINE_MAX_SPLITS = 1024     # COMBINE_MAX_SPLITS of the .cuh
 APPEND_THREADS = 256          # APPEND_THREADS of the .cuh
@@ -168,8 +168,9 @@ def decode_config(D, Dv, dtype_name, compute_capability, M):
     or 8 by M; its tiles repeat ``DecodeTraits`` of the .cuh: 4 warps, each lane holding
     VECS_PER_LANE 16-byte vectors of a row (2 for ROWS <= 4, else 1, more for rows wider
     than 32 vectors; VEC = 16 / itemsize elements each), two K and two V vectors per lane
-    and tile, STAGES = 4. tests/test_kernel_compile.py checks that both agree with the
-    .cuh. Every variant fits in 99 KiB of shared memory, so ``compute_capability`` does
+    and tile, STAGES = 4; one row with two vectors a lane takes two passes (four K and
+    four V vectors a tile) and 3 stages. tests/test_kernel_compile.py checks that both
+    agree with the .cuh. Every variant fits in 99 KiB of shared memory, so ``compute_capability`` does
     not change the choice.
     """
     width = max(D, Dv)
@@ -200,16 +201,18 @@ def decode_config(D, Dv, dtype_name, compute_capability, M):
     min_vecs = 2 if rows <= 4 else 1           # vectors of a row per lane (see DecodeTraits)
     vecs_per_lane = max(d_vecs // 32, min(min_vecs, d_vecs))
     lanes_per_key = d_vecs // vecs_per_lane
-    passes = 1 if vecs_per_lane >= 2 else 2
+    two_pass_row = rows == 1 and vecs_per_lane == 2   # DecodeTraits::TWO_PASS_ROW
+    passes = 1 if vecs_per_lane >= 2 and not two_pass_row else 2
+    stages = 3 if two_pass_row else STAGES
     block_n = 4 * passes * (32 // lanes_per_key)
     stage_vecs = 2 * passes * vecs_per_lane
-    pipe_bytes = STAGES * stage_vecs * NUM_THREADS * 16
+    pipe_bytes = stages * stage_vecs * NUM_THREADS * 16
     merge_bytes = (4 * rows * head_dim + 2 * 4 * rows + rows * 5) * acc_size
     return DecodeConfig(
         name_expression=f"cupyflash::flash_decode<{ctype}, {head_dim}, {rows}>",
         traits=f"cupyflash::DecodeTraits<{ctype}, {head_dim}, {rows}>",
         rows=rows, block_n=block_n, smem_bytes=max(pipe_bytes, merge_bytes),
-        inflight_bytes=(STAGES - 1) * stage_vecs * NUM_THREADS * 16, **common)
+        inflight_bytes=(stages - 1) * stage_vecs * NUM_THREADS * 16, **common)
 
 
 def decode_variants():

@@ -181,7 +181,7 @@ def _load(device_id, source, name_expression, arch, dynamic_smem_bytes):
         module = function.Module()
         module.load(compiled.cubin)
         kernel = module.get_function(compiled.lowered_name)
-        if dynamic_smem_bytes > 48 * 1024:  # above 48 KiB a kernel must opt in, once
+        if dynamic_smem_bytes > 0:  # above 48 KiB (static included) a kernel must opt in
             driver.funcSetAttribute(kernel.ptr,
                                     driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                     dynamic_smem_bytes)

@@ -177,12 +177,17 @@ struct DecodeTraits {
     static constexpr int LANES_PER_KEY = D_VECS / VECS_PER_LANE;     // lanes sharing a key
     static constexpr int KEYS_PER_PASS = 32 / LANES_PER_KEY;         // keys a warp scores at once
     // Passes per tile: two K and two V vectors per lane and tile (four each for float64 at
-    // HEAD_DIM = 256), 2 KiB per warp.
-    static constexpr int PASSES = VECS_PER_LANE >= 2 ? 1 : 2;
+    // HEAD_DIM = 256), 2 KiB per warp; with one row and two vectors a lane, two passes (4
+    // KiB), whose keys' dependency chains (dot product, butterfly, max, exp) interleave:
+    // with one pass a warp's tile took ~13.7 cycles per instruction, almost all of it
+    // waiting on that chain, and at batch 64 (~4 blocks per SM) the warps could not
+    // consume 2 KiB tiles as fast as HBM delivers them (ncu, benchmarks/NOTES.md session 9).
+    static constexpr bool TWO_PASS_ROW = ROWS == 1 && VECS_PER_LANE == 2;
+    static constexpr int PASSES = VECS_PER_LANE >= 2 ? (TWO_PASS_ROW ? 2 : 1) : 2;
     static constexpr int ELEMS = VECS_PER_LANE * VEC;                // q and acc columns per lane
     static constexpr int WARP_KEYS = PASSES * KEYS_PER_PASS;         // keys per warp per tile
     static constexpr int BLOCK_N = NUM_WARPS * WARP_KEYS;            // keys per block per tile
-    static constexpr int STAGES = 4;                                 // tiles in the pipeline
+    static constexpr int STAGES = TWO_PASS_ROW ? 3 : 4;              // tiles in the pipeline
     static constexpr int KV_VECS = PASSES * VECS_PER_LANE;           // K (or V) vectors per lane
     static constexpr int STAGE_VECS = 2 * KV_VECS;                   // K, then V
     static constexpr int PIPE_BYTES = STAGES * STAGE_VECS * NUM_THREADS * 16;
@@ -193,7 +198,9 @@ struct DecodeTraits {
     // row with a 32 KiB pipeline asks for six: 80 registers or fewer, as the first H100
     // run's kernel had (80: 6 blocks per SM, 1.00 of the copy at batch 64); the fused
     // merge had taken it to 93 (5 blocks per SM) and batch 16-64 ran 8-10% slower.
-    static constexpr int MIN_BLOCKS = ROWS == 1 && PIPE_BYTES <= 32 * 1024 ? 6 : 2;
+    // Two-pass rows (48 KiB) ask for four, what their shared memory allows.
+    static constexpr int MIN_BLOCKS = ROWS == 1 && PIPE_BYTES <= 32 * 1024 ? 6
+                                      : ROWS == 1 && PIPE_BYTES <= 48 * 1024 ? 4 : 2;
     // The warps' merge: acc (NUM_WARPS, ROWS, HEAD_DIM), then m and l (NUM_WARPS, ROWS),
     // and the per-row weights (ROWS, NUM_WARPS + 1); in the pipeline's memory.
     static constexpr int MERGE_ACC = NUM_WARPS * ROWS * HEAD_DIM;
@@ -230,6 +237,33 @@ __device__ __forceinline__ void cp_async_16(unsigned smem_dst, const void* gmem_
     asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n"
                  :: "r"(smem_dst), "l"(gmem_src), "r"(src_bytes) : "memory");
 }
+
+// Which (b, hk, split, row chunk) a split block is, the row chunk fastest (blocks that
+// read the same keys for other rows run side by side and share them through L2). 32-bit:
+// the launcher keeps every count below 2^31 (a 64-bit division is a call). blockIdx is
+// read by a volatile instruction so that a kernel can compute this again after its main
+// loop instead of holding it in registers through it.
+struct BlockCoords {
+    long long b;
+    int hk, split, rc;
+};
+
+__device__ __forceinline__ BlockCoords block_coords(const DecodeParams& p) {
+    unsigned id;
+    asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(id));
+    BlockCoords c;
+    c.rc = static_cast<int>(id % static_cast<unsigned>(p.row_chunks));
+    id /= static_cast<unsigned>(p.row_chunks);
+    c.split = static_cast<int>(id % static_cast<unsigned>(p.num_splits));
+    id /= static_cast<unsigned>(p.num_splits);
+    c.hk = static_cast<int>(id % static_cast<unsigned>(p.Hk));
+    c.b = id / static_cast<unsigned>(p.Hk);
+    return c;
+}
+
+// A compile-time bool passed as a value (the kernels' main loops are generic lambdas
+// instantiated for the common case and for the general one).
+template <bool B> struct BoolC { static constexpr bool value = B; };
 
 // One 16-byte shared load (LDS.128).
 template <typename T>
@@ -535,17 +569,11 @@ flash_decode(const DecodeParams p) {
     if (dynamic_smem < static_cast<unsigned>(Tr::SMEM_BYTES) || blockDim.x != NUM_THREADS)
         __trap();
 
-    // -- which block: (b, hk, split, row chunk), the row chunk fastest (blocks that read
-    // the same keys for other rows run side by side and share them through L2)
-    // (32-bit: the launcher keeps every count below 2^31; 64-bit division is a call)
+    // -- which block: (b, hk, split, row chunk) (decode::block_coords)
     const int G = static_cast<int>(p.G), M = static_cast<int>(p.M);
-    unsigned id = blockIdx.x;
-    const int rc = static_cast<int>(id % static_cast<unsigned>(p.row_chunks));
-    id /= static_cast<unsigned>(p.row_chunks);
-    const int split = static_cast<int>(id % static_cast<unsigned>(p.num_splits));
-    id /= static_cast<unsigned>(p.num_splits);
-    const int hk = static_cast<int>(id % static_cast<unsigned>(p.Hk));
-    const long long b = id / static_cast<unsigned>(p.Hk);
+    const decode::BlockCoords coords = decode::block_coords(p);
+    const int rc = coords.rc, split = coords.split, hk = coords.hk;
+    const long long b = coords.b;
     if (b >= p.B) return;
 
     const int tid = threadIdx.x;
@@ -593,14 +621,48 @@ flash_decode(const DecodeParams p) {
         return pipe + (stage * STAGE_VECS + i) * (NUM_THREADS * 16);
     };
 
+    // FAST's K and V addresses of each pass in the next tile to load (this lane's key and
+    // first column; tiles are loaded in order, each BLOCK_N rows after the last)
+    const T* k_next[PASSES];
+    const T* v_next[PASSES];
+#pragma unroll
+    for (int ps = 0; ps < PASSES; ++ps) {
+        const long long t = k_begin + key0 + ps * KEYS_PER_PASS;
+        k_next[ps] = k_base + t * p.k_token_stride + lv * VEC;
+        v_next[ps] = v_base + t * p.v_token_stride + lv * VEC;
+    }
+    const bool fast = !paged && k_vec && v_vec && D == HEAD_DIM && Dv == HEAD_DIM;
+
     // Start copying tile j (keys k_begin + j * BLOCK_N ...) of this thread into its stage.
-    auto load_tile = [&](int j) {
+    // FAST (a contiguous cache of 16-byte rows, D = Dv = HEAD_DIM: the common case): each
+    // pass's K and V addresses advance by BLOCK_N rows a tile, every vector is whole, and
+    // nothing else is decided per copy; the general path places every key (paged caches,
+    // partial or element-wise rows).
+    auto load_tile = [&](int j, auto fast) {
+        constexpr bool FAST = decltype(fast)::value;
         if (j < num_tiles) {
             const int stage = j % STAGES;
 #pragma unroll
             for (int ps = 0; ps < PASSES; ++ps) {
                 const int t = k_begin + j * BLOCK_N + key0 + ps * KEYS_PER_PASS;
                 const bool valid = t < k_end;
+                if constexpr (FAST) {
+#pragma unroll
+                    for (int jj = 0; jj < VECS_PER_LANE; ++jj) {
+                        const int c0 = jj * LANES_PER_KEY * VEC;  // (lv's columns in k_next)
+                        decode::cp_async_16(slot(stage, ps * VECS_PER_LANE + jj),
+                                            valid ? static_cast<const void*>(k_next[ps] + c0)
+                                                  : p.k,
+                                            valid ? 16 : 0);
+                        decode::cp_async_16(slot(stage, KV_VECS + ps * VECS_PER_LANE + jj),
+                                            valid ? static_cast<const void*>(v_next[ps] + c0)
+                                                  : p.v,
+                                            valid ? 16 : 0);
+                    }
+                    k_next[ps] += BLOCK_N * p.k_token_stride;
+                    v_next[ps] += BLOCK_N * p.v_token_stride;
+                    continue;
+                }
                 const T* k_row = k_base + static_cast<long long>(t) * p.k_token_stride;
                 const T* v_row = v_base + static_cast<long long>(t) * p.v_token_stride;
                 if (paged && valid) {
@@ -623,147 +685,153 @@ flash_decode(const DecodeParams p) {
         decode::cp_async_commit();  // one group per tile, possibly empty: wait counts match
     };
 
-    // -- prologue: the first STAGES - 1 tiles on their way while q is read
-#pragma unroll
-    for (int j = 0; j < STAGES - 1; ++j) load_tile(j);
-
-    // q[r][e]: row rc * ROWS + r, this lane's columns, times scale (* log2(e) for float)
-    Acc q[ROWS][ELEMS];
-    {
-        const Acc q_scale = Math::q_scale(p);
-        const T* qb = static_cast<const T*>(p.q) + b * p.q_batch_stride;
-#pragma unroll
-        for (int r = 0; r < ROWS; ++r) {
-            const int row = rc * ROWS + r;
-            const bool valid = row < M;
-            const int i = row / G, h = hk * G + row % G;
-            const T* q_row = qb + i * p.q_token_stride + h * p.q_head_stride;
-#pragma unroll
-            for (int jj = 0; jj < VECS_PER_LANE; ++jj)
-#pragma unroll
-                for (int e = 0; e < VEC; ++e) {
-                    const int c = (lv + jj * LANES_PER_KEY) * VEC + e;
-                    q[r][jj * VEC + e] = valid && c < D
-                        ? Math::to_acc(q_row[c * p.q_dim_stride]) * q_scale : Acc(0);
-                }
-        }
-    }
-    // causal: row r (token i_r = (rc * ROWS + r) / G) sees key t iff t <= i_r + n - Lq;
-    // diag0 is the first row's bound, the smallest
-    const int Lq = static_cast<int>(p.Lq);
-    const int diag0 = rc * ROWS / G + n - Lq;
-
+    Acc q[ROWS][ELEMS];    // q[r][e]: row rc * ROWS + r, this lane's columns, times scale
     Acc m_i[ROWS];         // running max of this warp's scores (log2 units for float)
     Acc l_i[ROWS];         // running sum of exp(S - m_i) over this lane's keys
     Acc acc[ROWS][ELEMS];  // unnormalised out: this lane's keys and columns
+    auto main_loop = [&](auto fast_c) {
+        constexpr bool FAST = decltype(fast_c)::value;
+        // -- prologue: the first STAGES - 1 tiles on their way while q is read
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-        m_i[r] = -INFINITY;
-        l_i[r] = Acc(0);
-#pragma unroll
-        for (int e = 0; e < ELEMS; ++e) acc[r][e] = Acc(0);
-    }
+        for (int j = 0; j < STAGES - 1; ++j) load_tile(j, fast_c);
 
-    for (int j = 0; j < num_tiles; ++j) {
-        // tile j has landed (this thread's copies; nobody else reads them); then the slot
-        // of tile j - 1, whose values this thread read and used in the previous iteration
-        // (program order: the copy's write follows those reads), is refilled with tile
-        // j + STAGES - 1
-        decode::cp_async_wait<STAGES - 2>();
-        load_tile(j + STAGES - 1);
-        const int stage = j % STAGES;
-        const int t0 = k_begin + j * BLOCK_N + key0;
-
-        // -- S = q K^T: s[ps][r] for key t0 + ps * KEYS_PER_PASS, summed over the key's lanes
-        Acc s[PASSES][ROWS];
-#pragma unroll
-        for (int ps = 0; ps < PASSES; ++ps) {
-#pragma unroll
-            for (int r = 0; r < ROWS; ++r) s[ps][r] = Acc(0);
-#pragma unroll
-            for (int jj = 0; jj < VECS_PER_LANE; ++jj) {
-                if (lv + jj * LANES_PER_KEY < d_vecs) {  // vectors past D hold nothing
-                    const decode::Vec16<T> x =
-                        decode::lds_vec16<T>(slot(stage, ps * VECS_PER_LANE + jj));
-                    Acc kf[VEC];
-#pragma unroll
-                    for (int e = 0; e < VEC; ++e) kf[e] = Math::to_acc(x.v[e]);
-#pragma unroll
-                    for (int r = 0; r < ROWS; ++r)
-#pragma unroll
-                        for (int e = 0; e < VEC; ++e) s[ps][r] += q[r][jj * VEC + e] * kf[e];
-                }
-            }
-#pragma unroll
-            for (int r = 0; r < ROWS; ++r)
-#pragma unroll
-                for (int mask = 1; mask < LANES_PER_KEY; mask *= 2)
-                    s[ps][r] += __shfl_xor_sync(0xffffffffu, s[ps][r], mask);
-        }
-
-        // -- keys past the split's end, and above the diagonal when causal, score -inf;
-        // only the last tile and tiles that reach the diagonal need it
-        const int t_last = t0 - kg + WARP_KEYS - 1;  // this warp's last key in the tile
-        if (t_last >= k_end || (p.causal && t_last > diag0)) {
+        // q[r][e]: row rc * ROWS + r, this lane's columns, times scale (* log2(e) for float)
+        {
+            const Acc q_scale = Math::q_scale(p);
+            const T* qb = static_cast<const T*>(p.q) + b * p.q_batch_stride;
 #pragma unroll
             for (int r = 0; r < ROWS; ++r) {
-                const int diag = (rc * ROWS + r) / G + n - Lq;
+                const int row = rc * ROWS + r;
+                const bool valid = row < M;
+                const int i = row / G, h = hk * G + row % G;
+                const T* q_row = qb + i * p.q_token_stride + h * p.q_head_stride;
 #pragma unroll
-                for (int ps = 0; ps < PASSES; ++ps) {
-                    const int t = t0 + ps * KEYS_PER_PASS;
-                    if (t >= k_end || (p.causal && t > diag)) s[ps][r] = -INFINITY;
-                }
+                for (int jj = 0; jj < VECS_PER_LANE; ++jj)
+#pragma unroll
+                    for (int e = 0; e < VEC; ++e) {
+                        const int c = (lv + jj * LANES_PER_KEY) * VEC + e;
+                        q[r][jj * VEC + e] = valid && c < D
+                            ? Math::to_acc(q_row[c * p.q_dim_stride]) * q_scale : Acc(0);
+                    }
             }
         }
+        // causal: row r (token i_r = (rc * ROWS + r) / G) sees key t iff t <= i_r + n - Lq;
+        // diag0 is the first row's bound, the smallest
+        const int Lq = static_cast<int>(p.Lq);
+        const int diag0 = rc * ROWS / G + n - Lq;
 
-        // -- update m_i and l_i; P~ = exp(S - m_new); rescale acc
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
-            Acc m_new = m_i[r];
+            m_i[r] = -INFINITY;
+            l_i[r] = Acc(0);
 #pragma unroll
-            for (int ps = 0; ps < PASSES; ++ps) m_new = fmax(m_new, s[ps][r]);
-#pragma unroll
-            for (int mask = LANES_PER_KEY; mask < 32; mask *= 2)  // over the pass's keys
-                m_new = fmax(m_new, __shfl_xor_sync(0xffffffffu, m_new, mask));
-            // a row that has seen only -inf keeps m = -inf; shifting by 0 instead gives
-            // exp(-inf) = 0 rather than exp(-inf + inf) = NaN
-            const Acc m_safe = safe_max(m_new);
-            if (m_new > m_i[r]) {  // rescale by alpha = exp(m_i - m_new) only when the max
-                                   // grew (else alpha = 1); m is the warp's: no divergence
-                const Acc alpha = Math::exp(m_i[r] - m_safe);  // 0 when m_i was -inf
-                l_i[r] *= alpha;
-#pragma unroll
-                for (int e = 0; e < ELEMS; ++e) acc[r][e] *= alpha;
-            }
-            m_i[r] = m_new;
-            Acc row_sum = Acc(0);
-#pragma unroll
-            for (int ps = 0; ps < PASSES; ++ps) {
-                s[ps][r] = Math::exp(s[ps][r] - m_safe);  // s now holds P~
-                row_sum += s[ps][r];
-            }
-            l_i[r] += row_sum;
+            for (int e = 0; e < ELEMS; ++e) acc[r][e] = Acc(0);
         }
 
-        // -- acc += P~ V: this lane's V vectors, of the keys it scored
+        for (int j = 0; j < num_tiles; ++j) {
+            // tile j has landed (this thread's copies; nobody else reads them); then the slot
+            // of tile j - 1, whose values this thread read and used in the previous iteration
+            // (program order: the copy's write follows those reads), is refilled with tile
+            // j + STAGES - 1
+            decode::cp_async_wait<STAGES - 2>();
+            load_tile(j + STAGES - 1, fast_c);
+            const int stage = j % STAGES;
+            const int t0 = k_begin + j * BLOCK_N + key0;
+
+            // -- S = q K^T: s[ps][r] for key t0 + ps * KEYS_PER_PASS, summed over the key's lanes
+            Acc s[PASSES][ROWS];
 #pragma unroll
-        for (int ps = 0; ps < PASSES; ++ps) {
+            for (int ps = 0; ps < PASSES; ++ps) {
 #pragma unroll
-            for (int jj = 0; jj < VECS_PER_LANE; ++jj) {
-                if (lv + jj * LANES_PER_KEY < dv_vecs) {
-                    const decode::Vec16<T> x =
-                        decode::lds_vec16<T>(slot(stage, KV_VECS + ps * VECS_PER_LANE + jj));
-                    Acc vf[VEC];
+                for (int r = 0; r < ROWS; ++r) s[ps][r] = Acc(0);
 #pragma unroll
-                    for (int e = 0; e < VEC; ++e) vf[e] = Math::to_acc(x.v[e]);
+                for (int jj = 0; jj < VECS_PER_LANE; ++jj) {
+                    if (FAST || lv + jj * LANES_PER_KEY < d_vecs) {  // (FAST: all are)  // vectors past D hold nothing
+                        const decode::Vec16<T> x =
+                            decode::lds_vec16<T>(slot(stage, ps * VECS_PER_LANE + jj));
+                        Acc kf[VEC];
 #pragma unroll
-                    for (int r = 0; r < ROWS; ++r)
+                        for (int e = 0; e < VEC; ++e) kf[e] = Math::to_acc(x.v[e]);
 #pragma unroll
-                        for (int e = 0; e < VEC; ++e) acc[r][jj * VEC + e] += s[ps][r] * vf[e];
+                        for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+                            for (int e = 0; e < VEC; ++e) s[ps][r] += q[r][jj * VEC + e] * kf[e];
+                    }
+                }
+#pragma unroll
+                for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+                    for (int mask = 1; mask < LANES_PER_KEY; mask *= 2)
+                        s[ps][r] += __shfl_xor_sync(0xffffffffu, s[ps][r], mask);
+            }
+
+            // -- keys past the split's end, and above the diagonal when causal, score -inf;
+            // only the last tile and tiles that reach the diagonal need it
+            const int t_last = t0 - kg + WARP_KEYS - 1;  // this warp's last key in the tile
+            if (t_last >= k_end || (p.causal && t_last > diag0)) {
+#pragma unroll
+                for (int r = 0; r < ROWS; ++r) {
+                    const int diag = (rc * ROWS + r) / G + n - Lq;
+#pragma unroll
+                    for (int ps = 0; ps < PASSES; ++ps) {
+                        const int t = t0 + ps * KEYS_PER_PASS;
+                        if (t >= k_end || (p.causal && t > diag)) s[ps][r] = -INFINITY;
+                    }
+                }
+            }
+
+            // -- update m_i and l_i; P~ = exp(S - m_new); rescale acc
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) {
+                Acc m_new = m_i[r];
+#pragma unroll
+                for (int ps = 0; ps < PASSES; ++ps) m_new = fmax(m_new, s[ps][r]);
+#pragma unroll
+                for (int mask = LANES_PER_KEY; mask < 32; mask *= 2)  // over the pass's keys
+                    m_new = fmax(m_new, __shfl_xor_sync(0xffffffffu, m_new, mask));
+                // a row that has seen only -inf keeps m = -inf; shifting by 0 instead gives
+                // exp(-inf) = 0 rather than exp(-inf + inf) = NaN
+                const Acc m_safe = safe_max(m_new);
+                if (m_new > m_i[r]) {  // rescale by alpha = exp(m_i - m_new) only when the max
+                                       // grew (else alpha = 1); m is the warp's: no divergence
+                    const Acc alpha = Math::exp(m_i[r] - m_safe);  // 0 when m_i was -inf
+                    l_i[r] *= alpha;
+#pragma unroll
+                    for (int e = 0; e < ELEMS; ++e) acc[r][e] *= alpha;
+                }
+                m_i[r] = m_new;
+                Acc row_sum = Acc(0);
+#pragma unroll
+                for (int ps = 0; ps < PASSES; ++ps) {
+                    s[ps][r] = Math::exp(s[ps][r] - m_safe);  // s now holds P~
+                    row_sum += s[ps][r];
+                }
+                l_i[r] += row_sum;
+            }
+
+            // -- acc += P~ V: this lane's V vectors, of the keys it scored
+#pragma unroll
+            for (int ps = 0; ps < PASSES; ++ps) {
+#pragma unroll
+                for (int jj = 0; jj < VECS_PER_LANE; ++jj) {
+                    if (FAST || lv + jj * LANES_PER_KEY < dv_vecs) {
+                        const decode::Vec16<T> x =
+                            decode::lds_vec16<T>(slot(stage, KV_VECS + ps * VECS_PER_LANE + jj));
+                        Acc vf[VEC];
+#pragma unroll
+                        for (int e = 0; e < VEC; ++e) vf[e] = Math::to_acc(x.v[e]);
+#pragma unroll
+                        for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+                            for (int e = 0; e < VEC; ++e) acc[r][jj * VEC + e] += s[ps][r] * vf[e];
+                    }
                 }
             }
         }
-    }
+
+    };
+    if (fast) main_loop(decode::BoolC<true>{});
+    else main_loop(decode::BoolC<false>{});
 
     // -- the warp's l_i and acc: summed over its KEYS_PER_PASS key lanes (same columns)
 #pragma unroll
@@ -804,7 +872,10 @@ flash_decode(const DecodeParams p) {
     // every warp's (m, l, acc) is in shared memory
     __syncthreads();
 
-    decode::merge_warps_and_store<T, HEAD_DIM, ROWS, NUM_WARPS>(p, smem_raw, b, hk, split, rc);
+    // (the block's coordinates again: recomputed, not held in registers through the loop)
+    const decode::BlockCoords again = decode::block_coords(p);
+    decode::merge_warps_and_store<T, HEAD_DIM, ROWS, NUM_WARPS>(p, smem_raw, again.b, again.hk,
+                                                                again.split, again.rc);
 }
 
 // ----------------------------------------------------------------------------------------
@@ -945,13 +1016,9 @@ flash_decode_mma(const DecodeParams p) {
 
     // -- which block: (b, hk, split, row chunk), as the SIMT kernel's
     const int G = static_cast<int>(p.G), M = static_cast<int>(p.M);
-    unsigned id = blockIdx.x;
-    const int rc = static_cast<int>(id % static_cast<unsigned>(p.row_chunks));
-    id /= static_cast<unsigned>(p.row_chunks);
-    const int split = static_cast<int>(id % static_cast<unsigned>(p.num_splits));
-    id /= static_cast<unsigned>(p.num_splits);
-    const int hk = static_cast<int>(id % static_cast<unsigned>(p.Hk));
-    const long long b = id / static_cast<unsigned>(p.Hk);
+    const decode::BlockCoords coords = decode::block_coords(p);
+    const int rc = coords.rc, split = coords.split, hk = coords.hk;
+    const long long b = coords.b;
     if (b >= p.B) return;
 
     const int tid = threadIdx.x;
