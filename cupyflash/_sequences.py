@@ -284,14 +284,15 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
         import cupy as xp
     else:
         xp = np
-    result = xp.empty((total_q, H, Dv), dtype=q.dtype) if out is None else out
+    if out is None:
+        out = xp.empty((total_q, H, Dv), dtype=q.dtype)
     lse = xp.empty((H, total_q), dtype=_api.accumulator_dtype(q.dtype))
     launch = None
     if xp_name == "cupy" and max(q.shape[0], k.shape[0]) < 2**31:
         from . import _cupy_backend
         # all the host work that needs no offsets, before device offsets are read
         launch = _cupy_backend.prepare_varlen_forward(q, k, v, cu_q.shape[0] - 1,
-                                                      bool(causal), scale, result, lse)
+                                                      bool(causal), scale, out, lse)
     given_cu = (cu_q, cu_k)
     cu_q, cu_k = _host(cu_q), _host(cu_k)  # device offsets: waits for the GPU
     _check_cu_seqlens(fn, "cu_seqlens_q", cu_q, q.shape[0], "q.shape[0]")
@@ -299,7 +300,6 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
     lengths_q, lengths_k = np.diff(cu_q), np.diff(cu_k)
     max_seqlen_q = _check_max_seqlen(fn, "max_seqlen_q", max_seqlen_q, lengths_q)
     max_seqlen_k = _check_max_seqlen(fn, "max_seqlen_k", max_seqlen_k, lengths_k)
-    out = result
     if launch is not None:
         device_id = q.data.device_id
         launch(_device_offsets(given_cu[0], cu_q, device_id),

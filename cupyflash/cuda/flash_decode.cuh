@@ -178,10 +178,10 @@ struct DecodeTraits {
     static constexpr int KEYS_PER_PASS = 32 / LANES_PER_KEY;         // keys a warp scores at once
     // Passes per tile: two K and two V vectors per lane and tile (four each for float64 at
     // HEAD_DIM = 256), 2 KiB per warp; with one row and two vectors a lane, two passes (4
-    // KiB), whose keys' dependency chains (dot product, butterfly, max, exp) interleave:
-    // with one pass a warp's tile took ~13.7 cycles per instruction, almost all of it
-    // waiting on that chain, and at batch 64 (~4 blocks per SM) the warps could not
-    // consume 2 KiB tiles as fast as HBM delivers them (ncu, benchmarks/NOTES.md session 9).
+    // KiB), whose keys' dependency chains (dot product, butterfly, max, exp) interleave.
+    // Measured on an H100 (benchmarks/NOTES.md, session 9): batch 4 went from 0.82-0.89x
+    // to 0.92-0.93x cuDNN; batch 1, 16 and 64 stayed where they were (at 64, ~4 blocks
+    // per SM, the chain was not what held the copies back).
     static constexpr bool TWO_PASS_ROW = ROWS == 1 && VECS_PER_LANE == 2;
     static constexpr int PASSES = VECS_PER_LANE >= 2 ? (TWO_PASS_ROW ? 2 : 1) : 2;
     static constexpr int ELEMS = VECS_PER_LANE * VEC;                // q and acc columns per lane
