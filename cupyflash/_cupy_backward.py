@@ -11,7 +11,7 @@
    the gradients over broadcast batch dimensions (grouped-query attention) in float32.
 
 On a GPU of compute capability 9.0 the main kernel of fp16/bf16 problems at head dims
-33..128 without variants is the Hopper one (``flash_bwd_wgmma``: wgmma, TMA, warp
+33..256 without variants is the Hopper one (``flash_bwd_wgmma``: wgmma, TMA, warp
 specialisation), unless ``CUPYFLASH_BWD_KERNEL=mma`` (see :func:`backward_kernel`). It
 adds dQ in 64 x 64 fp32 tiles by bulk reduce-adds (``dq_accum`` is then tiled, and
 ``dq_from_tiles`` replaces step 4's ``scale_convert`` for dQ); with ``deterministic=True``
@@ -117,7 +117,7 @@ def backward_kernel():
     """The fp16/bf16 backward kernel family that ``CUPYFLASH_BWD_KERNEL`` asks for.
 
     ``wgmma``: the Hopper kernel (cuda/flash_bwd_wgmma.cuh) wherever it applies: fp16/bf16
-    on a GPU of compute capability 9.0, head dims up to 128, no variants, and q, k, v,
+    on a GPU of compute capability 9.0, head dims up to 256, no variants, and q, k, v,
     dout that tensor maps can describe (otherwise the mma.sync kernel runs). ``auto`` (or
     unset): as ``wgmma`` for head dims above 32; at 32 and below padding to 64 would
     double the work. ``mma``: the mma.sync kernel everywhere.
@@ -129,20 +129,27 @@ def backward_kernel():
     return choice
 
 
-# cuda/flash_bwd_wgmma.cuh: BwdWgmmaTraits' fixed shape (two consumer warpgroups of 64
-# keys, 64 query rows a step) and its Q/dO stages per head dim.
-WGMMA_BWD_HEAD_DIMS = (64, 128)
-WGMMA_BWD_BLOCK_M, WGMMA_BWD_BLOCK_N = 64, 128
-WGMMA_BWD_STAGES = {64: 2, 128: 2}
+# cuda/flash_bwd_wgmma.cuh: BwdWgmmaTraits' shape (two consumer warpgroups, 64 query rows
+# a step; 64 keys each, or at d = 256 64 keys shared and the head dim split between them)
+# and its Q/dO stages per head dim.
+WGMMA_BWD_HEAD_DIMS = (64, 128, 256)
+WGMMA_BWD_BLOCK_M = 64
+WGMMA_BWD_BLOCK_N = {64: 128, 128: 128, 256: 64}
+WGMMA_BWD_STAGES = {64: 2, 128: 2, 256: 2}
 WGMMA_BWD_AUTO_MIN_HEAD_DIM = 32
 
 
 def _wgmma_bwd_smem_bytes(head_dim, stages):
     """As BwdWgmmaTraits::SMEM_BYTES."""
-    bm, bn = WGMMA_BWD_BLOCK_M, WGMMA_BWD_BLOCK_N
-    dq_stage = 2 * 64 * 64 * 4 * (head_dim // 64)  # two fp32 tiles per dQ consumer
-    return (1024 + 2 * bn * head_dim * 2 + 2 * stages * bm * head_dim * 2 + 2 * bn * bm * 2
-            + dq_stage + 2 * stages * bm * 4 + 8 * (1 + 2 * stages))
+    bm, bn = WGMMA_BWD_BLOCK_M, WGMMA_BWD_BLOCK_N[head_dim]
+    split_d = head_dim == 256
+    # d = 256: P^T through two shared tiles, dQ staged in Q's and dO's stages, a dq_full
+    # mbarrier per stage; else two fp32 dQ staging tiles per dQ consumer
+    p_tiles = 2 * bn * bm * 2 if split_d else 0
+    dq_stage = 0 if split_d else 2 * 64 * 64 * 4 * (head_dim // 64)
+    return (1024 + 2 * bn * head_dim * 2 + 2 * stages * bm * head_dim * 2 + p_tiles
+            + 2 * bn * bm * 2 + dq_stage + 2 * stages * bm * 4
+            + 8 * (1 + (3 if split_d else 2) * stages))
 
 
 @functools.lru_cache(maxsize=64)
@@ -158,7 +165,7 @@ def _wgmma_backward_config(D, dtype_name, compute_capability, causal, determinis
                    f"{stages}, {'true' if causal else 'false'}, "
                    f"{'false' if deterministic else 'true'}>"),
         main_threads=384, main_smem=_wgmma_bwd_smem_bytes(head_dim, stages),
-        block_n=WGMMA_BWD_BLOCK_N, dq_source=mma.dq_source, dq_name=mma.dq_name,
+        block_n=WGMMA_BWD_BLOCK_N[head_dim], dq_source=mma.dq_source, dq_name=mma.dq_name,
         dq_threads=mma.dq_threads, dq_smem=mma.dq_smem, block_m_dq=mma.block_m_dq,
         align_elems=8, pad_d_to=8, kernel="wgmma", block_m=WGMMA_BWD_BLOCK_M)
 
