@@ -61,7 +61,7 @@
 // arrives on the stage's dq_full mbarrier; warp 2 of the producer (the dQ writer) adds the
 // four 16 KiB tiles to dq_accum by bulk reduce-adds and hands the stage back to the loads
 // once they have been read. 8-byte reductions from registers (red.global.add.v2.f32)
-// instead made the kernel 1.7x slower on the H100 (benchmarks/NOTES.md, session 10).
+// instead made the kernel 1.16x slower on the H100 (benchmarks/NOTES.md, session 10).
 #pragma once
 
 #include "flash_bwd_mma.cuh"    // lse_log2, bulk reduce-adds, fence_proxy_async_shared
