@@ -101,7 +101,7 @@ struct BwdWgmmaTraits {
     static constexpr int P_TILES = SPLIT_D ? 2 : 0;               // P^T through shared memory
     // dQ staging: two 64 x DQ_N fp32 tiles per dQ consumer (query block i in i % 2), in
     // dq_accum's tile layout (DqTiles), so that one bulk reduce-add copies a whole tile;
-    // none at d = 256 (vector reductions from registers).
+    // none at d = 256 (staged in the Q and dO stages instead, see the top).
     static constexpr int DQ_TILE_FLOATS = 64 * DQ_N;
     static constexpr int DQ_STAGE_BYTES = SPLIT_D ? 0 : 2 * DQ_TILE_FLOATS * 4;
     static constexpr int SMEM_K = 0;
