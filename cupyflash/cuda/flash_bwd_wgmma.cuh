@@ -299,6 +299,22 @@ __device__ __forceinline__ void bwd_probabilities(float (&s)[Tr::S_N_TILES][4],
     }
 }
 
+// One commit group of S^T = K_j Q_i^T (or dP^T = V_j dO_i^T): A = the consumer's key rows
+// of K (V) at a_desc, B = its query rows of Q_i (dO_i) of buffer st at b_desc, both K-major;
+// k over the head dim: slab kk / 4, 32 bytes into its 128-byte rows per k16 step.
+template <typename Tr, typename Mma, int N_TILES>
+__device__ __forceinline__ void bwd_issue_over_head_dim(float (&acc)[N_TILES][4],
+                                                        unsigned long long a_desc,
+                                                        unsigned long long b_desc, int st) {
+#pragma unroll
+    for (int kk = 0; kk < Tr::QK_K_STEPS; ++kk) {
+        const int a_off = (kk / 4) * Tr::BLOCK_N * 128 + (kk % 4) * 32;
+        const int b_off = st * Tr::Q_TILE_BYTES + (kk / 4) * Tr::BLOCK_M * 128 + (kk % 4) * 32;
+        Mma::ss(acc, a_desc + (a_off >> 4), b_desc + (b_off >> 4), kk > 0);
+    }
+    wgmma_commit();
+}
+
 // dK_j *= scale; a consumer's dK_j and dV_j (its keys key0.., head-dim columns col0..) to
 // global memory; rows past Lk are not stored.
 template <typename Tr>
@@ -399,23 +415,11 @@ __device__ __forceinline__ void bwd_wgmma_consumer(const AttentionParams& p,
 
         // S^T = K_j Q_i^T and dP^T = V_j dO_i^T, two groups in flight: A = this
         // consumer's rows of K (V), B = Q_i (dO_i) of buffer st, k over the head dim.
-        auto issue_over_head_dim = [&](float (&acc)[S_N_TILES][4],
-                                       unsigned long long a_desc, unsigned long long b_desc) {
-#pragma unroll
-            for (int kk = 0; kk < Tr::QK_K_STEPS; ++kk) {
-                // head dims 16kk..16kk+15: slab kk / 4, 32 bytes into its rows per step
-                const int a_off = (kk / 4) * BLOCK_N * 128 + (kk % 4) * 32;
-                const int b_off =
-                    st * Tr::Q_TILE_BYTES + (kk / 4) * BLOCK_M * 128 + (kk % 4) * 32;
-                MmaS::ss(acc, a_desc + (a_off >> 4), b_desc + (b_off >> 4), kk > 0);
-            }
-            wgmma_commit();
-        };
         fence_operands(s);
         fence_operands(dp);
         wgmma_fence();
-        issue_over_head_dim(s, k_desc, q_desc);
-        issue_over_head_dim(dp, v_desc, do_desc);
+        bwd_issue_over_head_dim<Tr, MmaS>(s, k_desc, q_desc, st);
+        bwd_issue_over_head_dim<Tr, MmaS>(dp, v_desc, do_desc, st);
 
         // P^T while dP^T accumulates.
         wgmma_wait<1>();
@@ -577,23 +581,12 @@ __device__ __forceinline__ void bwd_wgmma_consumer_split_d(const AttentionParams
         mbarrier_wait(blk.q_full(st), (it / STAGES) & 1);
 
         // S^T = K_j Q_i^T and dP^T = V_j dO_i^T on this consumer's query columns, two
-        // groups in flight, k over the 256 head dims (slab kk / 4, 32 bytes a step).
-        auto issue_over_head_dim = [&](float (&acc)[S_N_TILES][4],
-                                       unsigned long long a_desc, unsigned long long b_desc) {
-#pragma unroll
-            for (int kk = 0; kk < Tr::QK_K_STEPS; ++kk) {
-                const int a_off = (kk / 4) * BLOCK_N * 128 + (kk % 4) * 32;
-                const int b_off =
-                    st * Tr::Q_TILE_BYTES + (kk / 4) * BLOCK_M * 128 + (kk % 4) * 32;
-                MmaS::ss(acc, a_desc + (a_off >> 4), b_desc + (b_off >> 4), kk > 0);
-            }
-            wgmma_commit();
-        };
+        // groups in flight, k over the 256 head dims.
         fence_operands(s);
         fence_operands(dp);
         wgmma_fence();
-        issue_over_head_dim(s, k_desc, q_desc);
-        issue_over_head_dim(dp, v_desc, do_desc);
+        bwd_issue_over_head_dim<Tr, MmaS>(s, k_desc, q_desc, st);
+        bwd_issue_over_head_dim<Tr, MmaS>(dp, v_desc, do_desc, st);
 
         // P^T while dP^T accumulates, then dS^T = P^T * (dP^T - delta_i); both halves go
         // to the shared tiles of buffer it % 2.
