@@ -102,6 +102,20 @@ no ``max(1, ...)``: a gradient of tiny values is held to a floor of its own size
 dropout, ``dP`` and ``P`` in these are the dropped ``dP * Z / (1 - dropout_p)`` and the
 weights ``W``, as in the formulas themselves.
 
+Underflow: ``u`` bounds the relative error of a rounding only above the dtype's smallest
+normal number (6.1e-5 for float16). Below it the spacing is fixed (2^-24 for float16), so
+a rounding errs by up to half of it whatever the value: ``round_T(x) = x (1 + d) + e``
+with ``|d| <= u``, ``|e| <= eta_T`` (Higham's model with gradual underflow;
+:data:`UNDERFLOW_ETA`). Gradients of inputs with tiny dout (1e-3 and less in float16) pass
+through that range: the kernels round dS (and P, for dV) to T as the operands of their
+products, and round the gradient of each batch element to T before the sum over broadcast
+dimensions (grouped-query attention). So each batch element's gradient also gets
+``eta_T`` for its own rounding plus that of its operands, ``|scale| eta_T sum_j |k_j|``
+for dq, ``|scale| eta_T sum_i |q_i|`` for dk and ``eta_T sum_i |dO_i|`` for dv, over the
+pairs with ``P_ij > 0`` (elsewhere dS and P are exactly 0), and a broadcast gradient the
+sum of those of its terms. Beyond float16's subnormals these terms are below 1e-38,
+nothing.
+
 Slack: the backward recomputes ``P_ij = exp(S_ij - lse_i)`` from its own S and the
 forward's lse. Both carry the score rounding of the forward's slack (``eps_i``), and the
 subtraction rounds at the magnitude of ``lse_i`` (about the largest score, or ``log Lk``
@@ -141,6 +155,15 @@ UNIT_ROUNDOFF = {
     "bfloat16": 2.0 ** -8,
     "float32": 2.0 ** -24,
     "float64": 2.0 ** -53,
+}
+
+# Half the spacing of each dtype's subnormal numbers: the absolute error a rounding may add
+# below the smallest normal number, where u no longer bounds it (see "Underflow" above).
+UNDERFLOW_ETA = {
+    "float16": 2.0 ** -25,
+    "bfloat16": 2.0 ** -134,
+    "float32": 2.0 ** -150,
+    "float64": 0.0,  # 2^-1075: below float64's range; the truth is WIDE there anyway
 }
 
 # The floor, in unit roundoffs of the result's dtype: one rounding of the result to its
@@ -702,19 +725,24 @@ def backward_floors_and_slacks(dout, q, k, v, *, causal, scale, return_dbias=Fal
         g = 1 - t * t
         d_ds0 = d_ds * g + np.abs(p * (dp - delta)) * (
             2 * np.abs(t) * g * raw_eps[..., None] / variants["softcap"] + FLOOR_ULPS * u_acc)
-    slacks = (abs(scale) * np.matmul(d_ds0, abs_k),
-              abs(scale) * np.matmul(np.swapaxes(d_ds0, -1, -2), abs_q),
-              np.matmul(np.swapaxes(r if zr is None else r * zr, -1, -2), abs_do))
+    # underflow of the operands dS (dq, dk) and W (dv) rounded to T where they are not 0
+    eta = UNDERFLOW_ETA[np.dtype(q.dtype).name]
+    seen, weighted = (p > 0).astype(f64), (w > 0).astype(f64)
+    slacks = (abs(scale) * np.matmul(d_ds0 + eta * seen, abs_k),
+              abs(scale) * np.matmul(np.swapaxes(d_ds0 + eta * seen, -1, -2), abs_q),
+              np.matmul(np.swapaxes((r if zr is None else r * zr) + eta * weighted, -1, -2),
+                        abs_do))
     u = unit_roundoff(q.dtype)
     shapes = (q.shape, k.shape, v.shape)
     floors = tuple(FLOOR_ULPS * u * _finite_abs_max(sum_to_shape(n, shape))
                    for n, shape in zip(naturals, shapes))
-    slacks = tuple(sum_to_shape(sl, shape) for sl, shape in zip(slacks, shapes))
+    # (+ eta: each batch element's gradient is rounded to T before the broadcast sum)
+    slacks = tuple(sum_to_shape(sl + eta, shape) for sl, shape in zip(slacks, shapes))
     if return_dbias:
         bias = variants["bias"]
         u_bias = max(u, unit_roundoff(bias.dtype))
         floors += (FLOOR_ULPS * u_bias * _finite_abs_max(sum_to_shape(ds_nat, bias.shape)),)
-        slacks += (sum_to_shape(d_ds, bias.shape),)
+        slacks += (sum_to_shape(d_ds, bias.shape) + UNDERFLOW_ETA[np.dtype(bias.dtype).name],)
     return floors, slacks
 
 

@@ -108,6 +108,9 @@ def check_case(dq, dk, dv, dout, q, k, v, case, scale):
 @example(case=AttentionCase("float16", Lq=2, Lk=80, D=8, Dv=8, q_batch=(3,), k_batch=(1,),
                             v_batch=(3,), logit_max=1e4, negative_scale=True, seed=6),
          dout_scale=1.0, deterministic=False)
+@example(case=AttentionCase("float16", Lq=1, Lk=2, D=32, Dv=8, q_batch=(1,), k_batch=(),
+                            v_batch=(3,), logit_max=1e-3, seed=0),
+         dout_scale=1e-3, deterministic=False)  # float16 subnormal dS and dk (session 10)
 def test_matches_reference(xp, case, dout_scale, deterministic):
     q, k, v, scale = case.inputs()
     dout = draw_dout(case, dout_scale)
