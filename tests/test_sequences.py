@@ -717,6 +717,48 @@ def test_varlen_on_gpu_at_tile_edges(monkeypatch, persistent, fwd_kernel, dtype,
 
 
 @gpu_only
+@pytest.mark.parametrize("persistent", ["auto", "0"])
+@pytest.mark.parametrize("fwd_kernel", ["auto", "mma"])
+@pytest.mark.parametrize("dtype, D, causal", [
+    ("float16", 64, False),
+    ("bfloat16", 128, True),
+    ("float16", 96, False),
+    ("float32", 32, True),
+    ("bfloat16", 256, False),
+])
+def test_varlen_on_gpu_reads_no_other_sequence(monkeypatch, persistent, fwd_kernel, dtype, D,
+                                              causal):
+    """Every other sequence's keys and values are non-finite (K NaN, V +Inf and -Inf): the
+    finite sequences still match their own truth, never NaN, whatever the packed kernels
+    read past a sequence's end (the Hopper kernel's last key block reaches into the next
+    sequence's rows, whose V rows P = 0 would turn into NaN)."""
+    import cupy
+    monkeypatch.setenv("CUPYFLASH_FWD_KERNEL", fwd_kernel)
+    monkeypatch.setenv("CUPYFLASH_FWD_PERSISTENT", persistent)
+    case = VarlenCase(dtype, EDGE_LENGTHS_Q, EDGE_LENGTHS_K, Hk=2, group=2, D=D, Dv=D,
+                      causal=causal, seed=3 * D + causal)
+    q, k, v, cu_q, cu_k = case.inputs()
+    poisoned = np.arange(len(EDGE_LENGTHS_K)) % 2 == 1
+    for s in np.flatnonzero(poisoned):
+        k[cu_k[s]:cu_k[s + 1]] = np.nan
+        v[cu_k[s]:cu_k[s + 1]] = np.inf
+        v[cu_k[s]:cu_k[s + 1], :, ::2] = -np.inf
+    out, lse = cupyflash.attention_varlen(*(cupy.asarray(x) for x in (q, k, v, cu_q, cu_k)),
+                                          causal=causal, return_lse=True)
+    out, lse = out.get(), lse.get()
+    kept = [s for s in range(len(poisoned)) if not poisoned[s]]
+    pick_q = np.concatenate([np.arange(cu_q[s], cu_q[s + 1]) for s in kept])
+    pick_k = np.concatenate([np.arange(cu_k[s], cu_k[s + 1]) for s in kept])
+    lengths_q = [EDGE_LENGTHS_Q[s] for s in kept]
+    lengths_k = [EDGE_LENGTHS_K[s] for s in kept]
+    cu = (np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+          for lengths in (lengths_q, lengths_k))
+    check_varlen(dataclasses.replace(case, lengths_q=tuple(lengths_q), lengths_k=tuple(lengths_k)),
+                 out[pick_q], lse[:, pick_q], q[pick_q], k[pick_k], v[pick_k], *cu)
+    assert not np.isnan(out[pick_q]).any()
+
+
+@gpu_only
 @pytest.mark.parametrize("dtype, D", [("float16", 64), ("bfloat16", 128), ("float16", 24),
                                       ("float32", 64), ("float64", 40)])
 def test_varlen_on_gpu_is_one_launch(monkeypatch, dtype, D):

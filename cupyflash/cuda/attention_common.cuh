@@ -143,4 +143,12 @@ __device__ __forceinline__ T safe_inverse(T l) {
     return l == T(0) ? T(0) : T(1) / l;
 }
 
+// Make this thread's shared-memory writes visible to the async proxy (bulk copies, TMA,
+// wgmma's shared-memory operands) of an operation ordered after it (sm_90).
+__device__ __forceinline__ void fence_proxy_async_shared() {
+#if __CUDA_ARCH__ == 900
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
 }  // namespace cupyflash

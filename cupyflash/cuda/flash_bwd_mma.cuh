@@ -184,12 +184,6 @@ __device__ __forceinline__ void bulk_wait() {
     else asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
 #endif
 }
-// Make this thread's shared-memory writes visible to the bulk copy engine (async proxy).
-__device__ __forceinline__ void fence_proxy_async_shared() {
-#if __CUDA_ARCH__ == 900
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-#endif
-}
 
 template <int N_TILES>
 __device__ __forceinline__ void zero(float (&c)[N_TILES][4]) {

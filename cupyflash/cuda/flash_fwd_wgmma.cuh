@@ -193,6 +193,9 @@ __device__ __forceinline__ void setmaxnreg_dec() {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(REGS));
 }
 
+__device__ __forceinline__ void st_shared_zero16(unsigned addr) {  // 16 zero bytes
+    asm volatile("st.shared.v4.b32 [%0], {%1, %1, %1, %1};\n" :: "r"(addr), "r"(0) : "memory");
+}
 __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
     asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
@@ -325,7 +328,8 @@ struct TileSlot {
 };
 
 template <typename T, int HEAD_DIM, int BLOCK_N, int NUM_CONSUMERS, int STAGES, bool IS_CAUSAL,
-          bool IS_LOCAL, bool VARIANTS, bool PERSISTENT, bool VARLEN = false>
+          bool IS_LOCAL, bool VARIANTS, bool PERSISTENT, bool VARLEN = false,
+          bool PACKED = VARLEN>
 __device__ __forceinline__ void flash_fwd_wgmma_body(const AttentionParams& p,
                                                      const VariantParams& vp,
                                                      const TmaDescriptor& tma_q,
@@ -523,7 +527,8 @@ __device__ __forceinline__ void flash_fwd_wgmma_body(const AttentionParams& p,
                     const int kb = k_base + it;
                     mbarrier_wait(empty, pass_of(kb) ^ 1);  // the buffer was handed back
                     mbarrier_arrive_expect_tx(full, Tr::KV_TILE_BYTES);
-                    // (rows past a packed sequence's Lk are the next sequence's: masked to P = 0)
+                    // (rows past a packed sequence's Lk are the next sequence's: masked to P = 0,
+                    // and V's zeroed by the consumers, PACKED)
                     const int n0 = (int)ext.k_row0 + (tile.n_blocks - 1 - it) * BLOCK_N;
 #pragma unroll
                     for (int s = 0; s < SLABS; ++s)
@@ -692,6 +697,27 @@ __device__ __forceinline__ void flash_fwd_wgmma_body(const AttentionParams& p,
             }
             const long long diag = ext.Lk - ext.Lq;  // query i sees key j iff j <= i + diag
 
+            // Packed sequences (PACKED): key block n_blocks - 1, the first visited, may
+            // reach past the sequence's Lk into the next sequence's rows. Their scores are
+            // set to -inf, but P = 0 times an Inf or NaN of V is NaN, so consumer 0 writes
+            // zeros over those rows of the V buffer before it takes its turn to issue that
+            // block's P V; the turns order the zeros before every other consumer's P V
+            // (consumer 0 takes the first turn of each round). Whole 128-byte rows of each
+            // slab: the swizzle moves 16-byte pieces only within a row. (Elsewhere the
+            // maps end at Lk, and TMA fills the rows past it with zeros.)
+            auto clear_v_past_end = [&](int st) {
+                if constexpr (PACKED) {
+                    const int valid = (int)(ext.Lk - (long long)(tile.n_blocks - 1) * BLOCK_N);
+                    if (wg != 0 || valid >= BLOCK_N) return;
+#pragma unroll
+                    for (int s = 0; s < SLABS; ++s)
+                        for (int i = valid * 8 + (int)threadIdx.x % 128; i < BLOCK_N * 8; i += 128)
+                            st_shared_zero16(sV + st * Tr::KV_TILE_BYTES + s * BLOCK_N * 128 +
+                                             i * 16);
+                    fence_proxy_async_shared();  // (wgmma reads shared memory as the async proxy)
+                }
+            };
+
 #pragma unroll
             for (int nt = 0; nt < O_N_TILES; ++nt)
 #pragma unroll
@@ -799,6 +825,7 @@ __device__ __forceinline__ void flash_fwd_wgmma_body(const AttentionParams& p,
                     // never holds the tensor cores' turn while waiting for a load.
                     mbarrier_wait(k_full(st), pass_of(kb));
                     mbarrier_wait(v_full(prev), pass_of(kb - 1));
+                    if (it == 1) clear_v_past_end(prev);
                     wait_turn();
                     issue_qk(st);
                     softmax.rescale_acc(acc);  // owed by the previous softmax; acc is idle now
@@ -819,6 +846,7 @@ __device__ __forceinline__ void flash_fwd_wgmma_body(const AttentionParams& p,
                 const int last = stage_of(k_base + n_iters - 1);
                 softmax.rescale_acc(acc);
                 mbarrier_wait(v_full(last), pass_of(k_base + n_iters - 1));
+                if (n_iters == 1) clear_v_past_end(last);
                 wait_turn();
                 issue_pv(last);
                 pass_turn();
@@ -954,8 +982,9 @@ flash_fwd_wgmma_variants(const AttentionParams p, const VariantParams vp,
 // its causal mask aligned to the bottom-right corner as FlashAttention's varlen, so no
 // score modifier is needed (the variants kernel's d = 64 tile has 64-key blocks, which cost
 // varlen 1.2-1.3x at d = 64). Rows past the sequence's end are the next sequence's, not
-// zeros: keys there are past its Lk (P = 0 exactly, so their V rows add nothing), queries
-// there are never stored.
+// zeros: keys there are past its Lk (P = 0 exactly, and the body writes zeros over their V
+// rows, which might hold Inf or NaN, before P V reads them: PACKED), queries there are
+// never stored.
 //
 // PERSISTENT: one block per SM at most, drawing tiles from *tile_counter (zero at launch)
 // as flash_fwd_wgmma does, the n_seqs sequences that have queries in the host's order,
@@ -983,7 +1012,8 @@ flash_fwd_wgmma_varlen(const AttentionParams p, const VariantParams vp,
         long long q_row0, k_row0;
         const AttentionParams ps = sequence_params<T, float>(p, vp, b, q_row0, k_row0);
         flash_fwd_wgmma_body<T, HEAD_DIM, BLOCK_N, NUM_CONSUMERS, STAGES, IS_CAUSAL, false, false,
-                             false>(ps, vp, tma_q, tma_k, tma_v, q_row0, k_row0, nullptr);
+                             false, false, /*PACKED=*/true>(ps, vp, tma_q, tma_k, tma_v, q_row0,
+                                                            k_row0, nullptr);
     }
 }
 
