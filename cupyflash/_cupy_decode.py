@@ -103,6 +103,7 @@ def _pack(fields, values):
 DECODE_HEAD_DIMS = (32, 64, 128, 256)
 NUM_THREADS = 128             # DecodeTraits::NUM_THREADS: 4 warps
 STAGES = 4                    # DecodeTraits::STAGES (3 for TWO_PASS_ROW)
+PIPE_ALIGN = 128              # DECODE_PIPE_ALIGN: slack to align the pipelines to 128 bytes
 COMBINE_THREADS = 128         # COMBINE_THREADS of the .cuh
 COMBINE_MAX_SPLITS = 1024     # COMBINE_MAX_SPLITS of the .cuh
 APPEND_THREADS = 256          # APPEND_THREADS of the .cuh
@@ -190,7 +191,7 @@ def decode_config(D, Dv, dtype_name, compute_capability, M):
             name_expression=f"cupyflash::flash_decode_mma<{ctype}, {head_dim}>",
             traits=f"cupyflash::DecodeMmaTraits<{ctype}, {head_dim}>",
             rows=MMA_ROWS, block_n=4 * warp_n,
-            smem_bytes=max(MMA_STAGES * 4 * warp_stage, merge_bytes),
+            smem_bytes=max(MMA_STAGES * 4 * warp_stage, merge_bytes) + PIPE_ALIGN,
             inflight_bytes=(MMA_STAGES - 1) * 4 * warp_stage, **common)
     top = max_rows(dtype_name, head_dim)
     rows = 1 if M <= 1 else 4 if M <= 4 or top == 4 else 8
@@ -211,7 +212,7 @@ def decode_config(D, Dv, dtype_name, compute_capability, M):
     return DecodeConfig(
         name_expression=f"cupyflash::flash_decode<{ctype}, {head_dim}, {rows}>",
         traits=f"cupyflash::DecodeTraits<{ctype}, {head_dim}, {rows}>",
-        rows=rows, block_n=block_n, smem_bytes=max(pipe_bytes, merge_bytes),
+        rows=rows, block_n=block_n, smem_bytes=max(pipe_bytes, merge_bytes) + PIPE_ALIGN,
         inflight_bytes=(stages - 1) * stage_vecs * NUM_THREADS * 16, **common)
 
 
@@ -228,16 +229,18 @@ def decode_variants():
 
 
 # Splits: every multiprocessor should keep INFLIGHT_PER_SM bytes of K and V in flight (an
-# H100 needs ~25 KiB per SM: 3.35 TB/s times ~1 us of loaded DRAM latency, over 132 SMs;
-# twice that for margin), which takes `blocks_per_sm` blocks per SM. Without splitting,
-# B * Hk * row_chunks blocks may be fewer; then the keys are split so that there are WAVES
-# times as many blocks as that needs (spread evenly, a late block finds work), but never
-# more than the GPU holds at once (a second, partial wave of blocks would add a whole
-# block's time), each split at least MIN_SPLIT_BYTES of K and V, so that a block's start
-# (q, the first DRAM latency) and end (the warps' merge, the partial write) stay small
-# beside its reading.
-INFLIGHT_PER_SM = 48 * 1024
-WAVES = 2
+# H100 needs ~25 KiB per SM: 3.35 TB/s times ~1 us of loaded DRAM latency, over 132 SMs),
+# which takes `need` blocks. Without splitting, B * Hk * row_chunks blocks may be fewer;
+# then the keys are split into the most splits that keep the blocks at or below `need`
+# (so at least half of it: a block more than one per SM shares that SM's reading and adds
+# a start and an end, the warps' merge and the partial write), never more than the GPU holds at
+# once (a second, partial wave of blocks would add a whole block's time), each split at
+# least MIN_SPLIT_BYTES of K and V, so that a block's start (q, the first DRAM latency) and
+# end stay small beside its reading. Measured on an H100 (benchmarks/NOTES.md, session 11;
+# d = 128, 8/8 heads, aligned pipelines): one block per SM is the best of the counts
+# tried (batch 1, 8k: 16 splits 20.5 us, 32 splits 21.4, 64 splits 23.9; batch 4: 4
+# splits 52.5, 16 splits 54.1; batch 16: 1 split 175.1, 4 splits 183.5).
+INFLIGHT_PER_SM = 24 * 1024
 MIN_SPLIT_BYTES = 64 * 1024
 
 
@@ -250,28 +253,26 @@ def choose_num_splits(base_blocks, max_keys, block_n, key_bytes, num_sms, inflig
     key of one kv head, ``inflight_bytes`` what one block keeps in flight,
     ``resident_per_sm`` how many blocks of the kernel an SM holds at once (None: no
     limit). With ``need = num_sms * ceil(INFLIGHT_PER_SM / inflight_bytes)`` blocks
-    keeping every SM busy, returns 1 when ``base_blocks >= need``, else the smallest count
-    that gives ``WAVES * need`` blocks but at most ``num_sms * resident_per_sm`` (one
-    wave), with whole tiles of ``block_n`` keys per split, at least MIN_SPLIT_BYTES per
-    split and at most COMBINE_MAX_SPLITS; the count is then trimmed so that no split of the
-    longest sequence is empty.
+    keeping every SM busy, returns ``need // base_blocks`` (at least 1) but at most
+    ``num_sms * resident_per_sm`` blocks (one wave), with whole
+    tiles of ``block_n`` keys per split, at least MIN_SPLIT_BYTES per split and at most
+    COMBINE_MAX_SPLITS; the count is then trimmed so that no split of the longest sequence
+    is empty.
 
-    >>> choose_num_splits(8, 8192, 16, 512, 132, 24576, 6)     # B = 1, Hk = 8, d = 128 fp16
-    64
-    >>> choose_num_splits(128, 8192, 16, 512, 132, 24576, 6)   # B = 16: 5 splits, 640 blocks
-    5
-    >>> choose_num_splits(512, 8192, 16, 512, 132, 24576, 6)   # B = 64: the GPU is full
+    >>> choose_num_splits(8, 8192, 32, 512, 132, 32768, 4)     # B = 1, Hk = 8, d = 128 fp16
+    16
+    >>> choose_num_splits(32, 8192, 32, 512, 132, 32768, 4)    # B = 4
+    4
+    >>> choose_num_splits(128, 8192, 32, 512, 132, 32768, 4)   # B = 16: one block per SM
     1
     >>> choose_num_splits(32, 8192, 64, 512, 132, 65536, 2)    # B = 4, G = 4: tensor cores
-    8
+    4
     """
     tiles = -(-max_keys // block_n)
     if tiles <= 1:
         return 1
     need = num_sms * -(-INFLIGHT_PER_SM // inflight_bytes)
-    if base_blocks >= need:
-        return 1
-    splits = -(-WAVES * need // base_blocks)
+    splits = max(1, need // base_blocks)
     if resident_per_sm:
         splits = min(splits, num_sms * resident_per_sm // base_blocks)
     min_tiles = max(1, -(-MIN_SPLIT_BYTES // (block_n * key_bytes)))

@@ -34,11 +34,12 @@
 // does the same on tensor cores; this SIMT kernel keeps one row (where it reads at the
 // copy's bandwidth), fp32, fp64 and HEAD_DIM = 256.
 //
-// Bytes in flight: a tile is STAGE_VECS 16-byte vectors per lane (K and V); STAGES - 1
-// tiles are in flight per warp, 24 KiB per block of 4 warps for every type and head dim
-// but float64 at 256 (48 KiB). _cupy_decode.choose_num_splits asks for enough blocks that
-// every multiprocessor holds at least two of them (48 KiB, twice the ~25 KiB that an
-// H100's 3.35 TB/s times ~1 us of loaded latency needs per SM).
+// Bytes in flight: a tile is STAGE_VECS 16-byte vectors per lane (K and V); a warp refills
+// a stage before it waits for the oldest, so STAGES tiles are in flight while it waits and
+// STAGES - 1 (INFLIGHT_BYTES: 24-32 KiB per block of 4 warps for every type and head dim
+// but float64 at 256, 48 KiB) while it computes. _cupy_decode.choose_num_splits asks for
+// enough blocks that every multiprocessor holds at least 24 KiB of INFLIGHT_BYTES (about
+// what an H100's 3.35 TB/s times ~1 us of loaded latency needs per SM).
 //
 // Scores of float, half and bfloat16 are kept in log2 units (q is multiplied by
 // scale * log2(e) on its way into registers) so that the softmax uses exp2f; doubles use
@@ -156,6 +157,14 @@ template <> struct DecodeMath<double> {
 // _cupy_decode.decode_config repeats BLOCK_N, NUM_THREADS, SMEM_BYTES and the bytes in
 // flight; tests/test_kernel_compile.py checks that the two agree.
 // ----------------------------------------------------------------------------------------
+// The kernels' pipelines start at a 128-byte boundary of their dynamic shared memory,
+// which follows their static variables and so is only 16-byte aligned: then a warp's
+// 16-byte copies and reads fill whole 128-byte lines. Unaligned, every 8-lane phase of a
+// copy or read spanned two lines: twice the shared-memory wavefronts and twice the L2
+// sector requests (ncu on an H100, benchmarks/NOTES.md session 11: batch 64 read at
+// 2.85 TB/s, 3.05 aligned). SMEM_BYTES holds the slack.
+constexpr int DECODE_PIPE_ALIGN = 128;
+
 template <typename T, int HEAD_DIM, int ROWS>
 struct DecodeTraits {
     using Acc = typename DecodeMath<T>::Acc;
@@ -193,7 +202,7 @@ struct DecodeTraits {
     static constexpr int PIPE_BYTES = STAGES * STAGE_VECS * NUM_THREADS * 16;
     static constexpr int INFLIGHT_BYTES = (STAGES - 1) * STAGE_VECS * NUM_THREADS * 16;
     // Blocks per SM that ptxas must allow (it sizes registers to fit them). Two keep 2 x 24
-    // KiB in flight, what choose_num_splits counts on, and let ROWS = 8 use ~240 registers
+    // KiB in flight (choose_num_splits counts on 24 KiB), and let ROWS = 8 use ~240 registers
     // (without a minimum ptxas aimed at 16 blocks per SM, 32 registers, and spilled). One
     // row with a 32 KiB pipeline asks for six: 80 registers or fewer, as the first H100
     // run's kernel had (80: 6 blocks per SM, 1.00 of the copy at batch 64); the fused
@@ -206,7 +215,8 @@ struct DecodeTraits {
     static constexpr int MERGE_ACC = NUM_WARPS * ROWS * HEAD_DIM;
     static constexpr int MERGE_BYTES = (MERGE_ACC + 2 * NUM_WARPS * ROWS + ROWS * (NUM_WARPS + 1))
                                        * int(sizeof(Acc));
-    static constexpr int SMEM_BYTES = PIPE_BYTES > MERGE_BYTES ? PIPE_BYTES : MERGE_BYTES;
+    static constexpr int SMEM_BYTES =
+        (PIPE_BYTES > MERGE_BYTES ? PIPE_BYTES : MERGE_BYTES) + DECODE_PIPE_ALIGN;
 
     static_assert(HEAD_DIM == 32 || HEAD_DIM == 64 || HEAD_DIM == 128 || HEAD_DIM == 256,
                   "HEAD_DIM must be 32, 64, 128 or 256");
@@ -217,6 +227,12 @@ struct DecodeTraits {
 };
 
 namespace decode {
+
+// The first DECODE_PIPE_ALIGN-byte boundary of the dynamic shared memory (a shared address).
+__device__ __forceinline__ unsigned aligned_pipe(const unsigned char* smem_raw) {
+    const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(smem_raw));
+    return (a + DECODE_PIPE_ALIGN - 1) & ~static_cast<unsigned>(DECODE_PIPE_ALIGN - 1);
+}
 
 // 16 bytes of T: one vector.
 template <typename T>
@@ -616,7 +632,7 @@ flash_decode(const DecodeParams p) {
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
     // Pipeline: (STAGES, STAGE_VECS, NUM_THREADS) vectors; a thread's own slots only.
-    const unsigned pipe = static_cast<unsigned>(__cvta_generic_to_shared(smem_raw)) + tid * 16;
+    const unsigned pipe = decode::aligned_pipe(smem_raw) + tid * 16;
     auto slot = [&](int stage, int i) {  // vector i of this thread's tile in `stage`
         return pipe + (stage * STAGE_VECS + i) * (NUM_THREADS * 16);
     };
@@ -729,12 +745,12 @@ flash_decode(const DecodeParams p) {
         }
 
         for (int j = 0; j < num_tiles; ++j) {
-            // tile j has landed (this thread's copies; nobody else reads them); then the slot
-            // of tile j - 1, whose values this thread read and used in the previous iteration
-            // (program order: the copy's write follows those reads), is refilled with tile
-            // j + STAGES - 1
-            decode::cp_async_wait<STAGES - 2>();
+            // The slot of tile j - 1, whose values this thread read and used in the previous
+            // iteration (program order: the copy's write follows those reads), is refilled
+            // with tile j + STAGES - 1 first, so that all STAGES tiles are in flight while
+            // this thread waits for tile j (its own copies; nobody else reads them).
             load_tile(j + STAGES - 1, fast_c);
+            decode::cp_async_wait<STAGES - 1>();
             const int stage = j % STAGES;
             const int t0 = k_begin + j * BLOCK_N + key0;
 
@@ -930,7 +946,8 @@ struct DecodeMmaTraits {
     static constexpr int INFLIGHT_BYTES = (STAGES - 1) * NUM_WARPS * WARP_STAGE_BYTES;
     static constexpr int MERGE_BYTES =
         (NUM_WARPS * ROWS * HEAD_DIM + 2 * NUM_WARPS * ROWS + ROWS * (NUM_WARPS + 1)) * 4;
-    static constexpr int SMEM_BYTES = PIPE_BYTES > MERGE_BYTES ? PIPE_BYTES : MERGE_BYTES;
+    static constexpr int SMEM_BYTES =
+        (PIPE_BYTES > MERGE_BYTES ? PIPE_BYTES : MERGE_BYTES) + DECODE_PIPE_ALIGN;
     // The XOR swizzle: the 8 rows one ldmatrix phase reads (same logical vector column)
     // land in 8 different 16-byte bank groups. Rows of 8 or more vectors XOR the column
     // with row % 8; rows of 4 vectors (two per 128 bytes) with (row / 2) % 4.
@@ -1053,8 +1070,7 @@ flash_decode_mma(const DecodeParams p) {
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
     // (NUM_WARPS, STAGES, K then V, WARP_N keys, D_VECS swizzled vectors): this warp's part
-    const unsigned warp_pipe = static_cast<unsigned>(__cvta_generic_to_shared(smem_raw))
-                               + warp * STAGES * Tr::WARP_STAGE_BYTES;
+    const unsigned warp_pipe = decode::aligned_pipe(smem_raw) + warp * STAGES * Tr::WARP_STAGE_BYTES;
     auto swizzled = [](int key, int col) {                   // byte offset in a K or V tile
         return (key * D_VECS + (col ^ ((key / Tr::SWIZZLE_ROWS) & Tr::SWIZZLE_MASK))) * 16;
     };
@@ -1166,11 +1182,14 @@ flash_decode_mma(const DecodeParams p) {
     const int v_ld_key = ((lane / 8) % 2) * 8 + lane % 8, v_ld_col = lane / 16;
 
     for (int j = 0; j < num_tiles; ++j) {
-        // this lane's copies of tile j have landed; after the barrier every lane's have,
-        // and every lane is done reading tile j - 1's stage, which is refilled next
-        decode::cp_async_wait<STAGES - 2>();
+        // Every lane is done reading tile j - 1's stage (the first barrier), which is
+        // refilled with tile j + STAGES - 1 while the warp waits for tile j: all STAGES
+        // tiles in flight. This lane's copies of tile j have landed; after the second
+        // barrier every lane's have.
         __syncwarp();
         load_tile(j + STAGES - 1);
+        decode::cp_async_wait<STAGES - 1>();
+        __syncwarp();
         const unsigned k_tile = warp_pipe + (j % STAGES) * Tr::WARP_STAGE_BYTES;
         const unsigned v_tile = k_tile + TILE_BYTES;
         const int t_first = k_begin + j * BLOCK_N + warp * WARP_N;  // this warp's first key
