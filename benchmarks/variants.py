@@ -76,7 +76,7 @@ def main(argv=None):
     parser.add_argument("--op", default="fwd", help="fwd, bwd or fwd,bwd: the forward "
                         "call, or attention_backward given the forward's out and lse")
     parser.add_argument("--rounds", type=int, default=1,
-                        help="time every line this many times, one after another")
+                        help="time every line this many times, all lines once per round")
     parser.add_argument("--out", default=None, help="JSON path (default: results/)")
     args = parser.parse_args(argv)
 
@@ -95,9 +95,13 @@ def main(argv=None):
                     base = {}
                     print(f"\n{op} {dtype_name} d={d} s={s} b={b} h={h}")
                     print(f"{'variant':28s} {'ms':>9s} {'vs plain':>9s} {'TFLOP/s':>8s}")
-                    for name, causal, options in cases(cupy, b, h, s, d, dtype):
-                        run = _call(op, q, k, v, dout, causal, options)
-                        for r in range(args.rounds):  # round r's ratios to plain's round r
+                    # Rounds go over every line in turn, so that round r's ratios compare
+                    # calls timed minutes apart at most (the 700 W cap moves the clocks:
+                    # NOTES.md, session 7), not the first lines' rounds with the last ones'.
+                    runs = [(name, causal, options, _call(op, q, k, v, dout, causal, options))
+                            for name, causal, options in cases(cupy, b, h, s, d, dtype)]
+                    for r in range(args.rounds):  # round r's ratios to plain's round r
+                        for name, causal, options, run in runs:
                             ms = timer(run)
                             if not options:
                                 base[causal, r] = ms
@@ -113,8 +117,8 @@ def main(argv=None):
                             records.append(dict(gpu=gpu, provider="cupyflash", op=op,
                                                 variant=name, dtype=dtype_name, d=d,
                                                 causal=causal, s=s, b=b, h=h, ms=ms,
-                                                vs_plain=ratio))
-                        del run
+                                                vs_plain=ratio, round=r))
+                    del runs
                 del q, k, v, dout
     path = pathlib.Path(args.out) if args.out else (
         pathlib.Path(__file__).parent / "results" / f"variants_{gpu.replace(' ', '_')}.json")
