@@ -13,8 +13,8 @@
    last block of each (batch element, kv head, row chunk) to finish merges them exactly
    through their lse (it counts the arrivals in counters of
    :func:`._cupy_backend.stream_counters`);
-3. ``flash_decode_combine``, only where that merge does not fit the split kernel's shared
-   memory (or with ``FUSE_COMBINE`` off): the same merge as a second launch.
+3. ``flash_decode_combine``, only with ``FUSE_COMBINE`` off (tests and benchmarks compare
+   the two): the same merge as a second launch.
 
 Nothing here waits for the device. The host synchronisation of a call is the validation's
 (``_sequences.attention_decode``): it reads ``cache_seqlens`` and ``block_table`` to the
@@ -186,7 +186,7 @@ def decode_config(D, Dv, dtype_name, compute_capability, M):
     if uses_mma(dtype_name, head_dim, M):
         warp_n = 2048 // head_dim
         warp_stage = 2 * warp_n * head_dim * 2            # K and V of a warp's tile
-        merge_bytes = (4 * MMA_ROWS * head_dim + 2 * 4 * MMA_ROWS + MMA_ROWS * 5) * 4
+        merge_bytes = (4 * MMA_ROWS * head_dim + 2 * 4 * MMA_ROWS) * 4
         return DecodeConfig(
             name_expression=f"cupyflash::flash_decode_mma<{ctype}, {head_dim}>",
             traits=f"cupyflash::DecodeMmaTraits<{ctype}, {head_dim}>",
@@ -208,7 +208,7 @@ def decode_config(D, Dv, dtype_name, compute_capability, M):
     block_n = 4 * passes * (32 // lanes_per_key)
     stage_vecs = 2 * passes * vecs_per_lane
     pipe_bytes = stages * stage_vecs * NUM_THREADS * 16
-    merge_bytes = (4 * rows * head_dim + 2 * 4 * rows + rows * 5) * acc_size
+    merge_bytes = (4 * rows * head_dim + 2 * 4 * rows) * acc_size
     return DecodeConfig(
         name_expression=f"cupyflash::flash_decode<{ctype}, {head_dim}, {rows}>",
         traits=f"cupyflash::DecodeTraits<{ctype}, {head_dim}, {rows}>",
@@ -306,12 +306,13 @@ def resident_blocks(device_id, name_expression, arch, smem_bytes):
 FUSE_COMBINE = True
 
 
-def fuses_combine(splits, cfg, M, acc_size):
+def fuses_combine(splits):
     """Whether the split kernel merges the splits itself (its last block per kv head and
-    row chunk does, see combine_splits in the .cuh) instead of flash_decode_combine: when
-    its shared memory holds the weights (splits, rows) and NUM_THREADS 16-byte sums."""
-    return (FUSE_COMBINE and splits > 1
-            and splits * min(cfg.rows, M) * acc_size + NUM_THREADS * 16 <= cfg.smem_bytes)
+    row chunk does, see combine_splits in the .cuh) instead of flash_decode_combine: with
+    several splits, unless ``FUSE_COMBINE`` is off. (Its merge needs NUM_THREADS running
+    sums in shared memory, whatever the split count: every variant has them, which the
+    kernels assert.)"""
+    return FUSE_COMBINE and splits > 1
 
 
 def page_divisor(page_size):
@@ -431,7 +432,7 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_tab
                              f"launch can have on the GPU")
         acc_size = np.dtype(acc_dtype).itemsize
         partial_row = -(-Dv * acc_size // 16) * 16 // acc_size  # rows of 16-byte vectors
-        fused = fuses_combine(splits, cfg, M, acc_size)
+        fused = fuses_combine(splits)
         if splits > 1:
             out_partial = cupy.empty((B, Hk, splits, M, partial_row), dtype=acc_dtype)
             lse_partial = cupy.empty((B, Hk, splits, M), dtype=acc_dtype)

@@ -27,8 +27,8 @@
 //          memory, and the block writes either the final out (input dtype) and lse when
 //          there is one split, or its split's normalised partial out and lse in the
 //          accumulator type; the last split block of a kv head to finish merges the splits
-//          exactly through the lse (combine_splits; flash_decode_combine, a second launch,
-//          where that merge does not fit the block's shared memory).
+//          exactly through the lse (combine_splits; flash_decode_combine is the same merge
+//          as a second launch, for comparison).
 //
 // fp16/bf16 with several query rows per kv head go to flash_decode_mma (below), which
 // does the same on tensor cores; this SIMT kernel keeps one row (where it reads at the
@@ -210,11 +210,10 @@ struct DecodeTraits {
     // Two-pass rows (48 KiB) ask for four, what their shared memory allows.
     static constexpr int MIN_BLOCKS = ROWS == 1 && PIPE_BYTES <= 32 * 1024 ? 6
                                       : ROWS == 1 && PIPE_BYTES <= 48 * 1024 ? 4 : 2;
-    // The warps' merge: acc (NUM_WARPS, ROWS, HEAD_DIM), then m and l (NUM_WARPS, ROWS),
-    // and the per-row weights (ROWS, NUM_WARPS + 1); in the pipeline's memory.
+    // The warps' merge: acc (NUM_WARPS, ROWS, HEAD_DIM), then m and l (NUM_WARPS, ROWS), in
+    // the pipeline's memory; the splits' merge (decode::combine_splits) needs less.
     static constexpr int MERGE_ACC = NUM_WARPS * ROWS * HEAD_DIM;
-    static constexpr int MERGE_BYTES = (MERGE_ACC + 2 * NUM_WARPS * ROWS + ROWS * (NUM_WARPS + 1))
-                                       * int(sizeof(Acc));
+    static constexpr int MERGE_BYTES = (MERGE_ACC + 2 * NUM_WARPS * ROWS) * int(sizeof(Acc));
     static constexpr int SMEM_BYTES =
         (PIPE_BYTES > MERGE_BYTES ? PIPE_BYTES : MERGE_BYTES) + DECODE_PIPE_ALIGN;
 
@@ -358,15 +357,45 @@ namespace decode {
 template <typename Acc> struct AccVec16 { using type = float4; };
 template <> struct AccVec16<double> { using type = double2; };
 
+// The split counter's atomic add, ordered both ways at GPU scope: it releases the block's
+// partial stores (the other threads' too: they reached this thread through the barrier
+// before it, and release is cumulative) and acquires every earlier arrival's, so that the
+// last block, after its own barrier, reads all of them. One instruction (MEMBAR.ALL.GPU,
+// ATOMG, CCTL.IVALL in the SASS) instead of a __threadfence (fence.sc) in every thread
+// before the add and another in the last block after it: on an H100 at batch 1, 8k keys,
+// 16 splits, arrival to merge went from 1.41 to 0.67 us (benchmarks/NOTES.md, session 12).
+__device__ __forceinline__ int atomic_add_acq_rel(int* address, int value) {
+    int old;
+    asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;\n"
+                 : "=r"(old) : "l"(address), "r"(value) : "memory");
+    return old;
+}
+
 // The merge of the splits, by the block of the last split to finish: rows row0 ..
 // row0 + R - 1 of kv head hk of batch element b, as flash_decode_combine merges them
 //
-//     out = sum_s w_s out_s,   w_s = exp(lse_s - lse),   lse = m + log(sum_s exp(lse_s - m)),
+//     out = sum_s exp(lse_s - lse) out_s,   lse = log(sum_s exp(lse_s)),
 //
-// m = max_s lse_s (a split that saw no key has lse_s = -inf and w_s = 0; every split -inf
-// gives zeros and lse = -inf), in a fixed order whichever block runs it: reproducible.
-// Shared memory: w (S, R) Acc, then the groups' sums (at most NUM_THREADS 16-byte
-// vectors); the launcher fuses the merge only where they fit in the kernel's SMEM_BYTES.
+// a split that saw no key has lse_s = -inf and adds nothing (every split -inf gives zeros
+// and lse = -inf). This is the block's tail, after every other block has finished, so it
+// is built for latency: a thread issues the loads of all its splits (lse_s and its 16 bytes
+// of out_s, SPLIT_CHUNK splits at a time) before it uses any, and folds them in with the
+// online softmax's rescaling (running max m, sum l); the thread groups that shared a
+// vector's splits then merge the same way through shared memory. One round trip to L2
+// where the first version made two and a rolled loop over the splits: on an H100 at batch
+// 1, 8k keys, 16 splits, the merge took 3.8 us before and 1.9 us now (per-block timeline,
+// benchmarks/NOTES.md, session 12). Fixed order, whichever block runs it: reproducible.
+// Shared memory: (groups, n_out) running (m, l, 16-byte sum), at most NUM_THREADS of them
+// (combine_smem_bytes). SPLIT_CHUNK: 128 bytes of partial rows in flight per thread (8
+// splits of float, 4 of double: 8 double2 loads and their addresses spilled the one-row
+// float64 kernel, which may use 128 registers, on sm_90a).
+template <typename Acc> struct SplitChunk { static constexpr int value = 128 / 16 / (int(sizeof(Acc)) / 4); };
+
+template <typename Acc>
+__host__ __device__ constexpr int combine_smem_bytes(int num_threads) {
+    return num_threads * (16 + 2 * int(sizeof(Acc)));
+}
+
 template <typename T, int NUM_WARPS>
 __device__ __forceinline__ void combine_splits(const DecodeParams& p, unsigned char* smem_raw,
                                                long long b, int hk, int row0, int R) {
@@ -375,104 +404,110 @@ __device__ __forceinline__ void combine_splits(const DecodeParams& p, unsigned c
     using Vec = typename AccVec16<Acc>::type;
     constexpr int NUM_THREADS = 32 * NUM_WARPS;
     constexpr int PER_VEC = 16 / int(sizeof(Acc));        // Acc per 16-byte vector
-    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    constexpr int SPLIT_CHUNK = SplitChunk<Acc>::value;   // splits whose loads are in flight
+    const int tid = threadIdx.x;
     const int S = static_cast<int>(p.num_splits), M = static_cast<int>(p.M);
-    const int G = static_cast<int>(p.G);
+    const int G = static_cast<int>(p.G), Dv = static_cast<int>(p.Dv);
     const long long bhk = b * p.Hk + hk;
     const Acc* lse_part = static_cast<const Acc*>(p.lse_partial) + bhk * S * M + row0;  // (S, M)
-    Acc* w_s = reinterpret_cast<Acc*>(smem_raw);          // (S, R)
-
-    // -- per row (a warp each): m, the weights exp(lse_s - m) / l, and the final lse
-    for (int r = warp; r < R; r += NUM_WARPS) {
-        Acc m = -INFINITY;
-#pragma unroll 4
-        for (int s = lane; s < S; s += 32) {
-            const Acc x = __ldcg(lse_part + s * M + r);  // L2: written by other blocks
-            w_s[s * R + r] = x;
-            m = fmax(m, x);
-        }
-#pragma unroll
-        for (int mask = 1; mask < 32; mask *= 2) m = fmax(m, __shfl_xor_sync(0xffffffffu, m, mask));
-        const Acc m_safe = m == -INFINITY ? Acc(0) : m;
-        Acc l = Acc(0);
-        for (int s = lane; s < S; s += 32) {
-            const Acc e = Math::exp_natural(w_s[s * R + r] - m_safe);  // 0 for lse_s = -inf
-            w_s[s * R + r] = e;
-            l += e;
-        }
-#pragma unroll
-        for (int mask = 1; mask < 32; mask *= 2) l += __shfl_xor_sync(0xffffffffu, l, mask);
-        const Acc inv_l = Math::inverse(l);
-        for (int s = lane; s < S; s += 32) w_s[s * R + r] *= inv_l;
-        if (lane == 0) {
-            const int row = row0 + r, i = row / G, h = hk * G + row % G;
-            static_cast<Acc*>(p.lse)[(b * p.H + h) * p.Lq + i] =
-                l == Acc(0) ? Acc(-INFINITY) : m_safe + Math::log_natural(l);
-        }
-    }
-    // every row's weights are in shared memory
-    __syncthreads();
-
-    // -- out: n_out 16-byte vectors (R rows of row_vecs); thread (group, o) sums vector o
-    // over the splits s = group, group + groups, ... (8 loads in flight), then group 0 adds
-    // the groups' sums in group order
     const int row_vecs = static_cast<int>(p.partial_row) / PER_VEC;
-    const int n_out = R * row_vecs;
-    if (n_out == 0) return;  // Dv = 0: only the lse
+    const Vec* out_part = reinterpret_cast<const Vec*>(p.out_partial)
+                          + (bhk * S * M + row0) * row_vecs;   // (S, M, row_vecs)
+
+    // The result of one (row r, vector cv) from its running (m, l, sum): out and, from the
+    // row's first vector, lse. (Dv = 0: one "vector" per row carries only the lse.)
+    auto finish = [&](int r, int cv, Acc m, Acc l, const Acc (&sum)[PER_VEC]) {
+        const int row = row0 + r, i = row / G, h = hk * G + row % G;
+        if (cv == 0)
+            static_cast<Acc*>(p.lse)[(b * p.H + h) * p.Lq + i] =
+                l == Acc(0) ? Acc(-INFINITY) : m + Math::log_natural(l);
+        const Acc inv_l = Math::inverse(l);
+        T* out = static_cast<T*>(p.out) + b * p.out_batch_stride + i * p.out_token_stride
+                 + h * p.out_head_stride;
+#pragma unroll
+        for (int e = 0; e < PER_VEC; ++e)
+            if (cv * PER_VEC + e < Dv) out[cv * PER_VEC + e] = Math::from_acc(sum[e] * inv_l);
+    };
+
+    // -- thread (group, o) folds in vector o of the splits s = group, group + groups, ...
+    const int n_out = R * max(row_vecs, 1);
     const int groups = n_out >= NUM_THREADS ? 1 : NUM_THREADS / n_out;
     const int group = groups == 1 ? 0 : tid / n_out;         // >= groups: a spare thread
     const int o_first = groups == 1 ? tid : tid % n_out;
     const int o_step = groups == 1 ? NUM_THREADS : n_out;    // groups > 1: one vector each
-    const Vec* out_part = reinterpret_cast<const Vec*>(p.out_partial)
-                          + (bhk * S * M + row0) * row_vecs;   // (S, M, row_vecs)
-    Acc* sums_s = w_s + S * R;                                // (groups, n_out, PER_VEC)
-    const int Dv = static_cast<int>(p.Dv);
+    Acc* m_s = reinterpret_cast<Acc*>(smem_raw);             // (groups, n_out)
+    Acc* l_s = m_s + NUM_THREADS;                            // (groups, n_out)
+    Acc* sum_s = l_s + NUM_THREADS;                          // (groups, n_out, PER_VEC)
     for (int o = o_first; o < n_out && group < groups; o += o_step) {
-        const int r = o / row_vecs, cv = o % row_vecs;
-        Acc acc[PER_VEC];
+        const int r = o / max(row_vecs, 1), cv = o % max(row_vecs, 1);
+        Acc m = -INFINITY, l = Acc(0), sum[PER_VEC];
 #pragma unroll
-        for (int e = 0; e < PER_VEC; ++e) acc[e] = Acc(0);
-#pragma unroll 8
-        for (int s = group; s < S; s += groups) {
-            const Acc w = w_s[s * R + r];
-            const Vec x = __ldcg(out_part + (static_cast<long long>(s) * M + r) * row_vecs + cv);
-            const Acc* xe = reinterpret_cast<const Acc*>(&x);
+        for (int e = 0; e < PER_VEC; ++e) sum[e] = Acc(0);
+        for (int s0 = group; s0 < S; s0 += SPLIT_CHUNK * groups) {
+            Acc lse_c[SPLIT_CHUNK];
+            Vec x_c[SPLIT_CHUNK];
 #pragma unroll
-            for (int e = 0; e < PER_VEC; ++e) acc[e] += w * xe[e];
+            for (int k = 0; k < SPLIT_CHUNK; ++k) {  // every load first (L2: other blocks wrote them)
+                const int s = s0 + k * groups;
+                lse_c[k] = s < S ? __ldcg(lse_part + s * M + r) : Acc(-INFINITY);
+                if (row_vecs > 0 && s < S)
+                    x_c[k] = __ldcg(out_part + (static_cast<long long>(s) * M + r) * row_vecs + cv);
+                else
+                    x_c[k] = Vec{};
+            }
+            Acc m_new = m;
+#pragma unroll
+            for (int k = 0; k < SPLIT_CHUNK; ++k) m_new = fmax(m_new, lse_c[k]);
+            const Acc m_safe = m_new == -INFINITY ? Acc(0) : m_new;
+            const Acc alpha = Math::exp_natural(m - m_safe);  // 0 while m = -inf
+            l *= alpha;
+#pragma unroll
+            for (int e = 0; e < PER_VEC; ++e) sum[e] *= alpha;
+#pragma unroll
+            for (int k = 0; k < SPLIT_CHUNK; ++k) {
+                const Acc w = Math::exp_natural(lse_c[k] - m_safe);  // 0 for lse_s = -inf
+                const Acc* xe = reinterpret_cast<const Acc*>(&x_c[k]);
+                l += w;
+#pragma unroll
+                for (int e = 0; e < PER_VEC; ++e) sum[e] += w == Acc(0) ? Acc(0) : w * xe[e];
+            }
+            m = m_new;
         }
-        if (groups > 1) {
-#pragma unroll
-            for (int e = 0; e < PER_VEC; ++e) sums_s[(group * n_out + o) * PER_VEC + e] = acc[e];
+        if (groups == 1) {
+            finish(r, cv, m == -INFINITY ? Acc(0) : m, l, sum);
         } else {
-            const int row = row0 + r, i = row / G, h = hk * G + row % G;
-            T* out = static_cast<T*>(p.out) + b * p.out_batch_stride + i * p.out_token_stride
-                     + h * p.out_head_stride;
+            m_s[group * n_out + o] = m;
+            l_s[group * n_out + o] = l;
 #pragma unroll
-            for (int e = 0; e < PER_VEC; ++e)
-                if (cv * PER_VEC + e < Dv) out[cv * PER_VEC + e] = Math::from_acc(acc[e]);
+            for (int e = 0; e < PER_VEC; ++e) sum_s[(group * n_out + o) * PER_VEC + e] = sum[e];
         }
     }
     if (groups == 1) return;
-    // every group's sums are in shared memory
+    // every group's (m, l, sum) is in shared memory
     __syncthreads();
     for (int o = tid; o < n_out; o += NUM_THREADS) {
-        const int r = o / row_vecs, cv = o % row_vecs;
-        const int row = row0 + r, i = row / G, h = hk * G + row % G;
-        T* out = static_cast<T*>(p.out) + b * p.out_batch_stride + i * p.out_token_stride
-                 + h * p.out_head_stride;
+        Acc m = -INFINITY;
+        for (int g = 0; g < groups; ++g) m = fmax(m, m_s[g * n_out + o]);
+        const Acc m_safe = m == -INFINITY ? Acc(0) : m;
+        Acc l = Acc(0), sum[PER_VEC];
 #pragma unroll
-        for (int e = 0; e < PER_VEC; ++e) {
-            Acc total = Acc(0);
-            for (int gi = 0; gi < groups; ++gi) total += sums_s[(gi * n_out + o) * PER_VEC + e];
-            if (cv * PER_VEC + e < Dv) out[cv * PER_VEC + e] = Math::from_acc(total);
+        for (int e = 0; e < PER_VEC; ++e) sum[e] = Acc(0);
+        for (int g = 0; g < groups; ++g) {
+            const Acc w = Math::exp_natural(m_s[g * n_out + o] - m_safe);
+            l += w * l_s[g * n_out + o];
+#pragma unroll
+            for (int e = 0; e < PER_VEC; ++e) sum[e] += w * sum_s[(g * n_out + o) * PER_VEC + e];
         }
+        finish(o / max(row_vecs, 1), o % max(row_vecs, 1), m_safe, l, sum);
     }
 }
 
 // The warps' merge and the block's results. On entry warp w's (m_i, l_i, acc) over its keys
 // are in shared memory, acc (NUM_WARPS, ROWS, HEAD_DIM), then m and l (NUM_WARPS, ROWS), and
 // a barrier has made them visible; rows past M are ignored. The block writes its rows'
-// final out and lse (one split) or its split's normalised partial out and lse.
+// final out and lse (one split) or its split's normalised partial out and lse. Every
+// thread computes the warp weights of the rows it writes itself (NUM_WARPS broadcast
+// reads and exps): no barrier between the weights and the sums.
 template <typename T, int HEAD_DIM, int ROWS, int NUM_WARPS>
 __device__ __forceinline__ void merge_warps_and_store(const DecodeParams& p,
                                                       unsigned char* smem_raw, long long b,
@@ -482,54 +517,59 @@ __device__ __forceinline__ void merge_warps_and_store(const DecodeParams& p,
     constexpr int NUM_THREADS = 32 * NUM_WARPS;
     const int tid = threadIdx.x;
     const int G = static_cast<int>(p.G), M = static_cast<int>(p.M);
-    Acc* acc_s = reinterpret_cast<Acc*>(smem_raw);                    // (NUM_WARPS, ROWS, HEAD_DIM)
-    Acc* m_s = acc_s + NUM_WARPS * ROWS * HEAD_DIM;                    // (NUM_WARPS, ROWS)
-    Acc* l_s = m_s + NUM_WARPS * ROWS;                                 // (NUM_WARPS, ROWS)
-    Acc* w_s = l_s + NUM_WARPS * ROWS;                                 // (ROWS, NUM_WARPS + 1)
+    const Acc* acc_s = reinterpret_cast<const Acc*>(smem_raw);       // (NUM_WARPS, ROWS, HEAD_DIM)
+    const Acc* m_s = acc_s + NUM_WARPS * ROWS * HEAD_DIM;             // (NUM_WARPS, ROWS)
+    const Acc* l_s = m_s + NUM_WARPS * ROWS;                          // (NUM_WARPS, ROWS)
 
-    // per row: M = max_w m_w, weight_w = exp(m_w - M) / l, l = sum_w l_w exp(m_w - M); the
-    // weights of a row that saw no key are 0 (zeros out, lse -inf)
-    const bool one_split = p.num_splits == 1;
-    Acc* lse_out = static_cast<Acc*>(one_split ? p.lse : p.lse_partial);
-    if (tid < ROWS) {
-        const int r = tid;
+    // row r's weights exp(m_w - M) / l, M = max_w m_w, l = sum_w l_w exp(m_w - M) (all 0
+    // for a row that saw no key: zeros out, lse -inf); returns l, sets m_safe
+    auto weights = [&](int r, Acc (&w_r)[NUM_WARPS], Acc& m_safe) {
         Acc m = -INFINITY;
 #pragma unroll
         for (int w = 0; w < NUM_WARPS; ++w) m = fmax(m, m_s[w * ROWS + r]);
-        const Acc m_safe = safe_max(m);
+        m_safe = safe_max(m);
         Acc l = Acc(0);
-        Acc e_w[NUM_WARPS];
 #pragma unroll
         for (int w = 0; w < NUM_WARPS; ++w) {
-            e_w[w] = Math::exp(m_s[w * ROWS + r] - m_safe);
-            l += l_s[w * ROWS + r] * e_w[w];
+            w_r[w] = Math::exp(m_s[w * ROWS + r] - m_safe);
+            l += l_s[w * ROWS + r] * w_r[w];
         }
         const Acc inv_l = Math::inverse(l);
 #pragma unroll
-        for (int w = 0; w < NUM_WARPS; ++w) w_s[r * (NUM_WARPS + 1) + w] = e_w[w] * inv_l;
-        const int row = rc * ROWS + r;
-        if (row < M) {
-            const Acc lse = l == Acc(0) ? Acc(-INFINITY) : Math::lse(m_safe, l);
-            const int i = row / G, h = hk * G + row % G;
-            if (one_split)
-                lse_out[(b * p.H + h) * p.Lq + i] = lse;
-            else
-                lse_out[((b * p.Hk + hk) * p.num_splits + split) * p.M + row] = lse;
-        }
+        for (int w = 0; w < NUM_WARPS; ++w) w_r[w] *= inv_l;
+        return l;
+    };
+
+    const bool one_split = p.num_splits == 1;
+    // -- lse: final with one split, else this split's
+    if (tid < ROWS && rc * ROWS + tid < M) {
+        const int r = tid, row = rc * ROWS + r;
+        Acc w_r[NUM_WARPS], m_safe;
+        const Acc l = weights(r, w_r, m_safe);
+        const Acc lse = l == Acc(0) ? Acc(-INFINITY) : Math::lse(m_safe, l);
+        const int i = row / G, h = hk * G + row % G;
+        if (one_split)
+            static_cast<Acc*>(p.lse)[(b * p.H + h) * p.Lq + i] = lse;
+        else
+            static_cast<Acc*>(p.lse_partial)[((b * p.Hk + hk) * p.num_splits + split) * p.M + row] = lse;
     }
-    // the weights are in shared memory
-    __syncthreads();
 
     // -- out = sum_w acc_w * weight_w: final (T) with one split, else this split's partial
     const int dv = static_cast<int>(p.Dv);
+    int r_weights = -1;     // the row whose weights w_r holds
+    Acc w_r[NUM_WARPS];
     for (int idx = tid; idx < ROWS * dv; idx += NUM_THREADS) {
         const int r = idx / dv, c = idx % dv;
         const int row = rc * ROWS + r;
         if (row >= M) break;  // rows grow with idx: the rest are past M too
+        if (r != r_weights) {
+            Acc m_safe;
+            weights(r, w_r, m_safe);
+            r_weights = r;
+        }
         Acc o = Acc(0);
 #pragma unroll
-        for (int w = 0; w < NUM_WARPS; ++w)
-            o += acc_s[(w * ROWS + r) * HEAD_DIM + c] * w_s[r * (NUM_WARPS + 1) + w];
+        for (int w = 0; w < NUM_WARPS; ++w) o += acc_s[(w * ROWS + r) * HEAD_DIM + c] * w_r[w];
         if (one_split) {
             const int i = row / G, h = hk * G + row % G;
             static_cast<T*>(p.out)[b * p.out_batch_stride + i * p.out_token_stride
@@ -543,19 +583,18 @@ __device__ __forceinline__ void merge_warps_and_store(const DecodeParams& p,
 
     // -- the last split of (b, hk, rc) to finish merges them all (no second launch)
     __shared__ int is_last;
-    __threadfence();  // this thread's partial stores reach L2 before ...
-    // ... thread 0 counts the block as arrived, after every thread's stores and fences
+    // every thread's partial stores are issued (thread 0's release below publishes them)
+    // and the merge's shared memory (acc_s, m_s, l_s) is read by no one any more
     __syncthreads();
     if (tid == 0) {
         int* counter = p.split_counters + (b * p.Hk + hk) * p.row_chunks + rc;
-        const int arrived = atomicAdd(counter, 1);
+        const int arrived = atomic_add_acq_rel(counter, 1);
         is_last = arrived == static_cast<int>(p.num_splits) - 1;
         if (is_last) *counter = 0;  // every split has arrived: zero for the next launch
     }
-    // is_last is set; the merge's shared memory (acc_s, w_s) is read by no one any more
+    // is_last is set; if it is, every split's partials are visible to the whole block
     __syncthreads();
     if (!is_last) return;
-    __threadfence();  // the other splits' partials are read after their arrivals
     combine_splits<T, NUM_WARPS>(p, smem_raw, b, hk, rc * ROWS, min(ROWS, M - rc * ROWS));
 }
 
@@ -582,6 +621,8 @@ flash_decode(const DecodeParams p) {
     // trap (a launch error) rather than write past the end if _cupy_decode disagrees.
     unsigned dynamic_smem;
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dynamic_smem));
+    static_assert(Tr::SMEM_BYTES - DECODE_PIPE_ALIGN >= decode::combine_smem_bytes<Acc>(NUM_THREADS),
+                  "the splits' merge fits in the shared memory");
     if (dynamic_smem < static_cast<unsigned>(Tr::SMEM_BYTES) || blockDim.x != NUM_THREADS)
         __trap();
 
@@ -867,7 +908,6 @@ flash_decode(const DecodeParams p) {
     Acc* acc_s = reinterpret_cast<Acc*>(smem_raw);                    // (NUM_WARPS, ROWS, HEAD_DIM)
     Acc* m_s = acc_s + Tr::MERGE_ACC;                                  // (NUM_WARPS, ROWS)
     Acc* l_s = m_s + NUM_WARPS * ROWS;                                 // (NUM_WARPS, ROWS)
-    Acc* w_s = l_s + NUM_WARPS * ROWS;                                 // (ROWS, NUM_WARPS + 1)
     if (kg == 0) {
 #pragma unroll
         for (int r = 0; r < ROWS; ++r)
@@ -944,8 +984,7 @@ struct DecodeMmaTraits {
     static constexpr int WARP_STAGE_BYTES = 2 * TILE_VECS * 16;  // K, then V
     static constexpr int PIPE_BYTES = STAGES * NUM_WARPS * WARP_STAGE_BYTES;
     static constexpr int INFLIGHT_BYTES = (STAGES - 1) * NUM_WARPS * WARP_STAGE_BYTES;
-    static constexpr int MERGE_BYTES =
-        (NUM_WARPS * ROWS * HEAD_DIM + 2 * NUM_WARPS * ROWS + ROWS * (NUM_WARPS + 1)) * 4;
+    static constexpr int MERGE_BYTES = (NUM_WARPS * ROWS * HEAD_DIM + 2 * NUM_WARPS * ROWS) * 4;
     static constexpr int SMEM_BYTES =
         (PIPE_BYTES > MERGE_BYTES ? PIPE_BYTES : MERGE_BYTES) + DECODE_PIPE_ALIGN;
     // The XOR swizzle: the 8 rows one ldmatrix phase reads (same logical vector column)
@@ -1028,6 +1067,8 @@ flash_decode_mma(const DecodeParams p) {
 
     unsigned dynamic_smem;
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dynamic_smem));
+    static_assert(Tr::SMEM_BYTES - DECODE_PIPE_ALIGN >= decode::combine_smem_bytes<float>(NUM_THREADS),
+                  "the splits' merge fits in the shared memory");
     if (dynamic_smem < static_cast<unsigned>(Tr::SMEM_BYTES) || blockDim.x != NUM_THREADS)
         __trap();
 
