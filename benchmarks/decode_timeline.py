@@ -163,11 +163,17 @@ with stream:
                   f"combine {np.median((r[r[:,5]>0,5]-r[r[:,5]>0,4])/1e3) if (r[:,5]>0).any() else 0:.2f}; "
                   f"end {(end.max()-t0)/1e3:.2f}; SMs {sms}", flush=True)
         rr = t[2*per:5*per].astype(np.int64); sel = rr[:, 5] > 0
+        def stamped(x, a, b_):  # both stamps set (a skipped stamp's slot stays 0)
+            return x[(x[:, a] > 0) & (x[:, b_] > 0)]
         for a, b_ in [(2, 8), (8, 9), (9, 10), (10, 11), (11, 3), (3, 4)]:
-            print(f'  {a}->{b_}: {np.median(rr[:, b_] - rr[:, a]) / 1e3:.2f} us')
+            x = stamped(rr, a, b_)
+            if len(x):
+                print(f'  {a}->{b_}: {np.median(x[:, b_] - x[:, a]) / 1e3:.2f} us')
         l = rr[sel]
         for a, b_ in [(4, 12), (12, 13), (13, 14), (14, 15), (15, 5)]:
-            print(f'  last {a}->{b_}: {np.median(l[:, b_] - l[:, a]) / 1e3:.2f} us')
+            x = stamped(l, a, b_)
+            if len(x):
+                print(f'  last {a}->{b_}: {np.median(x[:, b_] - x[:, a]) / 1e3:.2f} us')
         vals = np.unique(np.diff(np.sort(t[:, 0].astype(np.int64))))
         print(" globaltimer distinct small diffs:", vals[:10])
         res[f"tl_{B}_{L}_{splits}"] = ms
