@@ -113,8 +113,12 @@ dimensions (grouped-query attention). So each batch element's gradient also gets
 ``eta_T`` for its own rounding plus that of its operands, ``|scale| eta_T sum_j |k_j|``
 for dq, ``|scale| eta_T sum_i |q_i|`` for dk and ``eta_T sum_i |dO_i|`` for dv, over the
 pairs with ``P_ij > 0`` (elsewhere dS and P are exactly 0), and a broadcast gradient the
-sum of those of its terms. Beyond float16's subnormals these terms are below 1e-38,
-nothing.
+sum of those of its terms. The forward's out reaches the backward rounded to T too, and
+``Delta_i = dO_i . O_i`` is taken from it: an entry of O below T's smallest normal number
+errs by up to ``min(|O_ic|, eta_T)`` (a float16 out of 1e-21 is stored as 0), so Delta_i
+by ``sum_c |dO_ic| min(|O_ic|, eta_T)`` over those entries, which reaches every
+``dS_ij`` as ``P_ij`` times it (where it does not cancel: dbias sums dS over a row).
+Beyond float16's subnormals these terms are below 1e-38, nothing.
 
 Slack: the backward recomputes ``P_ij = exp(S_ij - lse_i)`` from its own S and the
 forward's lse. Both carry the score rounding of the forward's slack (``eps_i``), and the
@@ -676,7 +680,9 @@ def backward_floors_and_slacks(dout, q, k, v, *, causal, scale, return_dbias=Fal
       ``|dP_ij| <= r_ij = P_ij (2 eps_i + FLOOR_ULPS u_acc (1 + |lse_i| + |log P_ij|))``.
       The forward's out row moves by ``sum_j dP_ij (v_j - O_i)`` with
       ``|dP_ij| <= r_ij``, so ``Delta_i = dO_i . O_i`` by at most
-      ``dDelta_i = sum_j r_ij |dP_ij - Delta_i|`` (``dO_i . v_j = dP_ij``). To first order
+      ``dDelta_i = sum_j r_ij |dP_ij - Delta_i|`` (``dO_i . v_j = dP_ij``), plus
+      ``sum_c |dO_ic| min(|O_ic|, eta_T)`` where O_ic is subnormal in T, the underflow of
+      the stored out the backward takes Delta from (module docstring). To first order
       ``|d dS_ij| <= r_ij |dP_ij - Delta_i| + P_ij dDelta_i``, and
       slack(dq) = ``|scale| |d dS0| |k|``, slack(dk) = ``|scale| |d dS0|^T |q|``,
       slack(dv) = ``r^T |dO|``, slack(dbias) = ``|d dS|`` summed to bias's shape. With
@@ -718,6 +724,11 @@ def backward_floors_and_slacks(dout, q, k, v, *, causal, scale, return_dbias=Fal
     r = rel * p                                                         # bound on |d P_ij|
     r_ds = r * np.abs(dp - delta)
     d_delta = np.sum(r_ds, axis=-1, keepdims=True)                      # bound on |d Delta_i|
+    # + the underflow of O rounded to T, from which the backward takes Delta
+    eta = UNDERFLOW_ETA[np.dtype(q.dtype).name]
+    abs_out = np.abs(out)
+    o_under = np.where(abs_out < 2 * float(ml_dtypes.finfo(q.dtype).smallest_normal), np.minimum(abs_out, eta), 0.0)
+    d_delta = d_delta + np.sum(abs_do * o_under, axis=-1, keepdims=True)
     d_ds = r_ds + p * d_delta
     d_ds0 = d_ds
     if t is not None:
@@ -726,7 +737,6 @@ def backward_floors_and_slacks(dout, q, k, v, *, causal, scale, return_dbias=Fal
         d_ds0 = d_ds * g + np.abs(p * (dp - delta)) * (
             2 * np.abs(t) * g * raw_eps[..., None] / variants["softcap"] + FLOOR_ULPS * u_acc)
     # underflow of the operands dS (dq, dk) and W (dv) rounded to T where they are not 0
-    eta = UNDERFLOW_ETA[np.dtype(q.dtype).name]
     seen, weighted = (p > 0).astype(f64), (w > 0).astype(f64)
     slacks = (abs(scale) * np.matmul(d_ds0 + eta * seen, abs_k),
               abs(scale) * np.matmul(np.swapaxes(d_ds0 + eta * seen, -1, -2), abs_q),

@@ -392,6 +392,11 @@ def test_forward_with_small_blocks_matches_reference(vc, dropout_p, seed, blocks
 @example(vc=VariantCase(AttentionCase("float64", Lq=23, Lk=40, D=8, Dv=4, seed=5),
                         bias_kind="padding", bias_shape=(1, 40), softcap=5.0),
          dropout_p=0.9, seed=2**32, blocks=None, dout_scale=1.0)
+@example(vc=VariantCase(AttentionCase("float16", Lq=1, Lk=12, D=1, Dv=1, logit_max=50.0,
+                                      seed=0),
+                        bias_kind="dense", bias_shape=(1, 1), bias_dtype="bfloat16",
+                        mask_kind="dense", mask_shape=(1, 1), softcap=30.0),
+         dropout_p=0.9, seed=1, blocks=None, dout_scale=1.0)  # out 1.9e-21 stored as 0
 def test_gradients_match_reference(vc, dropout_p, seed, blocks, dout_scale):
     check_backward(vc, dropout_p, seed, blocks, dout_scale)
 
