@@ -129,6 +129,18 @@ def _score_variants(s, i0, i1, j0, j1, band, *, softcap=None, slopes=None, bias=
     return tanh_s
 
 
+def _operand(x_all, index, acc_t):
+    """The block ``x_all[index]`` of an operand of a product or a row sum, in ``acc_t``
+    and row-major.
+
+    BLAS rounds a product differently with another memory layout of its operands (OpenBLAS
+    0.3.31 takes another kernel for a column-major block), and NumPy sums a strided row in
+    another order than a contiguous one, so every such block is made row-major: a result
+    is then the same, bit for bit, whatever the inputs' strides (a Fortran-ordered q gives
+    exactly the contiguous q's result)."""
+    return x_all[index].astype(acc_t, order="C")
+
+
 def attention_forward(q, k, v, problem, out=None, block_m=BLOCK_M, block_n=BLOCK_N, *,
                       bias=None, mask=None, alibi_slopes=None):
     """Return ``(out, lse)`` for a validated problem (see ``_api.validate_attention``),
@@ -174,7 +186,7 @@ def attention_forward(q, k, v, problem, out=None, block_m=BLOCK_M, block_n=BLOCK
             i1 = min(i0 + block_m, p.Lq)
             rows = slice(i0, i1)
             # Q_i, pre-multiplied by the scale: (n, BLOCK_M, D)
-            q_i = q_all[idx + (rows,)].astype(acc_t) * acc_t(p.scale)
+            q_i = _operand(q_all, idx + (rows,), acc_t) * acc_t(p.scale)
             m_i = np.full(q_i.shape[:2], -np.inf, dtype=acc_t)       # running row max
             l_i = np.zeros(q_i.shape[:2], dtype=acc_t)               # running row sum
             acc = np.zeros(q_i.shape[:2] + (p.Dv,), dtype=acc_t)     # unnormalised O_i
@@ -190,8 +202,8 @@ def attention_forward(q, k, v, problem, out=None, block_m=BLOCK_M, block_n=BLOCK
                     keep = mask_blocks.block(idx, rows, cols)
                     if not keep.any():  # the mask hides the block from every row
                         continue
-                k_j = k_all[idx + (cols,)].astype(acc_t)             # (n, BLOCK_N, D)
-                v_j = v_all[idx + (cols,)].astype(acc_t)             # (n, BLOCK_N, Dv)
+                k_j = _operand(k_all, idx + (cols,), acc_t)          # (n, BLOCK_N, D)
+                v_j = _operand(v_all, idx + (cols,), acc_t)          # (n, BLOCK_N, Dv)
                 # S = Q_i K_j^T * scale: (n, BLOCK_M, BLOCK_N)
                 s = np.matmul(q_i, np.swapaxes(k_j, -1, -2))
                 # softcap, ALiBi, bias, then -inf where the band or the mask hides a key
@@ -350,8 +362,8 @@ def attention_backward(dout, q, k, v, out, lse, problem, dq=None, dk=None, dv=No
         delta = np.empty((n, p.Lq), dtype=acc_t)
         for i0 in range(0, p.Lq, block_m):
             rows = slice(i0, min(i0 + block_m, p.Lq))
-            delta[:, rows] = np.sum(do_all[idx + (rows,)].astype(acc_t)
-                                    * o_all[idx + (rows,)].astype(acc_t), axis=-1)
+            delta[:, rows] = np.sum(_operand(do_all, idx + (rows,), acc_t)
+                                    * _operand(o_all, idx + (rows,), acc_t), axis=-1)
         # A row that saw no key has lse = -inf: subtract +inf instead, so P = exp(-inf) = 0.
         lse_c = lse_all[idx].astype(acc_t)
         lse_safe = np.where(np.isneginf(lse_c), np.inf, lse_c)
@@ -359,8 +371,8 @@ def attention_backward(dout, q, k, v, out, lse, problem, dq=None, dk=None, dv=No
         for j0 in range(0, p.Lk, block_n):
             j1 = min(j0 + block_n, p.Lk)
             cols = slice(j0, j1)
-            k_j = k_all[idx + (cols,)].astype(acc_t)                 # (n, BLOCK_N, D)
-            v_j = v_all[idx + (cols,)].astype(acc_t)                 # (n, BLOCK_N, Dv)
+            k_j = _operand(k_all, idx + (cols,), acc_t)              # (n, BLOCK_N, D)
+            v_j = _operand(v_all, idx + (cols,), acc_t)              # (n, BLOCK_N, Dv)
             dk_j = np.zeros((n, j1 - j0, p.D), dtype=acc_t)
             dv_j = np.zeros((n, j1 - j0, p.Dv), dtype=acc_t)
             # Causal and window: only the query blocks that meet the band of keys
@@ -376,8 +388,8 @@ def attention_backward(dout, q, k, v, out, lse, problem, dq=None, dk=None, dv=No
                     if not keep.any():  # the mask hides the block from every row: P = 0
                         continue
                 # Q_i pre-multiplied by the scale, as in the forward: (n, BLOCK_M, D)
-                q_i = q_all[idx + (rows,)].astype(acc_t) * scale
-                do_i = do_all[idx + (rows,)].astype(acc_t)            # (n, BLOCK_M, Dv)
+                q_i = _operand(q_all, idx + (rows,), acc_t) * scale
+                do_i = _operand(do_all, idx + (rows,), acc_t)         # (n, BLOCK_M, Dv)
                 # S = Q_i K_j^T * scale: (n, BLOCK_M, BLOCK_N), then the forward's variants
                 s = np.matmul(q_i, np.swapaxes(k_j, -1, -2))
                 tanh_s = _score_variants(

@@ -335,15 +335,24 @@ def test_broadcast_to_views_and_broadcast_queries(xp, dtype):
 # ----------------------------------------------------------------------------------------
 
 @ALL_DTYPES
-def test_strided_inputs_give_the_contiguous_result(xp, dtype):
-    """(B, L, H, D) storage seen as (B, H, L, D), for q, k, v, dout, out and lse."""
+@pytest.mark.parametrize("layout", ["BLHD", "fortran"])
+def test_strided_inputs_give_the_contiguous_result(xp, dtype, layout):
+    """(B, L, H, D) storage seen as (B, H, L, D), or Fortran order, for q, k, v, dout and
+    out: the gradients are bit for bit those of contiguous inputs."""
     rng = np.random.default_rng(15)
     B, H, Lq, Lk, D = 2, 3, 37, 45, 16
-    q_x, k_x, v_x, dout_x = (
-        to_xp(xp, rng.standard_normal((B, L, H, D)).astype(DTYPES[dtype])).swapaxes(1, 2)
-        for L in (Lq, Lk, Lk, Lq))
+
+    def stored(shape_bhld):
+        b, h, length, d = shape_bhld
+        if layout == "BLHD":
+            return xp.empty((b, length, h, d), dtype=DTYPES[dtype]).swapaxes(1, 2)
+        return xp.asfortranarray(xp.empty(shape_bhld, dtype=DTYPES[dtype]))
+
+    q_x, k_x, v_x, dout_x = (stored((B, H, L, D)) for L in (Lq, Lk, Lk, Lq))
+    for x in (q_x, k_x, v_x, dout_x):
+        x[...] = to_xp(xp, rng.standard_normal(x.shape).astype(DTYPES[dtype]))
     out, lse = cupyflash.attention(q_x, k_x, v_x, causal=True, return_lse=True)
-    out_t = xp.empty((B, Lq, H, D), dtype=DTYPES[dtype]).swapaxes(1, 2)
+    out_t = stored((B, H, Lq, D))
     out_t[...] = out
     grads = cupyflash.attention_backward(dout_x, q_x, k_x, v_x, out_t, lse, causal=True,
                                          deterministic=True)
