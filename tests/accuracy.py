@@ -727,7 +727,8 @@ def backward_floors_and_slacks(dout, q, k, v, *, causal, scale, return_dbias=Fal
     # + the underflow of O rounded to T, from which the backward takes Delta
     eta = UNDERFLOW_ETA[np.dtype(q.dtype).name]
     abs_out = np.abs(out)
-    o_under = np.where(abs_out < 2 * float(ml_dtypes.finfo(q.dtype).smallest_normal), np.minimum(abs_out, eta), 0.0)
+    subnormal = abs_out < 2 * float(ml_dtypes.finfo(q.dtype).smallest_normal)
+    o_under = np.where(subnormal, np.minimum(abs_out, eta), 0.0)
     d_delta = d_delta + np.sum(abs_do * o_under, axis=-1, keepdims=True)
     d_ds = r_ds + p * d_delta
     d_ds0 = d_ds
