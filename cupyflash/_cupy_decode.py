@@ -16,6 +16,10 @@
 3. ``flash_decode_combine``, only with ``FUSE_COMBINE`` off (tests and benchmarks compare
    the two): the same merge as a second launch.
 
+On sm_90 every one of these kernels is launched with programmatic dependent launch
+(:mod:`._launch`): it may be scheduled while the kernel before it in the stream still runs,
+and waits for that kernel to complete before it touches global memory.
+
 Nothing here waits for the device. The host synchronisation of a call is the validation's
 (``_sequences.attention_decode``): it reads ``cache_seqlens`` and ``block_table`` to the
 host, because the NumPy semantics require their values to be checked (lengths that fit
@@ -37,7 +41,7 @@ import struct
 
 import numpy as np
 
-from . import _kernels
+from . import _kernels, _launch
 from ._cupy_backend import (_DTYPE_TO_CUDA, _compute_capability, _device_of, _on_device,
                             num_sms, stream_counters)
 
@@ -58,7 +62,8 @@ DECODE_PARAMS = (
         "out_batch_stride", "out_token_stride", "out_head_stride", "table_stride",
         "B", "Lq", "H", "Hk", "G", "M", "D", "Dv", "L_new",
         "page_size", "page_size_mul", "page_size_shift",
-        "num_splits", "row_chunks", "partial_row", "causal", "k_vectorized", "v_vectorized")]
+        "num_splits", "row_chunks", "partial_row", "causal", "k_vectorized", "v_vectorized",
+        "units")]
     + [("scale", "d"), ("scale_log2", "d")])
 
 COMBINE_PARAMS = (
@@ -302,6 +307,37 @@ def resident_blocks(device_id, name_expression, arch, smem_bytes):
                                                                    smem_bytes))
 
 
+# An int: the one-row split kernel's units per block, whatever units_per_block would choose
+# (for tests and benchmarks; the grid is then ceil(units / UNITS_PER_BLOCK) blocks).
+UNITS_PER_BLOCK = None
+MIN_SM_COVER = 0.95
+
+
+def units_per_block(units, num_sms):
+    """How many work units (b, hk, split, row chunk) each block of the one-row SIMT split
+    kernel takes, one after the other (``flash_decode``'s loop, ROWS = 1).
+
+    One block per unit, unless there are at least two units per SM and ``k = ceil(units
+    / num_sms)`` units per block still leave at least ``MIN_SM_COVER`` of the SMs a block.
+    Then every SM streams with one block, as one split at batch 16 does (the fastest
+    decode line, ~3.13 TB/s), instead of three or four blocks per SM, which read ~1%
+    slower when they are all resident and leave SMs idle in the last wave when not.
+
+    >>> units_per_block(512, 132)    # batch 64, 8 kv heads: 128 blocks of 4 units
+    4
+    >>> units_per_block(128, 132)    # batch 16: a block each
+    1
+    >>> units_per_block(300, 132)    # 3 units a block would leave 32 SMs idle
+    1
+    """
+    if UNITS_PER_BLOCK is not None:
+        return max(1, int(UNITS_PER_BLOCK))
+    k = -(-units // num_sms)
+    if k < 2 or -(-units // k) < MIN_SM_COVER * num_sms:
+        return 1
+    return k
+
+
 # False: always merge the splits with flash_decode_combine (for tests and benchmarks).
 FUSE_COMBINE = True
 
@@ -399,6 +435,8 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_tab
             cache_strides.update({f"{prefix}_page_stride": st[0], f"{prefix}_token_stride": st[1],
                                   f"{prefix}_head_stride": st[2], f"{prefix}_dim_stride": st[3]})
         cfg = decode_config(D, Dv, q.dtype.name, _compute_capability(device_id), M)
+        # every kernel of this file waits for the previous grid before it touches memory
+        pdl = _launch.pdl_enabled(_compute_capability(device_id))
 
         # -- 1. the append, before anything reads the cache (same stream)
         if L_new and B:
@@ -415,7 +453,7 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_tab
                 block_table=table.data.ptr if paged else 0,
                 B=B, L_new=L_new, Hk=Hk, D=D, Dv=Dv, **cache_strides, **new_strides, **page))
             append = _kernels.get_function(device_id, SOURCE, cfg.append_name, arch)
-            append((B * L_new,), (APPEND_THREADS,), (params,))
+            _launch.launch(append, (B * L_new,), (APPEND_THREADS,), params, overlap=pdl)
 
         if M == 0 or B == 0:  # no query row: nothing to attend
             return out, lse
@@ -452,12 +490,16 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_tab
             B=B, Lq=Lq, H=H, Hk=Hk, G=G, M=M, D=D, Dv=Dv, L_new=L_new,
             page_size_mul=mul, page_size_shift=shift, **page,
             num_splits=splits, row_chunks=row_chunks, partial_row=partial_row,
-            causal=int(causal),
+            causal=int(causal), units=base_blocks * splits,
             k_vectorized=int(_vectorized(k_cache)), v_vectorized=int(_vectorized(v_cache)),
             scale=scale, scale_log2=scale * math.log2(math.e)))
         kernel = _kernels.get_function(device_id, SOURCE, cfg.name_expression, arch,
                                        cfg.smem_bytes)
-        kernel((base_blocks * splits,), (cfg.num_threads,), (params,), shared_mem=cfg.smem_bytes)
+        units = base_blocks * splits
+        one_row = cfg.name_expression.startswith("cupyflash::flash_decode<") and cfg.rows == 1
+        per_block = units_per_block(units, num_sms(device_id)) if one_row else 1
+        _launch.launch(kernel, (-(-units // per_block),), (cfg.num_threads,), params,
+                       cfg.smem_bytes, overlap=pdl)
 
         # -- 3. the merge of the splits, where the split kernel did not
         if splits > 1 and not fused:
@@ -468,5 +510,5 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_tab
                 B=B, Lq=Lq, H=H, Hk=Hk, G=G, M=M, Dv=Dv, num_splits=splits,
                 partial_row=partial_row))
             combine = _kernels.get_function(device_id, SOURCE, cfg.combine_name, arch)
-            combine((B * Hk * M,), (COMBINE_THREADS,), (params,))
+            _launch.launch(combine, (B * Hk * M,), (COMBINE_THREADS,), params, overlap=pdl)
         return out, lse

@@ -507,3 +507,89 @@ def test_one_row_kernel_holds_four_blocks_per_sm(dtype):
     resident = _cupy_decode.resident_blocks(device_id, cfg.name_expression, arch,
                                             cfg.smem_bytes)
     assert resident >= min(4, by_smem), (cfg.name_expression, resident, by_smem)
+
+
+# ----------------------------------------------------------------------------------------
+# several units per block, and back-to-back launches (PDL)
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+@pytest.mark.parametrize("units_per_block", [2, 3, 7])
+def test_blocks_that_take_several_units(dtype, units_per_block, monkeypatch):
+    """The one-row flash_decode with fewer blocks than units (each block takes units i,
+    i + grid, ...: what units_per_block chooses at batch 64) meets the accuracy rule and
+    gives the bits of one block per unit, with one split and with several (whose merges
+    then happen inside the loop), and leaves the split counters at zero."""
+    from cupyflash import _cupy_backend, _cupy_decode
+    rng = np.random.default_rng(units_per_block)
+    seqlens = np.array([700, 0, 129, 64, 1, 300, 2000], dtype=np.int32)
+    B, Hk, D = len(seqlens), 3, 64
+    assert _cupy_decode.decode_config(D, D, dtype, 90, 1).rows == 1  # the loop's kernel
+    q = rng.standard_normal((B, 1, Hk, D)).astype(DTYPES[dtype])
+    k_cache = rng.standard_normal((B, 2001, Hk, D)).astype(DTYPES[dtype])
+    v_cache = rng.standard_normal((B, 2001, Hk, D)).astype(DTYPES[dtype])
+    keys = logical_keys(k_cache, seqlens, None)
+    values = logical_keys(v_cache, seqlens, None)
+    for num_splits in (1, 3):
+        results = []
+        for per_block in (None, units_per_block):
+            monkeypatch.setattr(_cupy_decode, "UNITS_PER_BLOCK", per_block)
+            out, lse, *_ = decode_both(q, k_cache, v_cache, seqlens, num_splits=num_splits)
+            check_sequences(out, lse, q, keys, values, Hk=Hk, causal=False, scale=None)
+            results.append((out, lse))
+        assert results[0][0].tobytes() == results[1][0].tobytes()
+        assert results[0][1].tobytes() == results[1][1].tobytes()
+    _cupy().cuda.Device().synchronize()
+    for buf in _cupy_backend._STREAM_COUNTERS.values():
+        assert not buf.get().any(), "split counters left non-zero"
+
+
+@pytest.mark.parametrize("pdl", ["1", "0"])
+@pytest.mark.parametrize("dtype, group", [("bfloat16", 1), ("float16", 4), ("float32", 1)])
+def test_back_to_back_steps_see_each_others_writes(dtype, group, pdl, monkeypatch):
+    """Decoding steps queued with no synchronisation in between (the launch after
+    validation, as a model's decode loop would queue them), each appending a token to the
+    cache that its own split kernel then reads, and every other step with a CuPy kernel
+    rewriting q in place first: every step meets the accuracy rule against its own keys,
+    and the caches end as the NumPy backend's. Run with the kernels launched with
+    programmatic dependent launch (CUPYFLASH_PDL=1, where the device has it) and
+    without: a kernel that touched memory before the grid before it completed would
+    read a stale q, or miss the appended key."""
+    from cupyflash import _cupy_decode
+    monkeypatch.setenv("CUPYFLASH_PDL", pdl)
+    cupy = _cupy()
+    rng = np.random.default_rng(int(pdl) * 5 + group)
+    B, Hk, D, steps, max_len = 3, 2, 128, 6, 1024
+    H = Hk * group
+    seqlens = np.array([1000, 37, 512], dtype=np.int32)
+    k_cache = rng.standard_normal((B, max_len, Hk, D)).astype(DTYPES[dtype])
+    v_cache = rng.standard_normal((B, max_len, Hk, D)).astype(DTYPES[dtype])
+    qs = rng.standard_normal((steps, B, 1, H, D)).astype(DTYPES[dtype])
+    qs[1::2] = qs[0::2]                       # odd steps reuse the q of the step before
+    news = rng.standard_normal((steps, 2, B, 1, Hk, D)).astype(DTYPES[dtype])
+    gk, gv = cupy.asarray(k_cache), cupy.asarray(v_cache)
+    g_qs, g_news = cupy.asarray(qs), cupy.asarray(news)
+    g_lens = [cupy.asarray(seqlens + s) for s in range(steps)]
+    gq = cupy.zeros((B, 1, H, D), dtype=qs.dtype)
+    poison_pool()
+    outs = []
+    cupy.cuda.Device().synchronize()
+    with cupy.cuda.Stream(non_blocking=True) as stream:
+        for s in range(steps):
+            if s % 2 == 0:
+                gq[...] = g_qs[s]                 # q rewritten in place by a CuPy kernel
+            outs.append(_cupy_decode.attention_decode(
+                gq, gk, gv, g_lens[s], g_news[s, 0], g_news[s, 1], None, num_splits=2,
+                causal=False, scale=D ** -0.5, max_keys=int(seqlens.max()) + s + 1))
+        stream.synchronize()
+    np_k, np_v = k_cache.copy(), v_cache.copy()
+    for s in range(steps):
+        lens = seqlens + s
+        keys = [np.concatenate([np_k[b, :lens[b]], news[s, 0, b]]) for b in range(B)]
+        values = [np.concatenate([np_v[b, :lens[b]], news[s, 1, b]]) for b in range(B)]
+        check_sequences(outs[s][0].get(), outs[s][1].get(), qs[s], keys, values, Hk=Hk,
+                        causal=False, scale=None)
+        cupyflash.attention_decode(qs[s], np_k, np_v, lens, k_new=news[s, 0],
+                                   v_new=news[s, 1])
+    np.testing.assert_array_equal(gk.get(), np_k)
+    np.testing.assert_array_equal(gv.get(), np_v)

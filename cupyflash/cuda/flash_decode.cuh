@@ -87,6 +87,8 @@ struct DecodeParams {
     long long partial_row;      // >= Dv, a multiple of 16 bytes: partial rows are vectors
     long long causal;           // bottom-right aligned: row i sees key t iff t <= i + n_b - Lq
     long long k_vectorized, v_vectorized;  // 1: rows are 16-byte aligned, last dim contiguous
+    long long units;            // B * Hk * num_splits * row_chunks: the split kernel's work
+                                // units, as many as blocks or (flash_decode) a multiple
     double scale, scale_log2;
 };
 
@@ -253,6 +255,29 @@ __device__ __forceinline__ void cp_async_16(unsigned smem_dst, const void* gmem_
                  :: "r"(smem_dst), "l"(gmem_src), "r"(src_bytes) : "memory");
 }
 
+// Programmatic dependent launch (PDL, sm_90; _launch.launch): a grid launched with it
+// may be scheduled while the grid before it in the stream still runs, so its launch and
+// block scheduling (~3 us between two decode calls at batch 1, session 12) overlap that
+// grid's work instead of following it. Every decode kernel, at its start:
+//   - wait_for_previous_grid: returns once the grid before it has completed and its
+//     writes are visible (at once when launched without PDL); no global memory is
+//     touched before it, so the overlap is safe whatever that grid wrote;
+//   - allow_next_grid: once every block of this grid has passed here, the next grid
+//     (if launched with PDL) may be scheduled; its blocks then wait, resident, in
+//     their own wait_for_previous_grid for this grid to complete.
+// On sm_80 both compile to nothing, and the launcher asks for PDL only on sm_90.
+__device__ __forceinline__ void allow_next_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void wait_for_previous_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 // Which (b, hk, split, row chunk) a split block is, the row chunk fastest (blocks that
 // read the same keys for other rows run side by side and share them through L2). 32-bit:
 // the launcher keeps every count below 2^31 (a 64-bit division is a call). blockIdx is
@@ -263,9 +288,7 @@ struct BlockCoords {
     int hk, split, rc;
 };
 
-__device__ __forceinline__ BlockCoords block_coords(const DecodeParams& p) {
-    unsigned id;
-    asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(id));
+__device__ __forceinline__ BlockCoords block_coords(const DecodeParams& p, unsigned id) {
     BlockCoords c;
     c.rc = static_cast<int>(id % static_cast<unsigned>(p.row_chunks));
     id /= static_cast<unsigned>(p.row_chunks);
@@ -274,6 +297,12 @@ __device__ __forceinline__ BlockCoords block_coords(const DecodeParams& p) {
     c.hk = static_cast<int>(id % static_cast<unsigned>(p.Hk));
     c.b = id / static_cast<unsigned>(p.Hk);
     return c;
+}
+
+__device__ __forceinline__ BlockCoords block_coords(const DecodeParams& p) {
+    unsigned id;
+    asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(id));
+    return block_coords(p, id);
 }
 
 // A compile-time bool passed as a value (the kernels' main loops are generic lambdas
@@ -598,15 +627,9 @@ __device__ __forceinline__ void merge_warps_and_store(const DecodeParams& p,
     combine_splits<T, NUM_WARPS>(p, smem_raw, b, hk, rc * ROWS, min(ROWS, M - rc * ROWS));
 }
 
-}  // namespace decode
-
-// ----------------------------------------------------------------------------------------
-// The split kernel. Grid: B * Hk * num_splits * row_chunks blocks, one dimension.
-// ----------------------------------------------------------------------------------------
+// One work unit (b, hk, split, row chunk) of the split kernel, by the whole block.
 template <typename T, int HEAD_DIM, int ROWS>
-__global__ void __launch_bounds__(DecodeTraits<T, HEAD_DIM, ROWS>::NUM_THREADS,
-                                  DecodeTraits<T, HEAD_DIM, ROWS>::MIN_BLOCKS)
-flash_decode(const DecodeParams p) {
+__device__ __forceinline__ void split_unit(const DecodeParams& p, unsigned unit) {
     using Tr = DecodeTraits<T, HEAD_DIM, ROWS>;
     using Math = DecodeMath<T>;
     using Acc = typename Tr::Acc;
@@ -617,23 +640,18 @@ flash_decode(const DecodeParams p) {
     constexpr int NUM_THREADS = Tr::NUM_THREADS, KV_VECS = Tr::KV_VECS;
     constexpr int STAGE_VECS = Tr::STAGE_VECS;
 
-    // The launcher must give NUM_THREADS threads and SMEM_BYTES of dynamic shared memory;
-    // trap (a launch error) rather than write past the end if _cupy_decode disagrees.
-    unsigned dynamic_smem;
-    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dynamic_smem));
-    static_assert(Tr::SMEM_BYTES - DECODE_PIPE_ALIGN >= decode::combine_smem_bytes<Acc>(NUM_THREADS),
-                  "the splits' merge fits in the shared memory");
-    if (dynamic_smem < static_cast<unsigned>(Tr::SMEM_BYTES) || blockDim.x != NUM_THREADS)
-        __trap();
-
-    // -- which block: (b, hk, split, row chunk) (decode::block_coords)
+    // -- which unit: (b, hk, split, row chunk) (decode::block_coords)
     const int G = static_cast<int>(p.G), M = static_cast<int>(p.M);
-    const decode::BlockCoords coords = decode::block_coords(p);
+    const decode::BlockCoords coords = decode::block_coords(p, unit);
     const int rc = coords.rc, split = coords.split, hk = coords.hk;
     const long long b = coords.b;
     if (b >= p.B) return;
 
-    const int tid = threadIdx.x;
+    // (read by a volatile instruction: the values a thread derives from tid are then
+    // computed again for each unit, not held in registers through flash_decode's loop,
+    // which took the one-row kernel from 94 to 128 registers and spills on sm_80)
+    int tid;
+    asm volatile("mov.u32 %0, %%tid.x;" : "=r"(tid));
     const int warp = tid / 32;
     const int lane = tid % 32;
     const int kg = lane / LANES_PER_KEY;   // this lane's key within a pass
@@ -928,10 +946,53 @@ flash_decode(const DecodeParams p) {
     // every warp's (m, l, acc) is in shared memory
     __syncthreads();
 
-    // (the block's coordinates again: recomputed, not held in registers through the loop)
-    const decode::BlockCoords again = decode::block_coords(p);
+    // (the unit's coordinates again: recomputed, not held in registers through the loop)
+    const decode::BlockCoords again = decode::block_coords(p, unit);
     decode::merge_warps_and_store<T, HEAD_DIM, ROWS, NUM_WARPS>(p, smem_raw, again.b, again.hk,
                                                                 again.split, again.rc);
+}
+
+}  // namespace decode
+
+// ----------------------------------------------------------------------------------------
+// The split kernel. Grid: one block per work unit (b, hk, split, row chunk), or, for the
+// one-row kernel (ROWS = 1), possibly fewer blocks than units (p.units): block i then
+// takes units i, i + gridDim.x, ..., so that
+// the blocks running side by side still read the same keys of neighbouring heads. With
+// B * Hk units of one split each, 512 at batch 64, a grid of 128 blocks gives every
+// multiprocessor but 4 one block and 4 units, as batch 16 does with one unit each,
+// instead of four blocks on 116 of them and three on 16 (_cupy_decode.units_per_block).
+// ----------------------------------------------------------------------------------------
+template <typename T, int HEAD_DIM, int ROWS>
+__global__ void __launch_bounds__(DecodeTraits<T, HEAD_DIM, ROWS>::NUM_THREADS,
+                                  DecodeTraits<T, HEAD_DIM, ROWS>::MIN_BLOCKS)
+flash_decode(const DecodeParams p) {
+    using Tr = DecodeTraits<T, HEAD_DIM, ROWS>;
+    constexpr int NUM_THREADS = Tr::NUM_THREADS;
+
+    // The launcher must give NUM_THREADS threads and SMEM_BYTES of dynamic shared memory;
+    // trap (a launch error) rather than write past the end if _cupy_decode disagrees.
+    unsigned dynamic_smem;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dynamic_smem));
+    static_assert(Tr::SMEM_BYTES - DECODE_PIPE_ALIGN
+                      >= decode::combine_smem_bytes<typename Tr::Acc>(NUM_THREADS),
+                  "the splits' merge fits in the shared memory");
+    if (dynamic_smem < static_cast<unsigned>(Tr::SMEM_BYTES) || blockDim.x != NUM_THREADS)
+        __trap();
+    // nothing global is touched before the grid before this one has completed (PDL)
+    decode::wait_for_previous_grid();
+    decode::allow_next_grid();
+
+    if constexpr (ROWS == 1) {
+        for (unsigned unit = blockIdx.x; unit < static_cast<unsigned>(p.units);
+             unit += gridDim.x) {
+            decode::split_unit<T, HEAD_DIM, ROWS>(p, unit);
+            // the unit's merge has read the shared memory the next unit's copies refill
+            __syncthreads();
+        }
+    } else {  // one unit per block (the loop costs the many-row variants 10-20 registers)
+        decode::split_unit<T, HEAD_DIM, ROWS>(p, blockIdx.x);
+    }
 }
 
 // ----------------------------------------------------------------------------------------
@@ -1071,6 +1132,9 @@ flash_decode_mma(const DecodeParams p) {
                   "the splits' merge fits in the shared memory");
     if (dynamic_smem < static_cast<unsigned>(Tr::SMEM_BYTES) || blockDim.x != NUM_THREADS)
         __trap();
+    // nothing global is touched before the grid before this one has completed (PDL)
+    decode::wait_for_previous_grid();
+    decode::allow_next_grid();
 
     // -- which block: (b, hk, split, row chunk), as the SIMT kernel's
     const int G = static_cast<int>(p.G), M = static_cast<int>(p.M);
@@ -1370,6 +1434,8 @@ flash_decode_combine(const DecodeCombineParams p) {
     using Acc = typename Math::Acc;
     __shared__ Acc w_s[COMBINE_MAX_SPLITS];  // exp(lse_s - M)
     __shared__ Acc red[COMBINE_THREADS / 32];  // the warps' maxima, then their sums
+    decode::wait_for_previous_grid();  // (PDL: the split kernel has completed)
+    decode::allow_next_grid();
 
     // (32-bit: the launcher keeps every count below 2^31; 64-bit division is a call)
     const int M = static_cast<int>(p.M), G = static_cast<int>(p.G), Hk = static_cast<int>(p.Hk);
@@ -1476,6 +1542,8 @@ constexpr int APPEND_THREADS = 256;
 
 template <typename T>
 __global__ void __launch_bounds__(APPEND_THREADS) decode_append(const DecodeAppendParams p) {
+    decode::wait_for_previous_grid();  // (PDL: whatever wrote the cache has completed)
+    decode::allow_next_grid();
     const unsigned token = blockIdx.x;  // b * L_new + j (32-bit: below 2^31)
     const unsigned L_new = static_cast<unsigned>(p.L_new);
     const long long b = token / L_new, j = token % L_new;
