@@ -341,6 +341,10 @@ class _Cache:
 DEFAULT_SPLITS_NUMPY = 1
 
 
+# attention_decode's integer arguments: with CuPy data they may be on the host
+_DECODE_INTS = ("cache_seqlens", "block_table")
+
+
 def attention_decode(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=None,
                      block_table=None, num_splits=None, causal=False, scale=None,
                      return_lse=False):
@@ -366,6 +370,8 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=No
     cache_seqlens : integer array, shape ``(B,)``
         The number of keys already in the cache of each batch element. It is read,
         never modified: after an append, pass ``cache_seqlens + L_new`` next time.
+        With CuPy q and caches it may be a CuPy array or a host array (NumPy, list):
+        host lengths spare the call its wait for the GPU (see Notes).
     k_new : array, shape ``(B, L_new, Hk, D)``, optional
     v_new : array, shape ``(B, L_new, Hk, Dv)``, optional
         Keys and values to append in place (both or neither). ``cache_seqlens[b] +
@@ -375,7 +381,7 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=No
         For a paged cache: position ``t`` of sequence ``b`` lives at
         ``cache[block_table[b, t // block_size], t % block_size]``. The entries that
         cover the ``n_b`` keys must lie in ``[0, num_blocks)``; the others are ignored
-        (padding such as -1 is fine).
+        (padding such as -1 is fine). On the device or the host, as ``cache_seqlens``.
     num_splits : int, optional
         Split-KV decoding ("flash-decoding"): the ``n_b`` keys are cut into
         ``num_splits`` contiguous chunks, each attended separately, and the partial
@@ -402,7 +408,8 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=No
     Raises
     ------
     TypeError
-        Mixed NumPy and CuPy arrays, unsupported or mixed float dtypes, integer
+        Mixed NumPy and CuPy arrays (other than host ``cache_seqlens`` and
+        ``block_table`` with CuPy data), unsupported or mixed float dtypes, integer
         arguments that are not integer arrays, a non-int ``num_splits``, or as
         :func:`attention` for ``causal``, ``scale`` and ``return_lse``.
     ValueError
@@ -425,11 +432,14 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=No
     float64 truth.
 
     On CuPy arrays the checks read ``cache_seqlens`` and ``block_table`` to the host (a
-    synchronisation: their values decide whether the call is valid); then a small kernel
-    appends ``k_new`` and ``v_new``, the split-KV kernel (``cuda/flash_decode.cuh``) reads
-    each key and value once per kv head for all ``G * Lq`` query rows that use it, and a
-    combine kernel merges the splits through their lse, all on CuPy's current stream.
-    q, the cache and the new keys are read in place, with any strides.
+    synchronisation: their values decide whether the call is valid), unless they are
+    host arrays already: then they are checked there and copied to the GPU without a
+    wait, so a decoding loop that keeps its lengths on the host queues its steps
+    without draining the GPU. Then a small kernel appends ``k_new`` and ``v_new``, and
+    the split-KV kernel (``cuda/flash_decode.cuh``) reads each key and value once per
+    kv head for all ``G * Lq`` query rows that use it and merges the splits through
+    their lse, all on CuPy's current stream. q, the cache and the new keys are read in
+    place, with any strides.
 
     Examples
     --------
@@ -473,7 +483,18 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=No
         if x is not None:
             names.append(name)
             arrays.append(x)
-    xp_name, arrays = _api._as_arrays(fn, names, arrays)
+    host_ints = set()   # integer arguments given on the host with CuPy data
+    float_given = [x for n, x in zip(names, arrays) if n not in _DECODE_INTS]
+    if all(_api._is_cupy_array(x) for x in float_given):
+        # CuPy data; cache_seqlens and block_table on the device or on the host (then
+        # nothing waits for the GPU: they are checked where they are)
+        xp_name = "cupy"
+        for i, (n, x) in enumerate(zip(names, arrays)):
+            if n in _DECODE_INTS and not _api._is_cupy_array(x):
+                arrays[i] = _api._as_arrays(fn, [n], [x])[1][0]
+                host_ints.add(n)
+    else:
+        xp_name, arrays = _api._as_arrays(fn, names, arrays)
     given = dict(zip(names, arrays))
     q, k_cache, v_cache = given["q"], given["k_cache"], given["v_cache"]
     k_new, v_new = given.get("k_new"), given.get("v_new")
@@ -557,9 +578,17 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=No
                 raise ValueError(f"{fn}: {name} is read-only, but k_new is to be "
                                  f"appended to it")
     if xp_name == "cupy":
-        from . import _cupy_decode
+        from . import _cupy_backend, _cupy_decode
+        ints = {}
+        for name, host in (("cache_seqlens", seqlens), ("block_table", table)):
+            if name in host_ints:   # a copy beside q, no wait (validated: all fit int32)
+                ints[name] = _cupy_backend.uploaded(
+                    q.data.device_id, (name, host.shape, host.tobytes()),
+                    lambda host=host: host.astype(np.int32))
+            else:
+                ints[name] = given.get(name)
         out, lse = _cupy_decode.attention_decode(
-            q, k_cache, v_cache, given["cache_seqlens"], k_new, v_new, block_table,
+            q, k_cache, v_cache, ints["cache_seqlens"], k_new, v_new, ints["block_table"],
             num_splits=num_splits, causal=bool(causal), scale=scale,
             max_keys=int(lengths.max(initial=0)))
         return (out, lse) if return_lse else out

@@ -593,3 +593,34 @@ def test_back_to_back_steps_see_each_others_writes(dtype, group, pdl, monkeypatc
                                    v_new=news[s, 1])
     np.testing.assert_array_equal(gk.get(), np_k)
     np.testing.assert_array_equal(gv.get(), np_v)
+
+
+@pytest.mark.parametrize("dtype, paged", [("bfloat16", False), ("float32", True),
+                                          ("float16", True)])
+def test_host_lengths_and_table_give_the_device_results(dtype, paged):
+    """CuPy q and caches with cache_seqlens and block_table on the host (NumPy arrays of
+    any integer dtype, lists): the out, lse and appended caches of the same call with
+    them on the device, bit for bit; NumPy data still refuses CuPy lengths."""
+    cupy = _cupy()
+    case = DecodeCase(dtype, (0, 5, 64, 300), L_new=1, Hk=2, group=2, D=64, Dv=64, spare=3,
+                      block_size=16, seed=17)
+    q, k_cache, v_cache, lens, k_new, v_new = case.inputs()
+    table = None
+    if paged:
+        k_cache, v_cache, table = to_paged(case, np.random.default_rng(case.seed), k_cache,
+                                           v_cache)
+    results = []
+    for form in ("device", "int32", "int64", "list"):
+        convert = {"device": cupy.asarray, "int32": lambda x: x.astype(np.int32),
+                   "int64": lambda x: x.astype(np.int64), "list": lambda x: x.tolist()}[form]
+        gk, gv = cupy.asarray(k_cache), cupy.asarray(v_cache)
+        extra = {} if table is None else {"block_table": convert(table)}
+        poison_pool()
+        out, lse = cupyflash.attention_decode(cupy.asarray(q), gk, gv, convert(lens),
+                                              k_new=cupy.asarray(k_new),
+                                              v_new=cupy.asarray(v_new), return_lse=True,
+                                              **extra)
+        results.append([x.get().tobytes() for x in (out, lse, gk, gv)])
+    assert all(r == results[0] for r in results[1:])
+    with pytest.raises(TypeError, match="arrays must be all NumPy or all CuPy arrays"):
+        cupyflash.attention_decode(q, k_cache, v_cache, cupy.asarray(lens))

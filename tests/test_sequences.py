@@ -13,6 +13,8 @@ caches filled with garbage beyond each sequence's length.
 import dataclasses
 import re
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import example, given
@@ -529,10 +531,14 @@ def test_cupy_inputs_are_validated_like_numpy_inputs():
         cupyflash.attention_varlen(**dict(args, cu_seqlens_q=cupy.asarray([1, 2, 6])))
     with raises(TypeError, "attention_varlen: arrays must be all NumPy or all CuPy arrays"):
         cupyflash.attention_varlen(**dict(args, q=np.zeros((6, 4, 8), np.float32)))
-    for paged, change, error, message in DECODE_CASES_ON_GPU:
-        args = {n: cupy.asarray(x) for n, x in decode_args(paged).items()}
-        args.update({n: None if x is None else cupy.asarray(x) if isinstance(x, np.ndarray)
-                     else x for n, x in change.items()})
+    for (paged, change, error, message), host_ints in itertools.product(DECODE_CASES_ON_GPU,
+                                                                       (False, True)):
+        # every array on the GPU, or cache_seqlens and block_table left on the host
+        on_host = ("cache_seqlens", "block_table") if host_ints else ()
+        args = {n: x if n in on_host else cupy.asarray(x)
+                for n, x in decode_args(paged).items()}
+        args.update({n: x if n in on_host or not isinstance(x, np.ndarray) else cupy.asarray(x)
+                     for n, x in change.items()})
         args = {name: x for name, x in args.items() if x is not None}
         before = [args[n].get() for n in ("k_cache", "v_cache")]
         with raises(error, message):

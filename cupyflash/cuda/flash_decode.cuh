@@ -5,7 +5,8 @@
 // heads times Lq new tokens, usually 1..8), so it is bound by memory bandwidth, not by
 // arithmetic. The design keeps the bytes moving:
 //
-//   grid:  one thread block per (batch b, kv head hk, split s, row chunk rc)
+//   grid:  one thread block per work unit (batch b, kv head hk, split s, row chunk rc),
+//          or (one-row kernel, batch 32-64) one block per SM taking several units in turn
 //   block: NUM_WARPS = 4 independent warps; the block's keys [k0, k1) go in tiles of
 //          BLOCK_N keys, WARP_KEYS consecutive keys per warp
 //   warp:  LANES_PER_KEY lanes share a key, each lane owning VECS_PER_LANE 16-byte vectors
