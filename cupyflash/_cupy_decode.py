@@ -7,11 +7,12 @@
    at positions ``cache_seqlens[b] .. + L_new`` (through the block table when paged);
 2. the split kernel, ``flash_decode_mma`` (fp16/bf16 with several query rows per kv head:
    tensor cores) or ``flash_decode`` (the rest): one thread block per (batch element, kv
-   head, split, row chunk); each reads its split's keys and values once for all
-   ``G * Lq`` query rows of its kv head and writes the final out and lse (one split) or
-   its partial out and lse in the accumulator dtype (several); with several splits, the
-   last block of each (batch element, kv head, row chunk) to finish merges them exactly
-   through their lse (it counts the arrivals in counters of
+   head, split, row chunk), or for the one-row kernel at large batches one block per SM
+   taking several of them in turn (:func:`units_per_block`); each reads its split's keys
+   and values once for all ``G * Lq`` query rows of its kv head and writes the final out
+   and lse (one split) or its partial out and lse in the accumulator dtype (several);
+   with several splits, the last block of each (batch element, kv head, row chunk) to
+   finish merges them exactly through their lse (it counts the arrivals in counters of
    :func:`._cupy_backend.stream_counters`);
 3. ``flash_decode_combine``, only with ``FUSE_COMBINE`` off (tests and benchmarks compare
    the two): the same merge as a second launch.
@@ -22,10 +23,11 @@ and waits for that kernel to complete before it touches global memory.
 
 Nothing here waits for the device. The host synchronisation of a call is the validation's
 (``_sequences.attention_decode``): it reads ``cache_seqlens`` and ``block_table`` to the
-host, because the NumPy semantics require their values to be checked (lengths that fit
-the cache, block indices in range, an append that writes each slot once) before anything
-is written. Those host values also give the longest sequence, which
-:func:`choose_num_splits` uses.
+host when they are CuPy arrays (host arrays are checked where they are and uploaded
+without a wait, :func:`._cupy_backend.uploaded`), because the NumPy semantics require
+their values to be checked (lengths that fit the cache, block indices in range, an append
+that writes each slot once) before anything is written. Those host values also give the
+longest sequence, which :func:`choose_num_splits` uses.
 
 Memory: out and lse, the int32 copies of ``cache_seqlens`` and ``block_table`` when they
 are not int32 already, and with several splits the partial results,

@@ -89,7 +89,7 @@ struct DecodeParams {
     long long causal;           // bottom-right aligned: row i sees key t iff t <= i + n_b - Lq
     long long k_vectorized, v_vectorized;  // 1: rows are 16-byte aligned, last dim contiguous
     long long units;            // B * Hk * num_splits * row_chunks: the split kernel's work
-                                // units, as many as blocks or (flash_decode) a multiple
+                                // units; as many blocks, or (one-row flash_decode) fewer
     double scale, scale_log2;
 };
 
