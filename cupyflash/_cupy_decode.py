@@ -467,8 +467,9 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_tab
                                  (D + Dv) * q.dtype.itemsize, num_sms(device_id),
                                  resident_blocks(device_id, cfg.name_expression, arch,
                                                  cfg.smem_bytes))
-        if base_blocks * splits >= 2**31 or B * Hk * M >= 2**31:
-            raise ValueError(f"{fn}: {base_blocks * splits} thread blocks are more than one "
+        units = base_blocks * splits   # (b, hk, split, row chunk): at most one block each
+        if units >= 2**31 or B * Hk * M >= 2**31:
+            raise ValueError(f"{fn}: {units} thread blocks are more than one "
                              f"launch can have on the GPU")
         acc_size = np.dtype(acc_dtype).itemsize
         partial_row = -(-Dv * acc_size // 16) * 16 // acc_size  # rows of 16-byte vectors
@@ -492,14 +493,13 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_tab
             B=B, Lq=Lq, H=H, Hk=Hk, G=G, M=M, D=D, Dv=Dv, L_new=L_new,
             page_size_mul=mul, page_size_shift=shift, **page,
             num_splits=splits, row_chunks=row_chunks, partial_row=partial_row,
-            causal=int(causal), units=base_blocks * splits,
+            causal=int(causal), units=units,
             k_vectorized=int(_vectorized(k_cache)), v_vectorized=int(_vectorized(v_cache)),
             scale=scale, scale_log2=scale * math.log2(math.e)))
         kernel = _kernels.get_function(device_id, SOURCE, cfg.name_expression, arch,
                                        cfg.smem_bytes)
-        units = base_blocks * splits
-        one_row = cfg.name_expression.startswith("cupyflash::flash_decode<") and cfg.rows == 1
-        per_block = units_per_block(units, num_sms(device_id)) if one_row else 1
+        # (only the one-row SIMT kernel loops over units; the tensor-core one has 16 rows)
+        per_block = units_per_block(units, num_sms(device_id)) if cfg.rows == 1 else 1
         _launch.launch(kernel, (-(-units // per_block),), (cfg.num_threads,), params,
                        cfg.smem_bytes, overlap=pdl)
 
