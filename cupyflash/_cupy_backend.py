@@ -881,6 +881,28 @@ def stream_counters(device_id, user, count):
     return buf
 
 
+# Scratch memory in global memory, per (device, stream, user): what one launch writes and
+# the launches after it on the same stream read before the next call does (the decode
+# kernel's split partials), so that a call allocates nothing for it. Calls on one stream
+# run in order (a kernel launched with PDL waits for the grid before it before touching
+# memory); calls on different streams never share a buffer. A buffer is the largest its
+# stream has needed, kept until the process ends (a few hundred KiB for decoding).
+_STREAM_WORKSPACES = {}
+
+
+def stream_workspace(device_id, user, nbytes):
+    """The device address of at least ``nbytes`` bytes (256-byte aligned) of scratch for
+    ``user``'s launches on the current stream; its contents are whatever the last such
+    launch left."""
+    import cupy
+    key = (device_id, cupy.cuda.get_current_stream().ptr, user)
+    buf = _STREAM_WORKSPACES.get(key)
+    if buf is None or buf.nbytes < nbytes:
+        buf = cupy.empty(max(nbytes, 1 << 16), dtype=cupy.uint8)
+        _STREAM_WORKSPACES[key] = buf
+    return buf.data.ptr
+
+
 # Small int32 arrays uploaded for the kernels (attention_varlen's host offsets and tile
 # lists), kept by content per (device, stream): a model calls attention_varlen once per
 # layer with the same offsets, and only the first call copies them. An array dropped from

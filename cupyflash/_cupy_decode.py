@@ -45,7 +45,7 @@ import numpy as np
 
 from . import _kernels, _launch
 from ._cupy_backend import (_DTYPE_TO_CUDA, _compute_capability, _device_of, _on_device,
-                            num_sms, stream_counters)
+                            num_sms, stream_counters, stream_workspace)
 
 SOURCE = "flash_decode.cuh"
 
@@ -54,7 +54,7 @@ SOURCE = "flash_decode.cuh"
 # little-endian layout below is the C layout. "Q": pointer, "q": int64, "d": double.
 # ----------------------------------------------------------------------------------------
 
-DECODE_PARAMS = (
+DECODE_PARAMS = tuple(
     [(n, "Q") for n in ("q", "k", "v", "cache_seqlens", "block_table", "out", "lse",
                         "out_partial", "lse_partial", "split_counters")]
     + [(n, "q") for n in (
@@ -68,12 +68,12 @@ DECODE_PARAMS = (
         "units")]
     + [("scale", "d"), ("scale_log2", "d")])
 
-COMBINE_PARAMS = (
+COMBINE_PARAMS = tuple(
     [(n, "Q") for n in ("out_partial", "lse_partial", "out", "lse")]
     + [(n, "q") for n in ("out_batch_stride", "out_token_stride", "out_head_stride",
                           "B", "Lq", "H", "Hk", "G", "M", "Dv", "num_splits", "partial_row")])
 
-APPEND_PARAMS = (
+APPEND_PARAMS = tuple(
     [(n, "Q") for n in ("k_cache", "v_cache", "k_new", "v_new", "cache_seqlens",
                         "block_table")]
     + [(n, "q") for n in (
@@ -86,20 +86,23 @@ APPEND_PARAMS = (
 
 @functools.lru_cache(maxsize=None)
 def _struct(fields):
+    """``(struct.Struct, NumPy dtype, field names, their frozenset)`` of a field list."""
     layout = struct.Struct("<" + "".join(kind for _, kind in fields))
     dtype = np.dtype([(name, {"Q": np.uint64, "q": np.int64, "d": np.float64}[kind])
                       for name, kind in fields])
     assert layout.size == dtype.itemsize
-    return layout, dtype
+    names = tuple(name for name, _ in fields)
+    return layout, dtype, names, frozenset(names)
 
 
 def _pack(fields, values):
-    """The C struct of ``fields`` filled from ``values`` (a dict; absent fields are 0), as
-    the NumPy structured scalar CuPy passes to a kernel by value."""
-    layout, dtype = _struct(tuple(fields))
-    missing = set(values) - {name for name, _ in fields}
-    assert not missing, missing
-    data = layout.pack(*(values.get(name, 0) for name, _ in fields))
+    """The C struct of ``fields`` (a tuple) filled from ``values`` (a dict; absent fields
+    are 0), as the NumPy structured scalar CuPy passes to a kernel by value. (It is on
+    every decode call's host path: the names come precomputed with the layout.)"""
+    layout, dtype, names, known = _struct(fields)
+    if not values.keys() <= known:
+        raise AssertionError(sorted(values.keys() - known))
+    data = layout.pack(*[values.get(name, 0) for name in names])
     return np.frombuffer(data, dtype=dtype)[0]
 
 
@@ -131,13 +134,14 @@ MMA_STAGES = 3                # DecodeMmaTraits::STAGES
 MMA_ONE_ROW = False
 
 
-def uses_mma(dtype_name, head_dim, M):
+def uses_mma(dtype_name, head_dim, M, one_row=None):
     """Whether a problem goes to the tensor-core kernel: fp16/bf16, HEAD_DIM up to 128,
     and more than one query row per kv head (one row wastes nothing on the CUDA cores,
     where the SIMT kernel reads at the copy's bandwidth at batch 64; ``MMA_ONE_ROW``
     sends one row there too)."""
+    one_row = MMA_ONE_ROW if one_row is None else one_row
     return (dtype_name in ("float16", "bfloat16") and head_dim in MMA_HEAD_DIMS
-            and (M > 1 or MMA_ONE_ROW))
+            and (M > 1 or one_row))
 
 
 class DecodeConfig:
@@ -181,6 +185,12 @@ def decode_config(D, Dv, dtype_name, compute_capability, M):
     agree with the .cuh. Every variant fits in 99 KiB of shared memory, so ``compute_capability`` does
     not change the choice.
     """
+    return _decode_config(D, Dv, dtype_name, compute_capability, M, MMA_ONE_ROW)
+
+
+@functools.lru_cache(maxsize=256)
+def _decode_config(D, Dv, dtype_name, compute_capability, M, mma_one_row):
+    """decode_config, kept per problem (it is on every call's host path)."""
     width = max(D, Dv)
     head_dim = next((h for h in DECODE_HEAD_DIMS if h >= width), None)
     if head_dim is None:
@@ -190,7 +200,7 @@ def decode_config(D, Dv, dtype_name, compute_capability, M):
     common = dict(combine_name=f"cupyflash::flash_decode_combine<{ctype}>",
                   append_name=f"cupyflash::decode_append<{ctype}>",
                   head_dim=head_dim, num_threads=NUM_THREADS)
-    if uses_mma(dtype_name, head_dim, M):
+    if uses_mma(dtype_name, head_dim, M, mma_one_row):
         warp_n = 2048 // head_dim
         warp_stage = 2 * warp_n * head_dim * 2            # K and V of a warp's tile
         merge_bytes = (4 * MMA_ROWS * head_dim + 2 * 4 * MMA_ROWS) * 4
@@ -474,9 +484,12 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_tab
         acc_size = np.dtype(acc_dtype).itemsize
         partial_row = -(-Dv * acc_size // 16) * 16 // acc_size  # rows of 16-byte vectors
         fused = fuses_combine(splits)
-        if splits > 1:
-            out_partial = cupy.empty((B, Hk, splits, M, partial_row), dtype=acc_dtype)
-            lse_partial = cupy.empty((B, Hk, splits, M), dtype=acc_dtype)
+        out_partial = lse_partial = 0   # (B, Hk, splits, M, partial_row), (B, Hk, splits, M)
+        if splits > 1:                  # in the stream's scratch: no allocation a call
+            out_bytes = -(-B * Hk * splits * M * partial_row * acc_size // 256) * 256
+            out_partial = stream_workspace(device_id, "decode partials",
+                                           out_bytes + B * Hk * splits * M * acc_size)
+            lse_partial = out_partial + out_bytes
         counters = stream_counters(device_id, "decode splits", base_blocks) if fused else None
         mul, shift = page_divisor(page["page_size"])
         q_st, out_st = _strides(q), _strides(out)
@@ -484,8 +497,7 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_tab
             q=q.data.ptr, k=k_cache.data.ptr, v=v_cache.data.ptr,
             cache_seqlens=seqlens.data.ptr, block_table=table.data.ptr if paged else 0,
             out=out.data.ptr, lse=lse.data.ptr,
-            out_partial=out_partial.data.ptr if splits > 1 else 0,
-            lse_partial=lse_partial.data.ptr if splits > 1 else 0,
+            out_partial=out_partial, lse_partial=lse_partial,
             split_counters=counters.data.ptr if fused else 0,
             q_batch_stride=q_st[0], q_token_stride=q_st[1], q_head_stride=q_st[2],
             q_dim_stride=q_st[3], **cache_strides,
@@ -506,7 +518,7 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_tab
         # -- 3. the merge of the splits, where the split kernel did not
         if splits > 1 and not fused:
             params = _pack(COMBINE_PARAMS, dict(
-                out_partial=out_partial.data.ptr, lse_partial=lse_partial.data.ptr,
+                out_partial=out_partial, lse_partial=lse_partial,
                 out=out.data.ptr, lse=lse.data.ptr, out_batch_stride=out_st[0],
                 out_token_stride=out_st[1], out_head_stride=out_st[2],
                 B=B, Lq=Lq, H=H, Hk=Hk, G=G, M=M, Dv=Dv, num_splits=splits,

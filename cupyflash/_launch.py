@@ -41,6 +41,9 @@ class _LaunchConfig(ctypes.Structure):
 
 assert ctypes.sizeof(_LaunchAttribute) == 72 and ctypes.sizeof(_LaunchConfig) == 56
 
+# The one attribute of every PDL launch (built once: launches are on the host's hot path).
+_PDL_ATTRIBUTE = ctypes.pointer(_LaunchAttribute(id=PROGRAMMATIC_STREAM_SERIALIZATION, value=1))
+
 
 @functools.lru_cache(maxsize=1)
 def _driver():
@@ -84,11 +87,10 @@ def launch(kernel, grid, block, params, shared_mem=0, *, overlap=False):
     launch_ex, error_name = _driver()
     data = ctypes.create_string_buffer(params.tobytes(), params.dtype.itemsize)
     args = (ctypes.c_void_p * 1)(ctypes.addressof(data))
-    attr = _LaunchAttribute(id=PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
     grid = tuple(grid) + (1,) * (3 - len(grid))
     block = tuple(block) + (1,) * (3 - len(block))
     config = _LaunchConfig(*grid, *block, shared_mem, cupy.cuda.get_current_stream().ptr,
-                           ctypes.pointer(attr), 1)
+                           _PDL_ATTRIBUTE, 1)
     status = launch_ex(ctypes.byref(config), kernel.ptr, args, None)
     if status != 0:
         name = ctypes.c_char_p()

@@ -595,6 +595,41 @@ def test_back_to_back_steps_see_each_others_writes(dtype, group, pdl, monkeypatc
     np.testing.assert_array_equal(gv.get(), np_v)
 
 
+@pytest.mark.parametrize("fuse", [True, False])
+def test_split_scratch_shared_by_queued_calls(fuse, monkeypatch):
+    """The split partials live in one scratch buffer per stream (stream_workspace), which
+    a larger call replaces: calls of different sizes and split counts queued on one stream
+    with no synchronisation (the merge in the split kernel or in flash_decode_combine)
+    give the bits each gives alone."""
+    from cupyflash import _cupy_decode
+    monkeypatch.setattr(_cupy_decode, "FUSE_COMBINE", fuse)
+    cupy = _cupy()
+    rng = np.random.default_rng(7 + fuse)
+    problems = []
+    for B, Hk, G, L, splits in ((2, 2, 1, 700, 3), (5, 4, 4, 3000, 9), (1, 2, 2, 300, 2),
+                                (5, 4, 4, 3000, 16)):
+        q = cupy.asarray(rng.standard_normal((B, 1, Hk * G, 128)).astype(np.float16))
+        k = cupy.asarray(rng.standard_normal((B, L, Hk, 128)).astype(np.float16))
+        v = cupy.asarray(rng.standard_normal((B, L, Hk, 128)).astype(np.float16))
+        lens = np.full((B,), L, dtype=np.int32)
+        problems.append((q, k, v, lens, splits))
+    alone = []
+    for q, k, v, lens, splits in problems:
+        out, lse = cupyflash.attention_decode(q, k, v, lens, num_splits=splits,
+                                              return_lse=True)
+        cupy.cuda.Device().synchronize()
+        alone.append((out.get(), lse.get()))
+    poison_pool()
+    with cupy.cuda.Stream(non_blocking=True) as stream:
+        queued = [cupyflash.attention_decode(q, k, v, lens, num_splits=splits,
+                                             return_lse=True)
+                  for q, k, v, lens, splits in problems * 2]
+        stream.synchronize()
+    for (out, lse), (out_a, lse_a) in zip(queued, alone * 2):
+        assert out.get().tobytes() == out_a.tobytes()
+        assert lse.get().tobytes() == lse_a.tobytes()
+
+
 @pytest.mark.parametrize("dtype, paged", [("bfloat16", False), ("float32", True),
                                           ("float16", True)])
 def test_host_lengths_and_table_give_the_device_results(dtype, paged):
