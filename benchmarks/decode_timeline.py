@@ -8,7 +8,8 @@ when the first tile landed, when the main loop ended, the partial store, the spl
 counter, the last block's merge and the end. Stamps whose anchor text is gone from the
 kernel are skipped (printed as "skip stamp"). Before that it times flat 16-byte reads of
 32 and 128 MiB (rotating over copies larger than L2) and cupy copies of the same bytes:
-what any kernel can reach at batch 1 and 4.
+what any kernel can reach at batch 1 and 4 (TL_SKIP_READS=1 skips them). Each call's line
+also counts the SMs its blocks ran on and the most blocks one SM took.
 
     python3 benchmarks/decode_timeline.py     # on the GPU, from the repository root
 """
@@ -36,8 +37,8 @@ def sub1(s, old, new):
     assert s.count(old) >= 1, old
     return s.replace(old, new, 1)
 src = sub1(src, '#include "attention_common.cuh"\n', '#include "attention_common.cuh"\n' + HDR)
-# SIMT kernel: start after `if (b >= p.B) return;` (first occurrence is in flash_decode)
-i = src.index('flash_decode(const DecodeParams p) {')
+# SIMT kernel: start after `if (b >= p.B) return;` in split_unit (the one-row body)
+i = src.index('split_unit(const DecodeParams& p, unsigned unit) {')
 j = src.index('if (b >= p.B) return;', i) + len('if (b >= p.B) return;')
 src = src[:j] + ' TL_START();' + src[j:]
 i = src.index('decode::cp_async_wait<STAGES - 1>();', j) + len('decode::cp_async_wait<STAGES - 1>();')
@@ -96,7 +97,7 @@ with stream:
     }'''
     rd = cupy.RawKernel(RD, 'rd')
     sink = cupy.zeros(4, np.uint32)
-    for mib in (32, 128):
+    for mib in (() if os.environ.get('TL_SKIP_READS') else (32, 128)):
         nbytes = mib << 20
         copies = max(2, math.ceil(200 * 2**20 / nbytes))
         bufs = [cupy.random.random(nbytes // 8).view(np.uint8) for _ in range(copies)]
@@ -149,19 +150,24 @@ with stream:
             r = t[c * per:(c + 1) * per].astype(np.int64)
             t0 = r[:, 0].min()
             rel = lambda k: (r[:, k] - t0) / 1e3
-            end = np.where(r[:, 5] > 0, r[:, 5], r[:, 4])
+            end = np.maximum(r[:, 5], np.maximum(r[:, 4], r[:, 3]))
             prev_end = None
             if c > 0:
                 rp = t[(c - 1) * per:c * per].astype(np.int64)
-                prev_end = np.where(rp[:, 5] > 0, rp[:, 5], rp[:, 4]).max()
+                prev_end = np.maximum(rp[:, 5], np.maximum(rp[:, 4], rp[:, 3])).max()
             gap = (t0 - prev_end) / 1e3 if prev_end is not None else float('nan')
-            sms = len(set((r[:, 6] & 0xffffffff).tolist()))
+            sm_ids = (r[:, 6] & 0xffffffff).tolist()
+            sms, crowd = len(set(sm_ids)), max(sm_ids.count(x) for x in set(sm_ids))
+            def med(a, b_):  # median us from stamp a to stamp b_ where a block has both
+                sel_ = (r[:, a] > 0) & (r[:, b_] > 0)
+                return np.median((r[sel_, b_] - r[sel_, a]) / 1e3) if sel_.any() else float('nan')
             print(f" call {c}: gap from prev end {gap:.2f} us; starts {rel(0).min():.2f}-{rel(0).max():.2f}; "
                   f"first tile +{np.median(rel(1)-rel(0)):.2f} (max {np.max(rel(1)-rel(0)):.2f}); "
                   f"loop end {np.median(rel(2)):.2f} [{rel(2).min():.2f}, {rel(2).max():.2f}]; "
-                  f"stored {np.median(rel(3)-rel(2)):.2f} after; decided {np.median(rel(4)-rel(3)):.2f} after; "
-                  f"combine {np.median((r[r[:,5]>0,5]-r[r[:,5]>0,4])/1e3) if (r[:,5]>0).any() else 0:.2f}; "
-                  f"end {(end.max()-t0)/1e3:.2f}; SMs {sms}", flush=True)
+                  f"stored {med(2, 3):.2f} after; decided {med(3, 4):.2f} after "
+                  f"(last loop end to it {(r[r[:, 4] > 0, 4].max() - r[:, 2].max()) / 1e3:.2f}); "
+                  f"combine {med(4, 5):.2f}; "
+                  f"end {(end.max()-t0)/1e3:.2f}; SMs {sms}, at most {crowd} blocks on one", flush=True)
         rr = t[2*per:5*per].astype(np.int64); sel = rr[:, 5] > 0
         def stamped(x, a, b_):  # both stamps set (a skipped stamp's slot stays 0)
             return x[(x[:, a] > 0) & (x[:, b_] > 0)]
