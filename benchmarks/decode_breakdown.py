@@ -1,0 +1,129 @@
+"""Where the one-row decode kernel's time goes (session 16): the same calls timed on
+copies of the package with one part of the split kernel taken out or changed, side by
+side in one run, with torch's cuDNN backend (bf16, 8/8 heads of 128, decode.py's queue
+timer, two rounds each; us per call, and in brackets the best round's fraction of the
+1 GiB copy's bandwidth).
+
+Each variant is the package copied to _exp/pkgs/cf_<name> with text edits of
+cuda/flash_decode.cuh (and _cupy_decode.py where the launcher mirrors the kernel);
+an edit whose text is gone from the kernel stops the run. The variants that drop work
+give wrong results and are for timing only:
+
+    base        the tree as it is
+    stages4/5   the one-row pipeline 4 or 5 tiles deep instead of 3 (64/80 KiB)
+    nlen        the split's length a constant (8192) instead of cache_seqlens[b]: what
+                the dependent load before the first copies costs (8k cases only)
+    notail      no split merge: a block stores its partial and leaves
+    nomath      the loop reads every word it copied and does no arithmetic
+    nomath_notail  both
+    mma1        one query row on the tensor-core kernel (MMA_ONE_ROW)
+
+    python3 benchmarks/decode_breakdown.py                  # every variant, default cases
+    python3 benchmarks/decode_breakdown.py base notail      # some variants
+"""
+import importlib, pathlib, shutil, sys
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+import numpy as np
+import cupy
+import decode as bench
+
+CUH, PY = "cuda/flash_decode.cuh", "_cupy_decode.py"
+PKGS = REPO / "_exp" / "pkgs"
+SRC = (REPO / "cupyflash" / CUH).read_text()
+
+
+def stages(k):
+    return [(CUH, "static constexpr int STAGES = TWO_PASS_ROW ? 3 : 4;",
+             f"static constexpr int STAGES = TWO_PASS_ROW ? {k} : 4;"),
+            (CUH, "ROWS == 1 && PIPE_BYTES <= 48 * 1024 ? 4 : 2;",
+             "ROWS == 1 && PIPE_BYTES <= 48 * 1024 ? 4 : ROWS == 1 && PIPE_BYTES <= 64 * 1024 ? 3 : 2;"),
+            (PY, "stages = 3 if two_pass_row else STAGES", f"stages = {k} if two_pass_row else STAGES")]
+
+
+NLEN = [(CUH, "below 2^30)\n    const int n = p.cache_seqlens[b] + static_cast<int>(p.L_new);",
+         "below 2^30)\n    const int n = 8192;")]
+NOTAIL = [(CUH, "if (one_split || p.split_counters == nullptr) return;", "return;")]
+_a = SRC.index("            // -- S = q K^T: s[ps][r] for key t0")
+_b = SRC.index("        }\n\n    };\n    if (fast) main_loop(decode::BoolC<true>{});")
+NOMATH = [(CUH, SRC[_a:_b], """            unsigned xo = 0;   // (every copied word read, no arithmetic)
+#pragma unroll
+            for (int i = 0; i < STAGE_VECS; ++i) {
+                const decode::Vec16<T> x = decode::lds_vec16<T>(slot(stage, i));
+                const unsigned* w = reinterpret_cast<const unsigned*>(&x);
+                xo ^= w[0] ^ w[1] ^ w[2] ^ w[3];
+            }
+            acc[0][0] += __uint_as_float(xo & 0x3f000000u);
+            (void)t0;
+""")]
+VARIANTS = {"base": [], "stages4": stages(4), "stages5": stages(5), "nlen": NLEN,
+            "notail": NOTAIL, "nomath": NOMATH, "nomath_notail": NOMATH + NOTAIL,
+            "mma1": [(PY, "MMA_ONE_ROW = False", "MMA_ONE_ROW = True")]}
+EXACT = ("base", "stages4", "stages5", "nlen", "mma1")   # variants that still compute the answer
+
+
+def make(name, edits):
+    """The package copied to _exp/pkgs/cf_<name> with `edits`; its _cupy_decode module."""
+    dst = PKGS / f"cf_{name}"
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(REPO / "cupyflash", dst, ignore=shutil.ignore_patterns("__pycache__"))
+    for rel, old, new in edits:
+        f = dst / rel
+        text = f.read_text()
+        assert text.count(old) == 1, (name, rel, old[:60])
+        f.write_text(text.replace(old, new))
+    if str(PKGS) not in sys.path:
+        sys.path.insert(0, str(PKGS))
+    return importlib.import_module(f"cf_{name}._cupy_decode")
+
+
+names = sys.argv[1:] or list(VARIANTS)
+mods = {n: make(n, VARIANTS[n]) for n in names}
+timer = bench.QueueTimer(cupy, 20, 5)
+stream = cupy.cuda.Stream(non_blocking=True)
+stream.use()
+torch, backends = bench.torch_backends(stream)
+copy_gbs = bench.copy_bandwidth(cupy, timer)
+print(f"GPU {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()} copy {copy_gbs:.0f} GB/s",
+      flush=True)
+dt = bench._dtype("bfloat16")
+H = Hk = 8
+D = 128
+for B, L, S in [(1, 8192, None), (1, 8192, 12), (4, 8192, None), (1, 32768, None),
+                (16, 32768, None)]:
+    run = [n for n in names if not (n == "nlen" and L != 8192)]
+    kv_bytes = 2 * B * L * Hk * D * 2
+    copies = max(1, -(-4 * 50 * 2**20 // kv_bytes))
+    q = bench._random(cupy, (B, 1, H, D), dt)
+    caches = [(bench._random(cupy, (B, L, Hk, D), dt), bench._random(cupy, (B, L, Hk, D), dt))
+              for _ in range(copies)]
+    seqlens = cupy.full((B,), L, dtype=np.int32)
+
+    def call(m, k, v):
+        return m.attention_decode(q, k, v, seqlens, None, None, None, num_splits=S,
+                                  causal=False, scale=D ** -0.5, max_keys=L)
+    ref = None
+    for n in run:   # the variants that compute the answer agree with each other
+        o = call(mods[n], *caches[0])[0].astype(np.float32)
+        if n in EXACT:
+            ref = o if ref is None else ref
+            assert float(abs(o - ref).max()) < 1e-2, n
+    tq = bench.as_torch(torch, q).transpose(1, 2)
+    views = [(bench.as_torch(torch, k).transpose(1, 2), bench.as_torch(torch, v).transpose(1, 2))
+             for k, v in caches]
+    res = {}
+    for _ in range(2):
+        for n in run:
+            res.setdefault(n, []).append(timer(
+                [(lambda k=k, v=v, m=mods[n]: call(m, k, v)) for k, v in caches], kv_bytes / 2.5e9))
+        sd = backends["torch_cudnn"]
+        res.setdefault("cudnn", []).append(timer(
+            [(lambda k=k, v=v: sd(tq, k, v, False)) for k, v in views], kv_bytes / 2.5e9))
+    line = f"B={B} L={L} S={S} |"
+    for n, ts in res.items():
+        line += (f" {n} " + "/".join(f"{t * 1e3:.2f}" for t in ts)
+                 + f" ({kv_bytes / min(ts) / 1e6 / copy_gbs:.3f})")
+    print(line, flush=True)
+    del caches, views, q
+    cupy.get_default_memory_pool().free_all_blocks()
