@@ -1,6 +1,6 @@
 """Where the one-row decode kernel's time goes (session 16): the same calls timed on
 copies of the package with one part of the split kernel taken out or changed, side by
-side in one run, with torch's cuDNN backend (bf16, 8/8 heads of 128, decode.py's queue
+side in one run, with torch's cuDNN backend (bf16, heads of 128, decode.py's queue
 timer, two rounds each; us per call, and in brackets the best round's fraction of the
 1 GiB copy's bandwidth).
 
@@ -17,11 +17,19 @@ give wrong results and are for timing only:
     nomath      the loop reads every word it copied and does no arithmetic
     nomath_notail  both
     mma1        one query row on the tensor-core kernel (MMA_ONE_ROW)
+    stages2     the one-row pipeline 2 tiles deep (16 KiB in flight while computing)
+    warps8, warps8s2   the one-row 16-bit kernel with 8 warps, 3 or 2 stages
+    mma_s3      the tensor-core kernel 3 stages deep (as before session 17; now 2)
+    chunk16     the split merge issuing 16 splits' loads at once instead of 8
+
+The default cases are batch 1-16 with 8/8 heads and three grouped-query lines (32/8);
+CASES=gqa runs the tensor-core kernel's grid instead (16/8, 32/8 and 64/8 heads).
 
     python3 benchmarks/decode_breakdown.py                  # every variant, default cases
     python3 benchmarks/decode_breakdown.py base notail      # some variants
+    CASES=gqa python3 benchmarks/decode_breakdown.py base mma_s3   # grouped heads only
 """
-import importlib, pathlib, shutil, sys
+import importlib, os, pathlib, shutil, sys
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -39,7 +47,10 @@ def stages(k):
              f"static constexpr int STAGES = TWO_PASS_ROW ? {k} : 4;"),
             (CUH, "ROWS == 1 && PIPE_BYTES <= 48 * 1024 ? 4 : 2;",
              "ROWS == 1 && PIPE_BYTES <= 48 * 1024 ? 4 : ROWS == 1 && PIPE_BYTES <= 64 * 1024 ? 3 : 2;"),
-            (PY, "stages = 3 if two_pass_row else STAGES", f"stages = {k} if two_pass_row else STAGES")]
+            (PY, "stages = 3 if two_pass_row else STAGES", f"stages = {k} if two_pass_row else STAGES")
+            ] + ([(CUH, "ROWS == 1 && PIPE_BYTES <= 32 * 1024 ? 6", "ROWS == 1 && PIPE_BYTES <= 32 * 1024 ? 4"),
+                  (PY, "INFLIGHT_PER_SM = 24 * 1024", "INFLIGHT_PER_SM = 16 * 1024")]
+                 if k == 2 else [])   # (six blocks' 80 registers spill; base's split counts)
 
 
 NLEN = [(CUH, "below 2^30)\n    const int n = p.cache_seqlens[b] + static_cast<int>(p.L_new);",
@@ -57,10 +68,46 @@ NOMATH = [(CUH, SRC[_a:_b], """            unsigned xo = 0;   // (every copied w
             acc[0][0] += __uint_as_float(xo & 0x3f000000u);
             (void)t0;
 """)]
-VARIANTS = {"base": [], "stages4": stages(4), "stages5": stages(5), "nlen": NLEN,
+
+
+def warps8(k):
+    """The one-row 16-bit kernel with 8 warps (two per scheduler) and k stages of 32 keys a
+    warp (3: twice base's bytes in flight; 2: base's bytes in flight while computing)."""
+    return [(CUH, "// query rows per block\n    static constexpr int NUM_WARPS = 4;",
+             "// query rows per block\n"
+             "    static constexpr int NUM_WARPS = ROWS == 1 && sizeof(T) == 2 ? 8 : 4;"),
+            (CUH, "static constexpr int STAGES = TWO_PASS_ROW ? 3 : 4;",
+             f"static constexpr int STAGES = TWO_PASS_ROW ? (NUM_WARPS == 8 ? {k} : 3) : 4;"),
+            (PY, "    block_n = 4 * passes * (32 // lanes_per_key)",
+             "    block_n = nw * passes * (32 // lanes_per_key)"),
+            (PY, "    stages = 3 if two_pass_row else STAGES",
+             "    nw = 8 if rows == 1 and itemsize == 2 else 4\n"
+             "    common['num_threads'] = 32 * nw\n"
+             f"    stages = ({k} if nw == 8 else 3) if two_pass_row else STAGES"),
+            (PY, "    pipe_bytes = stages * stage_vecs * NUM_THREADS * 16",
+             "    pipe_bytes = stages * stage_vecs * 32 * nw * 16"),
+            (PY, "    merge_bytes = (4 * rows * head_dim + 2 * 4 * rows) * acc_size",
+             "    merge_bytes = (nw * rows * head_dim + 2 * nw * rows) * acc_size"),
+            (PY, "inflight_bytes=(stages - 1) * stage_vecs * NUM_THREADS * 16, **common)",
+             "inflight_bytes=(stages - 1) * stage_vecs * 32 * nw * 16, **common)"),
+            (PY, "occupancyMaxActiveBlocksPerMultiprocessor(kernel.ptr, NUM_THREADS,",
+             "occupancyMaxActiveBlocksPerMultiprocessor(kernel.ptr, "
+             "256 if name_expression.startswith('cupyflash::flash_decode<') and "
+             "name_expression.endswith(', 1>') and ('bfloat16' in name_expression or "
+             "'__half' in name_expression) else NUM_THREADS,")]
+
+
+MMA_S3 = [(CUH, "static constexpr int STAGES = 2;\n    static constexpr int WARP_STAGE_BYTES",
+           "static constexpr int STAGES = 3;\n    static constexpr int WARP_STAGE_BYTES"),
+          (PY, "MMA_STAGES = 2 ", "MMA_STAGES = 3 ")]
+CHUNK16 = [(CUH, "static constexpr int value = 128 / 16 / (int(sizeof(Acc)) / 4); };",
+            "static constexpr int value = 256 / 16 / (int(sizeof(Acc)) / 4); };")]
+VARIANTS = {"base": [], "stages2": stages(2), "chunk16": CHUNK16, "stages4": stages(4), "stages5": stages(5),
+            "nlen": NLEN, "mma_s3": MMA_S3,
+            "warps8": warps8(3), "warps8s2": warps8(2),
             "notail": NOTAIL, "nomath": NOMATH, "nomath_notail": NOMATH + NOTAIL,
             "mma1": [(PY, "MMA_ONE_ROW = False", "MMA_ONE_ROW = True")]}
-EXACT = ("base", "stages4", "stages5", "nlen", "mma1")   # variants that still compute the answer
+EXACT = ("base", "stages2", "mma_s3", "chunk16", "stages4", "stages5", "nlen", "mma1", "warps8", "warps8s2")   # variants that still compute the answer
 
 
 def make(name, edits):
@@ -88,10 +135,15 @@ copy_gbs = bench.copy_bandwidth(cupy, timer)
 print(f"GPU {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()} copy {copy_gbs:.0f} GB/s",
       flush=True)
 dt = bench._dtype("bfloat16")
-H = Hk = 8
+Hk = 8
 D = 128
-for B, L, S in [(1, 8192, None), (1, 8192, 12), (4, 8192, None), (1, 32768, None),
-                (16, 32768, None)]:
+CASES = [(1, 8192, None, 8), (1, 8192, 12, 8), (4, 8192, None, 8), (1, 32768, None, 8),
+         (16, 32768, None, 8), (16, 32768, 2, 8),
+         (1, 8192, None, 32), (16, 8192, None, 32), (16, 32768, None, 32)]
+if os.environ.get("CASES") == "gqa":   # the tensor-core kernel's grid (G = 2, 4, 8)
+    CASES = [(B, L, None, H) for H in (16, 32, 64)
+             for B, L in ((1, 8192), (4, 8192), (16, 8192), (64, 8192), (1, 32768), (16, 32768))]
+for B, L, S, H in CASES:
     run = [n for n in names if not (n == "nlen" and L != 8192)]
     kv_bytes = 2 * B * L * Hk * D * 2
     copies = max(1, -(-4 * 50 * 2**20 // kv_bytes))
@@ -119,8 +171,8 @@ for B, L, S in [(1, 8192, None), (1, 8192, 12), (4, 8192, None), (1, 32768, None
                 [(lambda k=k, v=v, m=mods[n]: call(m, k, v)) for k, v in caches], kv_bytes / 2.5e9))
         sd = backends["torch_cudnn"]
         res.setdefault("cudnn", []).append(timer(
-            [(lambda k=k, v=v: sd(tq, k, v, False)) for k, v in views], kv_bytes / 2.5e9))
-    line = f"B={B} L={L} S={S} |"
+            [(lambda k=k, v=v: sd(tq, k, v, H != Hk)) for k, v in views], kv_bytes / 2.5e9))
+    line = f"B={B} H={H}/{Hk} L={L} S={S} |"
     for n, ts in res.items():
         line += (f" {n} " + "/".join(f"{t * 1e3:.2f}" for t in ts)
                  + f" ({kv_bytes / min(ts) / 1e6 / copy_gbs:.3f})")

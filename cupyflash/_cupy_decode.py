@@ -127,7 +127,7 @@ def max_rows(dtype_name, head_dim):
 
 MMA_ROWS = 16                 # DecodeMmaTraits::ROWS: one m16 tile of query rows
 MMA_HEAD_DIMS = (32, 64, 128)  # the head dims of flash_decode_mma
-MMA_STAGES = 3                # DecodeMmaTraits::STAGES
+MMA_STAGES = 2                # DecodeMmaTraits::STAGES
 
 
 # True: one query row per kv head goes to the tensor-core kernel too (for benchmarks).
@@ -175,7 +175,7 @@ def decode_config(D, Dv, dtype_name, compute_capability, M):
     ``max(D, Dv)`` is padded up to the next HEAD_DIM in (32, 64, 128, 256) (columns past D
     and Dv are not read). fp16/bf16 with ``M = G * Lq > 1`` query rows per kv head and
     HEAD_DIM up to 128 go to the tensor-core kernel (:func:`uses_mma`): 16 rows per block,
-    4 warps of WARP_N = 2048 / HEAD_DIM keys per tile (8 KiB of K and V), 3 stages. The
+    4 warps of WARP_N = 2048 / HEAD_DIM keys per tile (8 KiB of K and V), 2 stages. The
     rest go to the SIMT kernel, whose ROWS = 1 (plain decoding, no wasted arithmetic), 4
     or 8 by M; its tiles repeat ``DecodeTraits`` of the .cuh: 4 warps, each lane holding
     VECS_PER_LANE 16-byte vectors of a row (2 for ROWS <= 4, else 1, more for rows wider
@@ -282,7 +282,7 @@ def choose_num_splits(base_blocks, max_keys, block_n, key_bytes, num_sms, inflig
     4
     >>> choose_num_splits(128, 8192, 32, 512, 132, 32768, 4)   # B = 16: one block per SM
     1
-    >>> choose_num_splits(32, 8192, 64, 512, 132, 65536, 2)    # B = 4, G = 4: tensor cores
+    >>> choose_num_splits(32, 8192, 64, 512, 132, 32768, 2)    # B = 4, G = 4: tensor cores
     4
     """
     tiles = -(-max_keys // block_n)

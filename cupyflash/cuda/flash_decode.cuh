@@ -1030,7 +1030,7 @@ struct DecodeMmaTraits {
     static constexpr int BLOCK_ROWS = ROWS;
     static constexpr int NUM_WARPS = 4;
     static constexpr int NUM_THREADS = 32 * NUM_WARPS;
-    static constexpr int MIN_BLOCKS = 2;             // 2 x 96 KiB of shared memory on an H100
+    static constexpr int MIN_BLOCKS = 2;             // ~210 registers: two blocks per SM
     static constexpr int VEC = 8;                    // elements per 16-byte vector
     static constexpr int D_VECS = HEAD_DIM / VEC;    // vectors per row
     // Keys per warp and tile: 8 KiB of K and V per warp and stage for every head dim
@@ -1042,7 +1042,11 @@ struct DecodeMmaTraits {
     static constexpr int O_N_TILES = HEAD_DIM / 8;   // n8 tiles of acc
     static constexpr int TILE_VECS = WARP_N * D_VECS;  // vectors of K (or V) per warp tile
     static constexpr int LANE_VECS = TILE_VECS / 32;             // of them per lane
-    static constexpr int STAGES = 3;
+    // Two stages: 32 KiB of K and V in flight per block while its warps compute, 64 KiB
+    // while they wait. Three (64 / 96 KiB) read 1.5-2.3% slower at batch 16 on an H100 (one
+    // block per SM; G = 2, 4, 8; 8k and 32k keys) and were no faster at batch 1 and 4
+    // (benchmarks/NOTES.md, session 17): more bytes in flight is not always more bandwidth.
+    static constexpr int STAGES = 2;
     static constexpr int WARP_STAGE_BYTES = 2 * TILE_VECS * 16;  // K, then V
     static constexpr int PIPE_BYTES = STAGES * NUM_WARPS * WARP_STAGE_BYTES;
     static constexpr int INFLIGHT_BYTES = (STAGES - 1) * NUM_WARPS * WARP_STAGE_BYTES;
