@@ -10,6 +10,7 @@ an edit whose text is gone from the kernel stops the run. The variants that drop
 give wrong results and are for timing only:
 
     base        the tree as it is
+    head        a package prepared at _exp/pkgs/cf_head (the last commit, say)
     stages4/5   the one-row pipeline 4 or 5 tiles deep instead of 3 (64/80 KiB)
     nlen        the split's length a constant (8192) instead of cache_seqlens[b]: what
                 the dependent load before the first copies costs (8k cases only)
@@ -102,17 +103,22 @@ MMA_S3 = [(CUH, "static constexpr int STAGES = 2;\n    static constexpr int WARP
           (PY, "MMA_STAGES = 2 ", "MMA_STAGES = 3 ")]
 CHUNK16 = [(CUH, "static constexpr int value = 128 / 16 / (int(sizeof(Acc)) / 4); };",
             "static constexpr int value = 256 / 16 / (int(sizeof(Acc)) / 4); };")]
-VARIANTS = {"base": [], "stages2": stages(2), "chunk16": CHUNK16, "stages4": stages(4), "stages5": stages(5),
+VARIANTS = {"base": [], "head": [], "stages2": stages(2), "chunk16": CHUNK16, "stages4": stages(4), "stages5": stages(5),
             "nlen": NLEN, "mma_s3": MMA_S3,
             "warps8": warps8(3), "warps8s2": warps8(2),
             "notail": NOTAIL, "nomath": NOMATH, "nomath_notail": NOMATH + NOTAIL,
             "mma1": [(PY, "MMA_ONE_ROW = False", "MMA_ONE_ROW = True")]}
-EXACT = ("base", "stages2", "mma_s3", "chunk16", "stages4", "stages5", "nlen", "mma1", "warps8", "warps8s2")   # variants that still compute the answer
+EXACT = ("base", "head", "stages2", "mma_s3", "chunk16", "stages4", "stages5", "nlen", "mma1", "warps8", "warps8s2")   # variants that still compute the answer
 
 
 def make(name, edits):
-    """The package copied to _exp/pkgs/cf_<name> with `edits`; its _cupy_decode module."""
+    """The package copied to _exp/pkgs/cf_<name> with `edits`; its _cupy_decode module.
+    "head" is a package put at _exp/pkgs/cf_head beforehand (e.g. `git archive HEAD
+    cupyflash | tar -x -C _exp/pkgs/cf_head --strip-components=1`), used as it is."""
     dst = PKGS / f"cf_{name}"
+    if name == "head":
+        sys.path.insert(0, str(PKGS))
+        return importlib.import_module("cf_head._cupy_decode")
     shutil.rmtree(dst, ignore_errors=True)
     shutil.copytree(REPO / "cupyflash", dst, ignore=shutil.ignore_patterns("__pycache__"))
     for rel, old, new in edits:

@@ -6,7 +6,8 @@ of every block writes them to a __device__ buffer, indexed by an atomic ticket, 
 several queued calls are recorded) and prints, per call: the gap after the previous call,
 when the first tile landed, when the main loop ended, the partial store, the split
 counter, the last block's merge and the end. Stamps whose anchor text is gone from the
-kernel are skipped (printed as "skip stamp"). Before that it times flat 16-byte reads of
+kernel are skipped (printed as "skip stamp"). The one-row kernel by default; TL_CASES=B:L:H,...
+(H query heads over 8 kv heads) picks the cases, the tensor-core kernel for H > 8. Before that it times flat 16-byte reads of
 32 and 128 MiB (rotating over copies larger than L2) and cupy copies of the same bytes:
 what any kernel can reach at batch 1 and 4 (TL_SKIP_READS=1 skips them). Each call's line
 also counts the SMs its blocks ran on and the most blocks one SM took.
@@ -44,7 +45,15 @@ src = src[:j] + ' TL_START();' + src[j:]
 i = src.index('decode::cp_async_wait<STAGES - 1>();', j) + len('decode::cp_async_wait<STAGES - 1>();')
 src = src[:i] + ' if (j == 0) TL(1);' + src[i:]
 src = sub1(src, '    else main_loop(decode::BoolC<false>{});\n', '    else main_loop(decode::BoolC<false>{});\n    TL(2);\n')
-src = sub1(src, '    __shared__ int is_last;\n', '    TL(3);\n    __shared__ int is_last;\n')
+src = sub1(src, '    if (one_split || p.split_counters == nullptr) return;\n',
+           '    TL(3);\n    if (one_split || p.split_counters == nullptr) return;\n')
+# tensor-core kernel: start, first tile, loop end (its tail shares the stamps above)
+src = sub1(src, 'if (b >= p.B) return;\n\n    const int tid = threadIdx.x;\n    const int warp = tid / 32;',
+           'if (b >= p.B) return;\n    TL_START();\n\n    const int tid = threadIdx.x;\n    const int warp = tid / 32;')
+src = sub1(src, '        decode::cp_async_wait<STAGES - 1>();\n        __syncwarp();\n',
+           '        decode::cp_async_wait<STAGES - 1>();\n        __syncwarp();\n        if (j == 0) TL(1);\n')
+src = sub1(src, '    decode::cp_async_wait<0>();\n    // every thread\'s copies have landed and every warp is done',
+           '    TL(2);\n    decode::cp_async_wait<0>();\n    // every thread\'s copies have landed and every warp is done')
 src = sub1(src, '    if (!is_last) return;\n', '    TL(4);\n    if (!is_last) return;\n')
 src = sub1(src, 'combine_splits<T, NUM_WARPS>(p, smem_raw, b, hk, rc * ROWS, min(ROWS, M - rc * ROWS));\n',
            'combine_splits<T, NUM_WARPS>(p, smem_raw, b, hk, rc * ROWS, min(ROWS, M - rc * ROWS));\n    TL(5);\n')
@@ -117,8 +126,12 @@ with stream:
     # ---- timelines
     mod = None
     dt = np.dtype('float16')
-    for (B, L, splits) in [(1, 8192, None), (1, 8192, 32), (4, 8192, None)]:
-        H = Hk = 8; D = 128
+    cases = [(1, 8192, None, 8), (1, 8192, 32, 8), (4, 8192, None, 8)]
+    if os.environ.get('TL_CASES'):   # B:L:H,... (H query heads over 8 kv heads, splits chosen)
+        cases = [tuple(int(x) for x in c.split(':')) for c in os.environ['TL_CASES'].split(',')]
+        cases = [(B, L, None, H) for B, L, H in cases]
+    for (B, L, splits, H) in cases:
+        Hk = 8; D = 128
         kv_bytes = 2 * B * L * Hk * D * 2
         copies = max(1, math.ceil(200e6 / kv_bytes))
         q = bench._random(cupy, (B, 1, H, D), dt)
@@ -129,7 +142,7 @@ with stream:
                 num_splits=splits, causal=False, scale=D ** -0.5, max_keys=L)
         fns = [launch(k, v) for k, v in caches]
         ms = timer(fns, kv_bytes / 2.5e9)
-        cfg = _cupy_decode.decode_config(D, D, 'float16', 90, 1)
+        cfg = _cupy_decode.decode_config(D, D, 'float16', 90, H // Hk)
         m, _ = _kernels._load(0, _cupy_decode.SOURCE, cfg.name_expression, 'sm_90a', cfg.smem_bytes)
         buf = cupy.ndarray((1 << 20,), np.uint64, cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(gptr(m, 'tl_buf'), 8 << 20, m), 0))
         cnt = cupy.ndarray((1,), np.uint32, cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(gptr(m, 'tl_count'), 4, m), 0))
@@ -143,9 +156,9 @@ with stream:
         stream.synchronize()
         n = int(cnt.get()[0])
         t = buf[: n * 16].get().reshape(n, 16)
-        np.save(OUT / f"tl_B{B}_L{L}_s{splits}.npy", t)
+        np.save(OUT / f"tl_B{B}_H{H}_L{L}_s{splits}.npy", t)
         per = n // ncalls
-        print(f"\nB={B} L={L} splits={splits}: queue {ms*1e3:.2f} us/call ({kv_bytes/ms/1e6:.0f} GB/s); {n} block records, {per} per call", flush=True)
+        print(f"\nB={B} H={H}/{Hk} L={L} splits={splits}: queue {ms*1e3:.2f} us/call ({kv_bytes/ms/1e6:.0f} GB/s); {n} block records, {per} per call", flush=True)
         for c in range(ncalls):
             r = t[c * per:(c + 1) * per].astype(np.int64)
             t0 = r[:, 0].min()

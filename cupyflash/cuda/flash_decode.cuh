@@ -532,12 +532,24 @@ __device__ __forceinline__ void combine_splits(const DecodeParams& p, unsigned c
     }
 }
 
+// Column c of row r of a warp's acc in the warps' merge buffer: c XOR (8 * (r % 4) + (r / 4)
+// % 2), a permutation of the row (HEAD_DIM >= 32). The tensor-core kernel's lanes hold rows
+// g = 0..7 (and g + 8) at columns 2 * t4 (+ 1): unmoved, the 8 rows of a store, HEAD_DIM
+// floats apart, fell in the same 4 banks (8-way conflicts on 64 stores per lane); moved,
+// rows 0-3 take even banks of four different 8-bank groups and rows 4-7 the odd ones. Row
+// 0 is not moved (the one-row kernel's layout is unchanged).
+template <int HEAD_DIM>
+__device__ __forceinline__ int merge_col(int r, int c) {
+    static_assert(HEAD_DIM >= 32, "the permutation stays inside a row");
+    return c ^ (((r & 3) << 3) | ((r >> 2) & 1));
+}
+
 // The warps' merge and the block's results. On entry warp w's (m_i, l_i, acc) over its keys
-// are in shared memory, acc (NUM_WARPS, ROWS, HEAD_DIM), then m and l (NUM_WARPS, ROWS), and
-// a barrier has made them visible; rows past M are ignored. The block writes its rows'
-// final out and lse (one split) or its split's normalised partial out and lse. Every
-// thread computes the warp weights of the rows it writes itself (NUM_WARPS broadcast
-// reads and exps): no barrier between the weights and the sums.
+// are in shared memory, acc (NUM_WARPS, ROWS, HEAD_DIM) with columns at merge_col, then m
+// and l (NUM_WARPS, ROWS), and a barrier has made them visible; rows past M are ignored.
+// The block writes its rows' final out and lse (one split) or its split's normalised
+// partial out and lse. Every thread computes the warp weights of the rows it writes
+// itself (NUM_WARPS broadcast reads and exps): no barrier between the weights and the sums.
 template <typename T, int HEAD_DIM, int ROWS, int NUM_WARPS>
 __device__ __forceinline__ void merge_warps_and_store(const DecodeParams& p,
                                                       unsigned char* smem_raw, long long b,
@@ -599,7 +611,8 @@ __device__ __forceinline__ void merge_warps_and_store(const DecodeParams& p,
         }
         Acc o = Acc(0);
 #pragma unroll
-        for (int w = 0; w < NUM_WARPS; ++w) o += acc_s[(w * ROWS + r) * HEAD_DIM + c] * w_r[w];
+        for (int w = 0; w < NUM_WARPS; ++w)
+            o += acc_s[(w * ROWS + r) * HEAD_DIM + merge_col<HEAD_DIM>(r, c)] * w_r[w];
         if (one_split) {
             const int i = row / G, h = hk * G + row % G;
             static_cast<T*>(p.out)[b * p.out_batch_stride + i * p.out_token_stride
@@ -934,7 +947,8 @@ __device__ __forceinline__ void split_unit(const DecodeParams& p, unsigned unit)
             for (int jj = 0; jj < VECS_PER_LANE; ++jj)
 #pragma unroll
                 for (int e = 0; e < VEC; ++e)
-                    acc_s[(warp * ROWS + r) * HEAD_DIM + (lv + jj * LANES_PER_KEY) * VEC + e] =
+                    acc_s[(warp * ROWS + r) * HEAD_DIM
+                          + decode::merge_col<HEAD_DIM>(r, (lv + jj * LANES_PER_KEY) * VEC + e)] =
                         acc[r][jj * VEC + e];
         if (lv == 0) {
 #pragma unroll
@@ -1236,17 +1250,16 @@ flash_decode_mma(const DecodeParams p) {
         decode::cp_async_commit();  // one group per tile, possibly empty: wait counts match
     };
 
-    // -- prologue: the first STAGES - 1 tiles on their way while q is read
-#pragma unroll
-    for (int j = 0; j < STAGES - 1; ++j) load_tile(j);
-
     // Fragment coordinates: a lane holds rows g and g + 8 of the m16 tile, columns
     // 2 * t4 + {0, 1} of each n8 tile (k16 step: and + 8).
     const int g = lane / 4, t4 = lane % 4;
 
-    // q_frag: the A operand of every k16 step of Q K^T, rows rc * 16 + {g, g + 8}, as T
-    // (unscaled: the scale multiplies S in fp32); zero rows past M, zero columns past D
-    unsigned q_frag[QK_K_STEPS][4];
+    // q's elements, rows rc * 16 + {g, g + 8} (zero rows past M, zero columns past D),
+    // loaded before the first tiles' copies are queued ahead of them: the loop, which
+    // issues the next tile, waits for q. Loaded after (an H100 at batch 1, 32/8 heads,
+    // session 17's timeline), the first tile was used 4.3-5.5 us after a block's start;
+    // loaded before, 3.2-3.7 us.
+    T q_el[QK_K_STEPS][8];
     {
         const T* qb = static_cast<const T*>(p.q) + b * p.q_batch_stride;
         const T* q_rows[2];
@@ -1263,12 +1276,24 @@ flash_decode_mma(const DecodeParams p) {
 #pragma unroll
         for (int ks = 0; ks < QK_K_STEPS; ++ks) {
             const int c = ks * 16 + 2 * t4;
-            q_frag[ks][0] = decode::pack2(q_at(0, c), q_at(0, c + 1));
-            q_frag[ks][1] = decode::pack2(q_at(1, c), q_at(1, c + 1));
-            q_frag[ks][2] = decode::pack2(q_at(0, c + 8), q_at(0, c + 9));
-            q_frag[ks][3] = decode::pack2(q_at(1, c + 8), q_at(1, c + 9));
+#pragma unroll
+            for (int e = 0; e < 8; ++e)   // (row h, column c + 8 * (e / 4) + e % 2)
+                q_el[ks][e] = q_at((e / 2) % 2, c + 8 * (e / 4) + e % 2);
         }
     }
+
+    // -- prologue: the first STAGES - 1 tiles on their way
+#pragma unroll
+    for (int j = 0; j < STAGES - 1; ++j) load_tile(j);
+
+    // q_frag: the A operand of every k16 step of Q K^T, as T (unscaled: the scale
+    // multiplies S in fp32)
+    unsigned q_frag[QK_K_STEPS][4];
+#pragma unroll
+    for (int ks = 0; ks < QK_K_STEPS; ++ks)
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+            q_frag[ks][i] = decode::pack2(q_el[ks][2 * i], q_el[ks][2 * i + 1]);
     const float scale_log2 = static_cast<float>(p.scale_log2);
     // causal: row r (token (rc * 16 + r) / G) sees key t iff t <= its diag
     const int Lq = static_cast<int>(p.Lq);
@@ -1408,8 +1433,8 @@ flash_decode_mma(const DecodeParams p) {
     for (int nt = 0; nt < O_N_TILES; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e)
-            acc_s[(warp * ROWS + g + 8 * (e / 2)) * HEAD_DIM + nt * 8 + 2 * t4 + (e & 1)] =
-                acc[nt][e];
+            acc_s[(warp * ROWS + g + 8 * (e / 2)) * HEAD_DIM
+                  + decode::merge_col<HEAD_DIM>(g, nt * 8 + 2 * t4 + (e & 1))] = acc[nt][e];
     if (t4 == 0) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
