@@ -174,11 +174,14 @@ with stream:
             def med(a, b_):  # median us from stamp a to stamp b_ where a block has both
                 sel_ = (r[:, a] > 0) & (r[:, b_] > 0)
                 return np.median((r[sel_, b_] - r[sel_, a]) / 1e3) if sel_.any() else float('nan')
+            decided = r[r[:, 4] > 0, 4]   # (none with one split: no counter)
+            last_decided = (f"{(decided.max() - r[:, 2].max()) / 1e3:.2f}" if len(decided)
+                            else "-")
             print(f" call {c}: gap from prev end {gap:.2f} us; starts {rel(0).min():.2f}-{rel(0).max():.2f}; "
                   f"first tile +{np.median(rel(1)-rel(0)):.2f} (max {np.max(rel(1)-rel(0)):.2f}); "
                   f"loop end {np.median(rel(2)):.2f} [{rel(2).min():.2f}, {rel(2).max():.2f}]; "
                   f"stored {med(2, 3):.2f} after; decided {med(3, 4):.2f} after "
-                  f"(last loop end to it {(r[r[:, 4] > 0, 4].max() - r[:, 2].max()) / 1e3:.2f}); "
+                  f"(last loop end to it {last_decided}); "
                   f"combine {med(4, 5):.2f}; "
                   f"end {(end.max()-t0)/1e3:.2f}; SMs {sms}, at most {crowd} blocks on one", flush=True)
         rr = t[2*per:5*per].astype(np.int64); sel = rr[:, 5] > 0
