@@ -1044,7 +1044,7 @@ struct DecodeMmaTraits {
     static constexpr int BLOCK_ROWS = ROWS;
     static constexpr int NUM_WARPS = 4;
     static constexpr int NUM_THREADS = 32 * NUM_WARPS;
-    static constexpr int MIN_BLOCKS = 2;             // ~210 registers: two blocks per SM
+    static constexpr int MIN_BLOCKS = 2;             // ~200 registers: two blocks per SM
     static constexpr int VEC = 8;                    // elements per 16-byte vector
     static constexpr int D_VECS = HEAD_DIM / VEC;    // vectors per row
     // Keys per warp and tile: 8 KiB of K and V per warp and stage for every head dim
@@ -1434,7 +1434,8 @@ flash_decode_mma(const DecodeParams p) {
 #pragma unroll
         for (int e = 0; e < 4; ++e)
             acc_s[(warp * ROWS + g + 8 * (e / 2)) * HEAD_DIM
-                  + decode::merge_col<HEAD_DIM>(g, nt * 8 + 2 * t4 + (e & 1))] = acc[nt][e];
+                  + decode::merge_col<HEAD_DIM>(g + 8 * (e / 2), nt * 8 + 2 * t4 + (e & 1))] =
+                acc[nt][e];
     if (t4 == 0) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
