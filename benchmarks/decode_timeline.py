@@ -14,13 +14,15 @@ also counts the SMs its blocks ran on and the most blocks one SM took.
 
     python3 benchmarks/decode_timeline.py     # on the GPU, from the repository root
 """
-import sys, shutil, pathlib, math, json, statistics, os
+import sys, shutil, pathlib, math, json, os
 import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 (REPO / '_exp').mkdir(exist_ok=True)
 TLD = REPO / '_exp' / 'tlpkg'
 shutil.rmtree(TLD, ignore_errors=True)
-shutil.copytree(REPO / 'cupyflash', TLD / 'cupyflash')
+# TL_PKG: another copy of the package to stamp (e.g. _exp/pkgs/cf_head, the last commit's)
+shutil.copytree(REPO / os.environ.get('TL_PKG', 'cupyflash'), TLD / 'cupyflash',
+                ignore=shutil.ignore_patterns('__pycache__'))
 f = TLD / 'cupyflash/cuda/flash_decode.cuh'
 src = f.read_text()
 HDR = r'''
@@ -39,7 +41,7 @@ def sub1(s, old, new):
     return s.replace(old, new, 1)
 src = sub1(src, '#include "attention_common.cuh"\n', '#include "attention_common.cuh"\n' + HDR)
 # SIMT kernel: start after `if (b >= p.B) return;` in split_unit (the one-row body)
-i = src.index('split_unit(const DecodeParams& p, unsigned unit) {')
+i = src.index('split_unit(const DecodeParams& p, unsigned unit')
 j = src.index('if (b >= p.B) return;', i) + len('if (b >= p.B) return;')
 src = src[:j] + ' TL_START();' + src[j:]
 i = src.index('decode::cp_async_wait<STAGES - 1>();', j) + len('decode::cp_async_wait<STAGES - 1>();')
@@ -76,6 +78,8 @@ import cupy
 import cupyflash
 assert str(TLD) in cupyflash.__file__, cupyflash.__file__
 from cupyflash import _cupy_decode, _kernels
+if os.environ.get('TL_PREFETCH'):   # MiB prefetched before the PDL wait (where the tree has it)
+    _cupy_decode.PREFETCH_BYTES = int(os.environ['TL_PREFETCH']) << 20
 import decode as bench
 def gptr(m, name):
     r = m.get_global_var(name)
@@ -171,6 +175,8 @@ with stream:
             gap = (t0 - prev_end) / 1e3 if prev_end is not None else float('nan')
             sm_ids = (r[:, 6] & 0xffffffff).tolist()
             sms, crowd = len(set(sm_ids)), max(sm_ids.count(x) for x in set(sm_ids))
+            # this call's blocks that shared their SM with another of its blocks
+            shared = sum(sm_ids.count(x) for x in set(sm_ids) if sm_ids.count(x) > 1)
             def med(a, b_):  # median us from stamp a to stamp b_ where a block has both
                 sel_ = (r[:, a] > 0) & (r[:, b_] > 0)
                 return np.median((r[sel_, b_] - r[sel_, a]) / 1e3) if sel_.any() else float('nan')
@@ -183,7 +189,8 @@ with stream:
                   f"stored {med(2, 3):.2f} after; decided {med(3, 4):.2f} after "
                   f"(last loop end to it {last_decided}); "
                   f"combine {med(4, 5):.2f}; "
-                  f"end {(end.max()-t0)/1e3:.2f}; SMs {sms}, at most {crowd} blocks on one", flush=True)
+                  f"end {(end.max()-t0)/1e3:.2f}; SMs {sms}, at most {crowd} blocks on one "
+                  f"({shared} blocks share an SM)", flush=True)
         rr = t[2*per:5*per].astype(np.int64); sel = rr[:, 5] > 0
         def stamped(x, a, b_):  # both stamps set (a skipped stamp's slot stays 0)
             return x[(x[:, a] > 0) & (x[:, b_] > 0)]
