@@ -19,12 +19,14 @@ give wrong results and are for timing only:
     nomath_notail  both
     mma1        one query row on the tensor-core kernel (MMA_ONE_ROW)
     stages2     the one-row pipeline 2 tiles deep (16 KiB in flight while computing)
-    warps8, warps8s2   the one-row 16-bit kernel with 8 warps, 3 or 2 stages
+    warps4      blocks of several units (batch 32-64) on the 4-warp one-row kernel
+                instead of the 8-warp one (as before session 18)
     mma_s3      the tensor-core kernel 3 stages deep (as before session 17; now 2)
     chunk16     the split merge issuing 16 splits' loads at once instead of 8
 
 The default cases are batch 1-16 with 8/8 heads and three grouped-query lines (32/8);
-CASES=gqa runs the tensor-core kernel's grid instead (16/8, 32/8 and 64/8 heads).
+CASES=gqa runs the tensor-core kernel's grid instead (16/8, 32/8 and 64/8 heads);
+CASES=big batches 32-64 with 8/8 heads (the one-row kernel's blocks of several units).
 
     python3 benchmarks/decode_breakdown.py                  # every variant, default cases
     python3 benchmarks/decode_breakdown.py base notail      # some variants
@@ -44,11 +46,12 @@ SRC = (REPO / "cupyflash" / CUH).read_text()
 
 
 def stages(k):
-    return [(CUH, "static constexpr int STAGES = TWO_PASS_ROW ? 3 : 4;",
-             f"static constexpr int STAGES = TWO_PASS_ROW ? {k} : 4;"),
+    return [(CUH, "static constexpr int STAGES = TWO_PASS_ROW ? (WARPS == 8 ? 2 : 3) : 4;",
+             f"static constexpr int STAGES = TWO_PASS_ROW ? (WARPS == 8 ? 2 : {k}) : 4;"),
             (CUH, "ROWS == 1 && PIPE_BYTES <= 48 * 1024 ? 4 : 2;",
              "ROWS == 1 && PIPE_BYTES <= 48 * 1024 ? 4 : ROWS == 1 && PIPE_BYTES <= 64 * 1024 ? 3 : 2;"),
-            (PY, "stages = 3 if two_pass_row else STAGES", f"stages = {k} if two_pass_row else STAGES")
+            (PY, "stages = (2 if warps == 8 else 3) if two_pass_row else STAGES",
+             f"stages = (2 if warps == 8 else {k}) if two_pass_row else STAGES")
             ] + ([(CUH, "ROWS == 1 && PIPE_BYTES <= 32 * 1024 ? 6", "ROWS == 1 && PIPE_BYTES <= 32 * 1024 ? 4"),
                   (PY, "INFLIGHT_PER_SM = 24 * 1024", "INFLIGHT_PER_SM = 16 * 1024")]
                  if k == 2 else [])   # (six blocks' 80 registers spill; base's split counts)
@@ -71,31 +74,9 @@ NOMATH = [(CUH, SRC[_a:_b], """            unsigned xo = 0;   // (every copied w
 """)]
 
 
-def warps8(k):
-    """The one-row 16-bit kernel with 8 warps (two per scheduler) and k stages of 32 keys a
-    warp (3: twice base's bytes in flight; 2: base's bytes in flight while computing)."""
-    return [(CUH, "// query rows per block\n    static constexpr int NUM_WARPS = 4;",
-             "// query rows per block\n"
-             "    static constexpr int NUM_WARPS = ROWS == 1 && sizeof(T) == 2 ? 8 : 4;"),
-            (CUH, "static constexpr int STAGES = TWO_PASS_ROW ? 3 : 4;",
-             f"static constexpr int STAGES = TWO_PASS_ROW ? (NUM_WARPS == 8 ? {k} : 3) : 4;"),
-            (PY, "    block_n = 4 * passes * (32 // lanes_per_key)",
-             "    block_n = nw * passes * (32 // lanes_per_key)"),
-            (PY, "    stages = 3 if two_pass_row else STAGES",
-             "    nw = 8 if rows == 1 and itemsize == 2 else 4\n"
-             "    common['num_threads'] = 32 * nw\n"
-             f"    stages = ({k} if nw == 8 else 3) if two_pass_row else STAGES"),
-            (PY, "    pipe_bytes = stages * stage_vecs * NUM_THREADS * 16",
-             "    pipe_bytes = stages * stage_vecs * 32 * nw * 16"),
-            (PY, "    merge_bytes = (4 * rows * head_dim + 2 * 4 * rows) * acc_size",
-             "    merge_bytes = (nw * rows * head_dim + 2 * nw * rows) * acc_size"),
-            (PY, "inflight_bytes=(stages - 1) * stage_vecs * NUM_THREADS * 16, **common)",
-             "inflight_bytes=(stages - 1) * stage_vecs * 32 * nw * 16, **common)"),
-            (PY, "occupancyMaxActiveBlocksPerMultiprocessor(kernel.ptr, NUM_THREADS,",
-             "occupancyMaxActiveBlocksPerMultiprocessor(kernel.ptr, "
-             "256 if name_expression.startswith('cupyflash::flash_decode<') and "
-             "name_expression.endswith(', 1>') and ('bfloat16' in name_expression or "
-             "'__half' in name_expression) else NUM_THREADS,")]
+# (warps8, warps8s2: the one-row 16-bit kernel with 8 warps and 3 or 2 stages, as text
+# edits, sessions 17-18; the 2-stage one is now DecodeTraits' WARPS = 8, which the tree
+# launches for blocks of several units. "warps4" times the tree without it.)
 
 
 MMA_S3 = [(CUH, "static constexpr int STAGES = 2;\n    static constexpr int WARP_STAGE_BYTES",
@@ -105,10 +86,10 @@ CHUNK16 = [(CUH, "static constexpr int value = 128 / 16 / (int(sizeof(Acc)) / 4)
             "static constexpr int value = 256 / 16 / (int(sizeof(Acc)) / 4); };")]
 VARIANTS = {"base": [], "head": [], "stages2": stages(2), "chunk16": CHUNK16, "stages4": stages(4), "stages5": stages(5),
             "nlen": NLEN, "mma_s3": MMA_S3,
-            "warps8": warps8(3), "warps8s2": warps8(2),
+            "warps4": [(PY, "MANY_UNITS_WARPS = 8", "MANY_UNITS_WARPS = 4")],
             "notail": NOTAIL, "nomath": NOMATH, "nomath_notail": NOMATH + NOTAIL,
             "mma1": [(PY, "MMA_ONE_ROW = False", "MMA_ONE_ROW = True")]}
-EXACT = ("base", "head", "stages2", "mma_s3", "chunk16", "stages4", "stages5", "nlen", "mma1", "warps8", "warps8s2")   # variants that still compute the answer
+EXACT = ("base", "head", "stages2", "mma_s3", "chunk16", "stages4", "stages5", "nlen", "mma1", "warps4")   # variants that still compute the answer
 
 
 def make(name, edits):
@@ -149,6 +130,9 @@ CASES = [(1, 8192, None, 8), (1, 8192, 12, 8), (4, 8192, None, 8), (1, 32768, No
 if os.environ.get("CASES") == "gqa":   # the tensor-core kernel's grid (G = 2, 4, 8)
     CASES = [(B, L, None, H) for H in (16, 32, 64)
              for B, L in ((1, 8192), (4, 8192), (16, 8192), (64, 8192), (1, 32768), (16, 32768))]
+if os.environ.get("CASES") == "big":   # several units per block of the one-row kernel
+    CASES = [(64, 8192, None, 8), (64, 32768, None, 8), (64, 131072, None, 8),
+             (32, 8192, None, 8), (48, 32768, None, 8), (16, 131072, None, 8)]
 for B, L, S, H in CASES:
     run = [n for n in names if not (n == "nlen" and L != 8192)]
     kv_bytes = 2 * B * L * Hk * D * 2

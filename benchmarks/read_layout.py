@@ -11,6 +11,10 @@ launched with PDL), and they cut the cache in two ways:
   rows   a block per (b, key range): whole 2 KiB rows (every head) of L / S keys, one
          contiguous stretch per block.
 
+Each cut is also run as a grid of one block per SM's worth (GRID = 128) whose blocks take
+the units i, i + 128, ... in turn, as the one-row decode kernel does at batch 32-64
+("x128").
+
 It also times a flat grid-stride read of the same bytes with 16-byte loads. Caches are
 bf16, 8 kv heads of 128, copies rotated so that a queue reads at least 4x the L2. It
 prints us per call, GB/s, and the fraction of the 1 GiB copy's bandwidth.
@@ -37,51 +41,54 @@ struct P {
     long long head_off;  // bytes between the pieces of neighbouring blocks of one b (head)
     long long row_off;   // rows between the stretches of neighbouring blocks of one b
     long long L;
+    long long units;     // B * per_b; blocks take units blockIdx.x, + gridDim.x, ...
 };
 template <int NT, int STAGES, int TB>
 __global__ void __launch_bounds__(NT) skel(const P p) {
     extern __shared__ __align__(128) unsigned char sm[];
     asm volatile("griddepcontrol.wait;" ::: "memory");
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-    const long long b = blockIdx.x / p.per_b, part = blockIdx.x % p.per_b;
-    const long long base = (b * p.L + part * p.row_off) * 2048 + part * p.head_off;
-    const long long total = p.pieces * p.piece;   // bytes of K (and of V) for this block
-    const int ntiles = (int)(total / TB);
     constexpr int VPT = TB / 16 / NT;             // vectors per thread per tile (K; V alike)
     const int tid = threadIdx.x;
     const unsigned smem = (unsigned)__cvta_generic_to_shared(sm) + tid * 16;
     auto slot = [&](int st, int i) { return smem + (st * 2 * VPT + i) * NT * 16; };
-    auto load = [&](int j) {
-        if (j < ntiles) {
+    unsigned acc = 0;
+    for (long long u = blockIdx.x; u < p.units; u += gridDim.x) {
+        const long long b = u / p.per_b, part = u % p.per_b;
+        const long long base = (b * p.L + part * p.row_off) * 2048 + part * p.head_off;
+        const long long total = p.pieces * p.piece;   // bytes of K (and of V) for this unit
+        const int ntiles = (int)(total / TB);
+        auto load = [&](int j) {
+            if (j < ntiles) {
+                const int st = j % STAGES;
+#pragma unroll
+                for (int i = 0; i < VPT; ++i) {
+                    const long long o = (long long)j * TB + (tid + i * NT) * 16;  // in the stream
+                    const long long off = base + (o / p.piece) * 2048 + o % p.piece;
+                    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;"
+                                 :: "r"(slot(st, i)), "l"(p.k + off) : "memory");
+                    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;"
+                                 :: "r"(slot(st, VPT + i)), "l"(p.v + off) : "memory");
+                }
+            }
+            asm volatile("cp.async.commit_group;" ::: "memory");
+        };
+#pragma unroll
+        for (int j = 0; j < STAGES - 1; ++j) load(j);
+        for (int j = 0; j < ntiles; ++j) {
+            load(j + STAGES - 1);
+            asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 1) : "memory");
             const int st = j % STAGES;
 #pragma unroll
-            for (int i = 0; i < VPT; ++i) {
-                const long long o = (long long)j * TB + (tid + i * NT) * 16;  // in the stream
-                const long long off = base + (o / p.piece) * 2048 + o % p.piece;
-                asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;"
-                             :: "r"(slot(st, i)), "l"(p.k + off) : "memory");
-                asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;"
-                             :: "r"(slot(st, VPT + i)), "l"(p.v + off) : "memory");
+            for (int i = 0; i < 2 * VPT; ++i) {
+                unsigned a, b2, c, d;
+                asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];"
+                             : "=r"(a), "=r"(b2), "=r"(c), "=r"(d) : "r"(slot(st, i)) : "memory");
+                acc ^= a ^ b2 ^ c ^ d;
             }
         }
-        asm volatile("cp.async.commit_group;" ::: "memory");
-    };
-    unsigned acc = 0;
-#pragma unroll
-    for (int j = 0; j < STAGES - 1; ++j) load(j);
-    for (int j = 0; j < ntiles; ++j) {
-        load(j + STAGES - 1);
-        asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 1) : "memory");
-        const int st = j % STAGES;
-#pragma unroll
-        for (int i = 0; i < 2 * VPT; ++i) {
-            unsigned a, b2, c, d;
-            asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];"
-                         : "=r"(a), "=r"(b2), "=r"(c), "=r"(d) : "r"(slot(st, i)) : "memory");
-            acc ^= a ^ b2 ^ c ^ d;
-        }
+        asm volatile("cp.async.wait_group 0;" ::: "memory");
     }
-    asm volatile("cp.async.wait_group 0;" ::: "memory");
     if (acc == 0x12345678u) p.out[0] = acc;
 }
 struct PF { const uint4* k; const uint4* v; long long n16; unsigned* out; };
@@ -117,7 +124,8 @@ caches = [(bench._random(cupy, (B, L, Hk, D), dt), bench._random(cupy, (B, L, Hk
           for _ in range(copies)]
 out = cupy.zeros(1, dtype=np.uint32)
 pdt = np.dtype([(n, np.uint64) for n in ("k", "v", "o")]
-               + [(n, np.int64) for n in ("piece", "pieces", "per_b", "head_off", "row_off", "L")])
+               + [(n, np.int64) for n in ("piece", "pieces", "per_b", "head_off", "row_off", "L",
+                                          "units")])
 
 
 def report(name, ms):
@@ -126,8 +134,9 @@ def report(name, ms):
 
 
 # (name, piece, pieces per block, blocks per b, head offset, row offset)
+GRID = 128   # the one-row decode kernel's grid at batch 32-64 (units_per_block)
 LAYOUTS = [("head", 256, L, Hk, 256, 0)]
-for S in (4, 8, 16):
+for S in (2, 4, 8, 16):
     LAYOUTS.append((f"rows S={S}", 2048, L // S, S, 0, L // S))
 for rnd in range(2):
     for (nt, st, tb), name in zip(CFGS, names):
@@ -137,13 +146,17 @@ for rnd in range(2):
         if smem > 48 * 1024:
             cupy.cuda.driver.funcSetAttribute(
                 fn.ptr, cupy.cuda.driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
-        for lname, piece, pieces, per_b, head_off, row_off in LAYOUTS:
+        for (lname, piece, pieces, per_b, head_off, row_off), grid in (
+                [(c, None) for c in LAYOUTS] + [(c, GRID) for c in LAYOUTS if B * c[3] > GRID]):
+            units = B * per_b
+
             def mk(k, v, fn=fn, smem=smem, nt=nt, piece=piece, pieces=pieces, per_b=per_b,
-                   head_off=head_off, row_off=row_off):
+                   head_off=head_off, row_off=row_off, units=units, grid=grid):
                 prm = np.array([(k.data.ptr, v.data.ptr, out.data.ptr, piece, pieces, per_b,
-                                 head_off, row_off, L)], pdt)[0]
-                return lambda: _launch.launch(fn, (B * per_b,), (nt,), prm, smem, overlap=True)
-            report(f"r{rnd} {lname:9s} NT={nt} ST={st} TB={tb}",
+                                 head_off, row_off, L, units)], pdt)[0]
+                return lambda: _launch.launch(fn, (grid or units,), (nt,), prm, smem,
+                                              overlap=True)
+            report(f"r{rnd} {lname:9s}{' x128' if grid else '     '} NT={nt} ST={st} TB={tb}",
                    timer([mk(k, v) for k, v in caches], nbytes / 3e9))
     ff = mod.get_function("flat")
     ff = getattr(ff, "kernel", ff)

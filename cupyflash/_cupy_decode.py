@@ -169,7 +169,7 @@ class DecodeConfig:
             f"{n}={getattr(self, n)!r}" for n in self.__slots__) + ")"
 
 
-def decode_config(D, Dv, dtype_name, compute_capability, M):
+def decode_config(D, Dv, dtype_name, compute_capability, M, warps=4):
     """Choose the variant for one problem: the one place tiles are chosen.
 
     ``max(D, Dv)`` is padded up to the next HEAD_DIM in (32, 64, 128, 256) (columns past D
@@ -184,12 +184,16 @@ def decode_config(D, Dv, dtype_name, compute_capability, M):
     four V vectors a tile) and 3 stages. tests/test_kernel_compile.py checks that both
     agree with the .cuh. Every variant fits in 99 KiB of shared memory, so ``compute_capability`` does
     not change the choice.
+
+    ``warps=8`` asks for the one-row 16-bit kernel with 8 warps and 2 stages (what
+    :func:`attention_decode` launches when its blocks take several units each,
+    ``MANY_UNITS_WARPS``); any other problem then raises ValueError.
     """
-    return _decode_config(D, Dv, dtype_name, compute_capability, M, MMA_ONE_ROW)
+    return _decode_config(D, Dv, dtype_name, compute_capability, M, MMA_ONE_ROW, warps)
 
 
 @functools.lru_cache(maxsize=256)
-def _decode_config(D, Dv, dtype_name, compute_capability, M, mma_one_row):
+def _decode_config(D, Dv, dtype_name, compute_capability, M, mma_one_row, warps=4):
     """decode_config, kept per problem (it is on every call's host path)."""
     width = max(D, Dv)
     head_dim = next((h for h in DECODE_HEAD_DIMS if h >= width), None)
@@ -199,8 +203,11 @@ def _decode_config(D, Dv, dtype_name, compute_capability, M, mma_one_row):
     ctype = _DTYPE_TO_CUDA[dtype_name]
     common = dict(combine_name=f"cupyflash::flash_decode_combine<{ctype}>",
                   append_name=f"cupyflash::decode_append<{ctype}>",
-                  head_dim=head_dim, num_threads=NUM_THREADS)
-    if uses_mma(dtype_name, head_dim, M, mma_one_row):
+                  head_dim=head_dim, num_threads=32 * warps)
+    if warps != 4 and (warps != 8 or M > 1 or dtype_name not in ("float16", "bfloat16")):
+        raise ValueError(f"attention_decode: {warps} warps: only the one-row 16-bit kernel "
+                         f"has 8 warps, not {dtype_name} with {M} rows")
+    if warps == 4 and uses_mma(dtype_name, head_dim, M, mma_one_row):
         warp_n = 2048 // head_dim
         warp_stage = 2 * warp_n * head_dim * 2            # K and V of a warp's tile
         merge_bytes = (4 * MMA_ROWS * head_dim + 2 * 4 * MMA_ROWS) * 4
@@ -221,16 +228,17 @@ def _decode_config(D, Dv, dtype_name, compute_capability, M, mma_one_row):
     lanes_per_key = d_vecs // vecs_per_lane
     two_pass_row = rows == 1 and vecs_per_lane == 2   # DecodeTraits::TWO_PASS_ROW
     passes = 1 if vecs_per_lane >= 2 and not two_pass_row else 2
-    stages = 3 if two_pass_row else STAGES
-    block_n = 4 * passes * (32 // lanes_per_key)
+    stages = (2 if warps == 8 else 3) if two_pass_row else STAGES
+    block_n = warps * passes * (32 // lanes_per_key)
     stage_vecs = 2 * passes * vecs_per_lane
-    pipe_bytes = stages * stage_vecs * NUM_THREADS * 16
-    merge_bytes = (4 * rows * head_dim + 2 * 4 * rows) * acc_size
+    pipe_bytes = stages * stage_vecs * 32 * warps * 16
+    merge_bytes = (warps * rows * head_dim + 2 * warps * rows) * acc_size
+    targs = f"{ctype}, {head_dim}, {rows}" + (f", {warps}" if warps != 4 else "")
     return DecodeConfig(
-        name_expression=f"cupyflash::flash_decode<{ctype}, {head_dim}, {rows}>",
-        traits=f"cupyflash::DecodeTraits<{ctype}, {head_dim}, {rows}>",
+        name_expression=f"cupyflash::flash_decode<{targs}>",
+        traits=f"cupyflash::DecodeTraits<{targs}>",
         rows=rows, block_n=block_n, smem_bytes=max(pipe_bytes, merge_bytes) + PIPE_ALIGN,
-        inflight_bytes=(stages - 1) * stage_vecs * NUM_THREADS * 16, **common)
+        inflight_bytes=(stages - 1) * stage_vecs * 32 * warps * 16, **common)
 
 
 def decode_variants():
@@ -241,6 +249,9 @@ def decode_variants():
             for M in (1, 4, 8, 16):
                 cfg = decode_config(head_dim, head_dim, dtype_name, 90, M)
                 variants.append((SOURCE, cfg.name_expression))
+            if dtype_name in ("float16", "bfloat16"):   # (blocks of several units)
+                variants.append((SOURCE, decode_config(head_dim, head_dim, dtype_name, 90, 1,
+                                                       warps=8).name_expression))
         variants += [(SOURCE, cfg.combine_name), (SOURCE, cfg.append_name)]
     return list(dict.fromkeys(variants))
 
@@ -323,6 +334,14 @@ def resident_blocks(device_id, name_expression, arch, smem_bytes):
 # (for tests and benchmarks; the grid is then ceil(units / UNITS_PER_BLOCK) blocks).
 UNITS_PER_BLOCK = None
 MIN_SM_COVER = 0.95
+
+
+# The warps of the one-row 16-bit kernel when its blocks take several units each (batch
+# 32-64 at 8 kv heads): 8, with 2 stages (DecodeTraits). Measured on an H100 (benchmarks/
+# NOTES.md, session 18, bf16, 8/8 heads of 128): batch 64 at 8k, 32k, 128k 0.2%, 0.2%,
+# 0.6% faster than 4 warps and 3 stages, batch 32 at 8k 0.2%, batch 48 at 32k 0.1%; with
+# one unit a block, batch 16 at 128k and batch 1 at 8k, 0.6-0.7% slower. 4: never.
+MANY_UNITS_WARPS = 8
 
 
 def units_per_block(units, num_sms):
@@ -508,10 +527,13 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_tab
             causal=int(causal), units=units,
             k_vectorized=int(_vectorized(k_cache)), v_vectorized=int(_vectorized(v_cache)),
             scale=scale, scale_log2=scale * math.log2(math.e)))
-        kernel = _kernels.get_function(device_id, SOURCE, cfg.name_expression, arch,
-                                       cfg.smem_bytes)
         # (only the one-row SIMT kernel loops over units; the tensor-core one has 16 rows)
         per_block = units_per_block(units, num_sms(device_id)) if cfg.rows == 1 else 1
+        if per_block > 1 and MANY_UNITS_WARPS != 4 and q.dtype.itemsize == 2:
+            cfg = decode_config(D, Dv, q.dtype.name, _compute_capability(device_id), M,
+                                warps=MANY_UNITS_WARPS)
+        kernel = _kernels.get_function(device_id, SOURCE, cfg.name_expression, arch,
+                                       cfg.smem_bytes)
         _launch.launch(kernel, (-(-units // per_block),), (cfg.num_threads,), params,
                        cfg.smem_bytes, overlap=pdl)
 

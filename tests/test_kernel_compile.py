@@ -401,13 +401,24 @@ def test_decode_configs_match_the_kernel_traits():
                                                    f"{head_dim}, {cfg.rows}>")
                     assert cfg.traits == (f"cupyflash::DecodeTraits<{ctype}, {head_dim}, "
                                           f"{cfg.rows}>")
-                tr = cfg.traits
-                asserts.append(f'static_assert({tr}::BLOCK_ROWS == {cfg.rows}, "{cfg.name_expression}");')
-                for what, value in (("BLOCK_N", cfg.block_n), ("NUM_THREADS", cfg.num_threads),
-                                    ("SMEM_BYTES", cfg.smem_bytes),
-                                    ("INFLIGHT_BYTES", cfg.inflight_bytes)):
-                    asserts.append(f'static_assert({tr}::{what} == {value}, '
-                                   f'"{dtype} HEAD_DIM {head_dim} ROWS {cfg.rows}: {what}");')
+                cfgs = [cfg]
+                if M == 1 and dtype in ("float16", "bfloat16"):   # blocks of several units
+                    wide = _cupy_decode.decode_config(head_dim - 3, head_dim, dtype, 90, M,
+                                                      warps=8)
+                    assert wide.name_expression == (f"cupyflash::flash_decode<{ctype}, "
+                                                    f"{head_dim}, 1, 8>")
+                    assert wide.traits == f"cupyflash::DecodeTraits<{ctype}, {head_dim}, 1, 8>"
+                    assert wide.num_threads == 256
+                    cfgs.append(wide)
+                for cfg in cfgs:
+                    tr = cfg.traits
+                    asserts.append(f'static_assert({tr}::BLOCK_ROWS == {cfg.rows}, "{cfg.name_expression}");')
+                    for what, value in (("BLOCK_N", cfg.block_n), ("NUM_THREADS", cfg.num_threads),
+                                        ("SMEM_BYTES", cfg.smem_bytes),
+                                        ("INFLIGHT_BYTES", cfg.inflight_bytes)):
+                        asserts.append(f'static_assert({tr}::{what} == {value}, '
+                                       f'"{dtype} HEAD_DIM {head_dim} ROWS {cfg.rows} '
+                                       f'{cfg.num_threads} threads: {what}");')
     asserts += [
         f'static_assert(cupyflash::COMBINE_THREADS == {_cupy_decode.COMBINE_THREADS}, "");',
         f'static_assert(cupyflash::COMBINE_MAX_SPLITS == {_cupy_decode.COMBINE_MAX_SPLITS}, "");',
@@ -431,6 +442,13 @@ def test_decode_param_structs_match_the_python_layout():
             asserts.append(f'static_assert(__builtin_offsetof({c}, {name}) == {8 * i}, '
                            f'"{struct_name}::{name}");')
     _compile_asserts("flash_decode.cuh", asserts)
+
+
+def test_eight_warps_only_for_the_one_row_16_bit_kernel():
+    assert _cupy_decode.decode_config(128, 128, "bfloat16", 90, 1, warps=8).num_threads == 256
+    for dtype, M, warps in (("float32", 1, 8), ("float16", 2, 8), ("float16", 1, 6)):
+        with pytest.raises(ValueError, match="warps"):
+            _cupy_decode.decode_config(128, 128, dtype, 90, M, warps=warps)
 
 
 def test_decode_config_pads_the_head_dim_and_chooses_rows():

@@ -168,11 +168,16 @@ template <> struct DecodeMath<double> {
 // 2.85 TB/s, 3.05 aligned). SMEM_BYTES holds the slack.
 constexpr int DECODE_PIPE_ALIGN = 128;
 
-template <typename T, int HEAD_DIM, int ROWS>
+// WARPS: 4, or 8 for the one-row 16-bit kernel whose blocks take several units each
+// (_cupy_decode.MANY_UNITS_WARPS), with 2 stages instead of 3: the same bytes in flight
+// per block while it computes, twice the warps to issue them. Measured on an H100
+// (benchmarks/NOTES.md, session 18): 0.1-0.6% faster at batch 32-64 (one block per SM,
+// ~4 units each); at batch 1 and 16 (one unit a block) 0.5-0.7% slower, so not there.
+template <typename T, int HEAD_DIM, int ROWS, int WARPS = 4>
 struct DecodeTraits {
     using Acc = typename DecodeMath<T>::Acc;
     static constexpr int BLOCK_ROWS = ROWS;          // query rows per block
-    static constexpr int NUM_WARPS = 4;
+    static constexpr int NUM_WARPS = WARPS;
     static constexpr int NUM_THREADS = 32 * NUM_WARPS;
     static constexpr int VEC = 16 / int(sizeof(T));                  // elements per 16 bytes
     static constexpr int D_VECS = HEAD_DIM / VEC;                    // vectors per padded row
@@ -199,7 +204,7 @@ struct DecodeTraits {
     static constexpr int ELEMS = VECS_PER_LANE * VEC;                // q and acc columns per lane
     static constexpr int WARP_KEYS = PASSES * KEYS_PER_PASS;         // keys per warp per tile
     static constexpr int BLOCK_N = NUM_WARPS * WARP_KEYS;            // keys per block per tile
-    static constexpr int STAGES = TWO_PASS_ROW ? 3 : 4;              // tiles in the pipeline
+    static constexpr int STAGES = TWO_PASS_ROW ? (WARPS == 8 ? 2 : 3) : 4;  // tiles in the pipeline
     static constexpr int KV_VECS = PASSES * VECS_PER_LANE;           // K (or V) vectors per lane
     static constexpr int STAGE_VECS = 2 * KV_VECS;                   // K, then V
     static constexpr int PIPE_BYTES = STAGES * STAGE_VECS * NUM_THREADS * 16;
@@ -223,6 +228,8 @@ struct DecodeTraits {
     static_assert(HEAD_DIM == 32 || HEAD_DIM == 64 || HEAD_DIM == 128 || HEAD_DIM == 256,
                   "HEAD_DIM must be 32, 64, 128 or 256");
     static_assert(ROWS == 1 || ROWS == 4 || ROWS == 8, "ROWS must be 1, 4 or 8");
+    static_assert(WARPS == 4 || (WARPS == 8 && TWO_PASS_ROW && sizeof(T) == 2),
+                  "8 warps: the one-row 16-bit kernel only");
     static_assert(D_VECS % VECS_PER_LANE == 0 && LANES_PER_KEY <= 32 && 32 % LANES_PER_KEY == 0,
                   "lanes split a row");
     static_assert(SMEM_BYTES <= 99 * 1024, "must fit the smallest opt-in shared memory (sm_86)");
@@ -642,9 +649,9 @@ __device__ __forceinline__ void merge_warps_and_store(const DecodeParams& p,
 }
 
 // One work unit (b, hk, split, row chunk) of the split kernel, by the whole block.
-template <typename T, int HEAD_DIM, int ROWS>
+template <typename T, int HEAD_DIM, int ROWS, int WARPS>
 __device__ __forceinline__ void split_unit(const DecodeParams& p, unsigned unit) {
-    using Tr = DecodeTraits<T, HEAD_DIM, ROWS>;
+    using Tr = DecodeTraits<T, HEAD_DIM, ROWS, WARPS>;
     using Math = DecodeMath<T>;
     using Acc = typename Tr::Acc;
     constexpr int VEC = Tr::VEC, LANES_PER_KEY = Tr::LANES_PER_KEY;
@@ -978,11 +985,11 @@ __device__ __forceinline__ void split_unit(const DecodeParams& p, unsigned unit)
 // multiprocessor but 4 one block and 4 units, as batch 16 does with one unit each,
 // instead of four blocks on 116 of them and three on 16 (_cupy_decode.units_per_block).
 // ----------------------------------------------------------------------------------------
-template <typename T, int HEAD_DIM, int ROWS>
-__global__ void __launch_bounds__(DecodeTraits<T, HEAD_DIM, ROWS>::NUM_THREADS,
-                                  DecodeTraits<T, HEAD_DIM, ROWS>::MIN_BLOCKS)
+template <typename T, int HEAD_DIM, int ROWS, int WARPS = 4>
+__global__ void __launch_bounds__(DecodeTraits<T, HEAD_DIM, ROWS, WARPS>::NUM_THREADS,
+                                  DecodeTraits<T, HEAD_DIM, ROWS, WARPS>::MIN_BLOCKS)
 flash_decode(const DecodeParams p) {
-    using Tr = DecodeTraits<T, HEAD_DIM, ROWS>;
+    using Tr = DecodeTraits<T, HEAD_DIM, ROWS, WARPS>;
     constexpr int NUM_THREADS = Tr::NUM_THREADS;
 
     // The launcher must give NUM_THREADS threads and SMEM_BYTES of dynamic shared memory;
@@ -1001,12 +1008,12 @@ flash_decode(const DecodeParams p) {
     if constexpr (ROWS == 1) {
         for (unsigned unit = blockIdx.x; unit < static_cast<unsigned>(p.units);
              unit += gridDim.x) {
-            decode::split_unit<T, HEAD_DIM, ROWS>(p, unit);
+            decode::split_unit<T, HEAD_DIM, ROWS, WARPS>(p, unit);
             // the unit's merge has read the shared memory the next unit's copies refill
             __syncthreads();
         }
     } else {  // one unit per block (the loop costs the many-row variants 10-20 registers)
-        decode::split_unit<T, HEAD_DIM, ROWS>(p, blockIdx.x);
+        decode::split_unit<T, HEAD_DIM, ROWS, WARPS>(p, blockIdx.x);
     }
 }
 
