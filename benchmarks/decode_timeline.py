@@ -78,8 +78,6 @@ import cupy
 import cupyflash
 assert str(TLD) in cupyflash.__file__, cupyflash.__file__
 from cupyflash import _cupy_decode, _kernels
-if os.environ.get('TL_PREFETCH'):   # MiB prefetched before the PDL wait (where the tree has it)
-    _cupy_decode.PREFETCH_BYTES = int(os.environ['TL_PREFETCH']) << 20
 import decode as bench
 def gptr(m, name):
     r = m.get_global_var(name)

@@ -340,7 +340,7 @@ MIN_SM_COVER = 0.95
 # 32-64 at 8 kv heads): 8, with 2 stages (DecodeTraits). Measured on an H100 (benchmarks/
 # NOTES.md, session 18, bf16, 8/8 heads of 128): batch 64 at 8k, 32k, 128k 0.2%, 0.2%,
 # 0.6% faster than 4 warps and 3 stages, batch 32 at 8k 0.2%, batch 48 at 32k 0.1%; with
-# one unit a block, batch 16 at 128k and batch 1 at 8k, 0.6-0.7% slower. 4: never.
+# one unit a block, batch 16 at 128k and batch 1 at 8k, 0.6-0.7% slower. 4 turns it off.
 MANY_UNITS_WARPS = 8
 
 
@@ -457,7 +457,8 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_tab
         lse = cupy.empty((B, H, Lq), dtype=acc_dtype)
         seqlens = _int32(cache_seqlens)
         table = _int32(block_table) if paged else None
-        arch = _kernels.arch_for(_compute_capability(device_id))
+        cc = _compute_capability(device_id)
+        arch = _kernels.arch_for(cc)
         page = dict(page_size=k_cache.shape[1] if paged else 0,
                     table_stride=table.shape[1] if paged else 0)
         cache_strides = {}
@@ -465,9 +466,10 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_tab
             st = _strides(x)
             cache_strides.update({f"{prefix}_page_stride": st[0], f"{prefix}_token_stride": st[1],
                                   f"{prefix}_head_stride": st[2], f"{prefix}_dim_stride": st[3]})
-        cfg = decode_config(D, Dv, q.dtype.name, _compute_capability(device_id), M)
+        dtype_name = q.dtype.name
+        cfg = decode_config(D, Dv, dtype_name, cc, M)
         # every kernel of this file waits for the previous grid before it touches memory
-        pdl = _launch.pdl_enabled(_compute_capability(device_id))
+        pdl = _launch.pdl_enabled(cc)
 
         # -- 1. the append, before anything reads the cache (same stream)
         if L_new and B:
@@ -530,8 +532,7 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_tab
         # (only the one-row SIMT kernel loops over units; the tensor-core one has 16 rows)
         per_block = units_per_block(units, num_sms(device_id)) if cfg.rows == 1 else 1
         if per_block > 1 and MANY_UNITS_WARPS != 4 and q.dtype.itemsize == 2:
-            cfg = decode_config(D, Dv, q.dtype.name, _compute_capability(device_id), M,
-                                warps=MANY_UNITS_WARPS)
+            cfg = decode_config(D, Dv, dtype_name, cc, M, warps=MANY_UNITS_WARPS)
         kernel = _kernels.get_function(device_id, SOURCE, cfg.name_expression, arch,
                                        cfg.smem_bytes)
         _launch.launch(kernel, (-(-units // per_block),), (cfg.num_threads,), params,
