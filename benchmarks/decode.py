@@ -14,7 +14,7 @@ What is timed, and how:
   shows (the GPU works through a full queue). cupyflash is called through
   ``_cupy_decode.attention_decode``, the launch after validation (one split kernel, which
   merges its splits itself; "2-launch" times the same call with the separate combine
-  kernel); the public call adds the validation's host synchronisation (it reads
+  kernel, "no clust" with flash_decode where the call runs flash_decode_cluster); the public call adds the validation's host synchronisation (it reads
   ``cache_seqlens`` to the host) and ~50 us of Python, reported separately as "api".
   Calls rotate over enough copies of the cache to exceed four times the L2 cache, so
   every call reads its keys and values from DRAM. Median of ``--reps`` repetitions of a
@@ -234,20 +234,32 @@ def bench_case(cupy, torch, backends, timer, gpu, run, copy_gbs, dtype_name, dt,
         q, caches[0][0], caches[0][1], seqlens), reps)
     cfg = _cupy_decode.decode_config(D, D, dtype_name, 90, H // Hk)
     device_id = cupy.cuda.Device().id
-    arch = _cupy_decode._kernels.arch_for(_cupy_decode._compute_capability(device_id))
-    splits = _cupy_decode.launched_splits(   # what the call chose
+    cc = _cupy_decode._compute_capability(device_id)
+    arch = _cupy_decode._kernels.arch_for(cc)
+    clustered = _cupy_decode.uses_cluster(cc, dtype_name, D, D, H // Hk, B * Hk, False, True,
+                                          None, _cupy_decode.num_sms(device_id))
+    splits = _cupy_decode.CLUSTER_SIZE if clustered else _cupy_decode.launched_splits(
         None, cfg, B * Hk * -(-(H // Hk) // cfg.rows), L, 2 * D * dt.itemsize,
         _cupy_decode.num_sms(device_id),
         _cupy_decode.resident_blocks(device_id, cfg.name_expression, arch, cfg.smem_bytes))
+    kernel_name = (_cupy_decode.cluster_name(dtype_name, D) if clustered
+                   else cfg.name_expression)
+    no_cluster_ms = None   # flash_decode instead of flash_decode_cluster (same run)
+    if clustered and compare_combine:
+        _cupy_decode.CLUSTER_DECODE = False
+        try:
+            no_cluster_ms = timer([launch(k, v) for k, v in caches], expected_ms)
+        finally:
+            _cupy_decode.CLUSTER_DECODE = True
     two_launch_ms = None   # the splits merged by flash_decode_combine, a second launch
-    if splits > 1 and compare_combine:
+    if splits > 1 and compare_combine and not clustered:
         _cupy_decode.FUSE_COMBINE = False
         try:
             two_launch_ms = timer([launch(k, v) for k, v in caches], expected_ms)
         finally:
             _cupy_decode.FUSE_COMBINE = True
     mma_ms = None          # one row per kv head on the tensor-core kernel
-    if compare_combine and H == Hk and dtype_name in ("float16", "bfloat16"):
+    if compare_combine and H == Hk and dtype_name in ("float16", "bfloat16") and not clustered:
         _cupy_decode.MMA_ONE_ROW = True
         try:
             mma_ms = timer([launch(k, v) for k, v in caches], expected_ms)
@@ -258,8 +270,8 @@ def bench_case(cupy, torch, backends, timer, gpu, run, copy_gbs, dtype_name, dt,
                   l=L, copy_gbs=copy_gbs)
     records = [dict(common, provider="cupyflash", ms=ms, kv_gbs=gbs,
                     frac_of_copy=gbs / copy_gbs, num_splits=splits, api_ms=api_ms,
-                    kernel=cfg.name_expression, two_launch_ms=two_launch_ms,
-                    mma_one_row_ms=mma_ms)]
+                    kernel=kernel_name, two_launch_ms=two_launch_ms,
+                    mma_one_row_ms=mma_ms, no_cluster_ms=no_cluster_ms)]
     best = None
     ours = None
     for name, sdpa in backends.items():
@@ -289,9 +301,10 @@ def bench_case(cupy, torch, backends, timer, gpu, run, copy_gbs, dtype_name, dt,
     torch_cells = (f"{best[0]:>16s} {best[1]:8.4f} {best[1] / ms:5.2f}"
                    if best else f"{'-':>16s} {'-':>8s} {'-':>5s}")
     two = f"{two_launch_ms:8.4f}" if two_launch_ms else f"{'-':>8s}"
+    plain = f"{no_cluster_ms:8.4f}" if no_cluster_ms else f"{'-':>8s}"
     mma = f"{mma_ms:8.4f}" if mma_ms else f"{'-':>8s}"
     print(f"{dtype_name:9s} {B:3d} {H:2d}/{Hk:<2d} {L:7d} | {splits:6d} "
-          f"{ms:8.4f} {gbs:6.0f} {gbs / copy_gbs:5.2f} {api_ms:7.3f} {two} {mma} | "
+          f"{ms:8.4f} {gbs:6.0f} {gbs / copy_gbs:5.2f} {api_ms:7.3f} {two} {mma} {plain} | "
           f"{torch_cells}", flush=True)
     return records
 
@@ -335,7 +348,7 @@ def main(argv=None):
               f"{l2_bytes >> 20} MiB; timer: {args.calls} calls queued behind a spin kernel, "
               f"median of {args.reps}")
         print(f"{'dtype':9s} {'B':>3s} {'H/Hk':>5s} {'L':>7s} | {'splits':>6s} {'ms':>8s} "
-              f"{'GB/s':>6s} {'copy':>5s} {'api ms':>7s} {'2-launch':>8s} {'mma 1row':>8s} | "
+              f"{'GB/s':>6s} {'copy':>5s} {'api ms':>7s} {'2-launch':>8s} {'mma 1row':>8s} {'no clust':>8s} | "
               f"{'torch best':>16s} {'ms':>8s} "
               f"{'ratio':>5s}")
         records = []
@@ -369,7 +382,8 @@ def main(argv=None):
           "fraction of the copy's bandwidth; api ms = one public call, host work included; "
           "2-launch = kernel time with the splits merged by flash_decode_combine instead of "
           "the split kernel's last block; mma 1row = one query row per kv head on the "
-          "tensor-core kernel instead of the SIMT one (H = Hk)")
+          "tensor-core kernel instead of the SIMT one (H = Hk); no clust = flash_decode "
+          "instead of flash_decode_cluster (where the call runs the cluster kernel)")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,10 @@
 
 1. ``decode_append`` (with ``k_new``): the new keys and values into the cache, in place,
    at positions ``cache_seqlens[b] .. + L_new`` (through the block table when paged);
-2. the split kernel, ``flash_decode_mma`` (fp16/bf16 with several query rows per kv head:
+2. the split kernel: ``flash_decode_cluster`` on sm_90 for one query row per kv head at
+   batch 1-2 (fp16/bf16, a contiguous cache: :func:`uses_cluster`), whose 8 splits of a
+   kv head are one thread-block cluster and merge in one block's shared memory; else
+   ``flash_decode_mma`` (fp16/bf16 with several query rows per kv head:
    tensor cores) or ``flash_decode`` (the rest): one thread block per (batch element, kv
    head, split, row chunk), or for the one-row kernel at large batches one block per SM
    taking several of them in turn (:func:`units_per_block`); each reads its split's keys
@@ -252,6 +255,8 @@ def decode_variants():
             if dtype_name in ("float16", "bfloat16"):   # (blocks of several units)
                 variants.append((SOURCE, decode_config(head_dim, head_dim, dtype_name, 90, 1,
                                                        warps=8).name_expression))
+            if dtype_name in ("float16", "bfloat16") and head_dim in CLUSTER_HEAD_DIMS:
+                variants.append((SOURCE, cluster_name(dtype_name, head_dim)))
         variants += [(SOURCE, cfg.combine_name), (SOURCE, cfg.append_name)]
     return list(dict.fromkeys(variants))
 
@@ -371,6 +376,47 @@ def units_per_block(units, num_sms):
 
 # False: always merge the splits with flash_decode_combine (for tests and benchmarks).
 FUSE_COMBINE = True
+
+
+# The cluster kernel (flash_decode_cluster, sm_90): the CLUSTER_SIZE splits of a kv head
+# are one thread-block cluster of CLUSTER_THREADS-thread blocks, merged in block 0's shared
+# memory, with no round trip through L2 after the last key. Measured on an H100
+# (benchmarks/NOTES.md, session 19; bf16, 8/8 heads of 128, batch 1): 8k keys 14.0 us
+# against 17.7 for flash_decode (16 splits, counter merge), 32k 45.5 against 50.0, 128k
+# 173.6 against 176.8; at batch 2 (128 blocks: two blocks of a cluster land on one SM
+# where a GPC has too few free SMs) 7-31% slower, at batch 4 7-12%, so it takes only
+# problems whose clusters fill at most half the SMs. False: never (tests and benchmarks).
+CLUSTER_DECODE = True
+CLUSTER_SIZE = 8               # DecodeClusterTraits::CLUSTER
+CLUSTER_THREADS = 256          # DecodeClusterTraits::NUM_THREADS
+CLUSTER_HEAD_DIMS = (64, 128, 256)
+CLUSTER_SMEM_BYTES = 3 * 2 * 4 * CLUSTER_THREADS * 16 + PIPE_ALIGN   # ::SMEM_BYTES
+
+
+def cluster_name(dtype_name, head_dim):
+    return f"cupyflash::flash_decode_cluster<{_DTYPE_TO_CUDA[dtype_name]}, {head_dim}>"
+
+
+def uses_cluster(compute_capability, dtype_name, D, Dv, M, pairs, paged, vectorized,
+                 num_splits, num_sms):
+    """Whether a call runs ``flash_decode_cluster``: one query row per kv head (``M = G *
+    Lq = 1``) of fp16/bf16 with ``D = Dv`` in CLUSTER_HEAD_DIMS, a contiguous cache of
+    16-byte rows (``vectorized``), the split count left to the library, ``pairs = B * Hk``
+    clusters of CLUSTER_SIZE blocks on at most half the SMs, on sm_90 with cluster launches;
+    unless CLUSTER_DECODE is off (or FUSE_COMBINE / MMA_ONE_ROW ask for another kernel).
+
+    >>> uses_cluster(90, "bfloat16", 128, 128, 1, 8, False, True, None, 132) == (
+    ...     _launch.clusters_available(90))                      # batch 1, 8 kv heads
+    True
+    >>> uses_cluster(90, "bfloat16", 128, 128, 1, 16, False, True, None, 132)   # batch 2
+    False
+    >>> uses_cluster(80, "float16", 128, 128, 1, 8, False, True, None, 108)     # an A100
+    False
+    """
+    return (CLUSTER_DECODE and FUSE_COMBINE and not MMA_ONE_ROW and num_splits is None
+            and M == 1 and D == Dv and D in CLUSTER_HEAD_DIMS
+            and dtype_name in ("float16", "bfloat16") and not paged and vectorized
+            and pairs * CLUSTER_SIZE <= num_sms // 2 and _launch.clusters_available(compute_capability))
 
 
 def fuses_combine(splits):
@@ -494,19 +540,25 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_tab
         # -- 2. the splits
         row_chunks = -(-M // cfg.rows)
         base_blocks = B * Hk * row_chunks
-        splits = launched_splits(num_splits, cfg, base_blocks, max_keys,
-                                 (D + Dv) * q.dtype.itemsize, num_sms(device_id),
-                                 resident_blocks(device_id, cfg.name_expression, arch,
-                                                 cfg.smem_bytes))
+        clustered = uses_cluster(cc, dtype_name, D, Dv, M, B * Hk, paged,
+                                 _vectorized(k_cache) and _vectorized(v_cache), num_splits,
+                                 num_sms(device_id))
+        if clustered:   # a cluster of CLUSTER_SIZE splits per kv head, merged in the cluster
+            splits = CLUSTER_SIZE
+        else:
+            splits = launched_splits(num_splits, cfg, base_blocks, max_keys,
+                                     (D + Dv) * q.dtype.itemsize, num_sms(device_id),
+                                     resident_blocks(device_id, cfg.name_expression, arch,
+                                                     cfg.smem_bytes))
         units = base_blocks * splits   # (b, hk, split, row chunk): at most one block each
         if units >= 2**31 or B * Hk * M >= 2**31:
             raise ValueError(f"{fn}: {units} thread blocks are more than one "
                              f"launch can have on the GPU")
         acc_size = np.dtype(acc_dtype).itemsize
         partial_row = -(-Dv * acc_size // 16) * 16 // acc_size  # rows of 16-byte vectors
-        fused = fuses_combine(splits)
+        fused = fuses_combine(splits) and not clustered
         out_partial = lse_partial = 0   # (B, Hk, splits, M, partial_row), (B, Hk, splits, M)
-        if splits > 1:                  # in the stream's scratch: no allocation a call
+        if splits > 1 and not clustered:   # in the stream's scratch: no allocation a call
             out_bytes = -(-B * Hk * splits * M * partial_row * acc_size // 256) * 256
             out_partial = stream_workspace(device_id, "decode partials",
                                            out_bytes + B * Hk * splits * M * acc_size)
@@ -529,6 +581,12 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_tab
             causal=int(causal), units=units,
             k_vectorized=int(_vectorized(k_cache)), v_vectorized=int(_vectorized(v_cache)),
             scale=scale, scale_log2=scale * math.log2(math.e)))
+        if clustered:
+            kernel = _kernels.get_function(device_id, SOURCE, cluster_name(dtype_name, D), arch,
+                                           CLUSTER_SMEM_BYTES)
+            _launch.launch(kernel, (units,), (CLUSTER_THREADS,), params, CLUSTER_SMEM_BYTES,
+                           overlap=pdl, cluster=CLUSTER_SIZE)
+            return out, lse
         # (only the one-row SIMT kernel loops over units; the tensor-core one has 16 rows)
         per_block = units_per_block(units, num_sms(device_id)) if cfg.rows == 1 else 1
         if per_block > 1 and MANY_UNITS_WARPS != 4 and q.dtype.itemsize == 2:

@@ -13,6 +13,10 @@ CuPy 14 launches through ``cuLaunchKernel``, which has no launch attributes, so
 ``cuLaunchKernelEx`` is called here through :mod:`ctypes` on ``libcuda.so.1``, the
 driver library CuPy itself runs on (as ``_tensor_map`` does for tensor maps).
 
+Thread-block clusters (sm_90, ``cluster=`` of :func:`launch`) are a launch attribute too
+(``CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION``): the decode kernel whose splits merge in one
+block's shared memory (``flash_decode_cluster``) is launched with it.
+
 ``CUPYFLASH_PDL=0`` launches every kernel without PDL (for A/B timing).
 """
 
@@ -20,14 +24,16 @@ import ctypes
 import functools
 import os
 
-# Enum value of cuda.h (CUDA 12 and 13).
+# Enum values of cuda.h (CUDA 12 and 13).
+CLUSTER_DIMENSION = 4                   # CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
 PROGRAMMATIC_STREAM_SERIALIZATION = 6   # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
 
 
 class _LaunchAttribute(ctypes.Structure):
-    """``CUlaunchAttribute``: an id, padding to 8 bytes, a 64-byte value union."""
+    """``CUlaunchAttribute``: an id, padding to 8 bytes, a 64-byte value union (read here
+    as 16 unsigned ints: PDL's flag is the first, a cluster's x, y, z the first three)."""
     _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4),
-                ("value", ctypes.c_int), ("value_pad", ctypes.c_char * 60)]
+                ("value", ctypes.c_uint * 16)]
 
 
 class _LaunchConfig(ctypes.Structure):
@@ -41,8 +47,24 @@ class _LaunchConfig(ctypes.Structure):
 
 assert ctypes.sizeof(_LaunchAttribute) == 72 and ctypes.sizeof(_LaunchConfig) == 56
 
+def _attribute(attribute_id, *values):
+    attribute = _LaunchAttribute(id=attribute_id)
+    for i, x in enumerate(values):
+        attribute.value[i] = x
+    return attribute
+
+
 # The one attribute of every PDL launch (built once: launches are on the host's hot path).
-_PDL_ATTRIBUTE = ctypes.pointer(_LaunchAttribute(id=PROGRAMMATIC_STREAM_SERIALIZATION, value=1))
+_PDL_ATTRIBUTE = ctypes.pointer(_attribute(PROGRAMMATIC_STREAM_SERIALIZATION, 1))
+
+
+@functools.lru_cache(maxsize=None)
+def _cluster_attributes(cluster, overlap):
+    """The attributes of a launch in clusters of ``cluster`` blocks (x), with PDL or not."""
+    attributes = [_attribute(CLUSTER_DIMENSION, cluster, 1, 1)]
+    if overlap:
+        attributes.append(_attribute(PROGRAMMATIC_STREAM_SERIALIZATION, 1))
+    return (_LaunchAttribute * len(attributes))(*attributes), len(attributes)
 
 
 @functools.lru_cache(maxsize=1)
@@ -63,6 +85,12 @@ def _driver():
     return launch_ex, error_name
 
 
+def clusters_available(compute_capability):
+    """Whether :func:`launch` can launch thread-block clusters on a device of this compute
+    capability: sm_90 and later, with ``cuLaunchKernelEx``."""
+    return compute_capability >= 90 and _driver() is not None
+
+
 def pdl_enabled(compute_capability):
     """Whether kernels written for it are launched with PDL on a device of this compute
     capability (an int, 90 for sm_90): sm_90 and later, a driver with
@@ -71,15 +99,16 @@ def pdl_enabled(compute_capability):
             and _driver() is not None)
 
 
-def launch(kernel, grid, block, params, shared_mem=0, *, overlap=False):
+def launch(kernel, grid, block, params, shared_mem=0, *, overlap=False, cluster=None):
     """Launch ``kernel`` (a ``cupy.cuda.function.Function``) on the current stream with one
     by-value argument ``params`` (a NumPy structured scalar, as CuPy would pass it).
 
     ``overlap=True`` launches it with PDL (the kernel must wait for the previous grid
-    before it touches global memory; the caller checks :func:`pdl_enabled`); otherwise
-    this is CuPy's own launch.
+    before it touches global memory; the caller checks :func:`pdl_enabled`);
+    ``cluster=n`` in clusters of n blocks along x (sm_90; the caller checks
+    :func:`clusters_available`); otherwise this is CuPy's own launch.
     """
-    if not overlap:
+    if not overlap and cluster is None:
         kernel(grid, block, (params,), shared_mem=shared_mem)
         return
     import cupy
@@ -89,8 +118,13 @@ def launch(kernel, grid, block, params, shared_mem=0, *, overlap=False):
     args = (ctypes.c_void_p * 1)(ctypes.addressof(data))
     grid = tuple(grid) + (1,) * (3 - len(grid))
     block = tuple(block) + (1,) * (3 - len(block))
+    if cluster is None:
+        attributes, count = _PDL_ATTRIBUTE, 1
+    else:
+        array, count = _cluster_attributes(int(cluster), bool(overlap))
+        attributes = ctypes.cast(array, ctypes.POINTER(_LaunchAttribute))
     config = _LaunchConfig(*grid, *block, shared_mem, cupy.cuda.get_current_stream().ptr,
-                           _PDL_ATTRIBUTE, 1)
+                           attributes, count)
     status = launch_ex(ctypes.byref(config), kernel.ptr, args, None)
     if status != 0:
         name = ctypes.c_char_p()

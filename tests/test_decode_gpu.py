@@ -448,6 +448,70 @@ def test_tensor_core_kernel_with_one_row(dtype, monkeypatch):
         check_decode(case, out, lse, q, k_cache, v_cache, k_new, v_new)
 
 
+def _sm90():
+    cupy = _cupy()
+    major, minor = cupy.cuda.Device().compute_capability
+    return int(major) * 10 + int(minor) >= 90
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_cluster_kernel(dtype, D, monkeypatch):
+    """flash_decode_cluster (one row per kv head at batch 1-2, sm_90): the accuracy rule
+    with lengths that leave some of its 8 splits empty or with a partial tile, appended
+    keys, a strided q; the call launched it (in clusters of 8), it agrees with flash_decode
+    (CLUSTER_DECODE off), and two runs are bitwise equal."""
+    if not _sm90():
+        pytest.skip("thread-block clusters need sm_90")
+    from cupyflash import _cupy_decode, _launch
+    cupy = _cupy()
+    launched = []
+    real_launch = _launch.launch
+
+    def spy(kernel, grid, block, params, shared_mem=0, **options):
+        launched.append((grid, block, options.get("cluster")))
+        return real_launch(kernel, grid, block, params, shared_mem, **options)
+    monkeypatch.setattr(_launch, "launch", spy)
+    tol = {"float16": 2e-3, "bfloat16": 2e-2}[dtype]
+    for seqlens, L_new, Hk in [((0, 1), 0, 3), ((63, 64), 1, 2), ((65, 8191), 1, 4),
+                               ((3000,), 0, 8), ((513, 20000), 3, 1)]:
+        case = DecodeCase(dtype, seqlens, L_new=L_new, Hk=Hk, D=D, Dv=D, spare=5,
+                          seed=sum(seqlens) + D)
+        q, k_cache, v_cache, lens, k_new, v_new = case.inputs()
+        gq = cupy.asarray(np.stack([q, -q], axis=-1))[..., 0]   # q, with a dim stride of 2
+        assert _cupy_decode.uses_cluster(90, dtype, D, D, 1, len(seqlens) * Hk, False, True,
+                                         None, _cupy_decode.num_sms(cupy.cuda.Device().id))
+        launched.clear()
+        out, lse, *_ = decode_both(gq, k_cache, v_cache, lens, k_new=k_new if L_new else None,
+                                   v_new=v_new if L_new else None)
+        assert ((len(seqlens) * Hk * 8,), (256,), 8) in launched, launched
+        check_decode(case, out, lse, q, k_cache, v_cache, k_new, v_new)
+        for i, n in enumerate(seqlens):
+            if n + L_new == 0:   # no key: zeros and -inf, as every kernel
+                assert not out[i].any() and np.isneginf(lse[i]).all()
+        # the same inputs again (the append done: L_new = 0 now sees the same keys)
+        lens_after = lens + L_new
+        gk, gv, gl = to_gpu(*_caches_after(k_cache, v_cache, lens, k_new, v_new), lens_after)
+        first = cupyflash.attention_decode(gq, gk, gv, gl, return_lse=True)
+        second = cupyflash.attention_decode(gq, gk, gv, gl, return_lse=True)
+        assert all(a.get().tobytes() == b.get().tobytes() for a, b in zip(first, second))
+        monkeypatch.setattr(_cupy_decode, "CLUSTER_DECODE", False)
+        plain = cupyflash.attention_decode(gq, gk, gv, gl, return_lse=True)
+        monkeypatch.setattr(_cupy_decode, "CLUSTER_DECODE", True)
+        np.testing.assert_allclose(first[0].get().astype(np.float64),
+                                   plain[0].get().astype(np.float64), rtol=tol, atol=tol)
+        np.testing.assert_allclose(first[1].get(), plain[1].get(), rtol=1e-5, atol=1e-5)
+
+
+def _caches_after(k_cache, v_cache, lens, k_new, v_new):
+    """The caches with k_new and v_new written at lens[b] .. (host arrays)."""
+    k, v = k_cache.copy(), v_cache.copy()
+    for b, s in enumerate(lens):
+        k[b, s:s + k_new.shape[1]] = k_new[b]
+        v[b, s:s + v_new.shape[1]] = v_new[b]
+    return k, v
+
+
 @pytest.mark.parametrize("dtype, group, Lq", [("float16", 1, 1), ("bfloat16", 4, 1),
                                               ("float16", 5, 4), ("float32", 1, 1),
                                               ("float32", 8, 1), ("float64", 4, 1)])

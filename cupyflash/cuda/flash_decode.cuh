@@ -1456,6 +1456,292 @@ flash_decode_mma(const DecodeParams p) {
 }
 
 // ----------------------------------------------------------------------------------------
+// The cluster kernel (sm_90): one query row per kv head (G * Lq = 1), fp16/bf16, a
+// contiguous cache of 16-byte rows, and few (batch, kv head) pairs: batch 1-2 at 8 kv
+// heads (_cupy_decode.uses_cluster). The CLUSTER splits of a kv head are one thread-block
+// cluster and merge in block 0's shared memory instead of through L2:
+//
+//   grid:  B * Hk clusters of CLUSTER blocks; block s of cluster (b, hk) reads keys
+//          [s * C, (s + 1) * C) of its n_b keys, C = ceil(n_b / (CLUSTER * BLOCK_N)) tiles
+//   block: 8 warps; the LANES_PER_KEY = HEAD_DIM / 8 lanes of a key own one 16-byte
+//          vector (8 columns) each of its K and V rows; a tile is BLOCK_N keys, KEYS per
+//          thread, copied by the thread itself (cp.async, STAGES deep) and read back only
+//          by it, so no barrier in the loop, as in flash_decode:
+//
+//     S[t]   = sum over the key's lanes of q[lane's columns] . K[t, lane's columns]
+//     m_new  = max(m, max_t S[t]) over the warp;  P~ = exp2(S - m_new);  alpha = exp2(m - m_new)
+//     l      = alpha * l + sum_t P~[t];  acc = alpha * acc + sum_t P~[t] V[t, lane's columns]
+//
+//   end:   the key groups of a warp (shuffles), then the warps (shared memory), then every
+//          block's (m, l, acc) goes to block 0 by st.async, which counts its bytes on an
+//          mbarrier of block 0 (complete_tx), with no fence and no wait for the stores;
+//          block 0 waits for all CLUSTER * (HEAD_DIM + 2) words, merges them through the
+//          lse and writes out and lse; then the cluster leaves together.
+//
+// Why (benchmarks/NOTES.md, session 19; H100, batch 1, 8k keys, 8 kv heads of 128, bf16):
+// the reads alone take ~12.2 us; merging splits through L2 (fence, counter, loads) adds
+// ~2.6 us after the last key even with nothing else to do (read_skeleton.py's merge
+// tails). A cluster of 8 blocks with 96 KiB of tiles each runs one block per SM and reads
+// at the rate of 16 splits of flash_decode, and its st.async merge adds ~0.6 us.
+// Clusters of 12 or 16, or blocks that an SM holds two of, got two blocks of a cluster
+// on one SM (session 15); batch 4 (256 blocks) is slower than flash_decode.
+// ----------------------------------------------------------------------------------------
+template <typename T, int HEAD_DIM>
+struct DecodeClusterTraits {
+    using Acc = float;
+    static constexpr int CLUSTER = 8;                      // splits of a kv head (portable size)
+    static constexpr int NUM_WARPS = 8;
+    static constexpr int NUM_THREADS = 32 * NUM_WARPS;
+    static constexpr int VEC = 8;                          // elements per 16-byte vector
+    static constexpr int LANES_PER_KEY = HEAD_DIM / VEC;   // 8, 16 or 32
+    static constexpr int KEYS_PER_PASS = NUM_THREADS / LANES_PER_KEY;
+    static constexpr int KEYS = 4;                         // keys per thread and tile
+    static constexpr int BLOCK_N = KEYS_PER_PASS * KEYS;   // a tile: 16 KiB of K, 16 of V
+    static constexpr int STAGES = 3;                       // 64 KiB in flight while computing
+    static constexpr int SMEM_BYTES = STAGES * 2 * KEYS * NUM_THREADS * 16 + DECODE_PIPE_ALIGN;
+    static constexpr int MERGE_WORDS = CLUSTER * (HEAD_DIM + 2);  // what block 0 receives
+    static_assert(sizeof(T) == 2, "fp16 or bf16");
+    static_assert(HEAD_DIM == 64 || HEAD_DIM == 128 || HEAD_DIM == 256, "head dim 64, 128, 256");
+    static_assert(NUM_WARPS * (HEAD_DIM + 2) * 4 <= SMEM_BYTES - DECODE_PIPE_ALIGN,
+                  "the warps' merge fits in the pipeline's shared memory");
+    static_assert(HEAD_DIM <= NUM_THREADS, "a thread per column in the merges");
+};
+
+namespace decode {
+
+// The mbarrier of block 0 that counts the merge's bytes, in another block's window.
+__device__ __forceinline__ unsigned cluster_rank0(unsigned local_shared_address) {
+    unsigned remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, 0;\n" : "=r"(remote) : "r"(local_shared_address));
+    return remote;
+}
+
+// One word into block 0's shared memory (st.async), counted on block 0's mbarrier.
+__device__ __forceinline__ void send_to_rank0(const float* local_word, float x, unsigned mbar) {
+    const unsigned dst = cluster_rank0(static_cast<unsigned>(__cvta_generic_to_shared(local_word)));
+    asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.f32 [%0], %1, [%2];\n"
+                 :: "r"(dst), "f"(x), "r"(mbar) : "memory");
+}
+
+}  // namespace decode
+
+template <typename T, int HEAD_DIM>
+__global__ void __launch_bounds__(DecodeClusterTraits<T, HEAD_DIM>::NUM_THREADS, 1)
+flash_decode_cluster(const DecodeParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    using Tr = DecodeClusterTraits<T, HEAD_DIM>;
+    using Math = DecodeMath<T>;
+    constexpr int CLUSTER = Tr::CLUSTER, NUM_WARPS = Tr::NUM_WARPS, NUM_THREADS = Tr::NUM_THREADS;
+    constexpr int VEC = Tr::VEC, LANES_PER_KEY = Tr::LANES_PER_KEY, KEYS = Tr::KEYS;
+    constexpr int KEYS_PER_PASS = Tr::KEYS_PER_PASS, BLOCK_N = Tr::BLOCK_N, STAGES = Tr::STAGES;
+
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    __shared__ __align__(16) float merge_acc[CLUSTER * HEAD_DIM];  // block 0's: every split's
+    __shared__ float merge_m[CLUSTER], merge_l[CLUSTER];
+    __shared__ __align__(8) unsigned long long merge_bar;           // counts their bytes
+
+    unsigned dynamic_smem, cluster_size, rank;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dynamic_smem));
+    asm("mov.u32 %0, %%cluster_nctarank;" : "=r"(cluster_size));
+    asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));   // the split
+    if (dynamic_smem < static_cast<unsigned>(Tr::SMEM_BYTES) || blockDim.x != NUM_THREADS
+        || cluster_size != CLUSTER)
+        __trap();
+    const unsigned bar = static_cast<unsigned>(__cvta_generic_to_shared(&merge_bar));
+    if (rank == 0 && threadIdx.x == 0) {   // one arrival (here) and MERGE_WORDS words to come
+        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" :: "r"(bar) : "memory");
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n"
+                     :: "r"(bar), "r"(Tr::MERGE_WORDS * 4) : "memory");
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    // the cluster barrier's first phase, waited for before the merge: block 0 has started
+    // and initialised its mbarrier before anyone sends to it
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+    decode::wait_for_previous_grid();
+    decode::allow_next_grid();
+
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int lv = tid % LANES_PER_KEY;       // this thread's vector of a row
+    const int kt = tid / LANES_PER_KEY;       // its key in a pass of the block
+    const int unit = blockIdx.x / CLUSTER;    // (b, hk)
+    const int hk = unit % static_cast<int>(p.Hk);
+    const long long b = unit / static_cast<int>(p.Hk);
+
+    // q first (its loads then return before the first tile's), and the sequence's length
+    const T* q_row = static_cast<const T*>(p.q) + b * p.q_batch_stride + hk * p.q_head_stride;
+    T q_raw[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) q_raw[e] = q_row[(lv * VEC + e) * p.q_dim_stride];
+    const int n = p.cache_seqlens[b] + static_cast<int>(p.L_new);
+    const int chunk = (n + CLUSTER * BLOCK_N - 1) / (CLUSTER * BLOCK_N) * BLOCK_N;
+    const int k0 = static_cast<int>(rank) * chunk;
+    const int k1 = min(n, k0 + chunk);
+    const int num_tiles = k1 > k0 ? (k1 - k0 + BLOCK_N - 1) / BLOCK_N : 0;
+
+    const T* k_base = static_cast<const T*>(p.k) + b * p.k_page_stride + hk * p.k_head_stride
+                      + lv * VEC;
+    const T* v_base = static_cast<const T*>(p.v) + b * p.v_page_stride + hk * p.v_head_stride
+                      + lv * VEC;
+    const unsigned pipe = decode::aligned_pipe(smem_raw) + tid * 16;
+    auto slot = [&](int stage, int i) {  // i < KEYS: K of key i, else V of key i - KEYS
+        return pipe + (stage * 2 * KEYS + i) * (NUM_THREADS * 16);
+    };
+    auto load_tile = [&](int j) {
+        if (j < num_tiles) {
+            const int stage = j % STAGES;
+#pragma unroll
+            for (int i = 0; i < KEYS; ++i) {
+                const int t = k0 + j * BLOCK_N + kt + i * KEYS_PER_PASS;
+                const bool valid = t < k1;
+                decode::cp_async_16(slot(stage, i),
+                                    valid ? static_cast<const void*>(k_base + t * p.k_token_stride)
+                                          : p.k, valid ? 16 : 0);
+                decode::cp_async_16(slot(stage, KEYS + i),
+                                    valid ? static_cast<const void*>(v_base + t * p.v_token_stride)
+                                          : p.v, valid ? 16 : 0);
+            }
+        }
+        decode::cp_async_commit();  // one group per tile, possibly empty: wait counts match
+    };
+#pragma unroll
+    for (int j = 0; j < STAGES - 1; ++j) load_tile(j);
+
+    float q[VEC];   // times scale * log2(e): scores in log2 units
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) q[e] = Math::to_acc(q_raw[e]) * static_cast<float>(p.scale_log2);
+    float m = -INFINITY, l = 0.f, acc[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) acc[e] = 0.f;
+
+    for (int j = 0; j < num_tiles; ++j) {
+        // the slot of tile j - 1, read and used in the previous iteration, is refilled first
+        load_tile(j + STAGES - 1);
+        decode::cp_async_wait<STAGES - 1>();
+        const int stage = j % STAGES;
+
+        float s[KEYS];   // S of this thread's keys, summed over the key's lanes
+#pragma unroll
+        for (int i = 0; i < KEYS; ++i) {
+            const decode::Vec16<T> x = decode::lds_vec16<T>(slot(stage, i));
+            s[i] = 0.f;
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) s[i] += q[e] * Math::to_acc(x.v[e]);
+#pragma unroll
+            for (int mask = 1; mask < LANES_PER_KEY; mask *= 2)
+                s[i] += __shfl_xor_sync(0xffffffffu, s[i], mask);
+        }
+        if (j == num_tiles - 1) {   // keys past the split's end score -inf
+#pragma unroll
+            for (int i = 0; i < KEYS; ++i)
+                if (k0 + j * BLOCK_N + kt + i * KEYS_PER_PASS >= k1) s[i] = -INFINITY;
+        }
+        float m_new = m;
+#pragma unroll
+        for (int i = 0; i < KEYS; ++i) m_new = fmaxf(m_new, s[i]);
+#pragma unroll
+        for (int mask = LANES_PER_KEY; mask < 32; mask *= 2)   // over the warp's keys
+            m_new = fmaxf(m_new, __shfl_xor_sync(0xffffffffu, m_new, mask));
+        const float m_safe = safe_max(m_new);   // -inf only before any key: exp2 gives 0
+        if (m_new > m) {   // rescale only when the max grew (m is the warp's: no divergence)
+            const float alpha = exp2f(m - m_safe);
+            l *= alpha;
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) acc[e] *= alpha;
+        }
+        m = m_new;
+#pragma unroll
+        for (int i = 0; i < KEYS; ++i) {
+            const float p_i = exp2f(s[i] - m_safe);
+            l += p_i;
+            const decode::Vec16<T> y = decode::lds_vec16<T>(slot(stage, KEYS + i));
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) acc[e] += p_i * Math::to_acc(y.v[e]);
+        }
+    }
+
+    // -- the warp's key groups (same columns, other keys, the same m)
+#pragma unroll
+    for (int mask = LANES_PER_KEY; mask < 32; mask *= 2) {
+        l += __shfl_xor_sync(0xffffffffu, l, mask);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[e] += __shfl_xor_sync(0xffffffffu, acc[e], mask);
+    }
+    // -- the warps, through the pipeline's shared memory (every copy landed and was read)
+    decode::cp_async_wait<0>();
+    __syncthreads();
+    float* acc_s = reinterpret_cast<float*>(smem_raw);   // (NUM_WARPS, HEAD_DIM)
+    float* m_s = acc_s + NUM_WARPS * HEAD_DIM;
+    float* l_s = m_s + NUM_WARPS;
+    if (lane < LANES_PER_KEY) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc_s[warp * HEAD_DIM + lv * VEC + e] = acc[e];
+    }
+    if (lane == 0) {
+        m_s[warp] = m;
+        l_s[warp] = l;
+    }
+    __syncthreads();
+    asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");   // (the first phase)
+    if (tid < HEAD_DIM) {   // column tid of this split: to block 0
+        float mb = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < NUM_WARPS; ++w) mb = fmaxf(mb, m_s[w]);
+        const float mb_safe = safe_max(mb);
+        float a = 0.f, lb = 0.f;
+#pragma unroll
+        for (int w = 0; w < NUM_WARPS; ++w) {
+            const float weight = exp2f(m_s[w] - mb_safe);
+            a += weight * acc_s[w * HEAD_DIM + tid];
+            lb += weight * l_s[w];
+        }
+        const unsigned bar0 = decode::cluster_rank0(bar);
+        decode::send_to_rank0(merge_acc + rank * HEAD_DIM + tid, a, bar0);
+        if (tid == 0) {
+            decode::send_to_rank0(merge_m + rank, mb, bar0);
+            decode::send_to_rank0(merge_l + rank, lb, bar0);
+        }
+    }
+    if (rank != 0) {
+        // the cluster barrier's second phase: no block leaves before block 0 has merged,
+        // so none leaves with its st.async in flight (the PTX ISA does not say that it
+        // may; the wait costs nothing measurable at batch 1, 8k: 14.4-14.5 us either way)
+        asm volatile("barrier.cluster.arrive.relaxed.aligned;\n"
+                     "barrier.cluster.wait.aligned;\n" ::: "memory");
+        return;
+    }
+
+    // -- block 0: every split's words have landed; out = sum_s w_s acc_s / sum_s w_s l_s
+    unsigned done = 0;
+    while (!done)
+        asm volatile("{\n .reg .pred ready;\n"
+                     " mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 ready, [%1], 0;\n"
+                     " selp.u32 %0, 1, 0, ready;\n}\n" : "=r"(done) : "r"(bar) : "memory");
+    if (tid < HEAD_DIM) {
+        float mg = -INFINITY;
+#pragma unroll
+        for (int i = 0; i < CLUSTER; ++i) mg = fmaxf(mg, merge_m[i]);
+        const float mg_safe = safe_max(mg);
+        float num = 0.f, den = 0.f;
+#pragma unroll
+        for (int i = 0; i < CLUSTER; ++i) {   // fixed order: bitwise reproducible
+            const float weight = exp2f(merge_m[i] - mg_safe);
+            num += weight * merge_acc[i * HEAD_DIM + tid];
+            den += weight * merge_l[i];
+        }
+        T* out = static_cast<T*>(p.out) + b * p.out_batch_stride + hk * p.out_head_stride;
+        out[tid] = Math::from_acc(den > 0.f ? num / den : 0.f);   // no key: zeros, lse -inf
+        if (tid == 0)
+            static_cast<float*>(p.lse)[(b * p.H + hk) * p.Lq] =
+                den > 0.f ? Math::lse(mg_safe, den) : -INFINITY;
+    }
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;\n"
+                 "barrier.cluster.wait.aligned;\n" ::: "memory");
+#else
+    __trap();   // sm_90 only (the launcher never launches it below)
+#endif
+}
+
+// ----------------------------------------------------------------------------------------
 // The combine: out = sum_s exp(lse_s - lse) out_s, lse = M + log(sum_s exp(lse_s - M)),
 // M = max_s lse_s, as merge_attention. A split with lse = -inf (it saw no key) adds
 // nothing; every split -inf gives zeros and lse = -inf. Fixed order: bitwise reproducible.
