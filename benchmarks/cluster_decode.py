@@ -24,7 +24,6 @@ cupyflash.attention_decode, on the same 8 rotating caches (256 MiB).
 
     python3 benchmarks/cluster_decode.py [L ...]
 """
-import ctypes
 import math
 import os
 import pathlib
@@ -361,24 +360,11 @@ CONFIGS = [c + (0,) * (8 - len(c)) for c in CONFIGS]
 NAMES = [f"cdec<{','.join(map(str, c))}>" for c in CONFIGS]
 
 
-class _Attr(ctypes.Structure):  # CUlaunchAttribute: id, pad, a 64-byte value
-    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_uint * 16)]
-
-
 def launch_cluster(fn, grid, block, params, smem, cluster):
-    """_launch.launch(..., overlap=True) with clusters of ``cluster`` blocks along x."""
-    launch_ex = _launch._driver()[0]
-    attrs = (_Attr * 2)(_Attr(id=6), _Attr(id=4))  # PDL; CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
-    attrs[0].value[0] = 1
-    attrs[1].value[0], attrs[1].value[1], attrs[1].value[2] = cluster, 1, 1
-    data = ctypes.create_string_buffer(params.tobytes(), params.dtype.itemsize)
-    args = (ctypes.c_void_p * 1)(ctypes.addressof(data))
-    config = _launch._LaunchConfig(grid, 1, 1, block, 1, 1, smem,
-                                   cupy.cuda.get_current_stream().ptr,
-                                   ctypes.cast(attrs, ctypes.POINTER(_launch._LaunchAttribute)), 2)
-    status = launch_ex(ctypes.byref(config), fn.ptr, args, None)
-    if status != 0:
-        raise RuntimeError(f"cluster launch failed: {status}")
+    """A PDL launch in clusters of ``cluster`` blocks along x (the package's launcher)."""
+    _launch.launch(fn, (grid,) if isinstance(grid, int) else grid,
+                   (block,) if isinstance(block, int) else block, params, smem,
+                   overlap=True, cluster=cluster)
 
 
 def timeline(st, S):

@@ -12,7 +12,7 @@ fraction of the 1 GiB copy's bandwidth.
 
     python3 benchmarks/read_skeleton.py
 """
-import ctypes, os, sys, pathlib
+import os, sys, pathlib
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import numpy as np, cupy
@@ -166,21 +166,11 @@ ptrs = (part.data.ptr, lse.data.ptr, count.data.ptr, merged.data.ptr)
 def report(name, ms):
     gbs = nbytes / ms / 1e6
     print(f"{name:40s} {ms*1e3:7.2f} us {gbs:6.0f} GB/s {gbs/copy:.3f} of copy", flush=True)
-class _Attr(ctypes.Structure):   # CUlaunchAttribute: id, pad, a 64-byte value
-    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_uint * 16)]
 def launch_cluster(fn, grid, block, params, smem, cluster):
-    """_launch.launch(..., overlap=True) with clusters of `cluster` blocks along x too."""
-    launch_ex = _launch._driver()[0]
-    attrs = (_Attr * 2)(_Attr(id=6), _Attr(id=4))   # PDL; CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
-    attrs[0].value[0] = 1
-    attrs[1].value[0], attrs[1].value[1], attrs[1].value[2] = cluster, 1, 1
-    data = ctypes.create_string_buffer(params.tobytes(), params.dtype.itemsize)
-    args = (ctypes.c_void_p * 1)(ctypes.addressof(data))
-    config = _launch._LaunchConfig(grid[0], 1, 1, block[0], 1, 1, smem, cupy.cuda.get_current_stream().ptr,
-                                   ctypes.cast(attrs, ctypes.POINTER(_launch._LaunchAttribute)), 2)
-    status = launch_ex(ctypes.byref(config), fn.ptr, args, None)
-    if status != 0:
-        raise RuntimeError(f"cluster launch failed: {status}")
+    """A PDL launch in clusters of ``cluster`` blocks along x (the package's launcher)."""
+    _launch.launch(fn, (grid,) if isinstance(grid, int) else grid,
+                   (block,) if isinstance(block, int) else block, params, smem,
+                   overlap=True, cluster=cluster)
 if TAILS:   # our kernel on the same caches, as decode.py times it
     from cupyflash import _cupy_decode
     q = bench._random(cupy, (1, 1, Hk, D), dt); seqlens = cupy.full((1,), L, dtype=np.int32)
