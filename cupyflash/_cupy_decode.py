@@ -5,8 +5,9 @@
 
 1. ``decode_append`` (with ``k_new``): the new keys and values into the cache, in place,
    at positions ``cache_seqlens[b] .. + L_new`` (through the block table when paged);
-2. the split kernel: ``flash_decode_cluster`` on sm_90 for one query row per kv head at
-   batch 1-2 (fp16/bf16, a contiguous cache: :func:`uses_cluster`), whose 8 splits of a
+2. the split kernel: ``flash_decode_cluster`` on sm_90 for one query row per kv head
+   when its clusters fill at most half the SMs, batch 1 at 8 kv heads (fp16/bf16, a
+   contiguous cache: :func:`uses_cluster`), whose 8 splits of a
    kv head are one thread-block cluster and merge in one block's shared memory; else
    ``flash_decode_mma`` (fp16/bf16 with several query rows per kv head:
    tensor cores) or ``flash_decode`` (the rest): one thread block per (batch element, kv
@@ -540,9 +541,9 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_tab
         # -- 2. the splits
         row_chunks = -(-M // cfg.rows)
         base_blocks = B * Hk * row_chunks
+        k_vectorized, v_vectorized = _vectorized(k_cache), _vectorized(v_cache)
         clustered = uses_cluster(cc, dtype_name, D, Dv, M, B * Hk, paged,
-                                 _vectorized(k_cache) and _vectorized(v_cache), num_splits,
-                                 num_sms(device_id))
+                                 k_vectorized and v_vectorized, num_splits, num_sms(device_id))
         if clustered:   # a cluster of CLUSTER_SIZE splits per kv head, merged in the cluster
             splits = CLUSTER_SIZE
         else:
@@ -579,7 +580,7 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_tab
             page_size_mul=mul, page_size_shift=shift, **page,
             num_splits=splits, row_chunks=row_chunks, partial_row=partial_row,
             causal=int(causal), units=units,
-            k_vectorized=int(_vectorized(k_cache)), v_vectorized=int(_vectorized(v_cache)),
+            k_vectorized=int(k_vectorized), v_vectorized=int(v_vectorized),
             scale=scale, scale_log2=scale * math.log2(math.e)))
         if clustered:
             kernel = _kernels.get_function(device_id, SOURCE, cluster_name(dtype_name, D), arch,

@@ -419,6 +419,16 @@ def test_decode_configs_match_the_kernel_traits():
                         asserts.append(f'static_assert({tr}::{what} == {value}, '
                                        f'"{dtype} HEAD_DIM {head_dim} ROWS {cfg.rows} '
                                        f'{cfg.num_threads} threads: {what}");')
+        if dtype in ("float16", "bfloat16"):   # the cluster kernel's launch constants
+            for head_dim in _cupy_decode.CLUSTER_HEAD_DIMS:
+                tr = f"cupyflash::DecodeClusterTraits<{ctype}, {head_dim}>"
+                assert _cupy_decode.cluster_name(dtype, head_dim) == (
+                    f"cupyflash::flash_decode_cluster<{ctype}, {head_dim}>")
+                for what, value in (("CLUSTER", _cupy_decode.CLUSTER_SIZE),
+                                    ("NUM_THREADS", _cupy_decode.CLUSTER_THREADS),
+                                    ("SMEM_BYTES", _cupy_decode.CLUSTER_SMEM_BYTES)):
+                    asserts.append(f'static_assert({tr}::{what} == {value}, '
+                                   f'"{dtype} HEAD_DIM {head_dim} cluster kernel: {what}");')
     asserts += [
         f'static_assert(cupyflash::COMBINE_THREADS == {_cupy_decode.COMBINE_THREADS}, "");',
         f'static_assert(cupyflash::COMBINE_MAX_SPLITS == {_cupy_decode.COMBINE_MAX_SPLITS}, "");',

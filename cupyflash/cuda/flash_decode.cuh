@@ -1457,8 +1457,8 @@ flash_decode_mma(const DecodeParams p) {
 
 // ----------------------------------------------------------------------------------------
 // The cluster kernel (sm_90): one query row per kv head (G * Lq = 1), fp16/bf16, a
-// contiguous cache of 16-byte rows, and few (batch, kv head) pairs: batch 1-2 at 8 kv
-// heads (_cupy_decode.uses_cluster). The CLUSTER splits of a kv head are one thread-block
+// contiguous cache of 16-byte rows, and few (batch, kv head) pairs: clusters on at most
+// half the SMs, batch 1 at 8 kv heads (_cupy_decode.uses_cluster). The CLUSTER splits of a kv head are one thread-block
 // cluster and merge in block 0's shared memory instead of through L2:
 //
 //   grid:  B * Hk clusters of CLUSTER blocks; block s of cluster (b, hk) reads keys
@@ -1484,7 +1484,7 @@ flash_decode_mma(const DecodeParams p) {
 // tails). A cluster of 8 blocks with 96 KiB of tiles each runs one block per SM and reads
 // at the rate of 16 splits of flash_decode, and its st.async merge adds ~0.6 us.
 // Clusters of 12 or 16, or blocks that an SM holds two of, got two blocks of a cluster
-// on one SM (session 15); batch 4 (256 blocks) is slower than flash_decode.
+// on one SM (session 15); so did batch 2 (128 blocks: 7-31% slower than flash_decode).
 // ----------------------------------------------------------------------------------------
 template <typename T, int HEAD_DIM>
 struct DecodeClusterTraits {
@@ -1509,7 +1509,8 @@ struct DecodeClusterTraits {
 
 namespace decode {
 
-// The mbarrier of block 0 that counts the merge's bytes, in another block's window.
+// The address in block 0's shared memory (cluster window) of this block's variable at
+// `local_shared_address`: static shared variables sit at the same offset in every block.
 __device__ __forceinline__ unsigned cluster_rank0(unsigned local_shared_address) {
     unsigned remote;
     asm volatile("mapa.shared::cluster.u32 %0, %1, 0;\n" : "=r"(remote) : "r"(local_shared_address));
