@@ -227,7 +227,7 @@ def bench_case(cupy, torch, backends, timer, gpu, run, copy_gbs, dtype_name, dt,
     def launch(k, v):
         return lambda: _cupy_decode.attention_decode(
             q, k, v, seqlens, None, None, None, num_splits=None,
-            causal=False, scale=scale, max_keys=L)
+            causal=False, scale=scale, max_keys=L, min_keys=L)
     expected_ms = kv_bytes / 2.5e9            # at 2.5 TB/s: sizes the timed queues
     ms = timer([launch(k, v) for k, v in caches], expected_ms)
     api_ms = api_time_ms(cupy, lambda: cupyflash.attention_decode(

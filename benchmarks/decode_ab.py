@@ -32,7 +32,7 @@ for B, L in cases:
     caches = [(bench._random(cupy, (B, L, Hk, D), dt), bench._random(cupy, (B, L, Hk, D), dt)) for _ in range(copies)]
     seqlens = cupy.full((B,), L, dtype=np.int32)
     def launch(k, v):
-        return lambda: _cupy_decode.attention_decode(q, k, v, seqlens, None, None, None, num_splits=None, causal=False, scale=D ** -0.5, max_keys=L)
+        return lambda: _cupy_decode.attention_decode(q, k, v, seqlens, None, None, None, num_splits=None, causal=False, scale=D ** -0.5, max_keys=L, min_keys=L)
     expected = kv_bytes / 2.5e9
     units = B * Hk * _cupy_decode.launched_splits(None, _cupy_decode.decode_config(D, D, "bfloat16", 90, 1), B * Hk, L, 512, _cupy_decode.num_sms(0), 4)
     auto_k = _cupy_decode.units_per_block(units, _cupy_decode.num_sms(0))

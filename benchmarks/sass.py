@@ -10,6 +10,7 @@ prints a histogram of the instructions that matter for attention: tensor-core op
     python benchmarks/sass.py --filter "__nv_bfloat16, 256" --arch sm_90a
     python benchmarks/sass.py --kernel wgmma          # the Hopper kernel (sm_90a)
     python benchmarks/sass.py --kernel wgmma_bwd      # the Hopper backward (sm_90a)
+    python benchmarks/sass.py --kernel decode --filter cluster --all-ops
 
 For the Hopper kernel it also counts what marks it (HGMMA, UTMALDG, SYNCS, USETMAXREG,
 WARPGROUP barriers), reports the highest register index (a consumer thread may use at
@@ -26,22 +27,21 @@ import tempfile
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from cupyflash import _cupy_backend, _cupy_backward, _kernels  # noqa: E402
+from cupyflash import _cupy_backend, _cupy_backward, _cupy_decode, _kernels  # noqa: E402
 
 WATCH = ("HMMA", "HGMMA", "LDSM", "LDGSTS", "UTMALDG", "UBLKRED", "LDS", "STS", "LDG", "STG",
          "MUFU.EX2", "BAR.SYNC", "BAR.ARV", "SHFL", "LDL", "STL", "SYNCS", "USETMAXREG",
          "WARPGROUP")
 
 
-def histogram(sass):
+def histogram(sass, all_ops=False):
     counts = collections.Counter()
     for line in sass.splitlines():
         m = re.search(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
         if m:
             op = m.group(1)
-            for w in WATCH:
-                if op == w or op.startswith(w + "."):
-                    counts[op] += 1
+            if all_ops or any(op == w or op.startswith(w + ".") for w in WATCH):
+                counts[op] += 1
     return counts
 
 
@@ -51,9 +51,11 @@ def main():
     ap.add_argument("--arch", default="sm_90a")
     ap.add_argument("--dump", default=None, help="folder to write the full SASS into")
     ap.add_argument("--cuobjdump", default="cuobjdump")
-    ap.add_argument("--kernel", choices=("mma", "wgmma", "wgmma_bwd"), default="mma",
-                    help="the mma.sync forward variants, the Hopper (wgmma) ones, or the "
-                         "Hopper backward")
+    ap.add_argument("--kernel", choices=("mma", "wgmma", "wgmma_bwd", "decode"), default="mma",
+                    help="the mma.sync forward variants, the Hopper (wgmma) ones, the "
+                         "Hopper backward, or the decode kernels")
+    ap.add_argument("--all-ops", action="store_true",
+                    help="count every instruction, not only the watched ones")
     args = ap.parse_args()
     if args.kernel == "wgmma":
         args.arch = "sm_90a"
@@ -61,6 +63,8 @@ def main():
     elif args.kernel == "wgmma_bwd":
         args.arch = "sm_90a"
         pool = _cupy_backward.wgmma_backward_variants()
+    elif args.kernel == "decode":
+        pool = _cupy_decode.decode_variants()
     else:
         pool = _cupy_backend.all_attention_variants()
     variants = [v for v in pool if args.filter in v[1]]
@@ -79,7 +83,7 @@ def main():
             out = pathlib.Path(args.dump)
             out.mkdir(parents=True, exist_ok=True)
             (out / (re.sub(r"\W+", "_", name) + ".sass")).write_text(sass)
-        h = histogram(sass)
+        h = histogram(sass, args.all_ops)
         highest = max((int(r) for r in re.findall(r"\bR(\d+)\b", sass)), default=-1)
         print(f"{name} [{args.arch}] regs={rep['registers']} stack={rep['stack']} "
               f"spills={rep['spill_stores']}/{rep['spill_loads']} smem={rep['smem']} "

@@ -31,7 +31,9 @@ host when they are CuPy arrays (host arrays are checked where they are and uploa
 without a wait, :func:`._cupy_backend.uploaded`), because the NumPy semantics require
 their values to be checked (lengths that fit the cache, block indices in range, an append
 that writes each slot once) before anything is written. Those host values also give the
-longest sequence, which :func:`choose_num_splits` uses.
+longest sequence, which :func:`choose_num_splits` uses, and whether all sequences have one
+length, which the kernels then take from their arguments (``uniform_keys``) instead of
+loading it.
 
 Memory: out and lse, the int32 copies of ``cache_seqlens`` and ``block_table`` when they
 are not int32 already, and with several splits the partial results,
@@ -49,7 +51,7 @@ import numpy as np
 
 from . import _kernels, _launch
 from ._cupy_backend import (_DTYPE_TO_CUDA, _compute_capability, _device_of, _on_device,
-                            num_sms, stream_counters, stream_workspace)
+                            l2_bytes, num_sms, stream_counters, stream_workspace)
 
 SOURCE = "flash_decode.cuh"
 
@@ -69,7 +71,7 @@ DECODE_PARAMS = tuple(
         "B", "Lq", "H", "Hk", "G", "M", "D", "Dv", "L_new",
         "page_size", "page_size_mul", "page_size_shift",
         "num_splits", "row_chunks", "partial_row", "causal", "k_vectorized", "v_vectorized",
-        "units")]
+        "units", "uniform_keys", "prefetch_keys")]
     + [("scale", "d"), ("scale_log2", "d")])
 
 COMBINE_PARAMS = tuple(
@@ -398,6 +400,40 @@ def cluster_name(dtype_name, head_dim):
     return f"cupyflash::flash_decode_cluster<{_DTYPE_TO_CUDA[dtype_name]}, {head_dim}>"
 
 
+def cluster_block_n(head_dim):
+    """DecodeClusterTraits::BLOCK_N: keys per tile, 4 per thread of 256, HEAD_DIM / 8
+    threads a key."""
+    return CLUSTER_THREADS // (head_dim // 8) * 4
+
+
+# Before its PDL wait, a block of the cluster kernel prefetches the first
+# CLUSTER_PREFETCH_TILES tiles of its split to L2 (DecodeParams::prefetch_keys), while the
+# grid before it still runs, so that its first copies after the wait hit L2 instead of
+# waiting ~1.8 us for DRAM (session 19's timeline). Its blocks start when the grid before
+# them starts (allow_next_grid), so the prefetched rows must outlive that whole grid's
+# reading in L2: only calls whose K and V take at most PREFETCH_L2_FRACTION of the L2 cache
+# prefetch (batch 1, 8k keys: 32 MiB of an H100's 50), and only with every sequence of one
+# length (known on the host before the wait, no cache_seqlens load). 0 tiles: never.
+CLUSTER_PREFETCH_TILES = 2
+PREFETCH_L2_FRACTION = 0.75
+
+
+def cluster_prefetch_keys(uniform_keys, pairs, D, Dv, itemsize, l2_cache_bytes):
+    """DecodeParams::prefetch_keys of a cluster call: keys per split to prefetch.
+
+    >>> cluster_prefetch_keys(8192, 8, 128, 128, 2, 50 << 20)      # batch 1, 8k: 32 MiB
+    128
+    >>> cluster_prefetch_keys(32768, 8, 128, 128, 2, 50 << 20)     # 128 MiB: no
+    0
+    >>> cluster_prefetch_keys(-1, 8, 128, 128, 2, 50 << 20)        # lengths differ: no
+    0
+    """
+    call_bytes = pairs * max(uniform_keys, 0) * (D + Dv) * itemsize
+    if uniform_keys <= 0 or call_bytes > PREFETCH_L2_FRACTION * l2_cache_bytes:
+        return 0
+    return CLUSTER_PREFETCH_TILES * cluster_block_n(max(D, Dv))
+
+
 def uses_cluster(compute_capability, dtype_name, D, Dv, M, pairs, paged, vectorized,
                  num_splits, num_sms):
     """Whether a call runs ``flash_decode_cluster``: one query row per kv head (``M = G *
@@ -469,12 +505,14 @@ def _int32(x):
 
 
 def attention_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, *,
-                     num_splits, causal, scale, max_keys):
+                     num_splits, causal, scale, max_keys, min_keys=None):
     """``(out, lse)`` of a validated decoding problem on the GPU, after appending ``k_new``
     and ``v_new`` (if given) to the cache in place.
 
     ``max_keys`` is the longest ``cache_seqlens[b] + L_new`` (the validation's host copy);
-    it sizes the split choice. ``num_splits`` None chooses (:func:`choose_num_splits`);
+    it sizes the split choice. ``min_keys``, the shortest (None: not known): when both are
+    equal the kernels take that length from their arguments instead of loading
+    ``cache_seqlens``, and the cluster kernel prefetches its first keys before its PDL wait. ``num_splits`` None chooses (:func:`choose_num_splits`);
     an explicit count is used as given, except that splits beyond the tiles of the longest
     sequence (which would be empty for every batch element) and beyond COMBINE_MAX_SPLITS
     are not launched.
@@ -567,6 +605,9 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_tab
         counters = stream_counters(device_id, "decode splits", base_blocks) if fused else None
         mul, shift = page_divisor(page["page_size"])
         q_st, out_st = _strides(q), _strides(out)
+        uniform_keys = max_keys if min_keys == max_keys else -1
+        prefetch_keys = cluster_prefetch_keys(uniform_keys, B * Hk, D, Dv, q.dtype.itemsize,
+                                              l2_bytes(device_id)) if clustered else 0
         params = _pack(DECODE_PARAMS, dict(
             q=q.data.ptr, k=k_cache.data.ptr, v=v_cache.data.ptr,
             cache_seqlens=seqlens.data.ptr, block_table=table.data.ptr if paged else 0,
@@ -580,6 +621,7 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_tab
             page_size_mul=mul, page_size_shift=shift, **page,
             num_splits=splits, row_chunks=row_chunks, partial_row=partial_row,
             causal=int(causal), units=units,
+            uniform_keys=uniform_keys, prefetch_keys=prefetch_keys,
             k_vectorized=int(k_vectorized), v_vectorized=int(v_vectorized),
             scale=scale, scale_log2=scale * math.log2(math.e)))
         if clustered:

@@ -590,7 +590,8 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=No
         out, lse = _cupy_decode.attention_decode(
             q, k_cache, v_cache, ints["cache_seqlens"], k_new, v_new, ints["block_table"],
             num_splits=num_splits, causal=bool(causal), scale=scale,
-            max_keys=int(lengths.max(initial=0)))
+            max_keys=int(lengths.max(initial=0)),
+            min_keys=int(lengths.min()) if lengths.size else 0)
         return (out, lse) if return_lse else out
 
     cache = _Cache(table, block_size)

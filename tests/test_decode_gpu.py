@@ -665,6 +665,82 @@ def test_back_to_back_steps_see_each_others_writes(dtype, group, pdl, monkeypatc
     np.testing.assert_array_equal(gv.get(), np_v)
 
 
+@pytest.mark.parametrize("pdl", ["1", "0"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_back_to_back_cluster_steps_prefetch_the_appended_keys(dtype, pdl, monkeypatch):
+    """test_back_to_back_steps_see_each_others_writes for the cluster kernel at batch 1
+    (sm_90), whose blocks prefetch their first keys to L2 before their PDL wait, while the
+    append of the same call (which lets them start early) may still be writing: the
+    appended keys land in the prefetched tiles of a split, and every step sees them."""
+    if not _sm90():
+        pytest.skip("thread-block clusters need sm_90")
+    from cupyflash import _cupy_decode, _launch
+    monkeypatch.setenv("CUPYFLASH_PDL", pdl)
+    cupy = _cupy()
+    launched = []
+    real_launch = _launch.launch
+
+    def spy(kernel, grid, block, params, shared_mem=0, **options):
+        launched.append(options.get("cluster"))
+        return real_launch(kernel, grid, block, params, shared_mem, **options)
+    monkeypatch.setattr(_launch, "launch", spy)
+    rng = np.random.default_rng(11 + int(pdl))
+    Hk, D, steps, max_len = 8, 128, 6, 256
+    n0 = 60    # the appends land in split 0's first tile, then split 1's
+    k_cache = rng.standard_normal((1, max_len, Hk, D)).astype(DTYPES[dtype])
+    v_cache = rng.standard_normal((1, max_len, Hk, D)).astype(DTYPES[dtype])
+    qs = rng.standard_normal((steps, 1, 1, Hk, D)).astype(DTYPES[dtype])
+    news = rng.standard_normal((steps, 2, 1, 1, Hk, D)).astype(DTYPES[dtype])
+    gk, gv = cupy.asarray(k_cache), cupy.asarray(v_cache)
+    g_qs, g_news = cupy.asarray(qs), cupy.asarray(news)
+    g_lens = [cupy.asarray(np.array([n0 + s], dtype=np.int32)) for s in range(steps)]
+    poison_pool()
+    outs = []
+    cupy.cuda.Device().synchronize()
+    with cupy.cuda.Stream(non_blocking=True) as stream:
+        for s in range(steps):
+            outs.append(_cupy_decode.attention_decode(
+                g_qs[s], gk, gv, g_lens[s], g_news[s, 0], g_news[s, 1], None, num_splits=None,
+                causal=False, scale=D ** -0.5, max_keys=n0 + s + 1, min_keys=n0 + s + 1))
+        stream.synchronize()
+    assert launched.count(_cupy_decode.CLUSTER_SIZE) == steps, launched
+    np_k, np_v = k_cache.copy(), v_cache.copy()
+    for s in range(steps):
+        np_k[0, n0 + s], np_v[0, n0 + s] = news[s, 0, 0, 0], news[s, 1, 0, 0]
+        n = n0 + s + 1
+        check_sequences(outs[s][0].get(), outs[s][1].get(), qs[s], [np_k[0, :n]],
+                        [np_v[0, :n]], Hk=Hk, causal=False, scale=None)
+    np.testing.assert_array_equal(gk.get(), np_k)
+    np.testing.assert_array_equal(gv.get(), np_v)
+
+
+@pytest.mark.parametrize("dtype, B, group", [("bfloat16", 1, 1), ("float16", 16, 1),
+                                             ("bfloat16", 3, 4), ("float32", 2, 1)])
+def test_lengths_from_the_host_or_from_cache_seqlens(dtype, B, group):
+    """With every sequence of one length the launcher passes it to the kernels
+    (uniform_keys), which then neither load cache_seqlens nor (the cluster kernel) wait
+    for it before prefetching; the bits are those of the kernels that load it."""
+    from cupyflash import _cupy_decode
+    cupy = _cupy()
+    rng = np.random.default_rng(B * 10 + group)
+    Hk, D, n = 8 // group if B == 1 else 2, 128, 1500
+    q = cupy.asarray(rng.standard_normal((B, 1, Hk * group, D)).astype(DTYPES[dtype]))
+    k = cupy.asarray(rng.standard_normal((B, 1600, Hk, D)).astype(DTYPES[dtype]))
+    v = cupy.asarray(rng.standard_normal((B, 1600, Hk, D)).astype(DTYPES[dtype]))
+    lens = cupy.full((B,), n, dtype=cupy.int32)
+    results = []
+    for min_keys in (n, None):
+        out, lse = _cupy_decode.attention_decode(q, k, v, lens, None, None, None,
+                                                 num_splits=None, causal=False,
+                                                 scale=D ** -0.5, max_keys=n, min_keys=min_keys)
+        results.append((out.get().tobytes(), lse.get().tobytes()))
+    assert results[0] == results[1]
+    keys = [k[b, :n].get() for b in range(B)]
+    values = [v[b, :n].get() for b in range(B)]
+    check_sequences(cupy.asnumpy(out), cupy.asnumpy(lse), q.get(), keys, values, Hk=Hk,
+                    causal=False, scale=None)
+
+
 @pytest.mark.parametrize("fuse", [True, False])
 def test_split_scratch_shared_by_queued_calls(fuse, monkeypatch):
     """The split partials live in one scratch buffer per stream (stream_workspace), which

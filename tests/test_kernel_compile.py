@@ -426,7 +426,8 @@ def test_decode_configs_match_the_kernel_traits():
                     f"cupyflash::flash_decode_cluster<{ctype}, {head_dim}>")
                 for what, value in (("CLUSTER", _cupy_decode.CLUSTER_SIZE),
                                     ("NUM_THREADS", _cupy_decode.CLUSTER_THREADS),
-                                    ("SMEM_BYTES", _cupy_decode.CLUSTER_SMEM_BYTES)):
+                                    ("SMEM_BYTES", _cupy_decode.CLUSTER_SMEM_BYTES),
+                                    ("BLOCK_N", _cupy_decode.cluster_block_n(head_dim))):
                     asserts.append(f'static_assert({tr}::{what} == {value}, '
                                    f'"{dtype} HEAD_DIM {head_dim} cluster kernel: {what}");')
     asserts += [

@@ -90,6 +90,11 @@ struct DecodeParams {
     long long k_vectorized, v_vectorized;  // 1: rows are 16-byte aligned, last dim contiguous
     long long units;            // B * Hk * num_splits * row_chunks: the split kernel's work
                                 // units; as many blocks, or (one-row flash_decode) fewer
+    long long uniform_keys;     // n_b when the host knows that every batch element attends
+                                // the same number of keys (then no kernel reads
+                                // cache_seqlens for it), else -1
+    long long prefetch_keys;    // flash_decode_cluster, uniform_keys >= 0: the keys of its
+                                // split a block prefetches to L2 before its PDL wait; 0: none
     double scale, scale_log2;
 };
 
@@ -311,6 +316,14 @@ __device__ __forceinline__ BlockCoords block_coords(const DecodeParams& p) {
     unsigned id;
     asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(id));
     return block_coords(p, id);
+}
+
+// n_b = cache_seqlens[b] + L_new, the keys batch element b attends (32-bit: the launcher
+// keeps cache positions below 2^30); from the host's validated lengths when they are all
+// equal, so that a block's first copies need not wait for a load.
+__device__ __forceinline__ int keys_attended(const DecodeParams& p, long long b) {
+    return p.uniform_keys >= 0 ? static_cast<int>(p.uniform_keys)
+                               : p.cache_seqlens[b] + static_cast<int>(p.L_new);
 }
 
 // A compile-time bool passed as a value (the kernels' main loops are generic lambdas
@@ -680,7 +693,7 @@ __device__ __forceinline__ void split_unit(const DecodeParams& p, unsigned unit)
 
     // -- this split's keys: the n_b keys in whole tiles, as evenly as tiles allow (32-bit:
     // the launcher keeps cache positions below 2^30)
-    const int n = p.cache_seqlens[b] + static_cast<int>(p.L_new);
+    const int n = decode::keys_attended(p, b);
     const int n_tiles = (n + BLOCK_N - 1) / BLOCK_N;
     const int num_splits = static_cast<int>(p.num_splits);
     const int tiles_per_split = (n_tiles + num_splits - 1) / num_splits;
@@ -1174,7 +1187,7 @@ flash_decode_mma(const DecodeParams p) {
     const int lane = tid % 32;
 
     // -- this split's keys, in whole tiles of BLOCK_N
-    const int n = p.cache_seqlens[b] + static_cast<int>(p.L_new);
+    const int n = decode::keys_attended(p, b);
     const int n_tiles = (n + BLOCK_N - 1) / BLOCK_N;
     const int num_splits = static_cast<int>(p.num_splits);
     const int tiles_per_split = (n_tiles + num_splits - 1) / num_splits;
@@ -1463,6 +1476,9 @@ flash_decode_mma(const DecodeParams p) {
 //
 //   grid:  B * Hk clusters of CLUSTER blocks; block s of cluster (b, hk) reads keys
 //          [s * C, (s + 1) * C) of its n_b keys, C = ceil(n_b / (CLUSTER * BLOCK_N)) tiles
+//   start: with every n_b equal (the host's uniform_keys), and a call small enough for
+//          L2 (the launcher's prefetch_keys), the first tiles are prefetched to L2 before
+//          the PDL wait, while the grid before runs; then q, then the first copies
 //   block: 8 warps; the LANES_PER_KEY = HEAD_DIM / 8 lanes of a key own one 16-byte
 //          vector (8 columns) each of its K and V rows; a tile is BLOCK_N keys, KEYS per
 //          thread, copied by the thread itself (cp.async, STAGES deep) and read back only
@@ -1482,14 +1498,17 @@ flash_decode_mma(const DecodeParams p) {
 // the reads alone take ~12.2 us; merging splits through L2 (fence, counter, loads) adds
 // ~2.6 us after the last key even with nothing else to do (read_skeleton.py's merge
 // tails). A cluster of 8 blocks with 96 KiB of tiles each runs one block per SM and reads
-// at the rate of 16 splits of flash_decode, and its st.async merge adds ~0.6 us.
+// at the rate of 16 splits of flash_decode, and its st.async merge adds ~0.6 us. The
+// first tile took ~1.8 us to arrive from DRAM (session 19's timeline), hence the prefetch.
 // Clusters of 12 or 16, or blocks that an SM holds two of, got two blocks of a cluster
 // on one SM (session 15); so did batch 2 (128 blocks: 7-31% slower than flash_decode).
 // ----------------------------------------------------------------------------------------
-template <typename T, int HEAD_DIM>
+// (CLUSTER = 1: the same loop as a one-split kernel, one block per (b, hk) in clusters of
+// one: benchmarks/decode_prefetch.py compares it with flash_decode at batch 16.)
+template <typename T, int HEAD_DIM, int CLUSTER_ = 8>
 struct DecodeClusterTraits {
     using Acc = float;
-    static constexpr int CLUSTER = 8;                      // splits of a kv head (portable size)
+    static constexpr int CLUSTER = CLUSTER_;               // splits of a kv head (portable size)
     static constexpr int NUM_WARPS = 8;
     static constexpr int NUM_THREADS = 32 * NUM_WARPS;
     static constexpr int VEC = 8;                          // elements per 16-byte vector
@@ -1517,6 +1536,13 @@ __device__ __forceinline__ unsigned cluster_rank0(unsigned local_shared_address)
     return remote;
 }
 
+// `bytes` (a multiple of 16) at `src` (16-byte aligned, global) from DRAM into L2, by the
+// TMA unit; nothing comes back to the thread.
+__device__ __forceinline__ void prefetch_l2(const void* src, unsigned bytes) {
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n"
+                 :: "l"(__cvta_generic_to_global(src)), "r"(bytes) : "memory");
+}
+
 // One word into block 0's shared memory (st.async), counted on block 0's mbarrier.
 __device__ __forceinline__ void send_to_rank0(const float* local_word, float x, unsigned mbar) {
     const unsigned dst = cluster_rank0(static_cast<unsigned>(__cvta_generic_to_shared(local_word)));
@@ -1526,11 +1552,11 @@ __device__ __forceinline__ void send_to_rank0(const float* local_word, float x, 
 
 }  // namespace decode
 
-template <typename T, int HEAD_DIM>
+template <typename T, int HEAD_DIM, int CLUSTER_ = 8>
 __global__ void __launch_bounds__(DecodeClusterTraits<T, HEAD_DIM>::NUM_THREADS, 1)
 flash_decode_cluster(const DecodeParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    using Tr = DecodeClusterTraits<T, HEAD_DIM>;
+    using Tr = DecodeClusterTraits<T, HEAD_DIM, CLUSTER_>;
     using Math = DecodeMath<T>;
     constexpr int CLUSTER = Tr::CLUSTER, NUM_WARPS = Tr::NUM_WARPS, NUM_THREADS = Tr::NUM_THREADS;
     constexpr int VEC = Tr::VEC, LANES_PER_KEY = Tr::LANES_PER_KEY, KEYS = Tr::KEYS;
@@ -1558,8 +1584,6 @@ flash_decode_cluster(const DecodeParams p) {
     // the cluster barrier's first phase, waited for before the merge: block 0 has started
     // and initialised its mbarrier before anyone sends to it
     asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
-    decode::wait_for_previous_grid();
-    decode::allow_next_grid();
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int lv = tid % LANES_PER_KEY;       // this thread's vector of a row
@@ -1567,22 +1591,43 @@ flash_decode_cluster(const DecodeParams p) {
     const int unit = blockIdx.x / CLUSTER;    // (b, hk)
     const int hk = unit % static_cast<int>(p.Hk);
     const long long b = unit / static_cast<int>(p.Hk);
+    const T* k_head = static_cast<const T*>(p.k) + b * p.k_page_stride + hk * p.k_head_stride;
+    const T* v_head = static_cast<const T*>(p.v) + b * p.v_page_stride + hk * p.v_head_stride;
+    // split `rank` reads keys [rank * C, (rank + 1) * C) of the n_b, C = chunk(n_b) whole tiles
+    const auto chunk = [](int n) {
+        return (n + CLUSTER * BLOCK_N - 1) / (CLUSTER * BLOCK_N) * BLOCK_N;
+    };
+
+    // -- before the PDL wait, with the host's length: the split's first prefetch_keys
+    // keys of K and V into L2, one bulk prefetch per row, while the grid before still
+    // runs; after the wait the first tiles' copies find them there. Safe whatever that
+    // grid writes (an append): a prefetch gives the block no value, and L2 is where
+    // every write lands.
+    if (p.prefetch_keys > 0) {
+        const int n = static_cast<int>(p.uniform_keys);
+        const int t0 = static_cast<int>(rank) * chunk(n);
+        const int rows = min(min(n, t0 + chunk(n)) - t0, static_cast<int>(p.prefetch_keys));
+        for (int r = tid; r < 2 * rows; r += NUM_THREADS) {   // key r / 2: K, then V
+            const int t = t0 + r / 2;
+            decode::prefetch_l2(r % 2 ? v_head + t * p.v_token_stride : k_head + t * p.k_token_stride,
+                                HEAD_DIM * sizeof(T));
+        }
+    }
+    decode::wait_for_previous_grid();
+    decode::allow_next_grid();
 
     // q first (its loads then return before the first tile's), and the sequence's length
     const T* q_row = static_cast<const T*>(p.q) + b * p.q_batch_stride + hk * p.q_head_stride;
     T q_raw[VEC];
 #pragma unroll
     for (int e = 0; e < VEC; ++e) q_raw[e] = q_row[(lv * VEC + e) * p.q_dim_stride];
-    const int n = p.cache_seqlens[b] + static_cast<int>(p.L_new);
-    const int chunk = (n + CLUSTER * BLOCK_N - 1) / (CLUSTER * BLOCK_N) * BLOCK_N;
-    const int k0 = static_cast<int>(rank) * chunk;
-    const int k1 = min(n, k0 + chunk);
+    const int n = decode::keys_attended(p, b);
+    const int k0 = static_cast<int>(rank) * chunk(n);
+    const int k1 = min(n, k0 + chunk(n));
     const int num_tiles = k1 > k0 ? (k1 - k0 + BLOCK_N - 1) / BLOCK_N : 0;
 
-    const T* k_base = static_cast<const T*>(p.k) + b * p.k_page_stride + hk * p.k_head_stride
-                      + lv * VEC;
-    const T* v_base = static_cast<const T*>(p.v) + b * p.v_page_stride + hk * p.v_head_stride
-                      + lv * VEC;
+    const T* k_base = k_head + lv * VEC;
+    const T* v_base = v_head + lv * VEC;
     const unsigned pipe = decode::aligned_pipe(smem_raw) + tid * 16;
     auto slot = [&](int stage, int i) {  // i < KEYS: K of key i, else V of key i - KEYS
         return pipe + (stage * 2 * KEYS + i) * (NUM_THREADS * 16);

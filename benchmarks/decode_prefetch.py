@@ -1,0 +1,134 @@
+"""Session 20 lab: the cluster decode kernel's L2 prefetch before the PDL wait
+(CLUSTER_PREFETCH_TILES, PREFETCH_L2_FRACTION) and the host's uniform length (no
+dependent cache_seqlens load), and at batch 16 the cluster kernel's loop as a one-split
+kernel (flash_decode_cluster<T, 128, 1>: 256 threads, 64 KiB in flight a block) against
+flash_decode; A/B in one run with torch's cuDNN and flash backends timed alike
+(benchmarks/decode.py's queue timer), head dim 128, 8/8 heads, two rounds. Every variant
+goes through the package's launcher (its module settings patched), so everything but the
+variant is what attention_decode does.
+
+    python3 benchmarks/decode_prefetch.py                 # batch 1 at 8k..32k, batch 16
+    python3 benchmarks/decode_prefetch.py 1x8192 16x32768
+    PF_DTYPE=float16 python3 benchmarks/decode_prefetch.py
+
+Each variant's output on cache 0 is checked against a float32 GPU reference first.
+"""
+import os
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import numpy as np
+import cupy
+import decode as bench
+from cupyflash import _cupy_decode
+
+timer = bench.QueueTimer(cupy, 20, 5)
+stream = cupy.cuda.Stream(non_blocking=True)
+stream.use()
+torch, backends = bench.torch_backends(stream)
+copy_gbs = bench.copy_bandwidth(cupy, timer)
+print(f"GPU {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()} "
+      f"copy {copy_gbs:.0f} GB/s", flush=True)
+dtype_name = os.environ.get("PF_DTYPE", "bfloat16")
+dt = bench._dtype(dtype_name)
+ctype = {"bfloat16": "__nv_bfloat16", "float16": "__half"}[dtype_name]
+cases = [(1, 8192), (1, 16384), (1, 32768), (16, 8192), (16, 32768), (16, 131072)]
+if len(sys.argv) > 1:
+    cases = [tuple(int(x) for x in c.split("x")) for c in sys.argv[1:]]
+H = Hk = 8
+D = 128
+ROUNDS = int(os.environ.get("PF_ROUNDS", "2"))
+
+SETTINGS = ("uses_cluster", "CLUSTER_SIZE", "cluster_name", "CLUSTER_PREFETCH_TILES",
+            "PREFETCH_L2_FRACTION")
+original = {name: getattr(_cupy_decode, name) for name in SETTINGS}
+
+
+def variant(label, uniform=True, tiles=None, fraction=None, cluster=None):
+    """(label, uniform lengths passed, module settings) of one variant."""
+    settings = {}
+    if tiles is not None:
+        settings["CLUSTER_PREFETCH_TILES"] = tiles
+    if fraction is not None:
+        settings["PREFETCH_L2_FRACTION"] = fraction
+    if cluster is not None:   # the cluster kernel with `cluster` blocks a kv head, forced
+        expr = f"cupyflash::flash_decode_cluster<{ctype}, {D}, {cluster}>"
+        settings.update(uses_cluster=lambda *a: True, CLUSTER_SIZE=cluster,
+                        cluster_name=lambda *a, e=expr: e)
+    return label, uniform, settings
+
+
+def install(settings):
+    for name in SETTINGS:
+        setattr(_cupy_decode, name, settings.get(name, original[name]))
+
+
+for B, L in cases:
+    kv_bytes = 2 * B * L * Hk * D * 2
+    copies = max(1, -(-4 * 50 * 2**20 // kv_bytes))
+    q = bench._random(cupy, (B, 1, H, D), dt)
+    caches = [(bench._random(cupy, (B, L, Hk, D), dt), bench._random(cupy, (B, L, Hk, D), dt))
+              for _ in range(copies)]
+    seqlens = cupy.full((B,), L, dtype=np.int32)
+    if B == 1:
+        variants = [variant("package"), variant("lengths loaded", uniform=False),
+                    variant("P0", tiles=0), variant("P2 always", tiles=2, fraction=1e9),
+                    variant("P4 always", tiles=4, fraction=1e9)]
+        if L <= 8192:
+            variants.append(variant("P8 always", tiles=8, fraction=1e9))
+    else:
+        variants = [variant("package"), variant("C1", cluster=1)]
+
+    def launch(k, v, uniform):
+        return lambda: _cupy_decode.attention_decode(
+            q, k, v, seqlens, None, None, None, num_splits=None, causal=False,
+            scale=D ** -0.5, max_keys=L, min_keys=L if uniform else None)
+
+    # float32 reference on cache 0, one batch element at a time
+    want = cupy.empty((B, H, D), dtype=np.float32)
+    for b in range(B):
+        qf = q[b, 0].astype(np.float32)                              # (H, D)
+        kf = caches[0][0][b].astype(np.float32)                       # (L, Hk, D)
+        s = cupy.einsum("hd,lhd->hl", qf, kf) * D ** -0.5
+        p = cupy.exp(s - s.max(-1, keepdims=True))
+        want[b] = cupy.einsum("hl,lhd->hd", p / p.sum(-1, keepdims=True),
+                              caches[0][1][b].astype(np.float32))
+        del kf, s, p
+    expected = kv_bytes / 2.5e9
+    res = {}
+    for rnd in range(ROUNDS):
+        for label, uniform, settings in variants:
+            install(settings)
+            if rnd == 0:
+                out = launch(*caches[0], uniform)()[0]
+                stream.synchronize()
+                err = float(abs(out[:, 0].astype(np.float32) - want).max())
+                print(f"  B={B} L={L} {label}: max |out - float32 reference| {err:.1e}",
+                      flush=True)
+                if not err < 2e-2:
+                    raise SystemExit(f"{label}: wrong output")
+            res.setdefault(label, []).append(
+                timer([launch(k_, v_, uniform) for k_, v_ in caches], expected))
+        install({})
+        if torch is not None:
+            tq = bench.as_torch(torch, q).transpose(1, 2)
+            views = [(bench.as_torch(torch, k).transpose(1, 2),
+                      bench.as_torch(torch, v).transpose(1, 2)) for k, v in caches]
+            for tname in ("torch_cudnn", "torch_flash"):
+                sd = backends[tname]
+                res.setdefault(tname, []).append(
+                    timer([(lambda k=k, v=v: sd(tq, k, v, False)) for k, v in views], expected))
+    best_t = min(min(ts) for name, ts in res.items() if name.startswith("torch")) \
+        if torch is not None else float("nan")
+    print(f"B={B:3d} L={L:6d} ({kv_bytes / 2**20:.0f} MiB), us per call, rounds; "
+          f"copy fraction and torch best / ours of the best round:", flush=True)
+    for name, ts in res.items():
+        ms = min(ts)
+        print(f"   {name:18s} " + " / ".join(f"{t * 1e3:8.2f}" for t in ts)
+              + f"   copy {kv_bytes / ms / 1e6 / copy_gbs:.3f}"
+              + ("" if name.startswith("torch") else f"  x torch best {best_t / ms:.3f}"),
+              flush=True)
+    del caches
+    cupy.get_default_memory_pool().free_all_blocks()
