@@ -1,8 +1,8 @@
 """Session 20 lab: the cluster decode kernel's L2 prefetch before the PDL wait
 (CLUSTER_PREFETCH_TILES, PREFETCH_L2_FRACTION) and the host's uniform length (no
 dependent cache_seqlens load), and at batch 16 the cluster kernel's loop as a one-split
-kernel (flash_decode_cluster<T, 128, 1>: 256 threads, 64 KiB in flight a block) against
-flash_decode; A/B in one run with torch's cuDNN and flash backends timed alike
+kernel (flash_decode_cluster<T, 128, 1, STAGES>: 256 threads, 32, 64 or 96 KiB in flight a
+block for 2, 3, 4 stages) against flash_decode; A/B in one run with torch's cuDNN and flash backends timed alike
 (benchmarks/decode.py's queue timer), head dim 128, 8/8 heads, two rounds. Every variant
 goes through the package's launcher (its module settings patched), so everything but the
 variant is what attention_decode does.
@@ -41,12 +41,12 @@ H = Hk = 8
 D = 128
 ROUNDS = int(os.environ.get("PF_ROUNDS", "2"))
 
-SETTINGS = ("uses_cluster", "CLUSTER_SIZE", "cluster_name", "CLUSTER_PREFETCH_TILES",
-            "PREFETCH_L2_FRACTION")
+SETTINGS = ("uses_cluster", "CLUSTER_SIZE", "cluster_name", "CLUSTER_SMEM_BYTES",
+            "CLUSTER_PREFETCH_TILES", "PREFETCH_L2_FRACTION")
 original = {name: getattr(_cupy_decode, name) for name in SETTINGS}
 
 
-def variant(label, uniform=True, tiles=None, fraction=None, cluster=None):
+def variant(label, uniform=True, tiles=None, fraction=None, cluster=None, stages=3):
     """(label, uniform lengths passed, module settings) of one variant."""
     settings = {}
     if tiles is not None:
@@ -54,9 +54,11 @@ def variant(label, uniform=True, tiles=None, fraction=None, cluster=None):
     if fraction is not None:
         settings["PREFETCH_L2_FRACTION"] = fraction
     if cluster is not None:   # the cluster kernel with `cluster` blocks a kv head, forced
-        expr = f"cupyflash::flash_decode_cluster<{ctype}, {D}, {cluster}>"
+        expr = f"cupyflash::flash_decode_cluster<{ctype}, {D}, {cluster}, {stages}>"
         settings.update(uses_cluster=lambda *a: True, CLUSTER_SIZE=cluster,
-                        cluster_name=lambda *a, e=expr: e)
+                        cluster_name=lambda *a, e=expr: e,
+                        CLUSTER_SMEM_BYTES=stages * 2 * 4 * _cupy_decode.CLUSTER_THREADS * 16
+                        + _cupy_decode.PIPE_ALIGN)
     return label, uniform, settings
 
 
@@ -79,7 +81,8 @@ for B, L in cases:
         if L <= 8192:
             variants.append(variant("P8 always", tiles=8, fraction=1e9))
     else:
-        variants = [variant("package"), variant("C1", cluster=1)]
+        variants = [variant("package"), variant("C1 S2", cluster=1, stages=2),
+                    variant("C1 S3", cluster=1, stages=3), variant("C1 S4", cluster=1, stages=4)]
 
     def launch(k, v, uniform):
         return lambda: _cupy_decode.attention_decode(

@@ -1504,8 +1504,9 @@ flash_decode_mma(const DecodeParams p) {
 // on one SM (session 15); so did batch 2 (128 blocks: 7-31% slower than flash_decode).
 // ----------------------------------------------------------------------------------------
 // (CLUSTER = 1: the same loop as a one-split kernel, one block per (b, hk) in clusters of
-// one: benchmarks/decode_prefetch.py compares it with flash_decode at batch 16.)
-template <typename T, int HEAD_DIM, int CLUSTER_ = 8>
+// one, and other STAGES: benchmarks/decode_prefetch.py compares them with flash_decode at
+// batch 16.)
+template <typename T, int HEAD_DIM, int CLUSTER_ = 8, int STAGES_ = 3>
 struct DecodeClusterTraits {
     using Acc = float;
     static constexpr int CLUSTER = CLUSTER_;               // splits of a kv head (portable size)
@@ -1516,7 +1517,7 @@ struct DecodeClusterTraits {
     static constexpr int KEYS_PER_PASS = NUM_THREADS / LANES_PER_KEY;
     static constexpr int KEYS = 4;                         // keys per thread and tile
     static constexpr int BLOCK_N = KEYS_PER_PASS * KEYS;   // a tile: 16 KiB of K, 16 of V
-    static constexpr int STAGES = 3;                       // 64 KiB in flight while computing
+    static constexpr int STAGES = STAGES_;                 // 3: 64 KiB in flight while computing
     static constexpr int SMEM_BYTES = STAGES * 2 * KEYS * NUM_THREADS * 16 + DECODE_PIPE_ALIGN;
     static constexpr int MERGE_WORDS = CLUSTER * (HEAD_DIM + 2);  // what block 0 receives
     static_assert(sizeof(T) == 2, "fp16 or bf16");
@@ -1552,11 +1553,11 @@ __device__ __forceinline__ void send_to_rank0(const float* local_word, float x, 
 
 }  // namespace decode
 
-template <typename T, int HEAD_DIM, int CLUSTER_ = 8>
+template <typename T, int HEAD_DIM, int CLUSTER_ = 8, int STAGES_ = 3>
 __global__ void __launch_bounds__(DecodeClusterTraits<T, HEAD_DIM>::NUM_THREADS, 1)
 flash_decode_cluster(const DecodeParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    using Tr = DecodeClusterTraits<T, HEAD_DIM, CLUSTER_>;
+    using Tr = DecodeClusterTraits<T, HEAD_DIM, CLUSTER_, STAGES_>;
     using Math = DecodeMath<T>;
     constexpr int CLUSTER = Tr::CLUSTER, NUM_WARPS = Tr::NUM_WARPS, NUM_THREADS = Tr::NUM_THREADS;
     constexpr int VEC = Tr::VEC, LANES_PER_KEY = Tr::LANES_PER_KEY, KEYS = Tr::KEYS;
