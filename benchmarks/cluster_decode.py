@@ -82,7 +82,10 @@ __device__ __forceinline__ float hi(unsigned w) { return __uint_as_float(w & 0xf
 // after the first tile, not after the loop.
 // AS = 1: each block's (m, l, acc) goes to block 0 by st.async, which counts its bytes on
 // an mbarrier of block 0 (complete_tx): no release fence, no second cluster barrier phase.
-template <int NT, int S, int VPT, int STAGES, int MATH, int QF = 0, int EW = 0, int AS = 0>
+// PF > 0 (session 20): the split's first PF tiles of K and V are prefetched to L2
+// (cp.async.bulk.prefetch, a row each) before the PDL wait.
+template <int NT, int S, int VPT, int STAGES, int MATH, int QF = 0, int EW = 0, int AS = 0,
+          int PF = 0>
 __global__ void __launch_bounds__(NT) cdec(const P p) {
     constexpr int TILE = NT / 16 * VPT, WARPS = NT / 32;
     extern __shared__ __align__(128) unsigned char sm[];
@@ -100,6 +103,20 @@ __global__ void __launch_bounds__(NT) cdec(const P p) {
         }
     }
     asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+    STAMP(7);                                                   // 7: resident (before the wait)
+    if constexpr (PF > 0) {
+        const int TILE_ = NT / 16 * VPT, s_ = blockIdx.x % S, L_ = (int)p.L;
+        const int head_ = blockIdx.x / S, b_ = head_ / (int)p.Hk, hk_ = head_ % (int)p.Hk;
+        const int chunk_ = (L_ + S * TILE_ - 1) / (S * TILE_) * TILE_;
+        const int t0_ = s_ * chunk_, rows_ = min(min(L_, t0_ + chunk_) - t0_, PF * TILE_);
+        const long long row_ = 128LL * p.Hk;
+        for (int r = threadIdx.x; r < 2 * rows_; r += NT) {
+            const __nv_bfloat16* src = (r % 2 ? p.v : p.k) + ((long long)b_ * L_ + t0_ + r / 2) * row_
+                                       + hk_ * 128;
+            asm volatile("cp.async.bulk.prefetch.L2.global [%0], 256;"
+                         :: "l"(__cvta_generic_to_global(src)) : "memory");
+        }
+    }
     asm volatile("griddepcontrol.wait;" ::: "memory");
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 
@@ -356,7 +373,9 @@ CONFIGS = [(256, 8, 4, 3, 1, 1), (256, 8, 4, 3, 0, 0), (256, 8, 4, 3, 1, 1, 0, 1
 STAMPS = os.environ.get("CL_STAMPS") is not None   # a timeline of the last 8 calls
 if STAMPS:
     CONFIGS = [(256, 8, 4, 3, 1, 1), (256, 8, 4, 3, 1, 1, 0, 1), (256, 8, 4, 3, 0, 0, 0, 1)]
-CONFIGS = [c + (0,) * (8 - len(c)) for c in CONFIGS]
+if os.environ.get("CL_PREFETCH"):   # session 20: the st.async kernel with 0, 2, 4 tiles prefetched
+    CONFIGS = [(256, 8, 4, 3, 1, 1, 0, 1, pf) for pf in (0, 2, 4)]
+CONFIGS = [c + (0,) * (9 - len(c)) for c in CONFIGS]
 NAMES = [f"cdec<{','.join(map(str, c))}>" for c in CONFIGS]
 
 
@@ -376,10 +395,10 @@ def timeline(st, S):
         r = (st[c] - t0) / 1e3
         zero = r[::S]                                  # the clusters' block 0
         prev_end = None if n == 0 else (st[order[n - 1], ::S, 6].max() - t0) / 1e3
-        rows.append([r[:, 0].max(), np.median(r[:, 1]), np.median(r[:, 2]), r[:, 2].max(),
+        rows.append([np.median(r[:, 7]), r[:, 0].max(), np.median(r[:, 1]), np.median(r[:, 2]), r[:, 2].max(),
                      r[:, 3].max(), r[:, 4].max(), zero[:, 5].max(), zero[:, 6].max(),
                      np.nan if prev_end is None else -prev_end])
-    names = ["last start", "tile 0 (med)", "loop end (med)", "loop end (max)", "warps merged (max)",
+    names = ["resident (med)", "last start", "tile 0 (med)", "loop end (med)", "loop end (max)", "warps merged (max)",
              "arrived (max)", "blk0 all in (max)", "out stored (max)", "gap after prev"]
     med = np.nanmedian(np.array(rows), axis=0)
     print("   timeline: " + ", ".join(f"{a} {b:.2f}" for a, b in zip(names, med)), flush=True)
@@ -429,7 +448,7 @@ def main():
         p = np.exp(s - mx)
         want = np.einsum("bhl,blhd->bhd", p / p.sum(-1, keepdims=True), vf)
         want_lse = (mx[..., 0] + np.log(p.sum(-1))).reshape(-1)
-        for (nt, S, vpt, stages, math_on, qf, ew, st_async), name in zip(CONFIGS, NAMES):
+        for (nt, S, vpt, stages, math_on, qf, ew, st_async, pf), name in zip(CONFIGS, NAMES):
             fn = mod.get_function(name)
             fn = getattr(fn, "kernel", fn)
             smem = stages * 2 * vpt * nt * 16
@@ -455,7 +474,7 @@ def main():
                      {0: "no math", 3: "math: last tile", 4: "math: all tiles but the last"}[math_on])
             ms = timer([mk(k, v, c) for c, (k, v) in enumerate(caches)])
             where = np.bincount(cupy.asnumpy(smid[:B * Hk * S]))
-            report(f"NT={nt} S={S} VPT={vpt} ST={stages}{' qfirst' if qf else ''}{' early-wait' if ew else ''}{' st.async' if st_async else ''} ({check}; {int((where > 1).sum())} SMs of "
+            report(f"NT={nt} S={S} VPT={vpt} ST={stages}{' qfirst' if qf else ''}{' early-wait' if ew else ''}{' st.async' if st_async else ''}{f' prefetch {pf}' if pf else ''} ({check}; {int((where > 1).sum())} SMs of "
                    f"{int((where > 0).sum())} run 2+)", ms)
             if STAMPS:
                 timeline(cupy.asnumpy(stamps).reshape(8, 4096, 8)[:, :B * Hk * S].astype(np.int64), S)

@@ -11,7 +11,9 @@
 # 2. SASS of the cluster kernel (every instruction: the bulk prefetch, no local memory);
 # 3. benchmarks/decode_prefetch.py: the A/B of the prefetch settings at batch 1 and of a
 #    one-split cluster kernel at batch 16, torch's cuDNN and flash in the same run;
-# 4. benchmarks/decode.py --heads 8/8: the whole 8/8 grid with the tree's defaults.
+# 4. the lab cluster kernel's timeline with 0, 2, 4 tiles prefetched (are the next grid's
+#    blocks resident before the grid before ends? when does their first tile land?);
+# 5. benchmarks/decode.py --heads 8/8: the whole 8/8 grid with the tree's defaults.
 # Then, in a second call, the whole GPU suite (python3 -m pytest -m gpu -q -n 8).
 set -u
 OUT=${OUT:-/tmp/decode_pending}
@@ -26,6 +28,8 @@ stage "decode tests" 200 "$OUT/tests.txt" $PY -m pytest -m gpu -q -p no:cachepro
 stage "SASS" 90 "$OUT/sass.txt" $PY benchmarks/sass.py --kernel decode --all-ops \
     --filter "flash_decode_cluster<__nv_bfloat16, 128>"
 stage "prefetch A/B" 240 "$OUT/prefetch.txt" $PY benchmarks/decode_prefetch.py
+stage "lab timeline" 90 "$OUT/timeline.txt" env CL_PREFETCH=1 CL_STAMPS=1 \
+    $PY benchmarks/cluster_decode.py 8192
 stage "decode grid" 150 "$OUT/grid.txt" $PY benchmarks/decode.py --heads 8/8 \
     --out "$OUT/grid.json"
 cat "$OUT/summary.txt"
