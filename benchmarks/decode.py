@@ -215,6 +215,30 @@ def as_torch(torch, x):
     return torch.from_dlpack(x)
 
 
+def lab_session(cupy):
+    """What the A/B lab scripts share: ``(timer, stream, torch, backends, copy_gbs)`` with
+    a non-blocking stream made current and the GPU and its copy bandwidth printed."""
+    timer = QueueTimer(cupy, 20, 5)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    stream.use()
+    torch, backends = torch_backends(stream)
+    copy_gbs = copy_bandwidth(cupy, timer)
+    print(f"GPU {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()} "
+          f"copy {copy_gbs:.0f} GB/s", flush=True)
+    return timer, stream, torch, backends, copy_gbs
+
+
+def rotating_caches(cupy, B, L, H, Hk, D, dt):
+    """``(kv_bytes, q, caches, seqlens)`` for a lab A/B: a random q, enough random (K, V)
+    caches to rotate over four times 50 MiB of L2, and every length L."""
+    kv_bytes = 2 * B * L * Hk * D * dt.itemsize
+    copies = max(1, -(-4 * 50 * 2**20 // kv_bytes))
+    q = _random(cupy, (B, 1, H, D), dt)
+    caches = [(_random(cupy, (B, L, Hk, D), dt), _random(cupy, (B, L, Hk, D), dt))
+              for _ in range(copies)]
+    return kv_bytes, q, caches, cupy.full((B,), L, dtype=np.int32)
+
+
 def bench_case(cupy, torch, backends, timer, gpu, run, copy_gbs, dtype_name, dt, B, H, Hk, L,
                D, copies, kv_bytes, reps, compare_combine):
     """Time one problem; print its line and return its records."""

@@ -6,31 +6,21 @@ benchmarks/decode.py's queue timer. Times per call in us, round 0 / round 1.
     python3 benchmarks/decode_ab.py                 # batch 1..64, 8k..128k
     python3 benchmarks/decode_ab.py 64x8192 16x32768
 """
-import math, os, sys, pathlib, statistics
+import os, sys, pathlib
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import numpy as np
 import cupy
 import decode as bench
 from cupyflash import _cupy_decode
 
-timer = bench.QueueTimer(cupy, 20, 5)
-stream = cupy.cuda.Stream(non_blocking=True)
-stream.use()
-torch, backends = bench.torch_backends(stream)
-copy_gbs = bench.copy_bandwidth(cupy, timer)
-print(f"GPU {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()} copy {copy_gbs:.0f} GB/s", flush=True)
+timer, stream, torch, backends, copy_gbs = bench.lab_session(cupy)
 dt = bench._dtype("bfloat16")
 cases = [(1, 8192), (4, 8192), (16, 8192), (16, 32768), (32, 8192), (64, 8192), (64, 32768), (64, 131072)]
 if len(sys.argv) > 1:
     cases = [tuple(int(x) for x in c.split("x")) for c in sys.argv[1:]]
 H = Hk = 8; D = 128
 for B, L in cases:
-    kv_bytes = 2 * B * L * Hk * D * 2
-    copies = max(1, -(-4 * 50 * 2**20 // kv_bytes))
-    q = bench._random(cupy, (B, 1, H, D), dt)
-    caches = [(bench._random(cupy, (B, L, Hk, D), dt), bench._random(cupy, (B, L, Hk, D), dt)) for _ in range(copies)]
-    seqlens = cupy.full((B,), L, dtype=np.int32)
+    kv_bytes, q, caches, seqlens = bench.rotating_caches(cupy, B, L, H, Hk, D, dt)
     def launch(k, v):
         return lambda: _cupy_decode.attention_decode(q, k, v, seqlens, None, None, None, num_splits=None, causal=False, scale=D ** -0.5, max_keys=L, min_keys=L)
     expected = kv_bytes / 2.5e9

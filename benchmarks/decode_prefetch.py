@@ -24,13 +24,7 @@ import cupy
 import decode as bench
 from cupyflash import _cupy_decode
 
-timer = bench.QueueTimer(cupy, 20, 5)
-stream = cupy.cuda.Stream(non_blocking=True)
-stream.use()
-torch, backends = bench.torch_backends(stream)
-copy_gbs = bench.copy_bandwidth(cupy, timer)
-print(f"GPU {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()} "
-      f"copy {copy_gbs:.0f} GB/s", flush=True)
+timer, stream, torch, backends, copy_gbs = bench.lab_session(cupy)
 dtype_name = os.environ.get("PF_DTYPE", "bfloat16")
 dt = bench._dtype(dtype_name)
 ctype = {"bfloat16": "__nv_bfloat16", "float16": "__half"}[dtype_name]
@@ -68,12 +62,7 @@ def install(settings):
 
 
 for B, L in cases:
-    kv_bytes = 2 * B * L * Hk * D * 2
-    copies = max(1, -(-4 * 50 * 2**20 // kv_bytes))
-    q = bench._random(cupy, (B, 1, H, D), dt)
-    caches = [(bench._random(cupy, (B, L, Hk, D), dt), bench._random(cupy, (B, L, Hk, D), dt))
-              for _ in range(copies)]
-    seqlens = cupy.full((B,), L, dtype=np.int32)
+    kv_bytes, q, caches, seqlens = bench.rotating_caches(cupy, B, L, H, Hk, D, dt)
     if B == 1:
         variants = [variant("package"), variant("lengths loaded", uniform=False),
                     variant("P0", tiles=0), variant("P2 always", tiles=2, fraction=1e9),
