@@ -1,11 +1,16 @@
-"""Session 20 lab: the cluster decode kernel's L2 prefetch before the PDL wait
-(CLUSTER_PREFETCH_TILES, PREFETCH_L2_FRACTION) and the host's uniform length (no
-dependent cache_seqlens load), and at batch 16 the cluster kernel's loop as a one-split
-kernel (flash_decode_cluster<T, 128, 1, STAGES>: 256 threads, 32, 64 or 96 KiB in flight a
-block for 2, 3, 4 stages) against flash_decode; A/B in one run with torch's cuDNN and flash backends timed alike
-(benchmarks/decode.py's queue timer), head dim 128, 8/8 heads, two rounds. Every variant
-goes through the package's launcher (its module settings patched), so everything but the
-variant is what attention_decode does.
+"""Session 20 lab, A/B in one run with torch's cuDNN and flash backends timed alike
+(benchmarks/decode.py's queue timer), head dim 128, 8/8 heads, two rounds:
+
+- batch 1: the cluster kernel's L2 prefetch before the PDL wait (CLUSTER_PREFETCH_TILES,
+  PREFETCH_L2_FRACTION), the host's uniform length against a cache_seqlens load, and the
+  tiles' rows marked evict-first in L2 (so that the streaming rows leave before the next
+  grid's prefetched ones);
+- batch 16: the cluster kernel's loop as a one-split kernel (flash_decode_cluster<T, 128,
+  1, STAGES>: 256 threads, 32, 64 or 96 KiB in flight a block for 2, 3, 4 stages) against
+  flash_decode (32 KiB in flight).
+
+Every variant goes through the package's launcher (its module settings patched), so
+everything but the variant is what attention_decode does.
 
     python3 benchmarks/decode_prefetch.py                 # batch 1 at 8k..32k, batch 16
     python3 benchmarks/decode_prefetch.py 1x8192 16x32768
@@ -40,7 +45,8 @@ SETTINGS = ("uses_cluster", "CLUSTER_SIZE", "cluster_name", "CLUSTER_SMEM_BYTES"
 original = {name: getattr(_cupy_decode, name) for name in SETTINGS}
 
 
-def variant(label, uniform=True, tiles=None, fraction=None, cluster=None, stages=3):
+def variant(label, uniform=True, tiles=None, fraction=None, cluster=None, stages=3,
+            evict_first=False):
     """(label, uniform lengths passed, module settings) of one variant."""
     settings = {}
     if tiles is not None:
@@ -48,7 +54,8 @@ def variant(label, uniform=True, tiles=None, fraction=None, cluster=None, stages
     if fraction is not None:
         settings["PREFETCH_L2_FRACTION"] = fraction
     if cluster is not None:   # the cluster kernel with `cluster` blocks a kv head, forced
-        expr = f"cupyflash::flash_decode_cluster<{ctype}, {D}, {cluster}, {stages}>"
+        expr = (f"cupyflash::flash_decode_cluster<{ctype}, {D}, {cluster}, {stages}, "
+                f"{'true' if evict_first else 'false'}>")
         settings.update(uses_cluster=lambda *a: True, CLUSTER_SIZE=cluster,
                         cluster_name=lambda *a, e=expr: e,
                         CLUSTER_SMEM_BYTES=stages * 2 * 4 * _cupy_decode.CLUSTER_THREADS * 16
@@ -66,7 +73,9 @@ for B, L in cases:
     if B == 1:
         variants = [variant("package"), variant("lengths loaded", uniform=False),
                     variant("P0", tiles=0), variant("P2 always", tiles=2, fraction=1e9),
-                    variant("P4 always", tiles=4, fraction=1e9)]
+                    variant("P4 always", tiles=4, fraction=1e9),
+                    variant("P2 evict-first", tiles=2, cluster=8, evict_first=True),
+                    variant("P4 evict-first", tiles=4, fraction=1e9, cluster=8, evict_first=True)]
         if L <= 8192:
             variants.append(variant("P8 always", tiles=8, fraction=1e9))
     else:

@@ -268,6 +268,13 @@ __device__ __forceinline__ void cp_async_16(unsigned smem_dst, const void* gmem_
                  :: "r"(smem_dst), "l"(gmem_src), "r"(src_bytes) : "memory");
 }
 
+// cp_async_16 with an L2 cache policy (createpolicy), e.g. evict-first for rows read once.
+__device__ __forceinline__ void cp_async_16_hint(unsigned smem_dst, const void* gmem_src,
+                                                 int src_bytes, unsigned long long policy) {
+    asm volatile("cp.async.cg.shared.global.L2::cache_hint.L2::256B [%0], [%1], 16, %2, %3;\n"
+                 :: "r"(smem_dst), "l"(gmem_src), "r"(src_bytes), "l"(policy) : "memory");
+}
+
 // Programmatic dependent launch (PDL, sm_90; _launch.launch): a grid launched with it
 // may be scheduled while the grid before it in the stream still runs, so its launch and
 // block scheduling (~3 us between two decode calls at batch 1, session 12) overlap that
@@ -1503,10 +1510,11 @@ flash_decode_mma(const DecodeParams p) {
 // Clusters of 12 or 16, or blocks that an SM holds two of, got two blocks of a cluster
 // on one SM (session 15); so did batch 2 (128 blocks: 7-31% slower than flash_decode).
 // ----------------------------------------------------------------------------------------
-// (CLUSTER = 1: the same loop as a one-split kernel, one block per (b, hk) in clusters of
-// one, and other STAGES: benchmarks/decode_prefetch.py compares them with flash_decode at
-// batch 16.)
-template <typename T, int HEAD_DIM, int CLUSTER_ = 8, int STAGES_ = 3>
+// Lab parameters (benchmarks/decode_prefetch.py; the launcher uses the defaults): CLUSTER
+// = 1 runs the same loop as a one-split kernel, one block per (b, hk) in clusters of one,
+// with STAGES 2..4, against flash_decode at batch 16; EVICT_FIRST marks the tiles' rows
+// evict-first in L2, so that the streaming rows go before the next grid's prefetched ones.
+template <typename T, int HEAD_DIM, int CLUSTER_ = 8, int STAGES_ = 3, bool EVICT_FIRST_ = false>
 struct DecodeClusterTraits {
     using Acc = float;
     static constexpr int CLUSTER = CLUSTER_;               // splits of a kv head (portable size)
@@ -1518,6 +1526,7 @@ struct DecodeClusterTraits {
     static constexpr int KEYS = 4;                         // keys per thread and tile
     static constexpr int BLOCK_N = KEYS_PER_PASS * KEYS;   // a tile: 16 KiB of K, 16 of V
     static constexpr int STAGES = STAGES_;                 // 3: 64 KiB in flight while computing
+    static constexpr bool EVICT_FIRST = EVICT_FIRST_;
     static constexpr int SMEM_BYTES = STAGES * 2 * KEYS * NUM_THREADS * 16 + DECODE_PIPE_ALIGN;
     static constexpr int MERGE_WORDS = CLUSTER * (HEAD_DIM + 2);  // what block 0 receives
     static_assert(sizeof(T) == 2, "fp16 or bf16");
@@ -1553,11 +1562,11 @@ __device__ __forceinline__ void send_to_rank0(const float* local_word, float x, 
 
 }  // namespace decode
 
-template <typename T, int HEAD_DIM, int CLUSTER_ = 8, int STAGES_ = 3>
+template <typename T, int HEAD_DIM, int CLUSTER_ = 8, int STAGES_ = 3, bool EVICT_FIRST_ = false>
 __global__ void __launch_bounds__(DecodeClusterTraits<T, HEAD_DIM>::NUM_THREADS, 1)
 flash_decode_cluster(const DecodeParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    using Tr = DecodeClusterTraits<T, HEAD_DIM, CLUSTER_, STAGES_>;
+    using Tr = DecodeClusterTraits<T, HEAD_DIM, CLUSTER_, STAGES_, EVICT_FIRST_>;
     using Math = DecodeMath<T>;
     constexpr int CLUSTER = Tr::CLUSTER, NUM_WARPS = Tr::NUM_WARPS, NUM_THREADS = Tr::NUM_THREADS;
     constexpr int VEC = Tr::VEC, LANES_PER_KEY = Tr::LANES_PER_KEY, KEYS = Tr::KEYS;
@@ -1633,6 +1642,15 @@ flash_decode_cluster(const DecodeParams p) {
     auto slot = [&](int stage, int i) {  // i < KEYS: K of key i, else V of key i - KEYS
         return pipe + (stage * 2 * KEYS + i) * (NUM_THREADS * 16);
     };
+    unsigned long long evict_first = 0;
+    if constexpr (Tr::EVICT_FIRST)
+        asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(evict_first));
+    auto copy = [&](unsigned dst, const void* src, int bytes) {
+        if constexpr (Tr::EVICT_FIRST)
+            decode::cp_async_16_hint(dst, src, bytes, evict_first);
+        else
+            decode::cp_async_16(dst, src, bytes);
+    };
     auto load_tile = [&](int j) {
         if (j < num_tiles) {
             const int stage = j % STAGES;
@@ -1640,12 +1658,12 @@ flash_decode_cluster(const DecodeParams p) {
             for (int i = 0; i < KEYS; ++i) {
                 const int t = k0 + j * BLOCK_N + kt + i * KEYS_PER_PASS;
                 const bool valid = t < k1;
-                decode::cp_async_16(slot(stage, i),
-                                    valid ? static_cast<const void*>(k_base + t * p.k_token_stride)
-                                          : p.k, valid ? 16 : 0);
-                decode::cp_async_16(slot(stage, KEYS + i),
-                                    valid ? static_cast<const void*>(v_base + t * p.v_token_stride)
-                                          : p.v, valid ? 16 : 0);
+                copy(slot(stage, i),
+                     valid ? static_cast<const void*>(k_base + t * p.k_token_stride) : p.k,
+                     valid ? 16 : 0);
+                copy(slot(stage, KEYS + i),
+                     valid ? static_cast<const void*>(v_base + t * p.v_token_stride) : p.v,
+                     valid ? 16 : 0);
             }
         }
         decode::cp_async_commit();  // one group per tile, possibly empty: wait counts match
