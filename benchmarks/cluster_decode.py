@@ -84,8 +84,11 @@ __device__ __forceinline__ float hi(unsigned w) { return __uint_as_float(w & 0xf
 // an mbarrier of block 0 (complete_tx): no release fence, no second cluster barrier phase.
 // PF > 0 (session 20): the split's first PF tiles of K and V are prefetched to L2
 // (cp.async.bulk.prefetch, a row each) before the PDL wait.
+// TR > 0 (session 21): the next grid is allowed (launch_dependents) only when TR tiles of
+// this block's remain, not at the start, so that its blocks arrive, and prefetch, near
+// this grid's end, when the DRAM goes idle, instead of ~13 us early.
 template <int NT, int S, int VPT, int STAGES, int MATH, int QF = 0, int EW = 0, int AS = 0,
-          int PF = 0>
+          int PF = 0, int TR = 0>
 __global__ void __launch_bounds__(NT) cdec(const P p) {
     constexpr int TILE = NT / 16 * VPT, WARPS = NT / 32;
     extern __shared__ __align__(128) unsigned char sm[];
@@ -118,7 +121,7 @@ __global__ void __launch_bounds__(NT) cdec(const P p) {
         }
     }
     asm volatile("griddepcontrol.wait;" ::: "memory");
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    if constexpr (TR == 0) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     STAMP(0);                                                   // 0: past the PDL wait
@@ -174,6 +177,8 @@ __global__ void __launch_bounds__(NT) cdec(const P p) {
     for (int e = 0; e < 8; ++e) acc[e] = 0.f;
 
     for (int j = 0; j < ntiles; ++j) {
+        if constexpr (TR > 0)
+            if (j == max(ntiles - TR, 0)) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
         if constexpr (MATH == 5) {
             // one commit group per key of the thread (its K and V vectors): key i is used as
             // soon as it has landed, the online softmax taking one key (two per warp) at a time
@@ -267,6 +272,8 @@ __global__ void __launch_bounds__(NT) cdec(const P p) {
         }
     }
     STAMP(2);                                                   // 2: thread 0's loop ended
+    if constexpr (TR > 0)
+        if (ntiles == 0) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
     // the two half-warps (same columns, different keys, the same m)
     l += __shfl_xor_sync(0xffffffffu, l, 16);
 #pragma unroll
@@ -375,7 +382,10 @@ if STAMPS:
     CONFIGS = [(256, 8, 4, 3, 1, 1), (256, 8, 4, 3, 1, 1, 0, 1), (256, 8, 4, 3, 0, 0, 0, 1)]
 if os.environ.get("CL_PREFETCH"):   # session 20: the st.async kernel with 0, 2, 4 tiles prefetched
     CONFIGS = [(256, 8, 4, 3, 1, 1, 0, 1, pf) for pf in (0, 2, 4)]
-CONFIGS = [c + (0,) * (9 - len(c)) for c in CONFIGS]
+if os.environ.get("CL_TRIGGER"):   # session 21: the next grid allowed with TR tiles left, PF prefetched
+    CONFIGS = [(256, 8, 4, 3, 1, 1, 0, 1, pf, tr)
+               for pf, tr in [(0, 0), (2, 0), (0, 2), (2, 2), (0, 4), (2, 4), (4, 4), (2, 8), (4, 8)]]
+CONFIGS = [c + (0,) * (10 - len(c)) for c in CONFIGS]
 NAMES = [f"cdec<{','.join(map(str, c))}>" for c in CONFIGS]
 
 
@@ -448,7 +458,7 @@ def main():
         p = np.exp(s - mx)
         want = np.einsum("bhl,blhd->bhd", p / p.sum(-1, keepdims=True), vf)
         want_lse = (mx[..., 0] + np.log(p.sum(-1))).reshape(-1)
-        for (nt, S, vpt, stages, math_on, qf, ew, st_async, pf), name in zip(CONFIGS, NAMES):
+        for (nt, S, vpt, stages, math_on, qf, ew, st_async, pf, tr), name in zip(CONFIGS, NAMES):
             fn = mod.get_function(name)
             fn = getattr(fn, "kernel", fn)
             smem = stages * 2 * vpt * nt * 16
@@ -474,7 +484,7 @@ def main():
                      {0: "no math", 3: "math: last tile", 4: "math: all tiles but the last"}[math_on])
             ms = timer([mk(k, v, c) for c, (k, v) in enumerate(caches)])
             where = np.bincount(cupy.asnumpy(smid[:B * Hk * S]))
-            report(f"NT={nt} S={S} VPT={vpt} ST={stages}{' qfirst' if qf else ''}{' early-wait' if ew else ''}{' st.async' if st_async else ''}{f' prefetch {pf}' if pf else ''} ({check}; {int((where > 1).sum())} SMs of "
+            report(f"NT={nt} S={S} VPT={vpt} ST={stages}{' qfirst' if qf else ''}{' early-wait' if ew else ''}{' st.async' if st_async else ''}{f' prefetch {pf}' if pf else ''}{f' trigger {tr} left' if tr else ''} ({check}; {int((where > 1).sum())} SMs of "
                    f"{int((where > 0).sum())} run 2+)", ms)
             if STAMPS:
                 timeline(cupy.asnumpy(stamps).reshape(8, 4096, 8)[:, :B * Hk * S].astype(np.int64), S)

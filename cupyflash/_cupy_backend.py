@@ -862,13 +862,6 @@ def num_sms(device_id):
         cupy.cuda.runtime.cudaDevAttrMultiProcessorCount, device_id)
 
 
-def l2_bytes(device_id):
-    """The size of a device's L2 cache in bytes."""
-    import cupy
-    return cupy.cuda.runtime.deviceGetAttribute(
-        cupy.cuda.runtime.cudaDevAttrL2CacheSize, device_id)
-
-
 # Counters in global memory, per (device, stream, user): int32 zeros that a kernel counts
 # in and leaves zero again when it ends (the persistent forward's tile counter; the decode
 # kernel's split arrivals, whose last split resets its counter). Calls on one stream run
