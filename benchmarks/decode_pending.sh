@@ -1,18 +1,16 @@
 #!/usr/bin/env bash
-# The first GPU run of session 20's decode changes, written in a session without a GPU:
-# the host's uniform length (DecodeParams::uniform_keys: no dependent cache_seqlens load)
-# in every split kernel, and the cluster kernel's L2 prefetch before its PDL wait
-# (prefetch_keys). One device call, ~5 min:
+# The GPU run of the decode changes not yet measured (session 21: the cluster kernel's
+# L2 prefetch before its PDL wait, with the next grid allowed only when 2 tiles of a
+# block remain, so that it prefetches as the grid before ends). One device call, ~3 min:
 #
 #     OUT=/tmp/run bash benchmarks/decode_pending.sh
 #
-# 1. the decode GPU suites (the kernels changed; two new tests: the prefetch racing an
-#    append, and host lengths against loaded ones bit for bit);
+# 1. the decode GPU suites (the kernel changed; the prefetch racing an append, now also
+#    with 8 tiles a split);
 # 2. SASS of the cluster kernel (every instruction: the bulk prefetch, no local memory);
-# 3. benchmarks/decode_prefetch.py: the A/B of the prefetch settings at batch 1 and of a
-#    one-split cluster kernel at batch 16, torch's cuDNN and flash in the same run;
-# 4. the lab cluster kernel's timeline with 0, 2, 4 tiles prefetched (are the next grid's
-#    blocks resident before the grid before ends? when does their first tile land?);
+# 3. benchmarks/decode_prefetch.py: the A/B of the prefetch and allow settings at batch 1,
+#    torch's cuDNN and flash in the same run;
+# 4. the lab cluster kernel's timeline with the next grid allowed at the start or late;
 # 5. benchmarks/decode.py --heads 8/8: the whole 8/8 grid with the tree's defaults.
 # Then, in a second call, the whole GPU suite (python3 -m pytest -m gpu -q -n 8).
 set -u
@@ -28,7 +26,7 @@ stage "decode tests" 200 "$OUT/tests.txt" $PY -m pytest -m gpu -q -p no:cachepro
 stage "SASS" 90 "$OUT/sass.txt" $PY benchmarks/sass.py --kernel decode --all-ops \
     --filter "flash_decode_cluster<__nv_bfloat16, 128>"
 stage "prefetch A/B" 240 "$OUT/prefetch.txt" $PY benchmarks/decode_prefetch.py
-stage "lab timeline" 90 "$OUT/timeline.txt" env CL_PREFETCH=1 CL_STAMPS=1 \
+stage "lab timeline" 90 "$OUT/timeline.txt" env CL_TRIGGER=1 CL_STAMPS=1 \
     $PY benchmarks/cluster_decode.py 8192
 stage "decode grid" 150 "$OUT/grid.txt" $PY benchmarks/decode.py --heads 8/8 \
     --out "$OUT/grid.json"

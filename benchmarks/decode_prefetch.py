@@ -1,18 +1,18 @@
-"""Session 20 lab, A/B in one run with torch's cuDNN and flash backends timed alike
+"""Sessions 20-21 lab, A/B in one run with torch's cuDNN and flash backends timed alike
 (benchmarks/decode.py's queue timer), head dim 128, 8/8 heads, two rounds:
 
-- batch 1: the cluster kernel's L2 prefetch before the PDL wait (CLUSTER_PREFETCH_TILES,
-  PREFETCH_L2_FRACTION), the host's uniform length against a cache_seqlens load, and the
-  tiles' rows marked evict-first in L2 (so that the streaming rows leave before the next
-  grid's prefetched ones);
-- batch 16: the cluster kernel's loop as a one-split kernel (flash_decode_cluster<T, 128,
-  1, STAGES>: 256 threads, 32, 64 or 96 KiB in flight a block for 2, 3, 4 stages) against
-  flash_decode (32 KiB in flight).
+- batch 1: the cluster kernel's L2 prefetch before the PDL wait (CLUSTER_PREFETCH_TILES),
+  with the next grid allowed when ALLOW_LEFT tiles of a block remain (the kernel's
+  template parameter), and the host's uniform length against a cache_seqlens load;
+- batch 16 (when asked for, e.g. 16x32768): the cluster kernel's loop as a one-split
+  kernel (flash_decode_cluster<T, 128, 1, STAGES>: 256 threads, 32, 64 or 96 KiB in
+  flight a block for 2, 3, 4 stages) against flash_decode (32 KiB in flight). Session 20:
+  no better (R1 of session 21).
 
 Every variant goes through the package's launcher (its module settings patched), so
 everything but the variant is what attention_decode does.
 
-    python3 benchmarks/decode_prefetch.py                 # batch 1 at 8k..32k, batch 16
+    python3 benchmarks/decode_prefetch.py                 # batch 1 at 8k..128k
     python3 benchmarks/decode_prefetch.py 1x8192 16x32768
     PF_DTYPE=float16 python3 benchmarks/decode_prefetch.py
 
@@ -33,7 +33,7 @@ timer, stream, torch, backends, copy_gbs = bench.lab_session(cupy)
 dtype_name = os.environ.get("PF_DTYPE", "bfloat16")
 dt = bench._dtype(dtype_name)
 ctype = {"bfloat16": "__nv_bfloat16", "float16": "__half"}[dtype_name]
-cases = [(1, 8192), (1, 16384), (1, 32768), (16, 8192), (16, 32768), (16, 131072)]
+cases = [(1, 8192), (1, 16384), (1, 32768), (1, 131072)]
 if len(sys.argv) > 1:
     cases = [tuple(int(x) for x in c.split("x")) for c in sys.argv[1:]]
 H = Hk = 8
@@ -41,21 +41,18 @@ D = 128
 ROUNDS = int(os.environ.get("PF_ROUNDS", "2"))
 
 SETTINGS = ("uses_cluster", "CLUSTER_SIZE", "cluster_name", "CLUSTER_SMEM_BYTES",
-            "CLUSTER_PREFETCH_TILES", "PREFETCH_L2_FRACTION")
+            "CLUSTER_PREFETCH_TILES")
 original = {name: getattr(_cupy_decode, name) for name in SETTINGS}
 
 
-def variant(label, uniform=True, tiles=None, fraction=None, cluster=None, stages=3,
-            evict_first=False):
+def variant(label, uniform=True, tiles=None, cluster=None, stages=3, allow_left=2):
     """(label, uniform lengths passed, module settings) of one variant."""
     settings = {}
     if tiles is not None:
         settings["CLUSTER_PREFETCH_TILES"] = tiles
-    if fraction is not None:
-        settings["PREFETCH_L2_FRACTION"] = fraction
     if cluster is not None:   # the cluster kernel with `cluster` blocks a kv head, forced
         expr = (f"cupyflash::flash_decode_cluster<{ctype}, {D}, {cluster}, {stages}, "
-                f"{'true' if evict_first else 'false'}>")
+                f"{allow_left}>")
         settings.update(uses_cluster=lambda *a: True, CLUSTER_SIZE=cluster,
                         cluster_name=lambda *a, e=expr: e,
                         CLUSTER_SMEM_BYTES=stages * 2 * 4 * _cupy_decode.CLUSTER_THREADS * 16
@@ -72,12 +69,10 @@ for B, L in cases:
     kv_bytes, q, caches, seqlens = bench.rotating_caches(cupy, B, L, H, Hk, D, dt)
     if B == 1:
         variants = [variant("package"), variant("lengths loaded", uniform=False),
-                    variant("P0", tiles=0), variant("P2 always", tiles=2, fraction=1e9),
-                    variant("P4 always", tiles=4, fraction=1e9),
-                    variant("P2 evict-first", tiles=2, cluster=8, evict_first=True),
-                    variant("P4 evict-first", tiles=4, fraction=1e9, cluster=8, evict_first=True)]
-        if L <= 8192:
-            variants.append(variant("P8 always", tiles=8, fraction=1e9))
+                    variant("P0", tiles=0), variant("P1 A2", tiles=1),
+                    variant("P3 A2", tiles=3), variant("P2 A1", cluster=8, allow_left=1),
+                    variant("P2 A3", cluster=8, allow_left=3),
+                    variant("P4 A3", tiles=4, cluster=8, allow_left=3)]
     else:
         variants = [variant("package"), variant("C1 S2", cluster=1, stages=2),
                     variant("C1 S3", cluster=1, stages=3), variant("C1 S4", cluster=1, stages=4)]

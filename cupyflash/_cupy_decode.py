@@ -51,7 +51,7 @@ import numpy as np
 
 from . import _kernels, _launch
 from ._cupy_backend import (_DTYPE_TO_CUDA, _compute_capability, _device_of, _on_device,
-                            l2_bytes, num_sms, stream_counters, stream_workspace)
+                            num_sms, stream_counters, stream_workspace)
 
 SOURCE = "flash_decode.cuh"
 
@@ -408,30 +408,27 @@ def cluster_block_n(head_dim):
 
 # Before its PDL wait, a block of the cluster kernel prefetches the first
 # CLUSTER_PREFETCH_TILES tiles of its split to L2 (DecodeParams::prefetch_keys), while the
-# grid before it still runs, so that its first copies after the wait hit L2 instead of
-# waiting ~1.8 us for DRAM (session 19's timeline). Its blocks start when the grid before
-# them starts (allow_next_grid), so the prefetched rows must outlive that whole grid's
-# reading in L2: only calls whose K and V take at most PREFETCH_L2_FRACTION of the L2 cache
-# prefetch (batch 1, 8k keys: 32 MiB of an H100's 50), and only with every sequence of one
-# length (known on the host before the wait, no cache_seqlens load). 0 tiles: never.
+# grid before it ends, so that its first copies after the wait hit L2 instead of waiting
+# ~1.8 us for DRAM (session 19's timeline). A prefetching grid allows the next one only
+# with 2 tiles of its blocks left (DecodeClusterTraits::ALLOW_LEFT), so the prefetched rows
+# are read ~2.5 us later, whatever the call's size. Only with every sequence of one length
+# (known on the host before the wait: no cache_seqlens load). 0 tiles: never, and the next
+# grid is allowed at the start. Session 21, batch 1, 8k, bf16: 13.4-13.5 us against
+# 13.9-14.0 (the lab kernel, cluster_decode.py CL_TRIGGER=1).
 CLUSTER_PREFETCH_TILES = 2
-PREFETCH_L2_FRACTION = 0.75
 
 
-def cluster_prefetch_keys(uniform_keys, pairs, D, Dv, itemsize, l2_cache_bytes):
+def cluster_prefetch_keys(uniform_keys, head_dim):
     """DecodeParams::prefetch_keys of a cluster call: keys per split to prefetch.
 
-    >>> cluster_prefetch_keys(8192, 8, 128, 128, 2, 50 << 20)      # batch 1, 8k: 32 MiB
+    >>> cluster_prefetch_keys(8192, 128)      # batch 1, 8k: 2 tiles of 64 keys
     128
-    >>> cluster_prefetch_keys(32768, 8, 128, 128, 2, 50 << 20)     # 128 MiB: no
-    0
-    >>> cluster_prefetch_keys(-1, 8, 128, 128, 2, 50 << 20)        # lengths differ: no
+    >>> cluster_prefetch_keys(-1, 128)        # lengths differ: no
     0
     """
-    call_bytes = pairs * max(uniform_keys, 0) * (D + Dv) * itemsize
-    if uniform_keys <= 0 or call_bytes > PREFETCH_L2_FRACTION * l2_cache_bytes:
+    if uniform_keys <= 0:
         return 0
-    return CLUSTER_PREFETCH_TILES * cluster_block_n(max(D, Dv))
+    return CLUSTER_PREFETCH_TILES * cluster_block_n(head_dim)
 
 
 def uses_cluster(compute_capability, dtype_name, D, Dv, M, pairs, paged, vectorized,
@@ -512,8 +509,9 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_tab
     ``max_keys`` is the longest ``cache_seqlens[b] + L_new`` (the validation's host copy);
     it sizes the split choice. ``min_keys``, the shortest (None: not known): when both are
     equal the kernels take that length from their arguments instead of loading
-    ``cache_seqlens``, and the cluster kernel prefetches its first keys before its PDL wait. ``num_splits`` None chooses (:func:`choose_num_splits`);
-    an explicit count is used as given, except that splits beyond the tiles of the longest
+    ``cache_seqlens``, and the cluster kernel prefetches its first keys before its PDL
+    wait. ``num_splits`` None chooses (:func:`choose_num_splits`); an explicit count is
+    used as given, except that splits beyond the tiles of the longest
     sequence (which would be empty for every batch element) and beyond COMBINE_MAX_SPLITS
     are not launched.
     """
@@ -606,8 +604,7 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_tab
         mul, shift = page_divisor(page["page_size"])
         q_st, out_st = _strides(q), _strides(out)
         uniform_keys = max_keys if min_keys == max_keys else -1
-        prefetch_keys = cluster_prefetch_keys(uniform_keys, B * Hk, D, Dv, q.dtype.itemsize,
-                                              l2_bytes(device_id)) if clustered else 0
+        prefetch_keys = cluster_prefetch_keys(uniform_keys, D) if clustered else 0
         params = _pack(DECODE_PARAMS, dict(
             q=q.data.ptr, k=k_cache.data.ptr, v=v_cache.data.ptr,
             cache_seqlens=seqlens.data.ptr, block_table=table.data.ptr if paged else 0,

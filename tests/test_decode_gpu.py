@@ -665,13 +665,16 @@ def test_back_to_back_steps_see_each_others_writes(dtype, group, pdl, monkeypatc
     np.testing.assert_array_equal(gv.get(), np_v)
 
 
+@pytest.mark.parametrize("n0", [60, 4000])
 @pytest.mark.parametrize("pdl", ["1", "0"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_back_to_back_cluster_steps_prefetch_the_appended_keys(dtype, pdl, monkeypatch):
+def test_back_to_back_cluster_steps_prefetch_the_appended_keys(dtype, pdl, n0, monkeypatch):
     """test_back_to_back_steps_see_each_others_writes for the cluster kernel at batch 1
     (sm_90), whose blocks prefetch their first keys to L2 before their PDL wait, while the
-    append of the same call (which lets them start early) may still be writing: the
-    appended keys land in the prefetched tiles of a split, and every step sees them."""
+    append of the same call (which lets them start early) may still be writing. n0 = 60:
+    the appended keys land in the prefetched tiles of split 0, then split 1; n0 = 4000: 8
+    tiles a split, so each grid allows the next one late in its loop (ALLOW_LEFT), and the
+    appends land in split 7's seventh tile. Every step sees them."""
     if not _sm90():
         pytest.skip("thread-block clusters need sm_90")
     from cupyflash import _cupy_decode, _launch
@@ -684,9 +687,8 @@ def test_back_to_back_cluster_steps_prefetch_the_appended_keys(dtype, pdl, monke
         launched.append(options.get("cluster"))
         return real_launch(kernel, grid, block, params, shared_mem, **options)
     monkeypatch.setattr(_launch, "launch", spy)
-    rng = np.random.default_rng(11 + int(pdl))
-    Hk, D, steps, max_len = 8, 128, 6, 256
-    n0 = 60    # the appends land in split 0's first tile, then split 1's
+    rng = np.random.default_rng(11 + int(pdl) + n0)
+    Hk, D, steps, max_len = 8, 128, 6, n0 + 196
     k_cache = rng.standard_normal((1, max_len, Hk, D)).astype(DTYPES[dtype])
     v_cache = rng.standard_normal((1, max_len, Hk, D)).astype(DTYPES[dtype])
     qs = rng.standard_normal((steps, 1, 1, Hk, D)).astype(DTYPES[dtype])

@@ -268,13 +268,6 @@ __device__ __forceinline__ void cp_async_16(unsigned smem_dst, const void* gmem_
                  :: "r"(smem_dst), "l"(gmem_src), "r"(src_bytes) : "memory");
 }
 
-// cp_async_16 with an L2 cache policy (createpolicy), e.g. evict-first for rows read once.
-__device__ __forceinline__ void cp_async_16_hint(unsigned smem_dst, const void* gmem_src,
-                                                 int src_bytes, unsigned long long policy) {
-    asm volatile("cp.async.cg.shared.global.L2::cache_hint.L2::256B [%0], [%1], 16, %2, %3;\n"
-                 :: "r"(smem_dst), "l"(gmem_src), "r"(src_bytes), "l"(policy) : "memory");
-}
-
 // Programmatic dependent launch (PDL, sm_90; _launch.launch): a grid launched with it
 // may be scheduled while the grid before it in the stream still runs, so its launch and
 // block scheduling (~3 us between two decode calls at batch 1, session 12) overlap that
@@ -285,6 +278,7 @@ __device__ __forceinline__ void cp_async_16_hint(unsigned smem_dst, const void* 
 //   - allow_next_grid: once every block of this grid has passed here, the next grid
 //     (if launched with PDL) may be scheduled; its blocks then wait, resident, in
 //     their own wait_for_previous_grid for this grid to complete.
+//     (flash_decode_cluster, when it prefetches, allows it only near its end instead.)
 // On sm_80 both compile to nothing, and the launcher asks for PDL only on sm_90.
 __device__ __forceinline__ void allow_next_grid() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -1483,9 +1477,11 @@ flash_decode_mma(const DecodeParams p) {
 //
 //   grid:  B * Hk clusters of CLUSTER blocks; block s of cluster (b, hk) reads keys
 //          [s * C, (s + 1) * C) of its n_b keys, C = ceil(n_b / (CLUSTER * BLOCK_N)) tiles
-//   start: with every n_b equal (the host's uniform_keys), and a call small enough for
-//          L2 (the launcher's prefetch_keys), the first tiles are prefetched to L2 before
-//          the PDL wait, while the grid before runs; then q, then the first copies
+//   start: with every n_b equal (the host's uniform_keys, then prefetch_keys > 0), the
+//          first tiles are prefetched to L2 before the PDL wait, while the grid before
+//          ends; then q, then the first copies. Such a grid allows the next one only
+//          when ALLOW_LEFT tiles of its block remain, so that the next grid's blocks
+//          arrive, and prefetch, as this grid's reads end and the DRAM would go idle
 //   block: 8 warps; the LANES_PER_KEY = HEAD_DIM / 8 lanes of a key own one 16-byte
 //          vector (8 columns) each of its K and V rows; a tile is BLOCK_N keys, KEYS per
 //          thread, copied by the thread itself (cp.async, STAGES deep) and read back only
@@ -1507,14 +1503,18 @@ flash_decode_mma(const DecodeParams p) {
 // tails). A cluster of 8 blocks with 96 KiB of tiles each runs one block per SM and reads
 // at the rate of 16 splits of flash_decode, and its st.async merge adds ~0.6 us. The
 // first tile took ~1.8 us to arrive from DRAM (session 19's timeline), hence the prefetch.
+// Prefetched by blocks that arrive with the grid before (allowed at its start), the rows
+// were gone from L2 by the time they were read, and the call was 0.6-0.8 us slower;
+// prefetched ~2.5 us before they are read (allowed with 2 tiles left), the call was
+// 0.5 us faster (session 21, cluster_decode.py CL_TRIGGER=1).
 // Clusters of 12 or 16, or blocks that an SM holds two of, got two blocks of a cluster
 // on one SM (session 15); so did batch 2 (128 blocks: 7-31% slower than flash_decode).
 // ----------------------------------------------------------------------------------------
 // Lab parameters (benchmarks/decode_prefetch.py; the launcher uses the defaults): CLUSTER
 // = 1 runs the same loop as a one-split kernel, one block per (b, hk) in clusters of one,
-// with STAGES 2..4, against flash_decode at batch 16; EVICT_FIRST marks the tiles' rows
-// evict-first in L2, so that the streaming rows go before the next grid's prefetched ones.
-template <typename T, int HEAD_DIM, int CLUSTER_ = 8, int STAGES_ = 3, bool EVICT_FIRST_ = false>
+// with STAGES 2..4, against flash_decode at batch 16; ALLOW_LEFT: the tiles left when a
+// prefetching grid allows the next one.
+template <typename T, int HEAD_DIM, int CLUSTER_ = 8, int STAGES_ = 3, int ALLOW_LEFT_ = 2>
 struct DecodeClusterTraits {
     using Acc = float;
     static constexpr int CLUSTER = CLUSTER_;               // splits of a kv head (portable size)
@@ -1526,7 +1526,7 @@ struct DecodeClusterTraits {
     static constexpr int KEYS = 4;                         // keys per thread and tile
     static constexpr int BLOCK_N = KEYS_PER_PASS * KEYS;   // a tile: 16 KiB of K, 16 of V
     static constexpr int STAGES = STAGES_;                 // 3: 64 KiB in flight while computing
-    static constexpr bool EVICT_FIRST = EVICT_FIRST_;
+    static constexpr int ALLOW_LEFT = ALLOW_LEFT_;         // see "start" above
     static constexpr int SMEM_BYTES = STAGES * 2 * KEYS * NUM_THREADS * 16 + DECODE_PIPE_ALIGN;
     static constexpr int MERGE_WORDS = CLUSTER * (HEAD_DIM + 2);  // what block 0 receives
     static_assert(sizeof(T) == 2, "fp16 or bf16");
@@ -1562,11 +1562,11 @@ __device__ __forceinline__ void send_to_rank0(const float* local_word, float x, 
 
 }  // namespace decode
 
-template <typename T, int HEAD_DIM, int CLUSTER_ = 8, int STAGES_ = 3, bool EVICT_FIRST_ = false>
+template <typename T, int HEAD_DIM, int CLUSTER_ = 8, int STAGES_ = 3, int ALLOW_LEFT_ = 2>
 __global__ void __launch_bounds__(DecodeClusterTraits<T, HEAD_DIM>::NUM_THREADS, 1)
 flash_decode_cluster(const DecodeParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    using Tr = DecodeClusterTraits<T, HEAD_DIM, CLUSTER_, STAGES_, EVICT_FIRST_>;
+    using Tr = DecodeClusterTraits<T, HEAD_DIM, CLUSTER_, STAGES_, ALLOW_LEFT_>;
     using Math = DecodeMath<T>;
     constexpr int CLUSTER = Tr::CLUSTER, NUM_WARPS = Tr::NUM_WARPS, NUM_THREADS = Tr::NUM_THREADS;
     constexpr int VEC = Tr::VEC, LANES_PER_KEY = Tr::LANES_PER_KEY, KEYS = Tr::KEYS;
@@ -1609,11 +1609,12 @@ flash_decode_cluster(const DecodeParams p) {
     };
 
     // -- before the PDL wait, with the host's length: the split's first prefetch_keys
-    // keys of K and V into L2, one bulk prefetch per row, while the grid before still
-    // runs; after the wait the first tiles' copies find them there. Safe whatever that
-    // grid writes (an append): a prefetch gives the block no value, and L2 is where
-    // every write lands.
-    if (p.prefetch_keys > 0) {
+    // keys of K and V into L2, one bulk prefetch per row, while the grid before ends;
+    // after the wait the first tiles' copies find them there. Safe whatever that grid
+    // writes (an append): a prefetch gives the block no value, and L2 is where every
+    // write lands.
+    const bool prefetching = p.prefetch_keys > 0;
+    if (prefetching) {
         const int n = static_cast<int>(p.uniform_keys);
         const int t0 = static_cast<int>(rank) * chunk(n);
         const int rows = min(min(n, t0 + chunk(n)) - t0, static_cast<int>(p.prefetch_keys));
@@ -1624,7 +1625,7 @@ flash_decode_cluster(const DecodeParams p) {
         }
     }
     decode::wait_for_previous_grid();
-    decode::allow_next_grid();
+    if (!prefetching) decode::allow_next_grid();   // else with ALLOW_LEFT tiles left
 
     // q first (its loads then return before the first tile's), and the sequence's length
     const T* q_row = static_cast<const T*>(p.q) + b * p.q_batch_stride + hk * p.q_head_stride;
@@ -1642,15 +1643,6 @@ flash_decode_cluster(const DecodeParams p) {
     auto slot = [&](int stage, int i) {  // i < KEYS: K of key i, else V of key i - KEYS
         return pipe + (stage * 2 * KEYS + i) * (NUM_THREADS * 16);
     };
-    unsigned long long evict_first = 0;
-    if constexpr (Tr::EVICT_FIRST)
-        asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(evict_first));
-    auto copy = [&](unsigned dst, const void* src, int bytes) {
-        if constexpr (Tr::EVICT_FIRST)
-            decode::cp_async_16_hint(dst, src, bytes, evict_first);
-        else
-            decode::cp_async_16(dst, src, bytes);
-    };
     auto load_tile = [&](int j) {
         if (j < num_tiles) {
             const int stage = j % STAGES;
@@ -1658,12 +1650,12 @@ flash_decode_cluster(const DecodeParams p) {
             for (int i = 0; i < KEYS; ++i) {
                 const int t = k0 + j * BLOCK_N + kt + i * KEYS_PER_PASS;
                 const bool valid = t < k1;
-                copy(slot(stage, i),
-                     valid ? static_cast<const void*>(k_base + t * p.k_token_stride) : p.k,
-                     valid ? 16 : 0);
-                copy(slot(stage, KEYS + i),
-                     valid ? static_cast<const void*>(v_base + t * p.v_token_stride) : p.v,
-                     valid ? 16 : 0);
+                decode::cp_async_16(slot(stage, i),
+                    valid ? static_cast<const void*>(k_base + t * p.k_token_stride) : p.k,
+                    valid ? 16 : 0);
+                decode::cp_async_16(slot(stage, KEYS + i),
+                    valid ? static_cast<const void*>(v_base + t * p.v_token_stride) : p.v,
+                    valid ? 16 : 0);
             }
         }
         decode::cp_async_commit();  // one group per tile, possibly empty: wait counts match
@@ -1679,6 +1671,7 @@ flash_decode_cluster(const DecodeParams p) {
     for (int e = 0; e < VEC; ++e) acc[e] = 0.f;
 
     for (int j = 0; j < num_tiles; ++j) {
+        if (prefetching && j == max(num_tiles - Tr::ALLOW_LEFT, 0)) decode::allow_next_grid();
         // the slot of tile j - 1, read and used in the previous iteration, is refilled first
         load_tile(j + STAGES - 1);
         decode::cp_async_wait<STAGES - 1>();
@@ -1723,6 +1716,8 @@ flash_decode_cluster(const DecodeParams p) {
             for (int e = 0; e < VEC; ++e) acc[e] += p_i * Math::to_acc(y.v[e]);
         }
     }
+
+    if (prefetching && num_tiles == 0) decode::allow_next_grid();   // an empty split
 
     // -- the warp's key groups (same columns, other keys, the same m)
 #pragma unroll
