@@ -447,7 +447,7 @@ def main():
         def ours(k, v):
             return lambda: _cupy_decode.attention_decode(q, k, v, seqlens, None, None, None,
                                                          num_splits=None, causal=False,
-                                                         scale=scale, max_keys=L)
+                                                         scale=scale, max_keys=L, min_keys=L)
         report("cupyflash attention_decode", timer([ours(k, v) for k, v in caches]))
         # float64 truth for cache 0
         qf = cupy.asnumpy(q.astype(np.float32)).astype(np.float64)[:, 0]       # (B, Hk, D)
