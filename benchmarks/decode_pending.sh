@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU run of the decode changes not yet measured (session 21: the cluster kernel's
-# L2 prefetch before its PDL wait, with the next grid allowed only when 2 tiles of a
-# block remain, so that it prefetches as the grid before ends). One device call, ~3 min:
+# The one-call GPU check of the decode work of sessions 20-21 (the cluster kernel's L2
+# prefetch before its PDL wait, with the next grid allowed only when 2 tiles of a block
+# remain, so that it prefetches as the grid before ends; R4 of
+# results/session21_H100.txt). Rerun it after changing a decode kernel. ~2 min:
 #
 #     OUT=/tmp/run bash benchmarks/decode_pending.sh
 #
