@@ -7,7 +7,9 @@ several queued calls are recorded) and prints, per call: the gap after the previ
 when the first tile landed, when the main loop ended, the partial store, the split
 counter, the last block's merge and the end. Stamps whose anchor text is gone from the
 kernel are skipped (printed as "skip stamp"). The one-row kernel by default; TL_CASES=B:L:H,...
-(H query heads over 8 kv heads) picks the cases, the tensor-core kernel for H > 8. Before that it times flat 16-byte reads of
+(H query heads over 8 kv heads) picks the cases, the tensor-core kernel for H > 8
+(TL_MMA_ONE_ROW=1: for H = 8 too). Stamp 7 marks the middle of a block's main loop (the
+.npy records in $OUT/w keep every stamp). Before that it times flat 16-byte reads of
 32 and 128 MiB (rotating over copies larger than L2) and cupy copies of the same bytes:
 what any kernel can reach at batch 1 and 4 (TL_SKIP_READS=1 skips them). Each call's line
 also counts the SMs its blocks ran on and the most blocks one SM took.
@@ -45,7 +47,7 @@ i = src.index('split_unit(const DecodeParams& p, unsigned unit')
 j = src.index('if (b >= p.B) return;', i) + len('if (b >= p.B) return;')
 src = src[:j] + ' TL_START();' + src[j:]
 i = src.index('decode::cp_async_wait<STAGES - 1>();', j) + len('decode::cp_async_wait<STAGES - 1>();')
-src = src[:i] + ' if (j == 0) TL(1);' + src[i:]
+src = src[:i] + ' if (j == 0) TL(1); if (j == num_tiles / 2) TL(7);' + src[i:]
 src = sub1(src, '    else main_loop(decode::BoolC<false>{});\n', '    else main_loop(decode::BoolC<false>{});\n    TL(2);\n')
 src = sub1(src, '    if (one_split || p.split_counters == nullptr) return;\n',
            '    TL(3);\n    if (one_split || p.split_counters == nullptr) return;\n')
@@ -53,7 +55,7 @@ src = sub1(src, '    if (one_split || p.split_counters == nullptr) return;\n',
 src = sub1(src, 'if (b >= p.B) return;\n\n    const int tid = threadIdx.x;\n    const int warp = tid / 32;',
            'if (b >= p.B) return;\n    TL_START();\n\n    const int tid = threadIdx.x;\n    const int warp = tid / 32;')
 src = sub1(src, '        decode::cp_async_wait<STAGES - 1>();\n        __syncwarp();\n',
-           '        decode::cp_async_wait<STAGES - 1>();\n        __syncwarp();\n        if (j == 0) TL(1);\n')
+           '        decode::cp_async_wait<STAGES - 1>();\n        __syncwarp();\n        if (j == 0) TL(1);\n        if (j == num_tiles / 2) TL(7);\n')
 src = sub1(src, '    decode::cp_async_wait<0>();\n    // every thread\'s copies have landed and every warp is done',
            '    TL(2);\n    decode::cp_async_wait<0>();\n    // every thread\'s copies have landed and every warp is done')
 src = sub1(src, '    if (!is_last) return;\n', '    TL(4);\n    if (!is_last) return;\n')
@@ -79,6 +81,8 @@ import cupyflash
 assert str(TLD) in cupyflash.__file__, cupyflash.__file__
 from cupyflash import _cupy_decode, _kernels
 import decode as bench
+if os.environ.get('TL_MMA_ONE_ROW'):   # one row on the tensor-core kernel
+    _cupy_decode.MMA_ONE_ROW = True
 def gptr(m, name):
     r = m.get_global_var(name)
     return int(r[0] if isinstance(r, tuple) else r)

@@ -1,0 +1,197 @@
+"""Would a balanced end make batch 16 faster? A read skeleton with dynamic chunks (session 22).
+
+At batch 16 with a 32k cache the one-row decode kernel runs one block per (b, kv head)
+unit, 128 blocks on 132 SMs, and the slowest block sets the time. Session 22's timeline
+(`TL_CASES=16:32768:8 decode_timeline.py`) put the blocks' loop ends 10 us apart (median
+677, max 683-689 us of ~686), with no block or SM slow from call to call. This lab tool
+asks how much of that a balanced end could win, before any kernel is written for it.
+
+Skeleton blocks read K and V of a (16, L, 8, 128) bf16 cache with no arithmetic (a cp.async
+ring of STAGES tiles of 32 keys x 256 bytes of K and of V, each thread reading back only
+its own vectors, launched with PDL, as `read_layout.py`'s head cut), in two ways:
+
+  static       one block per unit, all L keys of one kv head (the decode kernel's grid);
+  +sync S      static, in clusters of the 8 heads of a batch element, which wait for each
+               other every S tiles (barrier.cluster), so that they read the same rows together;
+  dyn C, G     G persistent blocks take chunks of C tiles from a global counter, round by
+               round over the 128 units (chunk c: unit c % 128, tiles (c / 128) * C ...),
+               claiming the next chunk when they start one, with the ring running on across
+               chunks (no drain between them), or unit by unit (unit-major): an upper bound on what balancing can give,
+               since a decode kernel would also have to merge the chunks' partial results.
+
+Each launch gets a counter of its own (a zeroed array, one slot per launch). It prints us
+per call and GB/s, with `attention_decode` and torch's cuDNN backend timed in the same run.
+
+    python3 benchmarks/balance_probe.py            # batch 16 at 32k keys
+    python3 benchmarks/balance_probe.py 16 131072  # batch, keys
+"""
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import numpy as np  # noqa: E402
+import cupy  # noqa: E402
+import decode as bench  # noqa: E402
+from cupyflash import _cupy_decode, _launch  # noqa: E402
+
+SRC = r'''
+struct P {
+    const char* k; const char* v; unsigned* counter; unsigned* out;
+    long long L;
+    long long units;    // B * 8 (b, kv head)
+    long long chunk;    // tiles per chunk
+    long long chunks;   // units * tiles per unit / chunk
+    long long order;    // 0: chunk c is (round c / units, unit c % units); 1: (unit, round)
+    long long sync;     // > 0: a cluster's blocks wait for each other every `sync` tiles
+};
+template <int NT, int STAGES>
+__global__ void __launch_bounds__(NT) dyn(const P p) {
+    constexpr int TB = 8192;                      // K (and V) bytes of a tile: 32 keys x 256
+    constexpr int VPT = TB / 16 / NT;
+    extern __shared__ __align__(128) unsigned char sm[];
+    __shared__ int claimed[2];
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    const int tid = threadIdx.x;
+    const unsigned smem = (unsigned)__cvta_generic_to_shared(sm) + tid * 16;
+    auto slot = [&](int st, int i) { return smem + (st * 2 * VPT + i) * NT * 16; };
+    const int chunk = (int)p.chunk, chunks = (int)p.chunks, units = (int)p.units;
+    auto chunk_base = [&](int c) {   // byte offset of the chunk's first key, its head's columns
+        const long long per = p.chunks / units;   // chunks per unit
+        const long long u = p.order ? c / per : c % units, r = p.order ? c % per : c / units;
+        return ((u / 8) * p.L + r * chunk * 32) * 2048 + (u % 8) * 256;
+    };
+    int lc = blockIdx.x;             // the chunk the loads are in, and the tile in it
+    if (lc >= chunks) return;
+    int lt = 0, parity = 0, loaded = 0;   // tiles issued
+    bool more = true;
+    long long base = chunk_base(lc);
+    auto load = [&](int j) {         // tile j of this block's sequence
+        if (more) {
+            const int st = j % STAGES;
+            ++loaded;
+#pragma unroll
+            for (int i = 0; i < VPT; ++i) {
+                const int o = (tid + i * NT) * 16;
+                const long long off = base + ((long long)lt * 32 + o / 256) * 2048 + o % 256;
+                asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;"
+                             :: "r"(slot(st, i)), "l"(p.k + off) : "memory");
+                asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;"
+                             :: "r"(slot(st, VPT + i)), "l"(p.v + off) : "memory");
+            }
+            // (after the copies: thread 0 waits for the atomic's value here, not before them)
+            if (lt == 0 && tid == 0)
+                claimed[parity] = (int)gridDim.x + (int)atomicAdd(p.counter, 1u);
+            if (++lt == chunk) {     // the next chunk: the one claimed when this one began
+                __syncthreads();
+                const int c = claimed[parity];
+                parity ^= 1;
+                lt = 0;
+                if (c < chunks) { lc = c; base = chunk_base(c); } else more = false;
+            }
+        }
+        asm volatile("cp.async.commit_group;" ::: "memory");
+    };
+    unsigned acc = 0;
+#pragma unroll
+    for (int j = 0; j < STAGES - 1; ++j) load(j);
+    for (int j = 0; j < loaded; ++j) {   // (loaded grows while the claims give chunks)
+        load(j + STAGES - 1);
+        if (p.sync > 0 && j % p.sync == 0) {   // lockstep: wait for the last arrival, arrive
+            if (j > 0) asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
+            asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+        }
+        asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 1) : "memory");
+        const int st = j % STAGES;
+#pragma unroll
+        for (int i = 0; i < 2 * VPT; ++i) {
+            unsigned a, b2, c, d;
+            asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];"
+                         : "=r"(a), "=r"(b2), "=r"(c), "=r"(d) : "r"(slot(st, i)) : "memory");
+            acc ^= a ^ b2 ^ c ^ d;
+        }
+    }
+    asm volatile("cp.async.wait_group 0;" ::: "memory");
+    if (p.sync > 0) asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
+    if (acc == 0x12345678u) p.out[0] = acc;
+    if (tid == 0) atomicAdd(p.out + 1, (unsigned)loaded);   // (the check: every tile once)
+}
+'''
+B = int(sys.argv[1]) if len(sys.argv) > 1 else 16
+L = int(sys.argv[2]) if len(sys.argv) > 2 else 32768
+Hk, D = 8, 128
+TILES = L // 32
+NAMES = ["dyn<128,3>", "dyn<256,3>"]
+mod = cupy.RawModule(code=SRC, options=("-std=c++17", "-arch=sm_90a"), name_expressions=NAMES)
+timer, stream, torch, backends, copy = bench.lab_session(cupy)
+print(f"batch {B}, {L} keys, {Hk} kv heads of {D}, bf16", flush=True)
+dt = bench._dtype("bfloat16")
+kv_bytes, q, caches, seqlens = bench.rotating_caches(cupy, B, L, Hk, Hk, D, dt)
+out = cupy.zeros(2, dtype=np.uint32)
+counters = cupy.zeros(1 << 16, dtype=np.uint32)
+pdt = np.dtype([(n, np.uint64) for n in ("k", "v", "c", "o")]
+               + [(n, np.int64) for n in ("L", "units", "chunk", "chunks", "order", "sync")])
+sms = cupy.cuda.runtime.getDeviceProperties(0)["multiProcessorCount"]
+
+
+def report(name, ms):
+    gbs = kv_bytes / ms / 1e6
+    print(f"{name:40s} {ms * 1e3:9.2f} us {gbs:6.0f} GB/s {gbs / copy:.3f} of copy", flush=True)
+
+
+def skeleton(name, chunk, grid, order=0, sync=0):
+    fn = mod.get_function(name)
+    fn = getattr(fn, "kernel", fn)
+    smem = 3 * 2 * 8192
+    cupy.cuda.driver.funcSetAttribute(
+        fn.ptr, cupy.cuda.driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
+    units = B * Hk
+    chunks = units * TILES // chunk
+    nxt = [0]
+
+    def mk(k, v):
+        def run():
+            i = nxt[0]
+            nxt[0] += 1
+            prm = np.array([(k.data.ptr, v.data.ptr, counters.data.ptr + 4 * i, out.data.ptr,
+                             L, units, chunk, chunks, order, sync)], pdt)[0]
+            _launch.launch(fn, (grid or units,), (int(name[4:7]),), prm, smem, overlap=True,
+                           cluster=8 if sync else None)
+        return run
+    counters.fill(0)
+    out.fill(0)
+    mk(*caches[0])()
+    stream.synchronize()
+    assert int(out[1].get()) == units * TILES, (name, chunk, grid, int(out[1].get()))
+    counters.fill(0)
+    nxt[0] = 0
+    ms = timer([mk(k, v) for k, v in caches], kv_bytes / 3.1e9)
+    assert nxt[0] < counters.size
+    return ms
+
+
+def package(k, v):
+    return lambda: _cupy_decode.attention_decode(q, k, v, seqlens, None, None, None,
+                                                 num_splits=None, causal=False,
+                                                 scale=D ** -0.5, max_keys=L)
+
+
+for rnd in range(2):
+    report(f"r{rnd} attention_decode", timer([package(k, v) for k, v in caches],
+                                             kv_bytes / 3.1e9))
+    if "torch_cudnn" in backends:
+        tq = bench.as_torch(torch, q).transpose(1, 2)
+        fns = [lambda k=k, v=v: backends["torch_cudnn"](
+            tq, bench.as_torch(torch, k).transpose(1, 2), bench.as_torch(torch, v).transpose(1, 2),
+            False) for k, v in caches]
+        report(f"r{rnd} torch cudnn", timer(fns, kv_bytes / 3.1e9))
+    for name in NAMES[:1]:
+        report(f"r{rnd} static {name}", skeleton(name, TILES, None))
+        for sync in (4, 16, 64):
+            report(f"r{rnd} static, cluster of 8 heads, sync {sync}",
+                   skeleton(name, TILES, None, sync=sync))
+        for chunk in (8, 16, 32, 64):
+            for order in (0, 1):
+                report(f"r{rnd} dyn C={chunk:<3d} G=132 {'unit-major' if order else 'round-major'}",
+                       skeleton(name, chunk, sms, order))
