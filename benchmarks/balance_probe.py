@@ -8,16 +8,20 @@ asks how much of that a balanced end could win, before any kernel is written for
 
 Skeleton blocks read K and V of a (16, L, 8, 128) bf16 cache with no arithmetic (a cp.async
 ring of STAGES tiles of 32 keys x 256 bytes of K and of V, each thread reading back only
-its own vectors, launched with PDL, as `read_layout.py`'s head cut), in two ways:
+its own vectors, launched with PDL, as `read_layout.py`'s head cut), in three ways:
 
   static       one block per unit, all L keys of one kv head (the decode kernel's grid);
-  +sync S      static, in clusters of the 8 heads of a batch element, which wait for each
-               other every S tiles (barrier.cluster), so that they read the same rows together;
-  dyn C, G     G persistent blocks take chunks of C tiles from a global counter, round by
-               round over the 128 units (chunk c: unit c % 128, tiles (c / 128) * C ...),
-               claiming the next chunk when they start one, with the ring running on across
-               chunks (no drain between them), or unit by unit (unit-major): an upper bound on what balancing can give,
-               since a decode kernel would also have to merge the chunks' partial results.
+  sync S       static, in clusters of the 8 heads of a batch element, which wait for
+               each other every S tiles (barrier.cluster): they read the same rows together;
+  dyn C        132 persistent blocks take chunks of C tiles from a global counter, round
+               by round over the 128 units (chunk c: unit c % 128, tiles (c / 128) * C
+               ...), or unit by unit (unit-major), claiming the next chunk when they start
+               one, the ring running on across chunks (no drain between them): an upper
+               bound, since a decode kernel would also merge the chunks' partial results.
+
+Session 22 (benchmarks/NOTES.md, R3): static 683.0 us, dyn round by round 677.5 (C = 8),
+unit by unit 686.6, clusters 700-706: the order, not the balance alone, gave the 0.8%;
+the kernel built on it did not keep it (R8).
 
 Each launch gets a counter of its own (a zeroed array, one slot per launch). It prints us
 per call and GB/s, with `attention_decode` and torch's cuDNN backend timed in the same run.
