@@ -23,11 +23,28 @@ Session 22 (benchmarks/NOTES.md, R3): static 683.0 us, dyn round by round 677.5 
 unit by unit 686.6, clusters 700-706: the order, not the balance alone, gave the 0.8%;
 the kernel built on it did not keep it (R8).
 
-Each launch gets a counter of its own (a zeroed array, one slot per launch). It prints us
-per call and GB/s, with `attention_decode` and torch's cuDNN backend timed in the same run.
+Session 23 added three modes (benchmarks/NOTES.md, "Session 23"):
+
+  rot          static units that start at other tiles (and wrap around), or of other
+               shapes (whole rows, several heads or key streams a block): where the
+               blocks of a batch element read different key rows at a time (heads
+               started apart, key ranges split between blocks) the read is 1-3.5%
+               slower; batch elements started apart, or whole rows whose 8 blocks read
+               neighbouring keys, cost nothing;
+  throttle     static blocks that count their tiles in a global word and nap when ahead
+               of the grid's mean: the count alone costs 1.5% at every 8 tiles;
+  alloc        the same cache at four places in memory, each read by every skeleton,
+               `attention_decode` and cuDNN: where it lies moves ours by up to 1.5%.
+
+Each launch gets a pair of counters of its own (a zeroed array, two slots per launch). It
+prints us per call and GB/s, with `attention_decode` and torch's cuDNN backend timed in
+the same run.
 
     python3 benchmarks/balance_probe.py            # batch 16 at 32k keys
     python3 benchmarks/balance_probe.py 16 131072  # batch, keys
+    python3 benchmarks/balance_probe.py 16 32768 rot   # static units starting at other tiles
+    python3 benchmarks/balance_probe.py 16 32768 throttle   # blocks ahead of the mean nap
+    python3 benchmarks/balance_probe.py 16 32768 alloc   # four placements of the same cache
 """
 import pathlib
 import sys
@@ -48,7 +65,27 @@ struct P {
     long long chunks;   // units * tiles per unit / chunk
     long long order;    // 0: chunk c is (round c / units, unit c % units); 1: (unit, round)
     long long sync;     // > 0: a cluster's blocks wait for each other every `sync` tiles
+    long long rot;      // static only: unit u starts at tile rot_start(u) and wraps around
+    long long thr;      // > 0: every `thr` tiles a block adds them to a progress count (counter[1])
+    long long slack;    // and naps while more than `slack` tiles ahead of the grid's mean,
+    long long nap;      // `nap` ns, once per check (no block waits for another)
+    long long maxwait;  // (unused)
 };
+// The tile a static unit starts at: 0; by batch element (b * TILES / B); by unit; by kv
+// head (h * TILES / 8, batch elements in step); or scattered by a hash of the unit.
+__device__ long long rot_start(const P& p, long long u) {
+    const long long tiles = p.L / 32, B = p.units / 8;
+    switch ((int)p.rot) {
+    case 1: return (u / 8) * tiles / B;
+    case 2: return u * tiles / p.units;
+    case 3: return (u % 8) * tiles / 8;
+    case 4: return ((u * 2654435761ull) >> 7) % tiles;
+    case 5: case 6: case 7: case 10: case 11: case 12: return 0;   // (see the copies)
+    case 8: return (u / 8) % tiles;         // batch elements a tile apart
+    case 9: return (u / 8) * 3 % tiles;     // three tiles apart
+    default: return 0;
+    }
+}
 template <int NT, int STAGES>
 __global__ void __launch_bounds__(NT) dyn(const P p) {
     constexpr int TB = 8192;                      // K (and V) bytes of a tile: 32 keys x 256
@@ -71,6 +108,7 @@ __global__ void __launch_bounds__(NT) dyn(const P p) {
     int lt = 0, parity = 0, loaded = 0;   // tiles issued
     bool more = true;
     long long base = chunk_base(lc);
+    const long long rot0 = p.rot ? rot_start(p, lc) : 0, tiles = p.L / 32;
     auto load = [&](int j) {         // tile j of this block's sequence
         if (more) {
             const int st = j % STAGES;
@@ -78,7 +116,34 @@ __global__ void __launch_bounds__(NT) dyn(const P p) {
 #pragma unroll
             for (int i = 0; i < VPT; ++i) {
                 const int o = (tid + i * NT) * 16;
-                const long long off = base + ((long long)lt * 32 + o / 256) * 2048 + o % 256;
+                long long t = lt + rot0;                      // (static: one chunk)
+                if (t >= tiles) t -= tiles;
+                // Static units of other shapes (unit lc = (b, s), s < 8; o: the byte in a
+                // tile of 8 KiB; piece kk = o / 256, a key's 256 bytes of one head):
+                //  5: whole rows, interleaved: tile lt is keys (lt * 8 + s) * 4 .. + 4, all
+                //     8 heads (the 8 units of b read 32 neighbouring keys together);
+                //  6 / 7: one head, the tile's 32 keys 8 of each quarter (16 of each half);
+                // 10: whole rows, unit s takes keys s * L / 8 .. (s + 1) * L / 8;
+                // 11: heads 2 (s % 4) and the next, keys of half s / 4, 16 keys a tile;
+                // 12: heads 4 (s % 2) .. + 3, keys of quarter s / 2, 8 keys a tile.
+                const long long kk = o / 256, b = lc / 8, su = lc % 8;
+                long long off;
+                switch ((int)p.rot) {
+                case 5: off = (b * p.L + (lt * 8 + su) * 4 + o / 2048) * 2048 + o % 2048; break;
+                case 6: off = base + ((kk / 8) * (p.L / 4) + lt * 8 + kk % 8) * 2048 + o % 256;
+                        break;
+                case 7: off = base + ((kk / 16) * (p.L / 2) + lt * 16 + kk % 16) * 2048 + o % 256;
+                        break;
+                case 10: off = (b * p.L + su * (p.L / 8) + lt * 4 + o / 2048) * 2048 + o % 2048;
+                         break;
+                case 11: off = (b * p.L + (su / 4) * (p.L / 2) + lt * 16 + kk / 2) * 2048
+                               + (2 * (su % 4) + kk % 2) * 256 + o % 256;
+                         break;
+                case 12: off = (b * p.L + (su / 2) * (p.L / 4) + lt * 8 + kk / 4) * 2048
+                               + (4 * (su % 2) + kk % 4) * 256 + o % 256;
+                         break;
+                default: off = base + (t * 32 + kk) * 2048 + o % 256;
+                }
                 asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;"
                              :: "r"(slot(st, i)), "l"(p.k + off) : "memory");
                 asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;"
@@ -97,7 +162,7 @@ __global__ void __launch_bounds__(NT) dyn(const P p) {
         }
         asm volatile("cp.async.commit_group;" ::: "memory");
     };
-    unsigned acc = 0;
+    unsigned acc = 0, seen = 0;
 #pragma unroll
     for (int j = 0; j < STAGES - 1; ++j) load(j);
     for (int j = 0; j < loaded; ++j) {   // (loaded grows while the claims give chunks)
@@ -105,6 +170,26 @@ __global__ void __launch_bounds__(NT) dyn(const P p) {
         if (p.sync > 0 && j % p.sync == 0) {   // lockstep: wait for the last arrival, arrive
             if (j > 0) asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
             asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+        }
+        if (p.thr > 0 && j % p.thr == 0) {   // throttle: keep near the grid's mean
+            // Each warp on its own, nothing waited for: warp 0 adds the block's tiles (a
+            // reduction, no reply), lane 0 of every warp compares with the count it loaded
+            // at the last check and loads it again for the next; one nap when ahead.
+            const int warp = tid / 32, lane = tid % 32;
+            unsigned* progress = p.counter + 1;
+            if (tid == 0 && j > 0)
+                asm volatile("red.relaxed.gpu.global.add.u32 [%0], %1;"
+                             :: "l"(progress), "r"((unsigned)p.thr) : "memory");
+            int ahead = 0;
+            if (lane == 0) {
+                // (seen was loaded p.thr tiles ago)
+                ahead = j > p.thr
+                        && (long long)(j - p.thr) * units > (long long)seen + p.slack * units;
+                asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];"
+                             : "=r"(seen) : "l"(progress) : "memory");
+            }
+            if (__shfl_sync(0xffffffffu, ahead, 0)) __nanosleep((unsigned)p.nap);
+            (void)warp;
         }
         asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 1) : "memory");
         const int st = j % STAGES;
@@ -135,7 +220,8 @@ kv_bytes, q, caches, seqlens = bench.rotating_caches(cupy, B, L, Hk, Hk, D, dt)
 out = cupy.zeros(2, dtype=np.uint32)
 counters = cupy.zeros(1 << 16, dtype=np.uint32)
 pdt = np.dtype([(n, np.uint64) for n in ("k", "v", "c", "o")]
-               + [(n, np.int64) for n in ("L", "units", "chunk", "chunks", "order", "sync")])
+               + [(n, np.int64) for n in ("L", "units", "chunk", "chunks", "order", "sync", "rot",
+                                              "thr", "slack", "nap", "maxwait")])
 sms = cupy.cuda.runtime.getDeviceProperties(0)["multiProcessorCount"]
 
 
@@ -144,7 +230,7 @@ def report(name, ms):
     print(f"{name:40s} {ms * 1e3:9.2f} us {gbs:6.0f} GB/s {gbs / copy:.3f} of copy", flush=True)
 
 
-def skeleton(name, chunk, grid, order=0, sync=0):
+def skeleton(name, chunk, grid, order=0, sync=0, rot=0, thr=(0, 0, 0, 0)):
     fn = mod.get_function(name)
     fn = getattr(fn, "kernel", fn)
     smem = 3 * 2 * 8192
@@ -158,8 +244,8 @@ def skeleton(name, chunk, grid, order=0, sync=0):
         def run():
             i = nxt[0]
             nxt[0] += 1
-            prm = np.array([(k.data.ptr, v.data.ptr, counters.data.ptr + 4 * i, out.data.ptr,
-                             L, units, chunk, chunks, order, sync)], pdt)[0]
+            prm = np.array([(k.data.ptr, v.data.ptr, counters.data.ptr + 8 * i, out.data.ptr,
+                             L, units, chunk, chunks, order, sync, rot, *thr)], pdt)[0]
             _launch.launch(fn, (grid or units,), (int(name[4:7]),), prm, smem, overlap=True,
                            cluster=8 if sync else None)
         return run
@@ -171,7 +257,7 @@ def skeleton(name, chunk, grid, order=0, sync=0):
     counters.fill(0)
     nxt[0] = 0
     ms = timer([mk(k, v) for k, v in caches], kv_bytes / 3.1e9)
-    assert nxt[0] < counters.size
+    assert 2 * nxt[0] < counters.size
     return ms
 
 
@@ -181,15 +267,70 @@ def package(k, v):
                                                  scale=D ** -0.5, max_keys=L)
 
 
+ROT_NAMES = {1: "by batch element", 2: "by unit", 3: "by kv head", 4: "scattered",
+             5: "at 0, whole rows interleaved", 6: "at 0, 4 streams", 7: "at 0, 2 streams",
+             8: "b tiles", 9: "3 b tiles", 10: "whole rows, key ranges",
+             11: "2 heads, halves", 12: "4 heads, quarters"}
+
+
+def torch_cudnn():
+    tq = bench.as_torch(torch, q).transpose(1, 2)
+    return [lambda k=k, v=v: backends["torch_cudnn"](
+        tq, bench.as_torch(torch, k).transpose(1, 2), bench.as_torch(torch, v).transpose(1, 2),
+        False) for k, v in caches]
+
+
+if len(sys.argv) > 3 and sys.argv[3] == "rot":   # session 23: where each static unit starts
+    for rnd in range(4):
+        report(f"r{rnd} attention_decode", timer([package(k, v) for k, v in caches],
+                                                 kv_bytes / 3.1e9))
+        if "torch_cudnn" in backends:
+            report(f"r{rnd} torch cudnn", timer(torch_cudnn(), kv_bytes / 3.1e9))
+        for rot in (0, 5, 1):
+            report(f"r{rnd} static, start {ROT_NAMES.get(rot, 'at 0')}",
+                   skeleton(NAMES[0], TILES, None, rot=rot))
+        report(f"r{rnd} dyn C=8 G=132 round-major", skeleton(NAMES[0], 8, sms, 0))
+    sys.exit(0)
+
+if len(sys.argv) > 3 and sys.argv[3] == "alloc":   # session 23: six placements of the cache
+    k_vals, v_vals = caches[0]
+    pairs = [caches[0]]
+    for i in range(3):
+        k, v = cupy.empty_like(k_vals), cupy.empty_like(v_vals)
+        k[...] = k_vals
+        v[...] = v_vals
+        pairs.append((k, v))
+    for rnd in range(2):
+        for i, pair in enumerate(pairs):
+            caches[:] = [pair]
+            line = [f"r{rnd} pair {i}:"]
+            for name, fns in (("ours", [package(*pair)]), ("cudnn", torch_cudnn())):
+                line.append(f"{name} {timer(fns, kv_bytes / 3.1e9) * 1e3:7.2f}")
+            for rot in (0, 5, 10, 11, 12):
+                line.append(f"rot{rot} {skeleton(NAMES[0], TILES, None, rot=rot) * 1e3:7.2f}")
+            line.append(f"dyn8 {skeleton(NAMES[0], 8, sms, 0) * 1e3:7.2f}")
+            print("  ".join(line), flush=True)
+    sys.exit(0)
+
+if len(sys.argv) > 3 and sys.argv[3] == "throttle":   # session 23: blocks held near the mean
+    for rnd in range(2):
+        report(f"r{rnd} attention_decode", timer([package(k, v) for k, v in caches],
+                                                 kv_bytes / 3.1e9))
+        if "torch_cudnn" in backends:
+            report(f"r{rnd} torch cudnn", timer(torch_cudnn(), kv_bytes / 3.1e9))
+        report(f"r{rnd} static", skeleton(NAMES[0], TILES, None))
+        for every, slack, nap in ((8, 1 << 20, 0), (8, 2, 300), (8, 4, 300), (8, 4, 600),
+                                  (16, 4, 600), (16, 8, 1000), (32, 8, 1000), (4, 2, 300)):
+            report(f"r{rnd} static, every {every} slack {slack} nap {nap}",
+                   skeleton(NAMES[0], TILES, None, thr=(every, slack, nap, 20000)))
+        report(f"r{rnd} dyn C=8 G=132 round-major", skeleton(NAMES[0], 8, sms, 0))
+    sys.exit(0)
+
 for rnd in range(2):
     report(f"r{rnd} attention_decode", timer([package(k, v) for k, v in caches],
                                              kv_bytes / 3.1e9))
     if "torch_cudnn" in backends:
-        tq = bench.as_torch(torch, q).transpose(1, 2)
-        fns = [lambda k=k, v=v: backends["torch_cudnn"](
-            tq, bench.as_torch(torch, k).transpose(1, 2), bench.as_torch(torch, v).transpose(1, 2),
-            False) for k, v in caches]
-        report(f"r{rnd} torch cudnn", timer(fns, kv_bytes / 3.1e9))
+        report(f"r{rnd} torch cudnn", timer(torch_cudnn(), kv_bytes / 3.1e9))
     for name in NAMES[:1]:
         report(f"r{rnd} static {name}", skeleton(name, TILES, None))
         for sync in (4, 16, 64):

@@ -12,7 +12,9 @@ kernel are skipped (printed as "skip stamp"). The one-row kernel by default; TL_
 .npy records in $OUT/w keep every stamp). Before that it times flat 16-byte reads of
 32 and 128 MiB (rotating over copies larger than L2) and cupy copies of the same bytes:
 what any kernel can reach at batch 1 and 4 (TL_SKIP_READS=1 skips them). Each call's line
-also counts the SMs its blocks ran on and the most blocks one SM took.
+also counts the SMs its blocks ran on and the most blocks one SM took. TL_PAIRS=n (session
+23) also times and stamps the same cache at n places in memory and prints which blocks
+end late at each place.
 
     python3 benchmarks/decode_timeline.py     # on the GPU, from the repository root
 """
@@ -152,6 +154,51 @@ with stream:
         m, _ = _kernels._load(0, _cupy_decode.SOURCE, cfg.name_expression, 'sm_90a', cfg.smem_bytes)
         buf = cupy.ndarray((1 << 20,), np.uint64, cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(gptr(m, 'tl_buf'), 8 << 20, m), 0))
         cnt = cupy.ndarray((1,), np.uint32, cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(gptr(m, 'tl_count'), 4, m), 0))
+        if os.environ.get('TL_PAIRS'):
+            # session 23: the same cache at TL_PAIRS places in memory (each allocated on
+            # its own, all kept), one call queue each: which blocks end late, by place
+            pairs = [caches[0]]
+            for _ in range(int(os.environ['TL_PAIRS']) - 1):
+                k, v = cupy.empty_like(caches[0][0]), cupy.empty_like(caches[0][1])
+                k[...] = caches[0][0]
+                v[...] = caches[0][1]
+                pairs.append((k, v))
+            nq = 8
+            for pi, pair in enumerate(pairs):
+                pms = timer([launch(*pair)], kv_bytes / 2.5e9)
+                stream.synchronize()
+                buf.fill(0); cnt.fill(0)
+                timer.spin((1,), (1,), (np.uint64(3_000_000),))
+                for c in range(nq):
+                    launch(*pair)()
+                stream.synchronize()
+                n = int(cnt.get()[0]); per = n // nq
+                t = buf[: n * 16].get().reshape(n, 16).astype(np.int64)
+                np.save(OUT / f"tl_pair{pi}_B{B}_L{L}.npy", t)
+                ends = []   # (call, block id) -> loop end after the call's first start, us
+                for c in range(1, nq):
+                    r = t[c * per:(c + 1) * per]
+                    ids = r[:, 6] >> 32
+                    e = np.zeros(per)
+                    e[ids] = (r[:, 2] - r[:, 0].min()) / 1e3
+                    ends.append(e)
+                ends = np.array(ends)
+                late = ends - np.median(ends, axis=1, keepdims=True)
+                mean_late = late.mean(axis=0)
+                cc = np.corrcoef(late)[np.triu_indices(len(late), 1)]
+                print(f"pair {pi}: {pms*1e3:.2f} us/call; loop ends median "
+                      f"{np.median(ends):.1f}, max-median per call "
+                      f"{np.round(late.max(axis=1), 1).tolist()}; lateness corr between "
+                      f"calls {cc.mean():.2f} [{cc.min():.2f}, {cc.max():.2f}]", flush=True)
+                if per == B * Hk:
+                    by = mean_late.reshape(B, Hk)
+                    print(f"   mean lateness by b:  {np.round(by.mean(1), 1).tolist()}")
+                    print(f"   mean lateness by hk: {np.round(by.mean(0), 1).tolist()}")
+                    latest = np.argsort(-mean_late)[:8]
+                    print(f"   latest blocks (id: us): "
+                          f"{[(int(i), round(float(mean_late[i]), 1)) for i in latest]}",
+                          flush=True)
+            del pairs
         # queue: spin then 6 calls; record all
         stream.synchronize()
         buf.fill(0); cnt.fill(0)
