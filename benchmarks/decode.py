@@ -17,8 +17,13 @@ What is timed, and how:
   kernel, "no clust" with flash_decode where the call runs flash_decode_cluster); the public call adds the validation's host synchronisation (it reads
   ``cache_seqlens`` to the host) and ~50 us of Python, reported separately as "api".
   Calls rotate over enough copies of the cache to exceed four times the L2 cache, so
-  every call reads its keys and values from DRAM. Median of ``--reps`` repetitions of a
-  queue of ``--calls`` calls (fewer for long calls: ~20 ms of work per queue).
+  every call reads its keys and values from DRAM, and over at least ``--places`` (4)
+  copies where half the free memory holds them: where a cache lies in memory moves one
+  kernel's time by up to ~1.5% (session 23: batch 16, 32k, the same cache allocated at six
+  places read in 678-688 us by flash_decode, 685-687 by cuDNN, each place the same in
+  every round), so a line timed on one allocation is one draw of that. Median of
+  ``--reps`` repetitions of a queue of ``--calls`` calls (fewer for long calls: ~20 ms of
+  work per queue).
 * **bandwidth**: the K and V bytes the call must read, ``B * Hk * L * 2 * D * itemsize``,
   over the kernel time, against a device-to-device copy of 1 GiB (read + write bytes over
   its time) measured in the same run, and as a ratio to torch's best SDPA backend
@@ -357,6 +362,9 @@ def main(argv=None):
     ap.add_argument("--no-compare-combine", action="store_true",
                     help="do not also time the splits merged by a second launch, nor one "
                          "row per kv head on the tensor-core kernel")
+    ap.add_argument("--places", type=int, default=4,
+                    help="separately allocated caches to rotate over at least (where half "
+                         "the free memory holds them): the time is then their mean")
     ap.add_argument("--out", default=None, help="JSON file to append records to")
     args = ap.parse_args(argv)
 
@@ -392,8 +400,9 @@ def main(argv=None):
                 for L in lengths:
                     for B in batches:
                         kv_bytes = 2 * B * L * Hk * D * dt.itemsize
-                        copies = max(1, math.ceil(4 * l2_bytes / kv_bytes))
                         free, _ = cupy.cuda.runtime.memGetInfo()
+                        copies = max(1, math.ceil(4 * l2_bytes / kv_bytes),
+                                     min(args.places, int(0.5 * free // kv_bytes)))
                         if copies * kv_bytes > 0.8 * free:
                             print(f"{dtype_name:9s} {B:3d} {H:2d}/{Hk:<2d} {L:7d} | skipped: "
                                   f"{copies * kv_bytes / 2**30:.1f} GiB of cache needed")
