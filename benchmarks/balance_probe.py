@@ -280,19 +280,24 @@ def torch_cudnn():
         False) for k, v in caches]
 
 
+def references(rnd):
+    """Round ``rnd``'s lines for the package's kernel and cuDNN on the same caches."""
+    report(f"r{rnd} attention_decode", timer([package(k, v) for k, v in caches],
+                                             kv_bytes / 3.1e9))
+    if "torch_cudnn" in backends:
+        report(f"r{rnd} torch cudnn", timer(torch_cudnn(), kv_bytes / 3.1e9))
+
+
 if len(sys.argv) > 3 and sys.argv[3] == "rot":   # session 23: where each static unit starts
     for rnd in range(4):
-        report(f"r{rnd} attention_decode", timer([package(k, v) for k, v in caches],
-                                                 kv_bytes / 3.1e9))
-        if "torch_cudnn" in backends:
-            report(f"r{rnd} torch cudnn", timer(torch_cudnn(), kv_bytes / 3.1e9))
+        references(rnd)
         for rot in (0, 5, 1):
             report(f"r{rnd} static, start {ROT_NAMES.get(rot, 'at 0')}",
                    skeleton(NAMES[0], TILES, None, rot=rot))
         report(f"r{rnd} dyn C=8 G=132 round-major", skeleton(NAMES[0], 8, sms, 0))
     sys.exit(0)
 
-if len(sys.argv) > 3 and sys.argv[3] == "alloc":   # session 23: six placements of the cache
+if len(sys.argv) > 3 and sys.argv[3] == "alloc":   # session 23: four places of the cache
     k_vals, v_vals = caches[0]
     pairs = [caches[0]]
     for i in range(3):
@@ -314,10 +319,7 @@ if len(sys.argv) > 3 and sys.argv[3] == "alloc":   # session 23: six placements 
 
 if len(sys.argv) > 3 and sys.argv[3] == "throttle":   # session 23: blocks held near the mean
     for rnd in range(2):
-        report(f"r{rnd} attention_decode", timer([package(k, v) for k, v in caches],
-                                                 kv_bytes / 3.1e9))
-        if "torch_cudnn" in backends:
-            report(f"r{rnd} torch cudnn", timer(torch_cudnn(), kv_bytes / 3.1e9))
+        references(rnd)
         report(f"r{rnd} static", skeleton(NAMES[0], TILES, None))
         for every, slack, nap in ((8, 1 << 20, 0), (8, 2, 300), (8, 4, 300), (8, 4, 600),
                                   (16, 4, 600), (16, 8, 1000), (32, 8, 1000), (4, 2, 300)):
@@ -327,10 +329,7 @@ if len(sys.argv) > 3 and sys.argv[3] == "throttle":   # session 23: blocks held 
     sys.exit(0)
 
 for rnd in range(2):
-    report(f"r{rnd} attention_decode", timer([package(k, v) for k, v in caches],
-                                             kv_bytes / 3.1e9))
-    if "torch_cudnn" in backends:
-        report(f"r{rnd} torch cudnn", timer(torch_cudnn(), kv_bytes / 3.1e9))
+    references(rnd)
     for name in NAMES[:1]:
         report(f"r{rnd} static {name}", skeleton(name, TILES, None))
         for sync in (4, 16, 64):
