@@ -69,7 +69,6 @@ struct P {
     long long thr;      // > 0: every `thr` tiles a block adds them to a progress count (counter[1])
     long long slack;    // and naps while more than `slack` tiles ahead of the grid's mean,
     long long nap;      // `nap` ns, once per check (no block waits for another)
-    long long maxwait;  // (unused)
 };
 // The tile a static unit starts at: 0; by batch element (b * TILES / B); by unit; by kv
 // head (h * TILES / 8, batch elements in step); or scattered by a hash of the unit.
@@ -175,7 +174,7 @@ __global__ void __launch_bounds__(NT) dyn(const P p) {
             // Each warp on its own, nothing waited for: warp 0 adds the block's tiles (a
             // reduction, no reply), lane 0 of every warp compares with the count it loaded
             // at the last check and loads it again for the next; one nap when ahead.
-            const int warp = tid / 32, lane = tid % 32;
+            const int lane = tid % 32;
             unsigned* progress = p.counter + 1;
             if (tid == 0 && j > 0)
                 asm volatile("red.relaxed.gpu.global.add.u32 [%0], %1;"
@@ -189,7 +188,6 @@ __global__ void __launch_bounds__(NT) dyn(const P p) {
                              : "=r"(seen) : "l"(progress) : "memory");
             }
             if (__shfl_sync(0xffffffffu, ahead, 0)) __nanosleep((unsigned)p.nap);
-            (void)warp;
         }
         asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 1) : "memory");
         const int st = j % STAGES;
@@ -221,7 +219,7 @@ out = cupy.zeros(2, dtype=np.uint32)
 counters = cupy.zeros(1 << 16, dtype=np.uint32)
 pdt = np.dtype([(n, np.uint64) for n in ("k", "v", "c", "o")]
                + [(n, np.int64) for n in ("L", "units", "chunk", "chunks", "order", "sync", "rot",
-                                              "thr", "slack", "nap", "maxwait")])
+                                              "thr", "slack", "nap")])
 sms = cupy.cuda.runtime.getDeviceProperties(0)["multiProcessorCount"]
 
 
@@ -230,7 +228,7 @@ def report(name, ms):
     print(f"{name:40s} {ms * 1e3:9.2f} us {gbs:6.0f} GB/s {gbs / copy:.3f} of copy", flush=True)
 
 
-def skeleton(name, chunk, grid, order=0, sync=0, rot=0, thr=(0, 0, 0, 0)):
+def skeleton(name, chunk, grid, order=0, sync=0, rot=0, thr=(0, 0, 0)):
     fn = mod.get_function(name)
     fn = getattr(fn, "kernel", fn)
     smem = 3 * 2 * 8192
@@ -324,7 +322,7 @@ if len(sys.argv) > 3 and sys.argv[3] == "throttle":   # session 23: blocks held 
         for every, slack, nap in ((8, 1 << 20, 0), (8, 2, 300), (8, 4, 300), (8, 4, 600),
                                   (16, 4, 600), (16, 8, 1000), (32, 8, 1000), (4, 2, 300)):
             report(f"r{rnd} static, every {every} slack {slack} nap {nap}",
-                   skeleton(NAMES[0], TILES, None, thr=(every, slack, nap, 20000)))
+                   skeleton(NAMES[0], TILES, None, thr=(every, slack, nap)))
         report(f"r{rnd} dyn C=8 G=132 round-major", skeleton(NAMES[0], 8, sms, 0))
     sys.exit(0)
 
