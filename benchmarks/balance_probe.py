@@ -36,6 +36,16 @@ Session 23 added three modes (benchmarks/NOTES.md, "Session 23"):
   alloc        the same cache at four places in memory, each read by every skeleton,
                `attention_decode` and cuDNN: where it lies moves ours by up to 1.5%.
 
+Session 24 added three more (benchmarks/NOTES.md, "Session 24"), each at four places:
+
+  heads        lean skeletons `heads<HPB, 3>`: a block per (b, group of HPB neighbouring
+               kv heads), HPB = 1, 2, 4; HPB = 1 read 1% faster than `static` (same
+               pattern, dyn<>'s per-copy bookkeeping gone), 2 and 4 heads slower;
+  lean         HPB = 1 with the decode kernel's lanes (MAP 1), a chain of DELAY dependent
+               FMAs or SHFL shuffles per tile after its wait, 2 or 4 stages;
+  after        the same with the refill after the wait (AFTER 1: STAGES - 1 tiles in
+               flight throughout) against before it.
+
 Each launch gets a pair of counters of its own (a zeroed array, two slots per launch). It
 prints us per call and GB/s, with `attention_decode` and torch's cuDNN backend timed in
 the same run.
@@ -45,6 +55,9 @@ the same run.
     python3 benchmarks/balance_probe.py 16 32768 rot   # static units starting at other tiles
     python3 benchmarks/balance_probe.py 16 32768 throttle   # blocks ahead of the mean nap
     python3 benchmarks/balance_probe.py 16 32768 alloc   # four placements of the same cache
+    python3 benchmarks/balance_probe.py 16 32768 heads   # blocks of 1, 2, 4 kv heads, 4 places
+    python3 benchmarks/balance_probe.py 16 32768 lean    # math's latency per tile, stages
+    python3 benchmarks/balance_probe.py 16 32768 after   # the refill after the wait
 """
 import pathlib
 import sys
@@ -204,13 +217,98 @@ __global__ void __launch_bounds__(NT) dyn(const P p) {
     if (acc == 0x12345678u) p.out[0] = acc;
     if (tid == 0) atomicAdd(p.out + 1, (unsigned)loaded);   // (the check: every tile once)
 }
+
+// Session 24: a block per (batch element, group of HPB neighbouring kv heads), all L keys,
+// the group's HPB x 256 contiguous bytes of each key row read together (NT = 128 * HPB
+// threads, 4 vectors of K and 4 of V per thread a tile, as dyn<128,3>): the HPB heads of
+// a group cannot drift apart, and a batch element has 8 / HPB readers instead of 8.
+// MAP 1 (HPB = 1): the decode kernel's lanes (warp w copies keys 8w .. 8w + 7 of a tile,
+// 2 a pass of 16 lanes) instead of MAP 0's (warp w: keys 2w, 2w + 1, + 8 a vector).
+// DELAY: a chain of DELAY dependent FMAs per tile after its wait (the math's latency);
+// SHFL: as many xor shuffles (the math's butterflies). AFTER 1: wait for tile j first,
+// then refill the slot read in the iteration before (STAGES - 1 tiles in flight at every
+// point of the loop) instead of refilling it before the wait (STAGES while waiting,
+// STAGES - 1 while reading and through the delay).
+template <int HPB, int STAGES, int MAP = 0, int DELAY = 0, int SHFL = 0, int AFTER = 0>
+__global__ void __launch_bounds__(128 * HPB) heads(const P p) {
+    constexpr int NT = 128 * HPB, VPT = 4, ROW = 256 * HPB;   // bytes of a key's group
+    extern __shared__ __align__(128) unsigned char sm[];
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    const int tid = threadIdx.x;
+    const unsigned smem = (unsigned)__cvta_generic_to_shared(sm) + tid * 16;
+    auto slot = [&](int st, int i) { return smem + (st * 2 * VPT + i) * NT * 16; };
+    const long long b = blockIdx.x / (8 / HPB), g = blockIdx.x % (8 / HPB);
+    const long long base = b * p.L * 2048 + g * ROW;
+    const int tiles = (int)(p.L / 32);
+    auto load = [&](int j) {
+        if (j < tiles) {
+            const int st = j % STAGES;
+#pragma unroll
+            for (int i = 0; i < VPT; ++i) {
+                const int o = (tid + i * NT) * 16;   // byte of the tile: key o / ROW
+                const int key = MAP ? (tid / 32) * 8 + (tid % 32) / 16 + 2 * i : o / ROW;
+                const int col = MAP ? (tid % 16) * 16 : o % ROW;
+                const long long off = base + ((long long)j * 32 + key) * 2048 + col;
+                asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;"
+                             :: "r"(slot(st, i)), "l"(p.k + off) : "memory");
+                asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;"
+                             :: "r"(slot(st, VPT + i)), "l"(p.v + off) : "memory");
+            }
+        }
+        asm volatile("cp.async.commit_group;" ::: "memory");
+    };
+    unsigned acc = 0;
+#pragma unroll
+    for (int j = 0; j < STAGES - 1; ++j) load(j);
+    for (int j = 0; j < tiles; ++j) {
+        if (AFTER) {
+            asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 2) : "memory");
+            load(j + STAGES - 1);
+        } else {
+            load(j + STAGES - 1);
+            asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 1) : "memory");
+        }
+        const int st = j % STAGES;
+#pragma unroll
+        for (int i = 0; i < 2 * VPT; ++i) {
+            unsigned a, b2, c, d;
+            asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];"
+                         : "=r"(a), "=r"(b2), "=r"(c), "=r"(d) : "r"(slot(st, i)) : "memory");
+            acc ^= a ^ b2 ^ c ^ d;
+        }
+        if (DELAY > 0) {
+            float x = __uint_as_float(acc & 0x3f7fffffu);
+#pragma unroll
+            for (int i = 0; i < DELAY; ++i) x = fmaf(x, 0.999f, 1e-7f);
+            acc ^= __float_as_uint(x);
+        }
+#pragma unroll
+        for (int i = 0; i < SHFL; ++i) acc += __shfl_xor_sync(0xffffffffu, acc, 1 << (i % 5));
+    }
+    asm volatile("cp.async.wait_group 0;" ::: "memory");
+    if (acc == 0x12345678u) p.out[0] = acc;
+    if (tid == 0) atomicAdd(p.out + 1, (unsigned)(tiles * HPB));   // (every unit's tiles once)
+}
 '''
 B = int(sys.argv[1]) if len(sys.argv) > 1 else 16
 L = int(sys.argv[2]) if len(sys.argv) > 2 else 32768
 Hk, D = 8, 128
 TILES = L // 32
 NAMES = ["dyn<128,3>", "dyn<256,3>"]
-mod = cupy.RawModule(code=SRC, options=("-std=c++17", "-arch=sm_90a"), name_expressions=NAMES)
+HEADS = {h: f"heads<{h},3>" for h in (1, 2, 4)}
+HEADS.update({v: f"heads<1,{v[0]},{v[1]},{v[2]},{v[3]},{v[4]}>" for v in (
+    (3, 1, 0, 0, 0), (3, 0, 64, 0, 0), (3, 0, 256, 0, 0), (3, 0, 128, 0, 0), (3, 0, 0, 32, 0),
+    (3, 1, 256, 32, 0), (2, 0, 0, 0, 0), (4, 0, 0, 0, 0),
+    (3, 1, 64, 0, 0), (4, 1, 0, 0, 1), (4, 1, 64, 0, 1), (4, 1, 128, 0, 1), (4, 1, 256, 0, 1),
+    (4, 1, 64, 8, 1), (3, 1, 0, 0, 1), (5, 1, 0, 0, 1), (5, 1, 128, 0, 1))})
+LEAN = {"lean": [1, (3, 1, 0, 0, 0), (3, 0, 64, 0, 0), (3, 0, 256, 0, 0), (3, 0, 128, 0, 0),
+                 (3, 0, 0, 32, 0), (3, 1, 256, 32, 0), (2, 0, 0, 0, 0), (4, 0, 0, 0, 0)],
+        "after": [(3, 1, 0, 0, 0), (3, 1, 64, 0, 0), (4, 1, 0, 0, 1), (4, 1, 64, 0, 1),
+                  (4, 1, 128, 0, 1), (4, 1, 256, 0, 1), (4, 1, 64, 8, 1), (3, 1, 0, 0, 1),
+                  (5, 1, 0, 0, 1), (5, 1, 128, 0, 1)]}
+mod = cupy.RawModule(code=SRC, options=("-std=c++17", "-arch=sm_90a"),
+                     name_expressions=NAMES + list(HEADS.values()))
 timer, stream, torch, backends, copy = bench.lab_session(cupy)
 print(f"batch {B}, {L} keys, {Hk} kv heads of {D}, bf16", flush=True)
 dt = bench._dtype("bfloat16")
@@ -257,6 +355,30 @@ def skeleton(name, chunk, grid, order=0, sync=0, rot=0, thr=(0, 0, 0)):
     ms = timer([mk(k, v) for k, v in caches], kv_bytes / 3.1e9)
     assert 2 * nxt[0] < counters.size
     return ms
+
+
+def heads_skeleton(hpb):
+    """us of the `heads` skeleton: a block per (b, group of `hpb` neighbouring kv heads);
+    ``hpb`` a tuple (STAGES, MAP, DELAY, SHFL, AFTER): one head a block, that variant."""
+    fn = mod.get_function(HEADS[hpb])
+    stages = hpb[0] if isinstance(hpb, tuple) else 3
+    hpb = 1 if isinstance(hpb, tuple) else hpb
+    fn = getattr(fn, "kernel", fn)
+    smem = stages * 2 * 8192 * hpb
+    cupy.cuda.driver.funcSetAttribute(
+        fn.ptr, cupy.cuda.driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
+
+    def mk(k, v):
+        def run():
+            prm = np.array([(k.data.ptr, v.data.ptr, counters.data.ptr, out.data.ptr,
+                             L, B * Hk, TILES, B * Hk, 0, 0, 0, 0, 0, 0)], pdt)[0]
+            _launch.launch(fn, (B * Hk // hpb,), (128 * hpb,), prm, smem, overlap=True)
+        return run
+    out.fill(0)
+    mk(*caches[0])()
+    stream.synchronize()
+    assert int(out[1].get()) == B * Hk * TILES, (hpb, int(out[1].get()))
+    return timer([mk(k, v) for k, v in caches], kv_bytes / 3.1e9)
 
 
 def package(k, v):
@@ -312,6 +434,48 @@ if len(sys.argv) > 3 and sys.argv[3] == "alloc":   # session 23: four places of 
             for rot in (0, 5, 10, 11, 12):
                 line.append(f"rot{rot} {skeleton(NAMES[0], TILES, None, rot=rot) * 1e3:7.2f}")
             line.append(f"dyn8 {skeleton(NAMES[0], 8, sms, 0) * 1e3:7.2f}")
+            print("  ".join(line), flush=True)
+    sys.exit(0)
+
+if len(sys.argv) > 3 and sys.argv[3] == "heads":   # session 24: heads read together
+    k_vals, v_vals = caches[0]
+    pairs = [caches[0]]
+    for i in range(3):
+        k, v = cupy.empty_like(k_vals), cupy.empty_like(v_vals)
+        k[...] = k_vals
+        v[...] = v_vals
+        pairs.append((k, v))
+    for rnd in range(2):
+        for i, pair in enumerate(pairs):
+            caches[:] = [pair]
+            line = [f"r{rnd} pair {i}:"]
+            for name, fns in (("ours", [package(*pair)]), ("cudnn", torch_cudnn())):
+                line.append(f"{name} {timer(fns, kv_bytes / 3.1e9) * 1e3:7.2f}")
+            line.append(f"static {skeleton(NAMES[0], TILES, None) * 1e3:7.2f}")
+            for hpb in (1, 2, 4):
+                line.append(f"heads{hpb} {heads_skeleton(hpb) * 1e3:7.2f}")
+            line.append(f"dyn8 {skeleton(NAMES[0], 8, sms, 0) * 1e3:7.2f}")
+            print("  ".join(line), flush=True)
+    sys.exit(0)
+
+if len(sys.argv) > 3 and sys.argv[3] in LEAN:   # session 24: what slows a lean read
+    k_vals, v_vals = caches[0]
+    pairs = [caches[0]]
+    for i in range(3):
+        k, v = cupy.empty_like(k_vals), cupy.empty_like(v_vals)
+        k[...] = k_vals
+        v[...] = v_vals
+        pairs.append((k, v))
+    variants = LEAN[sys.argv[3]]
+    for rnd in range(2):
+        for i, pair in enumerate(pairs):
+            caches[:] = [pair]
+            line = [f"r{rnd} pair {i}:"]
+            for name, fns in (("ours", [package(*pair)]), ("cudnn", torch_cudnn())):
+                line.append(f"{name} {timer(fns, kv_bytes / 3.1e9) * 1e3:7.2f}")
+            for var in variants:
+                tag = "lean" if var == 1 else "s{}m{}d{}x{}a{}".format(*var)
+                line.append(f"{tag} {heads_skeleton(var) * 1e3:7.2f}")
             print("  ".join(line), flush=True)
     sys.exit(0)
 

@@ -24,9 +24,15 @@ give wrong results and are for timing only:
     mma_s3      the tensor-core kernel 3 stages deep (as before session 17; now 2)
     chunk16     the split merge issuing 16 splits' loads at once instead of 8
 
+    before3     (session 24) the two-pass row refilling its slot before the wait, 3
+                stages, as before session 24 (the tree: after the wait, 4 stages)
+
 The default cases are batch 1-16 with 8/8 heads and three grouped-query lines (32/8);
 CASES=gqa runs the tensor-core kernel's grid instead (16/8, 32/8 and 64/8 heads);
-CASES=big batches 32-64 with 8/8 heads (the one-row kernel's blocks of several units).
+CASES=big batches 32-64 with 8/8 heads (the one-row kernel's blocks of several units);
+CASES=bar issue 6's 8/8 lines at batch 4-64; CASES=16x32768,64x8192 those (8/8 heads). PLACES=n rotates every case's calls over at
+least n separately allocated caches where 60% of the free memory holds them (the time is
+their mean: where a cache lies moves a read by up to 1.5%, session 23).
 
     python3 benchmarks/decode_breakdown.py                  # every variant, default cases
     python3 benchmarks/decode_breakdown.py base notail      # some variants
@@ -84,12 +90,21 @@ MMA_S3 = [(CUH, "static constexpr int STAGES = 2;\n    static constexpr int WARP
           (PY, "MMA_STAGES = 2 ", "MMA_STAGES = 3 ")]
 CHUNK16 = [(CUH, "static constexpr int value = 128 / 16 / (int(sizeof(Acc)) / 4); };",
             "static constexpr int value = 256 / 16 / (int(sizeof(Acc)) / 4); };")]
-VARIANTS = {"base": [], "head": [], "stages2": stages(2), "chunk16": CHUNK16, "stages4": stages(4), "stages5": stages(5),
+# Session 24: the tree refills the two-pass row's slot after its wait (4 stages, 3 tiles
+# in flight throughout); "before3" is the tree with the order before it (3 stages,
+# refilled before the wait), keeping the loop's other changes.
+BEFORE3 = [(CUH, "static constexpr bool REFILL_AFTER_WAIT = TWO_PASS_ROW && WARPS == 4;",
+            "static constexpr bool REFILL_AFTER_WAIT = false;"),
+           (CUH, "static constexpr int STAGES = TWO_PASS_ROW && WARPS == 8 ? 2 : 4;",
+            "static constexpr int STAGES = TWO_PASS_ROW ? (WARPS == 8 ? 2 : 3) : 4;"),
+           (PY, "stages = 2 if two_pass_row and warps == 8 else STAGES",
+            "stages = (2 if warps == 8 else 3) if two_pass_row else STAGES")]
+VARIANTS = {"base": [], "head": [], "before3": BEFORE3, "stages2": stages(2), "chunk16": CHUNK16, "stages4": stages(4), "stages5": stages(5),
             "nlen": NLEN, "mma_s3": MMA_S3,
             "warps4": [(PY, "MANY_UNITS_WARPS = 8", "MANY_UNITS_WARPS = 4")],
             "notail": NOTAIL, "nomath": NOMATH, "nomath_notail": NOMATH + NOTAIL,
             "mma1": [(PY, "MMA_ONE_ROW = False", "MMA_ONE_ROW = True")]}
-EXACT = ("base", "head", "stages2", "mma_s3", "chunk16", "stages4", "stages5", "nlen", "mma1", "warps4")   # variants that still compute the answer
+EXACT = ("base", "head", "before3", "stages2", "mma_s3", "chunk16", "stages4", "stages5", "nlen", "mma1", "warps4")   # variants that still compute the answer
 
 
 def make(name, edits):
@@ -133,10 +148,17 @@ if os.environ.get("CASES") == "gqa":   # the tensor-core kernel's grid (G = 2, 4
 if os.environ.get("CASES") == "big":   # several units per block of the one-row kernel
     CASES = [(64, 8192, None, 8), (64, 32768, None, 8), (64, 131072, None, 8),
              (32, 8192, None, 8), (48, 32768, None, 8), (16, 131072, None, 8)]
+if os.environ.get("CASES") == "bar":   # session 24: issue 6's 8/8 lines
+    CASES = [(B, L, None, 8) for B, L in ((16, 32768), (16, 131072), (64, 8192), (4, 8192),
+                                          (16, 8192), (4, 131072), (64, 131072))]
+if "x" in os.environ.get("CASES", ""):   # CASES=16x32768,64x8192: those, 8/8 heads
+    CASES = [(*map(int, c.split("x")), None, 8) for c in os.environ["CASES"].split(",")]
+PLACES = int(os.environ.get("PLACES", "1"))   # at least this many caches (as memory allows)
 for B, L, S, H in CASES:
     run = [n for n in names if not (n == "nlen" and L != 8192)]
     kv_bytes = 2 * B * L * Hk * D * 2
     copies = max(1, -(-4 * 50 * 2**20 // kv_bytes))
+    copies = max(copies, min(PLACES, int(cupy.cuda.runtime.memGetInfo()[0] * 0.6 // kv_bytes)))
     q = bench._random(cupy, (B, 1, H, D), dt)
     caches = [(bench._random(cupy, (B, L, Hk, D), dt), bench._random(cupy, (B, L, Hk, D), dt))
               for _ in range(copies)]
