@@ -118,7 +118,7 @@ def _pack(fields, values):
 
 DECODE_HEAD_DIMS = (32, 64, 128, 256)
 NUM_THREADS = 128             # DecodeTraits::NUM_THREADS: 4 warps
-STAGES = 4                    # DecodeTraits::STAGES (3 for TWO_PASS_ROW)
+STAGES = 4                    # DecodeTraits::STAGES (2 for TWO_PASS_ROW with 8 warps)
 PIPE_ALIGN = 128              # DECODE_PIPE_ALIGN: slack to align the pipelines to 128 bytes
 COMBINE_THREADS = 128         # COMBINE_THREADS of the .cuh
 COMBINE_MAX_SPLITS = 1024     # COMBINE_MAX_SPLITS of the .cuh
@@ -187,7 +187,8 @@ def decode_config(D, Dv, dtype_name, compute_capability, M, warps=4):
     VECS_PER_LANE 16-byte vectors of a row (2 for ROWS <= 4, else 1, more for rows wider
     than 32 vectors; VEC = 16 / itemsize elements each), two K and two V vectors per lane
     and tile, STAGES = 4; one row with two vectors a lane takes two passes (four K and
-    four V vectors a tile) and 3 stages. tests/test_kernel_compile.py checks that both
+    four V vectors a tile) and refills a stage after its wait (3 of the 4 tiles in flight
+    throughout: REFILL_AFTER_WAIT). tests/test_kernel_compile.py checks that both
     agree with the .cuh. Every variant fits in 99 KiB of shared memory, so ``compute_capability`` does
     not change the choice.
 
@@ -234,7 +235,7 @@ def _decode_config(D, Dv, dtype_name, compute_capability, M, mma_one_row, warps=
     lanes_per_key = d_vecs // vecs_per_lane
     two_pass_row = rows == 1 and vecs_per_lane == 2   # DecodeTraits::TWO_PASS_ROW
     passes = 1 if vecs_per_lane >= 2 and not two_pass_row else 2
-    stages = (2 if warps == 8 else 3) if two_pass_row else STAGES
+    stages = 2 if two_pass_row and warps == 8 else STAGES
     block_n = warps * passes * (32 // lanes_per_key)
     stage_vecs = 2 * passes * vecs_per_lane
     pipe_bytes = stages * stage_vecs * 32 * warps * 16

@@ -552,25 +552,25 @@ def test_fused_merge_matches_the_combine_kernel(dtype, group, Lq, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
-def test_one_row_kernel_holds_four_blocks_per_sm(dtype):
-    """The one-row SIMT kernel (two passes, 48 KiB of shared memory) fits four blocks per
-    SM where the SM's shared memory allows it (the driver's occupancy calculator): its
-    __launch_bounds__ keeps registers at 128 or fewer. (Registers were once what held
-    the one-pass kernel below its six blocks: at 93, 5 blocks per SM, batch 4-64 with 8/8
-    heads ran 8-10% slower on an H100.)"""
+def test_one_row_kernel_holds_three_blocks_per_sm(dtype):
+    """The one-row SIMT kernel (two passes, 4 stages: 64 KiB of shared memory) fits three
+    blocks per SM where the SM's shared memory allows it (the driver's occupancy
+    calculator): its __launch_bounds__ keeps registers at 170 or fewer. (Registers were
+    once what held the one-pass kernel below its six blocks: at 93, 5 blocks per SM,
+    batch 4-64 with 8/8 heads ran 8-10% slower on an H100.)"""
     from cupyflash import _cupy_decode
     cupy = _cupy()
     device_id = cupy.cuda.Device().id
     cc = _cupy_decode._compute_capability(device_id)
     arch = _cupy_decode._kernels.arch_for(cc)
     cfg = _cupy_decode.decode_config(128, 128, dtype, cc, 1)
-    assert cfg.rows == 1 and cfg.smem_bytes == 48 * 1024 + _cupy_decode.PIPE_ALIGN
+    assert cfg.rows == 1 and cfg.smem_bytes == 64 * 1024 + _cupy_decode.PIPE_ALIGN
     smem_per_sm = cupy.cuda.runtime.deviceGetAttribute(
         cupy.cuda.runtime.cudaDevAttrMaxSharedMemoryPerMultiprocessor, device_id)
     by_smem = smem_per_sm // (cfg.smem_bytes + 1024)   # 1 KiB reserved per block
     resident = _cupy_decode.resident_blocks(device_id, cfg.name_expression, arch,
                                             cfg.smem_bytes)
-    assert resident >= min(4, by_smem), (cfg.name_expression, resident, by_smem)
+    assert resident >= min(3, by_smem), (cfg.name_expression, resident, by_smem)
 
 
 # ----------------------------------------------------------------------------------------

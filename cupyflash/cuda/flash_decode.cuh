@@ -15,6 +15,8 @@
 //     S[r, t]   = sum over the key's lanes of q[r, lane's columns] . K[t, lane's columns]
 //                                                  (an xor butterfly: every lane holds it)
 //     m_new     = max(m_i, max_t S[:, t]);  P~ = exp2(S - m_new);  alpha = exp2(m_i - m_new)
+//                 (m_i per key group: the lanes of the keys kg, kg + KEYS_PER_PASS, ...;
+//                  the groups are rescaled to the warp's max once, after the last tile)
 //     l_i       = alpha * l_i + rowsum(P~);  acc = alpha * acc + P~ V[t, lane's columns]
 //
 //          and a lane multiplies exactly the V vectors it copied with the P~ of the key it
@@ -37,8 +39,9 @@
 //
 // Bytes in flight: a tile is STAGE_VECS 16-byte vectors per lane (K and V); a warp refills
 // a stage before it waits for the oldest, so STAGES tiles are in flight while it waits and
-// STAGES - 1 (INFLIGHT_BYTES: 24-32 KiB per block of 4 warps for every type and head dim
-// but float64 at 256, 48 KiB) while it computes. _cupy_decode.choose_num_splits asks for
+// STAGES - 1 (INFLIGHT_BYTES: 24-48 KiB per block of 4 warps) while it computes; the
+// two-pass row (REFILL_AFTER_WAIT) refills after the wait and keeps STAGES - 1 = 3 tiles
+// in flight throughout, its math included. _cupy_decode.choose_num_splits asks for
 // enough blocks that every multiprocessor holds at least 24 KiB of INFLIGHT_BYTES (about
 // what an H100's 3.35 TB/s times ~1 us of loaded latency needs per SM).
 //
@@ -209,7 +212,15 @@ struct DecodeTraits {
     static constexpr int ELEMS = VECS_PER_LANE * VEC;                // q and acc columns per lane
     static constexpr int WARP_KEYS = PASSES * KEYS_PER_PASS;         // keys per warp per tile
     static constexpr int BLOCK_N = NUM_WARPS * WARP_KEYS;            // keys per block per tile
-    static constexpr int STAGES = TWO_PASS_ROW ? (WARPS == 8 ? 2 : 3) : 4;  // tiles in the pipeline
+    // REFILL_AFTER_WAIT (the two-pass row, 4 warps): a thread waits for tile j first and
+    // then refills the slot it read in the iteration before, so that STAGES - 1 tiles are
+    // in flight at every point of its loop, the math included; otherwise it refills that
+    // slot before the wait (STAGES in flight while it waits, STAGES - 1 while it
+    // computes). With 4 slots that is 3 tiles (48 KiB a block) always: the read rate of a
+    // block per SM falls both with more bytes in flight and with math between a tile's
+    // arrival and the next refill (benchmarks/NOTES.md, session 24).
+    static constexpr bool REFILL_AFTER_WAIT = TWO_PASS_ROW && WARPS == 4;
+    static constexpr int STAGES = TWO_PASS_ROW && WARPS == 8 ? 2 : 4;  // tiles in the pipeline
     static constexpr int KV_VECS = PASSES * VECS_PER_LANE;           // K (or V) vectors per lane
     static constexpr int STAGE_VECS = 2 * KV_VECS;                   // K, then V
     static constexpr int PIPE_BYTES = STAGES * STAGE_VECS * NUM_THREADS * 16;
@@ -220,9 +231,11 @@ struct DecodeTraits {
     // row with a 32 KiB pipeline asks for six: 80 registers or fewer, as the first H100
     // run's kernel had (80: 6 blocks per SM, 1.00 of the copy at batch 64); the fused
     // merge had taken it to 93 (5 blocks per SM) and batch 16-64 ran 8-10% slower.
-    // Two-pass rows (48 KiB) ask for four, what their shared memory allows.
+    // The two-pass row refilling after its wait (64 KiB, 4 stages of 4 warps) asks for
+    // three, what its shared memory allows on an H100.
     static constexpr int MIN_BLOCKS = ROWS == 1 && PIPE_BYTES <= 32 * 1024 ? 6
-                                      : ROWS == 1 && PIPE_BYTES <= 48 * 1024 ? 4 : 2;
+                                      : ROWS == 1 && PIPE_BYTES <= 48 * 1024 ? 4
+                                      : REFILL_AFTER_WAIT ? 3 : 2;
     // The warps' merge: acc (NUM_WARPS, ROWS, HEAD_DIM), then m and l (NUM_WARPS, ROWS), in
     // the pipeline's memory; the splits' merge (decode::combine_splits) needs less.
     static constexpr int MERGE_ACC = NUM_WARPS * ROWS * HEAD_DIM;
@@ -362,6 +375,21 @@ __device__ __forceinline__ void cp_async_commit() {
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory");
+}
+
+// q . k over one 16-byte vector of VEC elements in two dependency chains (even and odd
+// elements) that the scheduler overlaps: half the latency of one chain of VEC FMAs. In the
+// one-row kernel that latency lies between a tile's arrival and its slot's refill, and the
+// read rate feels it (benchmarks/NOTES.md, session 24).
+template <int VEC, typename Acc>
+__device__ __forceinline__ Acc dot_vec(const Acc* q, const Acc* k) {
+    Acc even = q[0] * k[0], odd = q[1] * k[1];
+#pragma unroll
+    for (int e = 2; e < VEC; e += 2) {
+        even = fma(q[e], k[e], even);
+        odd = fma(q[e + 1], k[e + 1], odd);
+    }
+    return even + odd;
 }
 
 // (page, position in the page) of key t of a paged cache: (block_table[b, t / page_size],
@@ -841,10 +869,16 @@ __device__ __forceinline__ void split_unit(const DecodeParams& p, unsigned unit)
         for (int j = 0; j < num_tiles; ++j) {
             // The slot of tile j - 1, whose values this thread read and used in the previous
             // iteration (program order: the copy's write follows those reads), is refilled
-            // with tile j + STAGES - 1 first, so that all STAGES tiles are in flight while
-            // this thread waits for tile j (its own copies; nobody else reads them).
-            load_tile(j + STAGES - 1, fast_c);
-            decode::cp_async_wait<STAGES - 1>();
+            // with tile j + STAGES - 1: after the wait for tile j (REFILL_AFTER_WAIT: STAGES
+            // - 1 tiles in flight throughout) or before it (all STAGES while this thread
+            // waits). Its own copies only; nobody else reads them.
+            if constexpr (Tr::REFILL_AFTER_WAIT) {
+                decode::cp_async_wait<STAGES - 2>();
+                load_tile(j + STAGES - 1, fast_c);
+            } else {
+                load_tile(j + STAGES - 1, fast_c);
+                decode::cp_async_wait<STAGES - 1>();
+            }
             const int stage = j % STAGES;
             const int t0 = k_begin + j * BLOCK_N + key0;
 
@@ -864,8 +898,7 @@ __device__ __forceinline__ void split_unit(const DecodeParams& p, unsigned unit)
                         for (int e = 0; e < VEC; ++e) kf[e] = Math::to_acc(x.v[e]);
 #pragma unroll
                         for (int r = 0; r < ROWS; ++r)
-#pragma unroll
-                            for (int e = 0; e < VEC; ++e) s[ps][r] += q[r][jj * VEC + e] * kf[e];
+                            s[ps][r] += decode::dot_vec<VEC>(&q[r][jj * VEC], kf);
                     }
                 }
 #pragma unroll
@@ -890,20 +923,20 @@ __device__ __forceinline__ void split_unit(const DecodeParams& p, unsigned unit)
                 }
             }
 
-            // -- update m_i and l_i; P~ = exp(S - m_new); rescale acc
+            // -- update m_i and l_i; P~ = exp(S - m_new); rescale acc. m_i is the running
+            // max of this lane's key group (the keys kg, kg + KEYS_PER_PASS, ... of the
+            // warp's), not of the warp: the key groups agree on one max once, after the
+            // loop, instead of two shuffles per tile on the path to the next refill
 #pragma unroll
             for (int r = 0; r < ROWS; ++r) {
                 Acc m_new = m_i[r];
 #pragma unroll
                 for (int ps = 0; ps < PASSES; ++ps) m_new = fmax(m_new, s[ps][r]);
-#pragma unroll
-                for (int mask = LANES_PER_KEY; mask < 32; mask *= 2)  // over the pass's keys
-                    m_new = fmax(m_new, __shfl_xor_sync(0xffffffffu, m_new, mask));
                 // a row that has seen only -inf keeps m = -inf; shifting by 0 instead gives
                 // exp(-inf) = 0 rather than exp(-inf + inf) = NaN
                 const Acc m_safe = safe_max(m_new);
                 if (m_new > m_i[r]) {  // rescale by alpha = exp(m_i - m_new) only when the max
-                                       // grew (else alpha = 1); m is the warp's: no divergence
+                                       // grew (else alpha = 1; the key groups may differ)
                     const Acc alpha = Math::exp(m_i[r] - m_safe);  // 0 when m_i was -inf
                     l_i[r] *= alpha;
 #pragma unroll
@@ -943,9 +976,19 @@ __device__ __forceinline__ void split_unit(const DecodeParams& p, unsigned unit)
     if (fast) main_loop(decode::BoolC<true>{});
     else main_loop(decode::BoolC<false>{});
 
-    // -- the warp's l_i and acc: summed over its KEYS_PER_PASS key lanes (same columns)
+    // -- the warp's m_i, l_i and acc: its KEYS_PER_PASS key groups (same columns) rescaled
+    // to the warp's max, then summed
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r)
+    for (int r = 0; r < ROWS; ++r) {
+        Acc m_warp = m_i[r];
+#pragma unroll
+        for (int mask = LANES_PER_KEY; mask < 32; mask *= 2)
+            m_warp = fmax(m_warp, __shfl_xor_sync(0xffffffffu, m_warp, mask));
+        const Acc to_warp = Math::exp(m_i[r] - safe_max(m_warp));  // 0: a group that saw no key
+        m_i[r] = m_warp;
+        l_i[r] *= to_warp;
+#pragma unroll
+        for (int e = 0; e < ELEMS; ++e) acc[r][e] *= to_warp;
 #pragma unroll
         for (int mask = LANES_PER_KEY; mask < 32; mask *= 2) {
             l_i[r] += __shfl_xor_sync(0xffffffffu, l_i[r], mask);
@@ -953,6 +996,7 @@ __device__ __forceinline__ void split_unit(const DecodeParams& p, unsigned unit)
             for (int e = 0; e < ELEMS; ++e)
                 acc[r][e] += __shfl_xor_sync(0xffffffffu, acc[r][e], mask);
         }
+    }
 
     // -- merge the warps through shared memory (the pipeline's, now idle)
     decode::cp_async_wait<0>();
