@@ -83,6 +83,19 @@ struct P {
     long long slack;    // and naps while more than `slack` tiles ahead of the grid's mean,
     long long nap;      // `nap` ns, once per check (no block waits for another)
 };
+// Every word of a thread's N vectors of one tile, xored (the skeletons' "use" of a tile).
+template <int N, typename Slot>
+__device__ __forceinline__ unsigned read_back(Slot slot) {
+    unsigned acc = 0;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        unsigned a, b2, c, d;
+        asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(a), "=r"(b2), "=r"(c), "=r"(d) : "r"(slot(i)) : "memory");
+        acc ^= a ^ b2 ^ c ^ d;
+    }
+    return acc;
+}
 // The tile a static unit starts at: 0; by batch element (b * TILES / B); by unit; by kv
 // head (h * TILES / 8, batch elements in step); or scattered by a hash of the unit.
 __device__ long long rot_start(const P& p, long long u) {
@@ -203,14 +216,7 @@ __global__ void __launch_bounds__(NT) dyn(const P p) {
             if (__shfl_sync(0xffffffffu, ahead, 0)) __nanosleep((unsigned)p.nap);
         }
         asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 1) : "memory");
-        const int st = j % STAGES;
-#pragma unroll
-        for (int i = 0; i < 2 * VPT; ++i) {
-            unsigned a, b2, c, d;
-            asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];"
-                         : "=r"(a), "=r"(b2), "=r"(c), "=r"(d) : "r"(slot(st, i)) : "memory");
-            acc ^= a ^ b2 ^ c ^ d;
-        }
+        acc ^= read_back<2 * VPT>([&](int i) { return slot(j % STAGES, i); });
     }
     asm volatile("cp.async.wait_group 0;" ::: "memory");
     if (p.sync > 0) asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
@@ -269,14 +275,7 @@ __global__ void __launch_bounds__(128 * HPB) heads(const P p) {
             load(j + STAGES - 1);
             asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 1) : "memory");
         }
-        const int st = j % STAGES;
-#pragma unroll
-        for (int i = 0; i < 2 * VPT; ++i) {
-            unsigned a, b2, c, d;
-            asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];"
-                         : "=r"(a), "=r"(b2), "=r"(c), "=r"(d) : "r"(slot(st, i)) : "memory");
-            acc ^= a ^ b2 ^ c ^ d;
-        }
+        acc ^= read_back<2 * VPT>([&](int i) { return slot(j % STAGES, i); });
         if (DELAY > 0) {
             float x = __uint_as_float(acc & 0x3f7fffffu);
 #pragma unroll
@@ -417,7 +416,9 @@ if len(sys.argv) > 3 and sys.argv[3] == "rot":   # session 23: where each static
         report(f"r{rnd} dyn C=8 G=132 round-major", skeleton(NAMES[0], 8, sms, 0))
     sys.exit(0)
 
-if len(sys.argv) > 3 and sys.argv[3] == "alloc":   # session 23: four places of the cache
+def by_place(columns):
+    """Two rounds over four places of the cache (the first and three separately allocated
+    copies of it): a line per place with ours, cuDNN and each ``(tag, time_fn)`` column."""
     k_vals, v_vals = caches[0]
     pairs = [caches[0]]
     for i in range(3):
@@ -431,52 +432,26 @@ if len(sys.argv) > 3 and sys.argv[3] == "alloc":   # session 23: four places of 
             line = [f"r{rnd} pair {i}:"]
             for name, fns in (("ours", [package(*pair)]), ("cudnn", torch_cudnn())):
                 line.append(f"{name} {timer(fns, kv_bytes / 3.1e9) * 1e3:7.2f}")
-            for rot in (0, 5, 10, 11, 12):
-                line.append(f"rot{rot} {skeleton(NAMES[0], TILES, None, rot=rot) * 1e3:7.2f}")
-            line.append(f"dyn8 {skeleton(NAMES[0], 8, sms, 0) * 1e3:7.2f}")
+            for tag, time_fn in columns:
+                line.append(f"{tag} {time_fn() * 1e3:7.2f}")
             print("  ".join(line), flush=True)
+
+
+DYN8 = ("dyn8", lambda: skeleton(NAMES[0], 8, sms, 0))
+if len(sys.argv) > 3 and sys.argv[3] == "alloc":   # session 23: four places of the cache
+    by_place([(f"rot{rot}", lambda rot=rot: skeleton(NAMES[0], TILES, None, rot=rot))
+              for rot in (0, 5, 10, 11, 12)] + [DYN8])
     sys.exit(0)
 
 if len(sys.argv) > 3 and sys.argv[3] == "heads":   # session 24: heads read together
-    k_vals, v_vals = caches[0]
-    pairs = [caches[0]]
-    for i in range(3):
-        k, v = cupy.empty_like(k_vals), cupy.empty_like(v_vals)
-        k[...] = k_vals
-        v[...] = v_vals
-        pairs.append((k, v))
-    for rnd in range(2):
-        for i, pair in enumerate(pairs):
-            caches[:] = [pair]
-            line = [f"r{rnd} pair {i}:"]
-            for name, fns in (("ours", [package(*pair)]), ("cudnn", torch_cudnn())):
-                line.append(f"{name} {timer(fns, kv_bytes / 3.1e9) * 1e3:7.2f}")
-            line.append(f"static {skeleton(NAMES[0], TILES, None) * 1e3:7.2f}")
-            for hpb in (1, 2, 4):
-                line.append(f"heads{hpb} {heads_skeleton(hpb) * 1e3:7.2f}")
-            line.append(f"dyn8 {skeleton(NAMES[0], 8, sms, 0) * 1e3:7.2f}")
-            print("  ".join(line), flush=True)
+    by_place([("static", lambda: skeleton(NAMES[0], TILES, None))]
+             + [(f"heads{hpb}", lambda hpb=hpb: heads_skeleton(hpb)) for hpb in (1, 2, 4)]
+             + [DYN8])
     sys.exit(0)
 
 if len(sys.argv) > 3 and sys.argv[3] in LEAN:   # session 24: what slows a lean read
-    k_vals, v_vals = caches[0]
-    pairs = [caches[0]]
-    for i in range(3):
-        k, v = cupy.empty_like(k_vals), cupy.empty_like(v_vals)
-        k[...] = k_vals
-        v[...] = v_vals
-        pairs.append((k, v))
-    variants = LEAN[sys.argv[3]]
-    for rnd in range(2):
-        for i, pair in enumerate(pairs):
-            caches[:] = [pair]
-            line = [f"r{rnd} pair {i}:"]
-            for name, fns in (("ours", [package(*pair)]), ("cudnn", torch_cudnn())):
-                line.append(f"{name} {timer(fns, kv_bytes / 3.1e9) * 1e3:7.2f}")
-            for var in variants:
-                tag = "lean" if var == 1 else "s{}m{}d{}x{}a{}".format(*var)
-                line.append(f"{tag} {heads_skeleton(var) * 1e3:7.2f}")
-            print("  ".join(line), flush=True)
+    by_place([("lean" if var == 1 else "s{}m{}d{}x{}a{}".format(*var),
+               lambda var=var: heads_skeleton(var)) for var in LEAN[sys.argv[3]]])
     sys.exit(0)
 
 if len(sys.argv) > 3 and sys.argv[3] == "throttle":   # session 23: blocks held near the mean
