@@ -279,7 +279,8 @@ def bench_case(cupy, torch, backends, timer, gpu, run, copy_gbs, dtype_name, dt,
     splits = _cupy_decode.CLUSTER_SIZE if clustered else _cupy_decode.launched_splits(
         None, cfg, B * Hk * -(-(H // Hk) // cfg.rows), L, 2 * D * dt.itemsize,
         _cupy_decode.num_sms(device_id),
-        _cupy_decode.resident_blocks(device_id, cfg.name_expression, arch, cfg.smem_bytes))
+        _cupy_decode.resident_blocks(device_id, cfg.name_expression, arch, cfg.smem_bytes,
+                                     cfg.num_threads))
     kernel_name = (_cupy_decode.cluster_name(dtype_name, D) if clustered
                    else cfg.name_expression)
     no_cluster_ms = None   # flash_decode instead of flash_decode_cluster (same run)

@@ -19,13 +19,19 @@ give wrong results and are for timing only:
     nomath_notail  both
     mma1        one query row on the tensor-core kernel (MMA_ONE_ROW)
     stages2     the one-row pipeline 2 tiles deep (16 KiB in flight while computing)
-    warps4      blocks of several units (batch 32-64) on the 4-warp one-row kernel
-                instead of the 8-warp one (as before session 18)
+    warps8      blocks of several units (batch 32-64) on the 8-warp one-row kernel
+                (sessions 18-24) instead of the producer-warp one (session 25)
     mma_s3      the tensor-core kernel 3 stages deep (as before session 17; now 2)
     chunk16     the split merge issuing 16 splits' loads at once instead of 8
 
     before3     (session 24) the two-pass row refilling its slot before the wait, 3
-                stages, as before session 24 (the tree: after the wait, 4 stages)
+                stages, as before session 24 (v17: after the wait, 4 stages), with no
+                producer warp
+    ws0         (session 25) no producer warps: each compute warp copies its own tiles
+                (v17's loop); wsPsSfF: P producer warps, S slots, F tiles in flight
+                (the tree: ws4s4f3); mb3 the tree with 3 blocks per SM in its launch
+                bounds (~80 registers) instead of 2; ownwait: a producer lane refills
+                once its own copies of the oldest tile have landed, not the whole tile
 
 The default cases are batch 1-16 with 8/8 heads and three grouped-query lines (32/8);
 CASES=gqa runs the tensor-core kernel's grid instead (16/8, 32/8 and 64/8 heads);
@@ -38,7 +44,7 @@ their mean: where a cache lies moves a read by up to 1.5%, session 23).
     python3 benchmarks/decode_breakdown.py base notail      # some variants
     CASES=gqa python3 benchmarks/decode_breakdown.py base mma_s3   # grouped heads only
 """
-import importlib, os, pathlib, shutil, sys
+import importlib, os, pathlib, re, shutil, sys
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -67,11 +73,11 @@ NLEN = [(CUH, "below 2^30)\n    const int n = p.cache_seqlens[b] + static_cast<i
          "below 2^30)\n    const int n = 8192;")]
 NOTAIL = [(CUH, "if (one_split || p.split_counters == nullptr) return;", "return;")]
 _a = SRC.index("            // -- S = q K^T: s[ps][r] for key t0")
-_b = SRC.index("        }\n\n    };\n    if (fast) main_loop(decode::BoolC<true>{});")
+_b = SRC.index("            if constexpr (Tr::PRODUCER) {   // the warp has read the slot")
 NOMATH = [(CUH, SRC[_a:_b], """            unsigned xo = 0;   // (every copied word read, no arithmetic)
 #pragma unroll
             for (int i = 0; i < STAGE_VECS; ++i) {
-                const decode::Vec16<T> x = decode::lds_vec16<T>(slot(stage, i));
+                const decode::Vec16<T> x = decode::lds_vec16<T>(slot(stage, i, warp));
                 const unsigned* w = reinterpret_cast<const unsigned*>(&x);
                 xo ^= w[0] ^ w[1] ^ w[2] ^ w[3];
             }
@@ -81,8 +87,9 @@ NOMATH = [(CUH, SRC[_a:_b], """            unsigned xo = 0;   // (every copied w
 
 
 # (warps8, warps8s2: the one-row 16-bit kernel with 8 warps and 3 or 2 stages, as text
-# edits, sessions 17-18; the 2-stage one is now DecodeTraits' WARPS = 8, which the tree
-# launches for blocks of several units. "warps4" times the tree without it.)
+# edits, sessions 17-18; the 2-stage one is DecodeTraits' WARPS = 8, which sessions 18-24
+# launched for blocks of several units; "warps8" times the tree with it, "warps4" was
+# the tree without it then.)
 
 
 MMA_S3 = [(CUH, "static constexpr int STAGES = 2;\n    static constexpr int WARP_STAGE_BYTES",
@@ -90,21 +97,27 @@ MMA_S3 = [(CUH, "static constexpr int STAGES = 2;\n    static constexpr int WARP
           (PY, "MMA_STAGES = 2 ", "MMA_STAGES = 3 ")]
 CHUNK16 = [(CUH, "static constexpr int value = 128 / 16 / (int(sizeof(Acc)) / 4); };",
             "static constexpr int value = 256 / 16 / (int(sizeof(Acc)) / 4); };")]
-# Session 24: the tree refills the two-pass row's slot after its wait (4 stages, 3 tiles
-# in flight throughout); "before3" is the tree with the order before it (3 stages,
-# refilled before the wait), keeping the loop's other changes.
-BEFORE3 = [(CUH, "static constexpr bool REFILL_AFTER_WAIT = TWO_PASS_ROW && WARPS == 4;",
-            "static constexpr bool REFILL_AFTER_WAIT = false;"),
-           (CUH, "static constexpr int STAGES = TWO_PASS_ROW && WARPS == 8 ? 2 : 4;",
-            "static constexpr int STAGES = TWO_PASS_ROW ? (WARPS == 8 ? 2 : 3) : 4;"),
-           (PY, "stages = 2 if two_pass_row and warps == 8 else STAGES",
-            "stages = (2 if warps == 8 else 3) if two_pass_row else STAGES")]
-VARIANTS = {"base": [], "head": [], "before3": BEFORE3, "stages2": stages(2), "chunk16": CHUNK16, "stages4": stages(4), "stages5": stages(5),
+# Session 24: v17 refills the two-pass row's slot after its wait (4 stages, 3 tiles in
+# flight throughout); "before3" is v17 (the tree without producer warps) with the order
+# before it (3 stages, refilled before the wait), keeping the loop's other changes.
+BEFORE3 = [(PY, "PRODUCER_WARPS = 4", "PRODUCER_WARPS = 0"),
+           (CUH, "REFILL_AFTER_WAIT = TWO_PASS_ROW && WARPS == 4 && !PRODUCER;",
+            "REFILL_AFTER_WAIT = false;"),
+           (CUH, ": TWO_PASS_ROW && WARPS == 8 ? 2 : 4;  // tiles in the pipeline",
+            ": TWO_PASS_ROW ? (WARPS == 8 ? 2 : 3) : 4;  // tiles in the pipeline"),
+           (PY, "else 2 if two_pass_row and warps == 8 else STAGES",
+            "else (2 if warps == 8 else 3) if two_pass_row else STAGES")]
+# Session 25: the two-pass row's copies issued by producer warps (the tree: four, one per
+# compute warp, 4 slots, 3 tiles in flight); ws0 is the tree without them (v17's loop).
+WS = {"ws0": [(PY, "PRODUCER_WARPS = 4", "PRODUCER_WARPS = 0")],
+      "mb3": [(CUH, ": REFILL_AFTER_WAIT ? 3\n", ": REFILL_AFTER_WAIT || PRODUCER ? 3\n")],
+      "ownwait": [(CUH, "            decode::ring_wait(full(g % STAGES), (g / STAGES) & 1);\n", "")]}
+VARIANTS = {**WS, "base": [], "head": [], "before3": BEFORE3, "stages2": stages(2), "chunk16": CHUNK16, "stages4": stages(4), "stages5": stages(5),
             "nlen": NLEN, "mma_s3": MMA_S3,
-            "warps4": [(PY, "MANY_UNITS_WARPS = 8", "MANY_UNITS_WARPS = 4")],
+            "warps8": [(PY, "MANY_UNITS_WARPS = 4", "MANY_UNITS_WARPS = 8")],
             "notail": NOTAIL, "nomath": NOMATH, "nomath_notail": NOMATH + NOTAIL,
             "mma1": [(PY, "MMA_ONE_ROW = False", "MMA_ONE_ROW = True")]}
-EXACT = ("base", "head", "before3", "stages2", "mma_s3", "chunk16", "stages4", "stages5", "nlen", "mma1", "warps4")   # variants that still compute the answer
+EXACT = (*WS, "base", "head", "before3", "stages2", "mma_s3", "chunk16", "stages4", "stages5", "nlen", "mma1", "warps8")   # variants that still compute the answer
 
 
 def make(name, edits):
@@ -128,6 +141,16 @@ def make(name, edits):
 
 
 names = sys.argv[1:] or list(VARIANTS)
+for n in names:   # wsPsSfF: P producer warps, S slots, F tiles in flight
+    m = re.fullmatch(r"ws(\d)s(\d)f(\d)", n)
+    if m:
+        P, S, F = m.groups()
+        VARIANTS[n] = [(PY, "PRODUCER_WARPS = 4", f"PRODUCER_WARPS = {P}"),
+                       (PY, "PRODUCER_STAGES = 4", f"PRODUCER_STAGES = {S}"),
+                       (PY, "PRODUCER_IN_FLIGHT = 3 ", f"PRODUCER_IN_FLIGHT = {F} "),
+                       (CUH, "static constexpr int IN_FLIGHT = 3;",
+                        f"static constexpr int IN_FLIGHT = {F};")]
+        EXACT += (n,)
 mods = {n: make(n, VARIANTS[n]) for n in names}
 timer = bench.QueueTimer(cupy, 20, 5)
 stream = cupy.cuda.Stream(non_blocking=True)

@@ -139,6 +139,16 @@ MMA_STAGES = 2                # DecodeMmaTraits::STAGES
 # True: one query row per kv head goes to the tensor-core kernel too (for benchmarks).
 MMA_ONE_ROW = False
 
+# The two-pass one-row kernel's producer warps (DecodeTraits::PRODUCERS; 0: none, each
+# compute warp copies its own tiles) and the slots of their ring (PRODUCER_STAGES).
+# Measured on an H100 (benchmarks/NOTES.md, session 25; bf16, 8/8 heads of 128, paired
+# at 4 places): 4 producer warps and 4 slots read 16 x 32k in 686.4 us against 691.4
+# without them (cuDNN 693.7), 16 x 128k 2744 against 2765; 2 producer warps the same,
+# 1 slower than none, 5 or 6 slots no better, 4 tiles in flight slower.
+PRODUCER_WARPS = 4
+PRODUCER_STAGES = 4
+PRODUCER_IN_FLIGHT = 3        # DecodeTraits::IN_FLIGHT
+
 
 def uses_mma(dtype_name, head_dim, M, one_row=None):
     """Whether a problem goes to the tensor-core kernel: fp16/bf16, HEAD_DIM up to 128,
@@ -187,8 +197,10 @@ def decode_config(D, Dv, dtype_name, compute_capability, M, warps=4):
     VECS_PER_LANE 16-byte vectors of a row (2 for ROWS <= 4, else 1, more for rows wider
     than 32 vectors; VEC = 16 / itemsize elements each), two K and two V vectors per lane
     and tile, STAGES = 4; one row with two vectors a lane takes two passes (four K and
-    four V vectors a tile) and refills a stage after its wait (3 of the 4 tiles in flight
-    throughout: REFILL_AFTER_WAIT). tests/test_kernel_compile.py checks that both
+    four V vectors a tile) and has PRODUCER_WARPS more warps that issue its copies
+    (PRODUCER_STAGES slots, 3 tiles in flight throughout; with PRODUCER_WARPS = 0 each warp
+    copies its own and refills a slot after its wait, REFILL_AFTER_WAIT, as before session
+    25). tests/test_kernel_compile.py checks that both
     agree with the .cuh. Every variant fits in 99 KiB of shared memory, so ``compute_capability`` does
     not change the choice.
 
@@ -196,11 +208,13 @@ def decode_config(D, Dv, dtype_name, compute_capability, M, warps=4):
     :func:`attention_decode` launches when its blocks take several units each,
     ``MANY_UNITS_WARPS``); any other problem then raises ValueError.
     """
-    return _decode_config(D, Dv, dtype_name, compute_capability, M, MMA_ONE_ROW, warps)
+    return _decode_config(D, Dv, dtype_name, compute_capability, M, MMA_ONE_ROW, warps,
+                          PRODUCER_WARPS, PRODUCER_STAGES)
 
 
 @functools.lru_cache(maxsize=256)
-def _decode_config(D, Dv, dtype_name, compute_capability, M, mma_one_row, warps=4):
+def _decode_config(D, Dv, dtype_name, compute_capability, M, mma_one_row, warps=4,
+                   producers=0, producer_stages=5):
     """decode_config, kept per problem (it is on every call's host path)."""
     width = max(D, Dv)
     head_dim = next((h for h in DECODE_HEAD_DIMS if h >= width), None)
@@ -235,17 +249,21 @@ def _decode_config(D, Dv, dtype_name, compute_capability, M, mma_one_row, warps=
     lanes_per_key = d_vecs // vecs_per_lane
     two_pass_row = rows == 1 and vecs_per_lane == 2   # DecodeTraits::TWO_PASS_ROW
     passes = 1 if vecs_per_lane >= 2 and not two_pass_row else 2
-    stages = 2 if two_pass_row and warps == 8 else STAGES
+    producers = producers if two_pass_row and warps == 4 else 0
+    stages = producer_stages if producers else 2 if two_pass_row and warps == 8 else STAGES
+    in_flight = PRODUCER_IN_FLIGHT if producers else stages - 1
     block_n = warps * passes * (32 // lanes_per_key)
     stage_vecs = 2 * passes * vecs_per_lane
     pipe_bytes = stages * stage_vecs * 32 * warps * 16
     merge_bytes = (warps * rows * head_dim + 2 * warps * rows) * acc_size
-    targs = f"{ctype}, {head_dim}, {rows}" + (f", {warps}" if warps != 4 else "")
+    targs = f"{ctype}, {head_dim}, {rows}" + (
+        f", 4, {producers}, {stages}" if producers else f", {warps}" if warps != 4 else "")
+    common["num_threads"] = 32 * (warps + producers)
     return DecodeConfig(
         name_expression=f"cupyflash::flash_decode<{targs}>",
         traits=f"cupyflash::DecodeTraits<{targs}>",
         rows=rows, block_n=block_n, smem_bytes=max(pipe_bytes, merge_bytes) + PIPE_ALIGN,
-        inflight_bytes=(stages - 1) * stage_vecs * 32 * warps * 16, **common)
+        inflight_bytes=in_flight * stage_vecs * 32 * warps * 16, **common)
 
 
 def decode_variants():
@@ -330,12 +348,12 @@ def launched_splits(num_splits, cfg, base_blocks, max_keys, key_bytes, num_sms,
 
 
 @functools.lru_cache(maxsize=None)
-def resident_blocks(device_id, name_expression, arch, smem_bytes):
+def resident_blocks(device_id, name_expression, arch, smem_bytes, num_threads=NUM_THREADS):
     """How many blocks of a split kernel one SM holds at once (the driver's occupancy
     calculator: registers and shared memory)."""
     from cupy.cuda import driver
     kernel = _kernels.get_function(device_id, SOURCE, name_expression, arch, smem_bytes)
-    return max(1, driver.occupancyMaxActiveBlocksPerMultiprocessor(kernel.ptr, NUM_THREADS,
+    return max(1, driver.occupancyMaxActiveBlocksPerMultiprocessor(kernel.ptr, num_threads,
                                                                    smem_bytes))
 
 
@@ -346,11 +364,14 @@ MIN_SM_COVER = 0.95
 
 
 # The warps of the one-row 16-bit kernel when its blocks take several units each (batch
-# 32-64 at 8 kv heads): 8, with 2 stages (DecodeTraits). Measured on an H100 (benchmarks/
-# NOTES.md, session 18, bf16, 8/8 heads of 128): batch 64 at 8k, 32k, 128k 0.2%, 0.2%,
-# 0.6% faster than 4 warps and 3 stages, batch 32 at 8k 0.2%, batch 48 at 32k 0.1%; with
-# one unit a block, batch 16 at 128k and batch 1 at 8k, 0.6-0.7% slower. 4 turns it off.
-MANY_UNITS_WARPS = 8
+# 32-64 at 8 kv heads): 4, the kernel of one unit a block (4 compute and PRODUCER_WARPS
+# producer warps); 8 asks for the 8-warp kernel with 2 stages (DecodeTraits), which
+# session 18 measured 0.1-0.6% faster than the 4-warp kernel of then (benchmarks/NOTES.md).
+# Measured on an H100 (session 25, bf16, 8/8 heads of 128, paired at 4 places), the
+# producer-warp kernel against the 8-warp one: batch 64 at 8k 684.3 against 688.4 us, at
+# 32k 2729 against 2745, batch 32 at 8k 344.2 against 346.2, batch 48 at 32k 2042
+# against 2058.
+MANY_UNITS_WARPS = 4
 
 
 def units_per_block(units, num_sms):
@@ -587,7 +608,7 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_tab
             splits = launched_splits(num_splits, cfg, base_blocks, max_keys,
                                      (D + Dv) * q.dtype.itemsize, num_sms(device_id),
                                      resident_blocks(device_id, cfg.name_expression, arch,
-                                                     cfg.smem_bytes))
+                                                     cfg.smem_bytes, cfg.num_threads))
         units = base_blocks * splits   # (b, hk, split, row chunk): at most one block each
         if units >= 2**31 or B * Hk * M >= 2**31:
             raise ValueError(f"{fn}: {units} thread blocks are more than one "

@@ -396,11 +396,14 @@ def test_decode_configs_match_the_kernel_traits():
                     assert cfg.name_expression == (f"cupyflash::flash_decode_mma<{ctype}, "
                                                    f"{head_dim}>")
                     assert cfg.traits == f"cupyflash::DecodeMmaTraits<{ctype}, {head_dim}>"
-                else:
-                    assert cfg.name_expression == (f"cupyflash::flash_decode<{ctype}, "
-                                                   f"{head_dim}, {cfg.rows}>")
-                    assert cfg.traits == (f"cupyflash::DecodeTraits<{ctype}, {head_dim}, "
-                                          f"{cfg.rows}>")
+                else:   # (one row, two passes: 4 compute warps and PRODUCER_WARPS more)
+                    targs = f"{ctype}, {head_dim}, {cfg.rows}"
+                    if cfg.num_threads != 128:
+                        producers = cfg.num_threads // 32 - 4
+                        assert cfg.rows == 1 and producers == _cupy_decode.PRODUCER_WARPS
+                        targs += f", 4, {producers}, {_cupy_decode.PRODUCER_STAGES}"
+                    assert cfg.name_expression == f"cupyflash::flash_decode<{targs}>"
+                    assert cfg.traits == f"cupyflash::DecodeTraits<{targs}>"
                 cfgs = [cfg]
                 if M == 1 and dtype in ("float16", "bfloat16"):   # blocks of several units
                     wide = _cupy_decode.decode_config(head_dim - 3, head_dim, dtype, 90, M,

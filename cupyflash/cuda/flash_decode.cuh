@@ -25,7 +25,10 @@
 //          STAGES tiles deep (one commit group per tile), and later reads back only what
 //          it copied itself, so cp.async.wait_group alone orders copy and use. The loads
 //          are 128-bit (LDGSTS.E.BYPASS.128 in the SASS) and coalesced: the LANES_PER_KEY
-//          lanes of a key read its row contiguously.
+//          lanes of a key read its row contiguously. The one-row kernel (two passes, 4
+//          warps) instead has 4 producer warps that issue the same copies into the same
+//          slots, in step, and hand each tile over on an mbarrier (DecodeTraits::PRODUCER),
+//          so that its math never delays a refill.
 //   end:   each warp holds (m_i, l_i, acc) of its keys; the warps merge through shared
 //          memory, and the block writes either the final out (input dtype) and lse when
 //          there is one split, or its split's normalised partial out and lse in the
@@ -40,8 +43,8 @@
 // Bytes in flight: a tile is STAGE_VECS 16-byte vectors per lane (K and V); a warp refills
 // a stage before it waits for the oldest, so STAGES tiles are in flight while it waits and
 // STAGES - 1 (INFLIGHT_BYTES: 24-48 KiB per block of 4 warps) while it computes; the
-// two-pass row (REFILL_AFTER_WAIT) refills after the wait and keeps STAGES - 1 = 3 tiles
-// in flight throughout, its math included. _cupy_decode.choose_num_splits asks for
+// two-pass row's producer warps keep IN_FLIGHT = 3 tiles (48 KiB) in flight throughout
+// (without them, REFILL_AFTER_WAIT: STAGES - 1 = 3). _cupy_decode.choose_num_splits asks for
 // enough blocks that every multiprocessor holds at least 24 KiB of INFLIGHT_BYTES (about
 // what an H100's 3.35 TB/s times ~1 us of loaded latency needs per SM).
 //
@@ -181,12 +184,20 @@ constexpr int DECODE_PIPE_ALIGN = 128;
 // per block while it computes, twice the warps to issue them. Measured on an H100
 // (benchmarks/NOTES.md, session 18): 0.1-0.6% faster at batch 32-64 (one block per SM,
 // ~4 units each); at batch 1 and 16 (one unit a block) 0.5-0.7% slower, so not there.
-template <typename T, int HEAD_DIM, int ROWS, int WARPS = 4>
+// Since session 25 the 4-warp kernel with producer warps is faster at batch 32-64 too
+// (0.4-0.8%), and the launcher asks for 8 warps only when told to.
+template <typename T, int HEAD_DIM, int ROWS, int WARPS = 4, int PRODUCERS = 0,
+          int PRODUCER_STAGES = 4>
 struct DecodeTraits {
     using Acc = typename DecodeMath<T>::Acc;
     static constexpr int BLOCK_ROWS = ROWS;          // query rows per block
-    static constexpr int NUM_WARPS = WARPS;
-    static constexpr int NUM_THREADS = 32 * NUM_WARPS;
+    static constexpr int NUM_WARPS = WARPS;          // the warps that compute
+    static constexpr int CONSUMER_THREADS = 32 * NUM_WARPS;
+    // PRODUCERS > 0 (the two-pass row, 4 warps): that many more warps issue every copy of
+    // the block and nothing else, so that a tile's refill waits for the oldest tile in
+    // flight to land, never for the math (see COPIED_WARPS below).
+    static constexpr bool PRODUCER = PRODUCERS > 0;
+    static constexpr int NUM_THREADS = 32 * (NUM_WARPS + PRODUCERS);
     static constexpr int VEC = 16 / int(sizeof(T));                  // elements per 16 bytes
     static constexpr int D_VECS = HEAD_DIM / VEC;                    // vectors per padded row
     // A lane owns VECS_PER_LANE vectors of each K and V row (the same columns in every key):
@@ -212,19 +223,35 @@ struct DecodeTraits {
     static constexpr int ELEMS = VECS_PER_LANE * VEC;                // q and acc columns per lane
     static constexpr int WARP_KEYS = PASSES * KEYS_PER_PASS;         // keys per warp per tile
     static constexpr int BLOCK_N = NUM_WARPS * WARP_KEYS;            // keys per block per tile
-    // REFILL_AFTER_WAIT (the two-pass row, 4 warps): a thread waits for tile j first and
-    // then refills the slot it read in the iteration before, so that STAGES - 1 tiles are
-    // in flight at every point of its loop, the math included; otherwise it refills that
-    // slot before the wait (STAGES in flight while it waits, STAGES - 1 while it
-    // computes). With 4 slots that is 3 tiles (48 KiB a block) always: the read rate of a
-    // block per SM falls both with more bytes in flight and with math between a tile's
-    // arrival and the next refill (benchmarks/NOTES.md, session 24).
-    static constexpr bool REFILL_AFTER_WAIT = TWO_PASS_ROW && WARPS == 4;
-    static constexpr int STAGES = TWO_PASS_ROW && WARPS == 8 ? 2 : 4;  // tiles in the pipeline
+    // REFILL_AFTER_WAIT (the two-pass row, 4 warps, no producer warps): a thread waits for
+    // tile j first and then refills the slot it read in the iteration before, so that
+    // STAGES - 1 tiles are in flight at every point of its loop, the math included;
+    // otherwise it refills that slot before the wait (STAGES in flight while it waits,
+    // STAGES - 1 while it computes). With 4 slots that is 3 tiles (48 KiB a block) always:
+    // the read rate of a block per SM falls both with more bytes in flight and with math
+    // between a tile's arrival and the next refill (benchmarks/NOTES.md, session 24).
+    static constexpr bool REFILL_AFTER_WAIT = TWO_PASS_ROW && WARPS == 4 && !PRODUCER;
+    // PRODUCER: producer warp p copies the tiles of the compute warps p * COPIED_WARPS ..
+    // (p + 1) * COPIED_WARPS - 1 into the slots those warps would have filled themselves
+    // (so every lane still scores the same keys: the same results to the bit). The
+    // producers keep IN_FLIGHT tiles (48 KiB) in flight: once every producer lane's copies
+    // of the oldest have landed (its slot's "full" mbarrier), they start the next tile, into
+    // a slot the compute warps have handed back ("empty"); the compute warps wait on
+    // "full", and STAGES - IN_FLIGHT slots hold tiles that have landed and wait for the
+    // math. So the math is never between a tile's arrival and the next refill. Measured on
+    // an H100 (benchmarks/NOTES.md, session 25, paired at 4 places, bf16): 16 x 32k
+    // 686.4 us against 691.4 without producer warps, 16 x 128k 2744 against 2765; one
+    // producer warp for all four issued too slowly (689.5 against 684.0), and a ring per
+    // producer and compute warp, not in step, read slower (685.5 against 681.9).
+    static constexpr int COPIED_WARPS = PRODUCER ? NUM_WARPS / PRODUCERS : 1;
+    static constexpr int IN_FLIGHT = 3;
+    static constexpr int STAGES = PRODUCER ? PRODUCER_STAGES
+                                  : TWO_PASS_ROW && WARPS == 8 ? 2 : 4;  // tiles in the pipeline
     static constexpr int KV_VECS = PASSES * VECS_PER_LANE;           // K (or V) vectors per lane
     static constexpr int STAGE_VECS = 2 * KV_VECS;                   // K, then V
-    static constexpr int PIPE_BYTES = STAGES * STAGE_VECS * NUM_THREADS * 16;
-    static constexpr int INFLIGHT_BYTES = (STAGES - 1) * STAGE_VECS * NUM_THREADS * 16;
+    static constexpr int PIPE_BYTES = STAGES * STAGE_VECS * CONSUMER_THREADS * 16;
+    static constexpr int INFLIGHT_BYTES =
+        (PRODUCER ? IN_FLIGHT : STAGES - 1) * STAGE_VECS * CONSUMER_THREADS * 16;
     // Blocks per SM that ptxas must allow (it sizes registers to fit them). Two keep 2 x 24
     // KiB in flight (choose_num_splits counts on 24 KiB), and let ROWS = 8 use ~240 registers
     // (without a minimum ptxas aimed at 16 blocks per SM, 32 registers, and spilled). One
@@ -232,10 +259,12 @@ struct DecodeTraits {
     // run's kernel had (80: 6 blocks per SM, 1.00 of the copy at batch 64); the fused
     // merge had taken it to 93 (5 blocks per SM) and batch 16-64 ran 8-10% slower.
     // The two-pass row refilling after its wait (64 KiB, 4 stages of 4 warps) asks for
-    // three, what its shared memory allows on an H100.
+    // three, what its shared memory allows on an H100; with producer warps (8 warps), two
+    // (three gave ~80 registers and spills on sm_80; one block per SM is what runs).
     static constexpr int MIN_BLOCKS = ROWS == 1 && PIPE_BYTES <= 32 * 1024 ? 6
                                       : ROWS == 1 && PIPE_BYTES <= 48 * 1024 ? 4
-                                      : REFILL_AFTER_WAIT ? 3 : 2;
+                                      : REFILL_AFTER_WAIT ? 3
+                                      : 2;
     // The warps' merge: acc (NUM_WARPS, ROWS, HEAD_DIM), then m and l (NUM_WARPS, ROWS), in
     // the pipeline's memory; the splits' merge (decode::combine_splits) needs less.
     static constexpr int MERGE_ACC = NUM_WARPS * ROWS * HEAD_DIM;
@@ -248,6 +277,9 @@ struct DecodeTraits {
     static_assert(ROWS == 1 || ROWS == 4 || ROWS == 8, "ROWS must be 1, 4 or 8");
     static_assert(WARPS == 4 || (WARPS == 8 && TWO_PASS_ROW && sizeof(T) == 2),
                   "8 warps: the one-row 16-bit kernel only");
+    static_assert(!PRODUCER || (TWO_PASS_ROW && WARPS == 4 && NUM_WARPS % PRODUCERS == 0
+                                && PRODUCER_STAGES > IN_FLIGHT),
+                  "producer warps: the two-pass row with 4 warps, more slots than in flight");
     static_assert(D_VECS % VECS_PER_LANE == 0 && LANES_PER_KEY <= 32 && 32 % LANES_PER_KEY == 0,
                   "lanes split a row");
     static_assert(SMEM_BYTES <= 99 * 1024, "must fit the smallest opt-in shared memory (sm_86)");
@@ -375,6 +407,32 @@ __device__ __forceinline__ void cp_async_commit() {
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory");
+}
+
+// The producer warps' ring (DecodeTraits::PRODUCER): one "full" and one "empty" mbarrier
+// per slot, in shared memory. arrive releases the arriving thread's earlier writes (its
+// completed copies), a completed wait acquires them (PTX's default .release / .acquire at
+// CTA scope). sm_80 has no try_wait: it polls test_wait.
+__device__ __forceinline__ void ring_init(unsigned bar, unsigned arrivals) {
+    asm volatile("mbarrier.init.shared.b64 [%0], %1;\n" :: "r"(bar), "r"(arrivals) : "memory");
+}
+
+__device__ __forceinline__ void ring_arrive(unsigned bar) {
+    asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared.b64 state, [%0];\n}\n"
+                 :: "r"(bar) : "memory");
+}
+
+// Wait until the phase of parity `parity` of the mbarrier has completed.
+__device__ __forceinline__ void ring_wait(unsigned bar, unsigned parity) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("{\n.reg .pred done;\nRING_WAIT_%=:\n"
+                 "mbarrier.try_wait.parity.shared.b64 done, [%0], %1;\n"
+                 "@!done bra RING_WAIT_%=;\n}\n" :: "r"(bar), "r"(parity) : "memory");
+#else
+    asm volatile("{\n.reg .pred done;\nRING_WAIT_%=:\n"
+                 "mbarrier.test_wait.parity.shared.b64 done, [%0], %1;\n"
+                 "@!done bra RING_WAIT_%=;\n}\n" :: "r"(bar), "r"(parity) : "memory");
+#endif
 }
 
 // q . k over one 16-byte vector of VEC elements in two dependency chains (even and odd
@@ -517,7 +575,7 @@ __device__ __forceinline__ void combine_splits(const DecodeParams& p, unsigned c
     Acc* m_s = reinterpret_cast<Acc*>(smem_raw);             // (groups, n_out)
     Acc* l_s = m_s + NUM_THREADS;                            // (groups, n_out)
     Acc* sum_s = l_s + NUM_THREADS;                          // (groups, n_out, PER_VEC)
-    for (int o = o_first; o < n_out && group < groups; o += o_step) {
+    for (int o = o_first; o < n_out && group < groups && tid < NUM_THREADS; o += o_step) {
         const int r = o / max(row_vecs, 1), cv = o % max(row_vecs, 1);
         Acc m = -INFINITY, l = Acc(0), sum[PER_VEC];
 #pragma unroll
@@ -564,7 +622,7 @@ __device__ __forceinline__ void combine_splits(const DecodeParams& p, unsigned c
     if (groups == 1) return;
     // every group's (m, l, sum) is in shared memory
     __syncthreads();
-    for (int o = tid; o < n_out; o += NUM_THREADS) {
+    for (int o = tid; o < n_out && tid < NUM_THREADS; o += NUM_THREADS) {
         Acc m = -INFINITY;
         for (int g = 0; g < groups; ++g) m = fmax(m, m_s[g * n_out + o]);
         const Acc m_safe = m == -INFINITY ? Acc(0) : m;
@@ -599,6 +657,8 @@ __device__ __forceinline__ int merge_col(int r, int c) {
 // The block writes its rows' final out and lse (one split) or its split's normalised
 // partial out and lse. Every thread computes the warp weights of the rows it writes
 // itself (NUM_WARPS broadcast reads and exps): no barrier between the weights and the sums.
+// Threads past 32 * NUM_WARPS (a block's producer warps) only take part in the barriers,
+// here and in combine_splits.
 template <typename T, int HEAD_DIM, int ROWS, int NUM_WARPS>
 __device__ __forceinline__ void merge_warps_and_store(const DecodeParams& p,
                                                       unsigned char* smem_raw, long long b,
@@ -649,7 +709,7 @@ __device__ __forceinline__ void merge_warps_and_store(const DecodeParams& p,
     const int dv = static_cast<int>(p.Dv);
     int r_weights = -1;     // the row whose weights w_r holds
     Acc w_r[NUM_WARPS];
-    for (int idx = tid; idx < ROWS * dv; idx += NUM_THREADS) {
+    for (int idx = tid; idx < ROWS * dv && tid < NUM_THREADS; idx += NUM_THREADS) {
         const int r = idx / dv, c = idx % dv;
         const int row = rc * ROWS + r;
         if (row >= M) break;  // rows grow with idx: the rest are past M too
@@ -691,17 +751,21 @@ __device__ __forceinline__ void merge_warps_and_store(const DecodeParams& p,
 }
 
 // One work unit (b, hk, split, row chunk) of the split kernel, by the whole block.
-template <typename T, int HEAD_DIM, int ROWS, int WARPS>
-__device__ __forceinline__ void split_unit(const DecodeParams& p, unsigned unit) {
-    using Tr = DecodeTraits<T, HEAD_DIM, ROWS, WARPS>;
+// PRODUCER: `ring` is the shared address of the slots' mbarriers (full, then empty), and
+// `tile_base` counts the tiles of the block's earlier units (the ring runs on across
+// units: tile g of the block is in slot g % STAGES, in that slot's pass g / STAGES).
+template <typename T, int HEAD_DIM, int ROWS, int WARPS, int PRODUCERS, int PRODUCER_STAGES>
+__device__ __forceinline__ void split_unit(const DecodeParams& p, unsigned unit, int& tile_base,
+                                           unsigned ring) {
+    using Tr = DecodeTraits<T, HEAD_DIM, ROWS, WARPS, PRODUCERS, PRODUCER_STAGES>;
     using Math = DecodeMath<T>;
     using Acc = typename Tr::Acc;
     constexpr int VEC = Tr::VEC, LANES_PER_KEY = Tr::LANES_PER_KEY;
     constexpr int VECS_PER_LANE = Tr::VECS_PER_LANE, KEYS_PER_PASS = Tr::KEYS_PER_PASS;
     constexpr int PASSES = Tr::PASSES, ELEMS = Tr::ELEMS, WARP_KEYS = Tr::WARP_KEYS;
     constexpr int BLOCK_N = Tr::BLOCK_N, STAGES = Tr::STAGES, NUM_WARPS = Tr::NUM_WARPS;
-    constexpr int NUM_THREADS = Tr::NUM_THREADS, KV_VECS = Tr::KV_VECS;
-    constexpr int STAGE_VECS = Tr::STAGE_VECS;
+    constexpr int CONSUMER_THREADS = Tr::CONSUMER_THREADS, KV_VECS = Tr::KV_VECS;
+    constexpr int STAGE_VECS = Tr::STAGE_VECS, COPIED_WARPS = Tr::COPIED_WARPS;
 
     // -- which unit: (b, hk, split, row chunk) (decode::block_coords)
     const int G = static_cast<int>(p.G), M = static_cast<int>(p.M);
@@ -717,6 +781,9 @@ __device__ __forceinline__ void split_unit(const DecodeParams& p, unsigned unit)
     asm volatile("mov.u32 %0, %%tid.x;" : "=r"(tid));
     const int warp = tid / 32;
     const int lane = tid % 32;
+    const bool producer = Tr::PRODUCER && warp >= NUM_WARPS;
+    // the compute warps whose copies this warp issues: its own, or a producer's COPIED_WARPS
+    const int copy_warp0 = producer ? (warp - NUM_WARPS) * COPIED_WARPS : warp;
     const int kg = lane / LANES_PER_KEY;   // this lane's key within a pass
     const int lv = lane % LANES_PER_KEY;   // its vectors: lv + j * LANES_PER_KEY, j < VECS_PER_LANE
 
@@ -730,6 +797,7 @@ __device__ __forceinline__ void split_unit(const DecodeParams& p, unsigned unit)
     const int k_end = min(k_begin + tiles_per_split * BLOCK_N, n);
     const int num_tiles = k_end > k_begin ? (k_end - k_begin + BLOCK_N - 1) / BLOCK_N : 0;
     const int key0 = warp * WARP_KEYS + kg;  // this lane's key in a tile, first pass
+    const int copy_key0 = copy_warp0 * WARP_KEYS + kg;  // the same for copy_warp0
 
     // -- what a lane's copies keep from tile to tile: its rows' bases (head hk; batch b
     // for a contiguous cache) and, per vector, its first column and its data bytes (0: a
@@ -753,70 +821,83 @@ __device__ __forceinline__ void split_unit(const DecodeParams& p, unsigned unit)
     }
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    // Pipeline: (STAGES, STAGE_VECS, NUM_THREADS) vectors; a thread's own slots only.
-    const unsigned pipe = decode::aligned_pipe(smem_raw) + tid * 16;
-    auto slot = [&](int stage, int i) {  // vector i of this thread's tile in `stage`
-        return pipe + (stage * STAGE_VECS + i) * (NUM_THREADS * 16);
+    // Pipeline: (STAGES, STAGE_VECS, CONSUMER_THREADS) vectors; a compute thread reads only
+    // the slots it (or, PRODUCER, the same lane of a producer warp) copied into.
+    const unsigned pipe = decode::aligned_pipe(smem_raw) + lane * 16;
+    auto slot = [&](int stage, int i, int w) {  // vector i of compute warp w's lane's tile
+        return pipe + w * (32 * 16) + (stage * STAGE_VECS + i) * (CONSUMER_THREADS * 16);
     };
 
-    // FAST's K and V addresses of each pass in the next tile to load (this lane's key and
-    // first column; tiles are loaded in order, each BLOCK_N rows after the last)
+    // FAST's K and V addresses of each pass in the next tile to load (the key of this
+    // lane in copy_warp0 and its first column; tiles are loaded in order, each BLOCK_N rows
+    // after the last; copy_warp0 + w's keys are w * WARP_KEYS rows further)
     const T* k_next[PASSES];
     const T* v_next[PASSES];
 #pragma unroll
     for (int ps = 0; ps < PASSES; ++ps) {
-        const long long t = k_begin + key0 + ps * KEYS_PER_PASS;
+        const long long t = k_begin + copy_key0 + ps * KEYS_PER_PASS;
         k_next[ps] = k_base + t * p.k_token_stride + lv * VEC;
         v_next[ps] = v_base + t * p.v_token_stride + lv * VEC;
     }
     const bool fast = !paged && k_vec && v_vec && D == HEAD_DIM && Dv == HEAD_DIM;
 
-    // Start copying tile j (keys k_begin + j * BLOCK_N ...) of this thread into its stage.
+    // Start copying tile j (keys k_begin + j * BLOCK_N ...) of compute warps copy_warp0 ..
+    // copy_warp0 + COPIED_WARPS - 1 (this lane's vectors of them) into slot `stage`.
     // FAST (a contiguous cache of 16-byte rows, D = Dv = HEAD_DIM: the common case): each
     // pass's K and V addresses advance by BLOCK_N rows a tile, every vector is whole, and
     // nothing else is decided per copy; the general path places every key (paged caches,
     // partial or element-wise rows).
-    auto load_tile = [&](int j, auto fast) {
+    auto load_tile = [&](int j, int stage, auto fast) {
         constexpr bool FAST = decltype(fast)::value;
         if (j < num_tiles) {
-            const int stage = j % STAGES;
 #pragma unroll
-            for (int ps = 0; ps < PASSES; ++ps) {
-                const int t = k_begin + j * BLOCK_N + key0 + ps * KEYS_PER_PASS;
-                const bool valid = t < k_end;
-                if constexpr (FAST) {
+            for (int w = 0; w < COPIED_WARPS; ++w) {  // compute warp copy_warp0 + w's vectors
+                const int cw = copy_warp0 + w;
+#pragma unroll
+                for (int ps = 0; ps < PASSES; ++ps) {
+                    const int t = k_begin + j * BLOCK_N + copy_key0 + w * WARP_KEYS
+                                  + ps * KEYS_PER_PASS;
+                    const bool valid = t < k_end;
+                    if constexpr (FAST) {
+                        const T* k_row = k_next[ps] + w * WARP_KEYS * p.k_token_stride;
+                        const T* v_row = v_next[ps] + w * WARP_KEYS * p.v_token_stride;
+#pragma unroll
+                        for (int jj = 0; jj < VECS_PER_LANE; ++jj) {
+                            const int c0 = jj * LANES_PER_KEY * VEC;  // (lv's columns in k_next)
+                            decode::cp_async_16(slot(stage, ps * VECS_PER_LANE + jj, cw),
+                                                valid ? static_cast<const void*>(k_row + c0) : p.k,
+                                                valid ? 16 : 0);
+                            decode::cp_async_16(slot(stage, KV_VECS + ps * VECS_PER_LANE + jj, cw),
+                                                valid ? static_cast<const void*>(v_row + c0) : p.v,
+                                                valid ? 16 : 0);
+                        }
+                        continue;
+                    }
+                    const T* k_row = k_base + static_cast<long long>(t) * p.k_token_stride;
+                    const T* v_row = v_base + static_cast<long long>(t) * p.v_token_stride;
+                    if (paged && valid) {
+                        const decode::KeyPlace at = decode::paged_place(p, table_row, t);
+                        k_row = k_base + at.page * p.k_page_stride + at.pos * p.k_token_stride;
+                        v_row = v_base + at.page * p.v_page_stride + at.pos * p.v_token_stride;
+                    }
 #pragma unroll
                     for (int jj = 0; jj < VECS_PER_LANE; ++jj) {
-                        const int c0 = jj * LANES_PER_KEY * VEC;  // (lv's columns in k_next)
-                        decode::cp_async_16(slot(stage, ps * VECS_PER_LANE + jj),
-                                            valid ? static_cast<const void*>(k_next[ps] + c0)
-                                                  : p.k,
-                                            valid ? 16 : 0);
-                        decode::cp_async_16(slot(stage, KV_VECS + ps * VECS_PER_LANE + jj),
-                                            valid ? static_cast<const void*>(v_next[ps] + c0)
-                                                  : p.v,
-                                            valid ? 16 : 0);
+                        const int c0 = (lv + jj * LANES_PER_KEY) * VEC;
+                        if (k_bytes[jj] > 0)
+                            decode::copy_vec(slot(stage, ps * VECS_PER_LANE + jj, cw), k_row,
+                                             p.k_dim_stride, c0, k_bytes[jj], D, valid, k_vec, p.k);
+                        if (v_bytes[jj] > 0)
+                            decode::copy_vec(slot(stage, KV_VECS + ps * VECS_PER_LANE + jj, cw),
+                                             v_row, p.v_dim_stride, c0, v_bytes[jj], Dv, valid,
+                                             v_vec, p.v);
                     }
+                }
+            }
+            if constexpr (FAST) {
+#pragma unroll
+                for (int ps = 0; ps < PASSES; ++ps) {
                     k_next[ps] += BLOCK_N * p.k_token_stride;
                     v_next[ps] += BLOCK_N * p.v_token_stride;
-                    continue;
-                }
-                const T* k_row = k_base + static_cast<long long>(t) * p.k_token_stride;
-                const T* v_row = v_base + static_cast<long long>(t) * p.v_token_stride;
-                if (paged && valid) {
-                    const decode::KeyPlace at = decode::paged_place(p, table_row, t);
-                    k_row = k_base + at.page * p.k_page_stride + at.pos * p.k_token_stride;
-                    v_row = v_base + at.page * p.v_page_stride + at.pos * p.v_token_stride;
-                }
-#pragma unroll
-                for (int jj = 0; jj < VECS_PER_LANE; ++jj) {
-                    const int c0 = (lv + jj * LANES_PER_KEY) * VEC;
-                    if (k_bytes[jj] > 0)
-                        decode::copy_vec(slot(stage, ps * VECS_PER_LANE + jj), k_row,
-                                         p.k_dim_stride, c0, k_bytes[jj], D, valid, k_vec, p.k);
-                    if (v_bytes[jj] > 0)
-                        decode::copy_vec(slot(stage, KV_VECS + ps * VECS_PER_LANE + jj), v_row,
-                                         p.v_dim_stride, c0, v_bytes[jj], Dv, valid, v_vec, p.v);
                 }
             }
         }
@@ -827,11 +908,46 @@ __device__ __forceinline__ void split_unit(const DecodeParams& p, unsigned unit)
     Acc m_i[ROWS];         // running max of this warp's scores (log2 units for float)
     Acc l_i[ROWS];         // running sum of exp(S - m_i) over this lane's keys
     Acc acc[ROWS][ELEMS];  // unnormalised out: this lane's keys and columns
+    // PRODUCER: the slots' mbarriers; tile g of the block is in slot g % STAGES, in that
+    // slot's pass g / STAGES, whose parity its waits name
+    auto full = [&](int stage) { return ring + 8 * stage; };
+    auto empty = [&](int stage) { return ring + 8 * (STAGES + stage); };
+
+    // The producer warps' loop: keep IN_FLIGHT tiles in flight; as soon as the oldest has
+    // landed, hand it to the compute warps (full) and start the next one, into a slot the
+    // compute warps have handed back (empty).
+    auto produce = [&](auto fast_c) {
+        constexpr int IN_FLIGHT = Tr::IN_FLIGHT;
+        auto fill = [&](int j) {   // tile j of this unit into its slot, once that is free
+            const int g = tile_base + j;
+            if (j < num_tiles && g >= STAGES)
+                decode::ring_wait(empty(g % STAGES), (g / STAGES - 1) & 1);
+            load_tile(j, g % STAGES, fast_c);
+        };
+#pragma unroll
+        for (int j = 0; j < IN_FLIGHT; ++j) fill(j);
+        for (int j = 0; j < num_tiles; ++j) {
+            const int g = tile_base + j;
+            decode::cp_async_wait<IN_FLIGHT - 1>();   // this lane's copies of tile j landed
+            decode::ring_arrive(full(g % STAGES));
+            // and every producer lane's: the block's copies go on tile by tile, in step
+            decode::ring_wait(full(g % STAGES), (g / STAGES) & 1);
+            fill(j + IN_FLIGHT);
+        }
+    };
+
     auto main_loop = [&](auto fast_c) {
         constexpr bool FAST = decltype(fast_c)::value;
-        // -- prologue: the first STAGES - 1 tiles on their way while q is read
+        if constexpr (Tr::PRODUCER) {
+            if (producer) {
+                produce(fast_c);
+                return;
+            }
+        } else {
+            // -- prologue: the first STAGES - 1 tiles on their way while q is read
 #pragma unroll
-        for (int j = 0; j < STAGES - 1; ++j) load_tile(j, fast_c);
+            for (int j = 0; j < STAGES - 1; ++j) load_tile(j, j % STAGES, fast_c);
+        }
 
         // q[r][e]: row rc * ROWS + r, this lane's columns, times scale (* log2(e) for float)
         {
@@ -866,20 +982,25 @@ __device__ __forceinline__ void split_unit(const DecodeParams& p, unsigned unit)
             for (int e = 0; e < ELEMS; ++e) acc[r][e] = Acc(0);
         }
 
+        int ring_stage = tile_base % STAGES;          // PRODUCER: tile j's slot and its pass
+        unsigned ring_parity = (tile_base / STAGES) & 1;
         for (int j = 0; j < num_tiles; ++j) {
-            // The slot of tile j - 1, whose values this thread read and used in the previous
+            // PRODUCER: tile j is the producer's to copy; wait until it has landed. Else the
+            // slot of tile j - 1, whose values this thread read and used in the previous
             // iteration (program order: the copy's write follows those reads), is refilled
             // with tile j + STAGES - 1: after the wait for tile j (REFILL_AFTER_WAIT: STAGES
             // - 1 tiles in flight throughout) or before it (all STAGES while this thread
             // waits). Its own copies only; nobody else reads them.
-            if constexpr (Tr::REFILL_AFTER_WAIT) {
+            if constexpr (Tr::PRODUCER) {
+                decode::ring_wait(full(ring_stage), ring_parity);
+            } else if constexpr (Tr::REFILL_AFTER_WAIT) {
                 decode::cp_async_wait<STAGES - 2>();
-                load_tile(j + STAGES - 1, fast_c);
+                load_tile(j + STAGES - 1, (j + STAGES - 1) % STAGES, fast_c);
             } else {
-                load_tile(j + STAGES - 1, fast_c);
+                load_tile(j + STAGES - 1, (j + STAGES - 1) % STAGES, fast_c);
                 decode::cp_async_wait<STAGES - 1>();
             }
-            const int stage = j % STAGES;
+            const int stage = Tr::PRODUCER ? ring_stage : j % STAGES;
             const int t0 = k_begin + j * BLOCK_N + key0;
 
             // -- S = q K^T: s[ps][r] for key t0 + ps * KEYS_PER_PASS, summed over the key's lanes
@@ -892,7 +1013,7 @@ __device__ __forceinline__ void split_unit(const DecodeParams& p, unsigned unit)
                 for (int jj = 0; jj < VECS_PER_LANE; ++jj) {
                     if (FAST || lv + jj * LANES_PER_KEY < d_vecs) {  // (FAST: all are)  // vectors past D hold nothing
                         const decode::Vec16<T> x =
-                            decode::lds_vec16<T>(slot(stage, ps * VECS_PER_LANE + jj));
+                            decode::lds_vec16<T>(slot(stage, ps * VECS_PER_LANE + jj, warp));
                         Acc kf[VEC];
 #pragma unroll
                         for (int e = 0; e < VEC; ++e) kf[e] = Math::to_acc(x.v[e]);
@@ -959,7 +1080,7 @@ __device__ __forceinline__ void split_unit(const DecodeParams& p, unsigned unit)
                 for (int jj = 0; jj < VECS_PER_LANE; ++jj) {
                     if (FAST || lv + jj * LANES_PER_KEY < dv_vecs) {
                         const decode::Vec16<T> x =
-                            decode::lds_vec16<T>(slot(stage, KV_VECS + ps * VECS_PER_LANE + jj));
+                            decode::lds_vec16<T>(slot(stage, KV_VECS + ps * VECS_PER_LANE + jj, warp));
                         Acc vf[VEC];
 #pragma unroll
                         for (int e = 0; e < VEC; ++e) vf[e] = Math::to_acc(x.v[e]);
@@ -970,16 +1091,24 @@ __device__ __forceinline__ void split_unit(const DecodeParams& p, unsigned unit)
                     }
                 }
             }
+            if constexpr (Tr::PRODUCER) {   // the warp has read the slot: hand it back
+                __syncwarp();
+                if (lane == 0) decode::ring_arrive(empty(ring_stage));
+                if (++ring_stage == STAGES) {
+                    ring_stage = 0;
+                    ring_parity ^= 1;
+                }
+            }
         }
-
     };
     if (fast) main_loop(decode::BoolC<true>{});
     else main_loop(decode::BoolC<false>{});
+    tile_base += num_tiles;   // (PRODUCER: where the next unit's tiles start in the ring)
 
     // -- the warp's m_i, l_i and acc: its KEYS_PER_PASS key groups (same columns) rescaled
-    // to the warp's max, then summed
+    // to the warp's max, then summed (the compute warps; a producer warp has none)
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
+    for (int r = 0; r < ROWS && !producer; ++r) {
         Acc m_warp = m_i[r];
 #pragma unroll
         for (int mask = LANES_PER_KEY; mask < 32; mask *= 2)
@@ -1005,7 +1134,7 @@ __device__ __forceinline__ void split_unit(const DecodeParams& p, unsigned unit)
     Acc* acc_s = reinterpret_cast<Acc*>(smem_raw);                    // (NUM_WARPS, ROWS, HEAD_DIM)
     Acc* m_s = acc_s + Tr::MERGE_ACC;                                  // (NUM_WARPS, ROWS)
     Acc* l_s = m_s + NUM_WARPS * ROWS;                                 // (NUM_WARPS, ROWS)
-    if (kg == 0) {
+    if (kg == 0 && !producer) {
 #pragma unroll
         for (int r = 0; r < ROWS; ++r)
 #pragma unroll
@@ -1043,22 +1172,40 @@ __device__ __forceinline__ void split_unit(const DecodeParams& p, unsigned unit)
 // multiprocessor but 4 one block and 4 units, as batch 16 does with one unit each,
 // instead of four blocks on 116 of them and three on 16 (_cupy_decode.units_per_block).
 // ----------------------------------------------------------------------------------------
-template <typename T, int HEAD_DIM, int ROWS, int WARPS = 4>
-__global__ void __launch_bounds__(DecodeTraits<T, HEAD_DIM, ROWS, WARPS>::NUM_THREADS,
-                                  DecodeTraits<T, HEAD_DIM, ROWS, WARPS>::MIN_BLOCKS)
+template <typename T, int HEAD_DIM, int ROWS, int WARPS = 4, int PRODUCERS = 0,
+          int PRODUCER_STAGES = 5>
+__global__ void __launch_bounds__(
+    DecodeTraits<T, HEAD_DIM, ROWS, WARPS, PRODUCERS, PRODUCER_STAGES>::NUM_THREADS,
+    DecodeTraits<T, HEAD_DIM, ROWS, WARPS, PRODUCERS, PRODUCER_STAGES>::MIN_BLOCKS)
 flash_decode(const DecodeParams p) {
-    using Tr = DecodeTraits<T, HEAD_DIM, ROWS, WARPS>;
-    constexpr int NUM_THREADS = Tr::NUM_THREADS;
+    using Tr = DecodeTraits<T, HEAD_DIM, ROWS, WARPS, PRODUCERS, PRODUCER_STAGES>;
+    constexpr int NUM_THREADS = Tr::NUM_THREADS, STAGES = Tr::STAGES;
 
     // The launcher must give NUM_THREADS threads and SMEM_BYTES of dynamic shared memory;
     // trap (a launch error) rather than write past the end if _cupy_decode disagrees.
     unsigned dynamic_smem;
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dynamic_smem));
     static_assert(Tr::SMEM_BYTES - DECODE_PIPE_ALIGN
-                      >= decode::combine_smem_bytes<typename Tr::Acc>(NUM_THREADS),
+                      >= decode::combine_smem_bytes<typename Tr::Acc>(Tr::CONSUMER_THREADS),
                   "the splits' merge fits in the shared memory");
     if (dynamic_smem < static_cast<unsigned>(Tr::SMEM_BYTES) || blockDim.x != NUM_THREADS)
         __trap();
+
+    // PRODUCER: the ring's mbarriers, full (the producer warps' lanes arrive) then empty
+    // (one arrival per compute warp); they run on across the block's units
+    __shared__ __align__(8) unsigned long long ring_bars[Tr::PRODUCER ? 2 * STAGES : 1];
+    const unsigned ring = static_cast<unsigned>(__cvta_generic_to_shared(ring_bars));
+    if constexpr (Tr::PRODUCER) {
+        if (threadIdx.x == 0) {
+            for (int s = 0; s < STAGES; ++s) {
+                decode::ring_init(ring + 8 * s, 32 * PRODUCERS);
+                decode::ring_init(ring + 8 * (STAGES + s), Tr::NUM_WARPS);
+            }
+        }
+        __syncthreads();   // initialised before anyone arrives or waits
+    }
+    int tile_base = 0;     // the block's tiles so far (PRODUCER's ring position)
+
     // nothing global is touched before the grid before this one has completed (PDL)
     decode::wait_for_previous_grid();
     decode::allow_next_grid();
@@ -1066,12 +1213,14 @@ flash_decode(const DecodeParams p) {
     if constexpr (ROWS == 1) {
         for (unsigned unit = blockIdx.x; unit < static_cast<unsigned>(p.units);
              unit += gridDim.x) {
-            decode::split_unit<T, HEAD_DIM, ROWS, WARPS>(p, unit);
+            decode::split_unit<T, HEAD_DIM, ROWS, WARPS, PRODUCERS, PRODUCER_STAGES>(
+                p, unit, tile_base, ring);
             // the unit's merge has read the shared memory the next unit's copies refill
             __syncthreads();
         }
     } else {  // one unit per block (the loop costs the many-row variants 10-20 registers)
-        decode::split_unit<T, HEAD_DIM, ROWS, WARPS>(p, blockIdx.x);
+        decode::split_unit<T, HEAD_DIM, ROWS, WARPS, PRODUCERS, PRODUCER_STAGES>(
+            p, blockIdx.x, tile_base, ring);
     }
 }
 
