@@ -450,19 +450,31 @@ __device__ __forceinline__ Acc dot_vec(const Acc* q, const Acc* k) {
     return even + odd;
 }
 
-// (page, position in the page) of key t of a paged cache: (block_table[b, t / page_size],
-// t % page_size). Only called for t < n_b, whose pages validation has checked.
-// t / page_size by a multiply and a shift (the launcher's constants, exact for t and
-// page_size below 2^31), not a division.
-struct KeyPlace {
-    int page, pos;
+// The K and V rows of key t of a kv head whose rows start at k_base and v_base: row t of a
+// contiguous cache, or of a paged one (`valid`: t < n_b, whose pages validation has
+// checked) page block_table[b, t / page_size], position t % page_size in it. t / page_size
+// by a multiply and a shift (the launcher's constants, exact for t and page_size below
+// 2^31), not a division.
+template <typename T>
+struct KeyRows {
+    const T* k;
+    const T* v;
 };
 
-__device__ __forceinline__ KeyPlace paged_place(const DecodeParams& p, const int* table_row, int t) {
-    const unsigned tt = static_cast<unsigned>(t);
-    const unsigned q = p.page_size == 1 ? tt
-        : __umulhi(tt, static_cast<unsigned>(p.page_size_mul)) >> static_cast<unsigned>(p.page_size_shift);
-    return {table_row[q], t - static_cast<int>(q) * static_cast<int>(p.page_size)};
+template <typename T>
+__device__ __forceinline__ KeyRows<T> key_rows(const DecodeParams& p, const T* k_base,
+                                               const T* v_base, bool paged,
+                                               const int* table_row, int t, bool valid) {
+    if (paged && valid) {
+        const unsigned tt = static_cast<unsigned>(t);
+        const unsigned q = p.page_size == 1 ? tt
+            : __umulhi(tt, static_cast<unsigned>(p.page_size_mul)) >> static_cast<unsigned>(p.page_size_shift);
+        const int page = table_row[q], pos = t - static_cast<int>(q) * static_cast<int>(p.page_size);
+        return {k_base + page * p.k_page_stride + pos * p.k_token_stride,
+                v_base + page * p.v_page_stride + pos * p.v_token_stride};
+    }
+    return {k_base + static_cast<long long>(t) * p.k_token_stride,
+            v_base + static_cast<long long>(t) * p.v_token_stride};
 }
 
 // Copy one vector (columns c0 .. c0 + VEC - 1) of a row whose first `n_cols` columns are
@@ -873,13 +885,10 @@ __device__ __forceinline__ void split_unit(const DecodeParams& p, unsigned unit,
                         }
                         continue;
                     }
-                    const T* k_row = k_base + static_cast<long long>(t) * p.k_token_stride;
-                    const T* v_row = v_base + static_cast<long long>(t) * p.v_token_stride;
-                    if (paged && valid) {
-                        const decode::KeyPlace at = decode::paged_place(p, table_row, t);
-                        k_row = k_base + at.page * p.k_page_stride + at.pos * p.k_token_stride;
-                        v_row = v_base + at.page * p.v_page_stride + at.pos * p.v_token_stride;
-                    }
+                    const auto rows = decode::key_rows(p, k_base, v_base, paged, table_row, t,
+                                                       valid);
+                    const T* k_row = rows.k;
+                    const T* v_row = rows.v;
 #pragma unroll
                     for (int jj = 0; jj < VECS_PER_LANE; ++jj) {
                         const int c0 = (lv + jj * LANES_PER_KEY) * VEC;
@@ -1446,13 +1455,9 @@ flash_decode_mma(const DecodeParams p) {
                 const int key = i * KEYS_PER_COPY + copy_key;
                 const int t = t_first + key;
                 const bool valid = t < k_end;
-                const T* k_row = k_base + static_cast<long long>(t) * p.k_token_stride;
-                const T* v_row = v_base + static_cast<long long>(t) * p.v_token_stride;
-                if (paged && valid) {
-                    const decode::KeyPlace at = decode::paged_place(p, table_row, t);
-                    k_row = k_base + at.page * p.k_page_stride + at.pos * p.k_token_stride;
-                    v_row = v_base + at.page * p.v_page_stride + at.pos * p.v_token_stride;
-                }
+                const auto rows = decode::key_rows(p, k_base, v_base, paged, table_row, t, valid);
+                const T* k_row = rows.k;
+                const T* v_row = rows.v;
                 // every vector is written (zeros past D, Dv and k_end): ldmatrix reads all
                 const unsigned dst = stage + swizzled(key, copy_col);
                 decode::copy_vec(dst, k_row, p.k_dim_stride, copy_col * VEC, k_bytes, D,
