@@ -212,5 +212,5 @@ for B, L, S, H in CASES:
         line += (f" {n} " + "/".join(f"{t * 1e3:.2f}" for t in ts)
                  + f" ({kv_bytes / min(ts) / 1e6 / copy_gbs:.3f})")
     print(line, flush=True)
-    del caches, views, q
+    del caches, views   # (q is small; deleting it here left the call closure a dangling name)
     cupy.get_default_memory_pool().free_all_blocks()

@@ -205,8 +205,8 @@ def decode_config(D, Dv, dtype_name, compute_capability, M, warps=4):
     not change the choice.
 
     ``warps=8`` asks for the one-row 16-bit kernel with 8 warps and 2 stages (what
-    :func:`attention_decode` launches when its blocks take several units each,
-    ``MANY_UNITS_WARPS``); any other problem then raises ValueError.
+    :func:`attention_decode` launches when its blocks take several units each and
+    ``MANY_UNITS_WARPS`` is 8); any other problem then raises ValueError.
     """
     return _decode_config(D, Dv, dtype_name, compute_capability, M, MMA_ONE_ROW, warps,
                           PRODUCER_WARPS, PRODUCER_STAGES)
@@ -214,7 +214,7 @@ def decode_config(D, Dv, dtype_name, compute_capability, M, warps=4):
 
 @functools.lru_cache(maxsize=256)
 def _decode_config(D, Dv, dtype_name, compute_capability, M, mma_one_row, warps=4,
-                   producers=0, producer_stages=5):
+                   producers=0, producer_stages=4):
     """decode_config, kept per problem (it is on every call's host path)."""
     width = max(D, Dv)
     head_dim = next((h for h in DECODE_HEAD_DIMS if h >= width), None)
@@ -277,6 +277,9 @@ def decode_variants():
             if dtype_name in ("float16", "bfloat16"):   # (blocks of several units)
                 variants.append((SOURCE, decode_config(head_dim, head_dim, dtype_name, 90, 1,
                                                        warps=8).name_expression))
+            # (the one-row kernel without producer warps: PRODUCER_WARPS = 0)
+            variants.append((SOURCE, _decode_config(head_dim, head_dim, dtype_name, 90, 1,
+                                                    MMA_ONE_ROW, 4, 0).name_expression))
             if dtype_name in ("float16", "bfloat16") and head_dim in CLUSTER_HEAD_DIMS:
                 variants.append((SOURCE, cluster_name(dtype_name, head_dim)))
         variants += [(SOURCE, cfg.combine_name), (SOURCE, cfg.append_name)]
