@@ -1182,7 +1182,7 @@ __device__ __forceinline__ void split_unit(const DecodeParams& p, unsigned unit,
 // instead of four blocks on 116 of them and three on 16 (_cupy_decode.units_per_block).
 // ----------------------------------------------------------------------------------------
 template <typename T, int HEAD_DIM, int ROWS, int WARPS = 4, int PRODUCERS = 0,
-          int PRODUCER_STAGES = 5>
+          int PRODUCER_STAGES = 4>
 __global__ void __launch_bounds__(
     DecodeTraits<T, HEAD_DIM, ROWS, WARPS, PRODUCERS, PRODUCER_STAGES>::NUM_THREADS,
     DecodeTraits<T, HEAD_DIM, ROWS, WARPS, PRODUCERS, PRODUCER_STAGES>::MIN_BLOCKS)
